@@ -1,0 +1,104 @@
+"""Input checks shared by the NumPy and PyTorch tiers.
+
+Each check works on shapes and dtypes only, so one message serves both tiers. Every
+message says what was expected and what came, so a wrong input never becomes a wrong
+number.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def check_floating(x, op: str) -> None:
+    """TypeError unless ``x`` (a torch tensor or NumPy array) holds floating-point numbers."""
+    dtype = x.dtype
+    is_float = getattr(dtype, "is_floating_point", None)
+    if is_float is None:  # NumPy
+        import numpy as np
+
+        is_float = np.issubdtype(dtype, np.floating)
+    if not is_float:
+        raise TypeError(
+            f"{op} expects a floating-point input (float16, bfloat16, float32 or float64), got dtype {dtype}"
+        )
+
+
+def check_rank(shape, ranks: Sequence[int], op: str, layout: str) -> None:
+    """ValueError unless ``len(shape)`` is one of ``ranks``; ``layout`` names the expected axes."""
+    if len(shape) not in ranks:
+        want = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(f"{op} expects a {want} input {layout}, got a {len(shape)}-D input of shape {shape_str(shape)}")
+
+
+def check_channels(shape, num_features: int, op: str, axis: int = 1) -> None:
+    if shape[axis] != num_features:
+        raise ValueError(
+            f"{op} was built for {num_features} channels (num_features={num_features}) but the input has "
+            f"{shape[axis]} along dim {axis}: input shape {shape_str(shape)}"
+        )
+
+
+def check_enough_values(shape, reduce_axes: Sequence[int], op: str, what: str = "per channel") -> None:
+    """Training statistics need more than one value per statistic (else the variance is 0/undefined)."""
+    count = math.prod(shape[a] for a in reduce_axes)
+    if count <= 1:
+        raise ValueError(
+            f"{op} in training needs more than 1 value {what} to compute its statistics, got input of shape "
+            f"{shape_str(shape)} ({count} value {what}); use eval mode or a larger batch"
+        )
+
+
+def check_normalized_shape(shape, normalized_shape: Sequence[int], op: str) -> tuple:
+    ns = tuple(int(s) for s in normalized_shape)
+    k = len(ns)
+    if k == 0 or len(shape) < k or tuple(shape[len(shape) - k:]) != ns:
+        raise ValueError(
+            f"{op} normalizes over the trailing dims normalized_shape={shape_str(ns)}, but the input's shape "
+            f"{shape_str(shape)} does not end with them"
+        )
+    return ns
+
+
+def check_groups(num_channels: int, num_groups: int, op: str) -> None:
+    if num_groups <= 0 or num_channels % num_groups != 0:
+        raise ValueError(
+            f"{op}: num_groups={num_groups} must be positive and divide the number of channels "
+            f"{num_channels} (it leaves {num_channels % num_groups if num_groups > 0 else 'n/a'} over)"
+        )
+
+
+def check_mask(x_shape, mask, op: str) -> None:
+    """A padding mask for an (N, C, L) input: shape (N, L), boolean, True where the position is valid."""
+    dtype = mask.dtype
+    is_bool = str(dtype) in ("bool", "torch.bool")
+    if not is_bool:
+        raise TypeError(f"{op} expects a boolean mask (True = valid position, False = padding), got dtype {dtype}")
+    want = (x_shape[0], x_shape[2])
+    if tuple(mask.shape) != want:
+        raise ValueError(
+            f"{op} expects a mask of shape (N, L) = {shape_str(want)} for an input of shape {shape_str(x_shape)}, "
+            f"got a mask of shape {shape_str(mask.shape)}"
+        )
+
+
+def all_padding_rows(valid_per_row) -> list:
+    """Indices of the sequences that have no valid position (a list of ints)."""
+    return [i for i, v in enumerate(valid_per_row) if v == 0]
+
+
+def check_no_empty_rows(valid_per_row, op: str) -> None:
+    empty = all_padding_rows(valid_per_row)
+    if empty and len(empty) == len(valid_per_row):
+        raise ValueError(f"{op}: the whole batch is padding (the mask is all False); there is nothing to normalize")
+    if empty:
+        shown = empty[:8]
+        more = f" and {len(empty) - 8} more" if len(empty) > 8 else ""
+        raise ValueError(
+            f"{op}: sequence(s) {shown}{more} of the batch are all padding (mask all False); every sequence "
+            f"needs at least one valid position (True = valid)"
+        )

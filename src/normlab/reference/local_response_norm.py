@@ -1,0 +1,50 @@
+r"""Local response normalization (Krizhevsky, Sutskever & Hinton 2012, "ImageNet Classification
+with Deep Convolutional Neural Networks", section 3.3), with PyTorch's formula:
+
+.. math::
+
+    b_c = a_c \left(k + \frac{\alpha}{n} \sum_{c' = c - \lfloor n/2 \rfloor}^{c + \lfloor (n-1)/2 \rfloor}
+          a_{c'}^2\right)^{-\beta}
+
+over ``n = size`` neighbouring channels, zero-padded at the ends, the sum always divided by
+``n`` (TensorFlow's LRN does not divide). Input (N, C, *), at least 3-D as in PyTorch.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from normlab import _checks
+
+
+def _window_sum(a: np.ndarray, before: int, after: int) -> np.ndarray:
+    """``out[:, c] = sum(a[:, c - before : c + after + 1])`` with zero padding, along axis 1."""
+    c = a.shape[1]
+    pad = [(0, 0)] * a.ndim
+    pad[1] = (before + 1, after)
+    cs = np.cumsum(np.pad(a, pad), axis=1)
+    return cs[:, before + 1 + after: before + 1 + after + c] - cs[:, :c]
+
+
+def local_response_norm_forward(a: np.ndarray, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+    """Forward pass: ``(b, cache)``."""
+    op = "local_response_norm"
+    _checks.check_floating(a, op)
+    if a.ndim < 3:
+        raise ValueError(f"{op} expects an input of 3 or more dims (N, C, *), got a {a.ndim}-D input of shape "
+                         f"{_checks.shape_str(a.shape)}")
+    if size < 1:
+        raise ValueError(f"{op}: size must be a positive number of channels, got {size}")
+    before, after = size // 2, (size - 1) // 2
+    s = k + (alpha / size) * _window_sum(a * a, before, after)
+    b = a * s ** -beta
+    return b, dict(a=a, s=s, size=size, alpha=alpha, beta=beta, before=before, after=after)
+
+
+def local_response_norm_backward(db: np.ndarray, cache):
+    r"""Backward pass: ``da``. Each ``a_c`` enters its own output and the window sums of the
+    channels ``j`` whose window holds it, so
+    ``da_c = db_c s_c^{-beta} - (2 alpha beta / n) a_c sum_{j: c in win(j)} db_j a_j s_j^{-beta-1}``,
+    the transposed window running from ``c - after`` to ``c + before``."""
+    a, s, n, alpha, beta = cache["a"], cache["s"], cache["size"], cache["alpha"], cache["beta"]
+    t = db * a * s ** (-beta - 1)
+    return db * s ** -beta - (2 * alpha * beta / n) * a * _window_sum(t, cache["after"], cache["before"])

@@ -1,0 +1,41 @@
+r"""RMS normalization (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization", arXiv:1910.07467).
+
+Layer normalization without centering: over the trailing ``normalized_shape`` dims,
+
+.. math::
+
+    y = \frac{x}{\sqrt{\mathrm{mean}(x^2) + \epsilon}} \odot \gamma
+
+``eps=None`` takes the machine epsilon of the input's dtype, as ``torch.nn.functional.rms_norm``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from normlab import _checks
+from normlab.reference._core import normalize_backward, normalize_forward
+
+
+def rms_norm_forward(
+    x: np.ndarray,
+    normalized_shape: Sequence[int] | int,
+    gamma: Optional[np.ndarray] = None,
+    eps: Optional[float] = None,
+):
+    """Forward pass: ``(y, cache)``."""
+    op = "rms_norm"
+    _checks.check_floating(x, op)
+    ns = _checks.check_normalized_shape(x.shape, (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape, op)
+    if eps is None:
+        eps = float(np.finfo(x.dtype).eps)
+    axes = tuple(range(x.ndim - len(ns), x.ndim))
+    y, cache, _ = normalize_forward(x, axes, gamma, None, eps, center=False)
+    return y, cache
+
+
+def rms_norm_backward(dy: np.ndarray, cache):
+    """Backward pass: ``(dx, dgamma)``."""
+    dx, dw, _ = normalize_backward(dy, cache)
+    return dx, dw

@@ -1,0 +1,137 @@
+r"""Switchable normalization (Luo, Ren, Peng, Zhang & Li 2018, "Differentiable Learning-to-
+Normalize via Switchable Normalization", arXiv:1806.10779).
+
+Instance, layer and batch statistics are mixed with learned softmax weights, separately
+for the mean and the variance:
+
+.. math::
+
+    \mu = \sum_{k \in \{IN, LN, BN\}} w_k \mu_k, \quad
+    \sigma^2 = \sum_k w'_k \sigma_k^2, \quad
+    w = \mathrm{softmax}(\text{mean\_weight}), \; w' = \mathrm{softmax}(\text{var\_weight}),
+    \quad y = \gamma \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta
+
+As in the official code the instance statistics come first and the others are derived from
+them (per sample over channels for LN, per channel over the batch for BN), here with the
+law of total variance, ``var_LN = mean_c(var_IN) + mean_c((mu_IN - mu_LN)^2)``, which stays
+accurate for large means. Two deliberate differences from the official code: every branch
+uses the *biased* variance (so a one-hot mix is exactly IN, LN or BN), and the BN branch
+keeps PyTorch's running-statistics convention (momentum 0.1, unbiased running variance),
+used in evaluation. For a 2-D input (N, C) there are no spatial positions: the IN branch is
+left out (its weight is 0 and the softmax runs over LN and BN), as in the official
+``SwitchNorm1d``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from normlab import _checks
+from normlab.reference._core import RunningStats, acc_dtype, moments, moments_backward, per_channel, update_running
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def _branch_logits(logits, ndim):
+    z = np.asarray(logits, dtype=np.float64).copy()
+    if ndim == 2:
+        z[0] = -np.inf  # no instance statistics without spatial positions
+    return z
+
+
+def switchable_norm_forward(
+    x: np.ndarray,
+    gamma: Optional[np.ndarray],
+    beta: Optional[np.ndarray],
+    mean_weight: np.ndarray,
+    var_weight: np.ndarray,
+    running: Optional[RunningStats] = None,
+    *,
+    training: bool = True,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+):
+    """Forward pass: ``(y, cache, running)``. ``mean_weight``/``var_weight`` are the 3 logits
+    (IN, LN, BN) of the mean and variance mixes."""
+    op = "switchable_norm"
+    _checks.check_floating(x, op)
+    _checks.check_rank(x.shape, (2, 3, 4, 5), op, "(N, C, *spatial)")
+    nd = x.ndim
+    spatial = tuple(range(2, nd))
+    if nd > 2:
+        mu_in, var_in, n_in = moments(x, spatial)
+    else:  # (N, C): each "instance" is a single value
+        mu_in, var_in, n_in = x.astype(acc_dtype(x.dtype)), np.zeros(x.shape, acc_dtype(x.dtype)), 1
+    c = x.shape[1]
+    mu_ln = mu_in.mean(axis=1, keepdims=True)
+    var_ln = (var_in + (mu_in - mu_ln) ** 2).mean(axis=1, keepdims=True)
+    use_batch = training or running is None
+    if use_batch:
+        _checks.check_enough_values(x.shape, (0,) + spatial, op)
+        mu_bn = mu_in.mean(axis=0, keepdims=True)
+        var_bn = (var_in + (mu_in - mu_bn) ** 2).mean(axis=0, keepdims=True)
+        if training and running is not None:
+            running = update_running(running, mu_bn, var_bn, x.shape[0] * n_in, momentum)
+    else:
+        mu_bn, var_bn = per_channel(running.mean, nd).astype(mu_in.dtype), per_channel(running.var, nd).astype(mu_in.dtype)
+    wm = softmax(_branch_logits(mean_weight, nd)).astype(mu_in.dtype)
+    wv = softmax(_branch_logits(var_weight, nd)).astype(mu_in.dtype)
+    mean = wm[0] * mu_in + wm[1] * mu_ln + wm[2] * mu_bn
+    var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x.astype(mean.dtype) - mean) * rstd
+    y = xhat * per_channel(gamma, nd) if gamma is not None else xhat.copy()
+    if beta is not None:
+        y += per_channel(beta, nd)
+    cache = dict(x=x, xhat=xhat, rstd=rstd, gamma=gamma, wm=wm, wv=wv, use_batch=use_batch, n_in=n_in,
+                 stats=((mu_in, var_in), (mu_ln, var_ln), (mu_bn, var_bn)), c=c)
+    return y.astype(x.dtype, copy=False), cache, running
+
+
+def switchable_norm_backward(dy: np.ndarray, cache):
+    """Backward pass: ``(dx, dgamma, dbeta, dmean_weight, dvar_weight)``.
+
+    ``dL/dmu`` and ``dL/dvar`` of the mixed statistics flow into each branch's statistics
+    (weighted by its softmax weight, summed over the axes it was broadcast along), each branch
+    sends them to ``x`` through :func:`moments_backward`, and the softmax weights get
+    ``w * (g - sum(w * g))`` with ``g_k = sum(dL/dmu * mu_k)``.
+    """
+    c = cache
+    x, xhat, rstd = c["x"], c["xhat"], c["rstd"]
+    nd = x.ndim
+    spatial = tuple(range(2, nd))
+    dy = dy.astype(rstd.dtype, copy=False)
+    if c["gamma"] is not None:
+        dgamma = (dy * xhat).sum(axis=(0,) + spatial)
+        dbeta = dy.sum(axis=(0,) + spatial)
+        g = dy * per_channel(c["gamma"], nd)
+    else:
+        dgamma = dbeta = None
+        g = dy
+    # y depends on x directly and through (mean, var) of shape (N, C, 1, ...)
+    dmean = -(g * rstd).sum(axis=spatial, keepdims=True) if spatial else -(g * rstd)
+    gx = g * xhat
+    dvar = -0.5 * (gx.sum(axis=spatial, keepdims=True) if spatial else gx) * rstd * rstd
+    dx = g * rstd
+    (mu_in, _), (mu_ln, _), (mu_bn, _) = c["stats"]
+    wm, wv = c["wm"], c["wv"]
+    n_in, ch = c["n_in"], c["c"]
+    # IN branch: statistics over the spatial axes
+    if nd > 2:
+        dx += moments_backward(x, spatial, mu_in, n_in, wm[0] * dmean, wv[0] * dvar)
+    # LN branch: over channels and spatial axes (derived from IN statistics, same gradient)
+    dx += moments_backward(x, (1,) + spatial, mu_ln, ch * n_in, wm[1] * dmean.sum(axis=1, keepdims=True),
+                           wv[1] * dvar.sum(axis=1, keepdims=True))
+    if c["use_batch"]:
+        dx += moments_backward(x, (0,) + spatial, mu_bn, x.shape[0] * n_in, wm[2] * dmean.sum(axis=0, keepdims=True),
+                               wv[2] * dvar.sum(axis=0, keepdims=True))
+    gm = np.array([(dmean * s[0]).sum() for s in c["stats"]])
+    gv = np.array([(dvar * s[1]).sum() for s in c["stats"]])
+    dmean_weight = wm * (gm - (wm * gm).sum())
+    dvar_weight = wv * (gv - (wv * gv).sum())
+    return dx.astype(x.dtype, copy=False), dgamma, dbeta, dmean_weight, dvar_weight
