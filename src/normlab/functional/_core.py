@@ -1,0 +1,67 @@
+"""What the PyTorch tier shares: accumulation dtypes, stable moments, running-statistics updates,
+and the kernel dispatch hook."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from normlab import _backend
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float16/bfloat16/float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def moments(x: torch.Tensor, dims: Sequence[int], mask: Optional[torch.Tensor] = None, count=None):
+    """Mean and biased variance over ``dims`` (kept), two-pass, in the accumulation dtype.
+
+    ``mask`` (float 0/1, broadcastable to ``x``) restricts them to selected elements; ``count``
+    is then their number (computed if not given). Differentiable.
+    """
+    xa = x.to(acc_dtype(x.dtype))
+    if mask is None:
+        var, mean = torch.var_mean(xa, dim=tuple(dims), correction=0, keepdim=True)
+        return mean, var
+    if count is None:
+        count = mask.expand_as(xa).sum(dim=tuple(dims), keepdim=True)
+    mean = (xa * mask).sum(dim=tuple(dims), keepdim=True) / count
+    d = (xa - mean) * mask
+    return mean, (d * d).sum(dim=tuple(dims), keepdim=True) / count
+
+
+@torch.no_grad()
+def update_running_(running_mean, running_var, mean, var, count, momentum: float) -> None:
+    """In place, PyTorch's rule: ``r = (1 - momentum) r + momentum * new`` with the unbiased
+    variance ``var * n / (n - 1)``."""
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_(mean.reshape(running_mean.shape).to(running_mean.dtype), alpha=momentum)
+    if running_var is not None:
+        n = float(count)
+        unbiased = var.reshape(running_var.shape) * (n / max(n - 1.0, 1.0))
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def per_channel(p: Optional[torch.Tensor], ndim: int) -> Optional[torch.Tensor]:
+    """A (C,) vector viewed as (1, C, 1, ...) for an ``ndim``-D input."""
+    return None if p is None else p.view((1, -1) + (1,) * (ndim - 2))
+
+
+def check_param(p: Optional[torch.Tensor], name: str, size: int, op: str) -> None:
+    if p is not None and p.numel() != size:
+        raise ValueError(f"{op}: {name} must have {size} elements (one per channel), got shape {tuple(p.shape)}")
+
+
+def kernels():
+    """The Triton kernel module (imported on first use, so torch-only users never import Triton)."""
+    from normlab import kernels as k
+
+    return k
+
+
+def use_kernel(op: str, x: torch.Tensor, *args) -> bool:
+    """True when ``op`` on ``x`` should run on a Triton kernel (see :mod:`normlab._backend`)."""
+    return _backend.use_triton(op, x, lambda: kernels().supports(op, x, *args))

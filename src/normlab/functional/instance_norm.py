@@ -1,0 +1,37 @@
+"""``instance_norm`` with torch's signature (see :mod:`normlab.reference.instance_norm`)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from normlab import _checks
+from normlab.functional._core import HALF, check_param, kernels, use_kernel
+from normlab.functional.batch_norm import _upcast
+
+
+def instance_norm(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Instance normalization of an (N, C, *spatial) input, exactly ``torch.nn.functional.instance_norm``."""
+    op = "instance_norm"
+    _checks.check_floating(input, op)
+    _checks.check_rank(input.shape, (3, 4, 5), op, "(N, C, *spatial)")
+    c = input.shape[1]
+    for p, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
+        check_param(p, name, c, op)
+    if use_input_stats:
+        _checks.check_enough_values(input.shape, tuple(range(2, input.dim())), op, "per instance (spatial positions)")
+        if running_mean is None and running_var is None and use_kernel("instance_norm", input, weight, bias):
+            return kernels().instance_norm(input, weight, bias, eps)
+    if input.dtype in HALF and not input.is_cuda:
+        return _upcast(F.instance_norm, input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)

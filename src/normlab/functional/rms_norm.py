@@ -1,0 +1,23 @@
+"""``rms_norm`` with torch's signature (see :mod:`normlab.reference.rms_norm`)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from normlab.functional._core import kernels, use_kernel
+from normlab.functional.layer_norm import check_trailing
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: Sequence[int] | int,
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+) -> torch.Tensor:
+    """RMS normalization over the trailing dims; ``eps=None`` is the input dtype's machine epsilon."""
+    ns = check_trailing(input, normalized_shape, weight, "rms_norm", params=("weight",))
+    if use_kernel("rms_norm", input, ns, weight):
+        return kernels().rms_norm(input, ns, weight, eps)
+    return F.rms_norm(input, ns, weight, eps)

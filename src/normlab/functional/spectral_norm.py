@@ -1,0 +1,29 @@
+"""Spectral normalization as functions (see :mod:`normlab.reference.spectral_norm`)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def weight_as_matrix(weight: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The weight with ``dim`` first and the other dims flattened."""
+    if dim != 0:
+        weight = weight.permute(dim, *(d for d in range(weight.dim()) if d != dim))
+    return weight.flatten(1)
+
+
+@torch.no_grad()
+def power_iteration_(weight_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int, eps: float = 1e-12) -> None:
+    """``n`` steps of ``u = normalize(W v)``, ``v = normalize(W^T u)``, in place on ``u`` and ``v``."""
+    for _ in range(n):
+        u.copy_(F.normalize(torch.mv(weight_mat, v), dim=0, eps=eps))
+        v.copy_(F.normalize(torch.mv(weight_mat.H, u), dim=0, eps=eps))
+
+
+def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int = 0, eps: float = 1e-12) -> torch.Tensor:
+    """``weight / sigma`` with ``sigma = u^T W v`` (``u``, ``v`` held constant); a 1-D weight is
+    divided by its norm."""
+    if weight.dim() == 1:
+        return F.normalize(weight, dim=0, eps=eps)
+    sigma = torch.vdot(u, torch.mv(weight_as_matrix(weight, dim), v))
+    return weight / sigma

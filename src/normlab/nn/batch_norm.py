@@ -1,0 +1,156 @@
+"""Batch normalization layers, drop-in for ``torch.nn.BatchNorm1d/2d/3d`` (same arguments,
+defaults, ``extra_repr`` and state_dict keys)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from normlab import _checks
+from normlab import functional as NF
+
+
+class _NormBase(nn.Module):
+    """Parameters and running statistics shared by every per-channel normalization.
+
+    ``weight`` (γ, ones) and ``bias`` (β, zeros) when ``affine``; buffers ``running_mean``
+    (zeros), ``running_var`` (ones) and ``num_batches_tracked`` when ``track_running_stats``.
+    """
+
+    _version = 2
+    _layout = "(N, C, *)"
+    _ranks: tuple = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
+                "track_running_stats={track_running_stats}".format(**self.__dict__))
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        name = type(self).__name__
+        _checks.check_rank(input.shape, self._ranks, name, self._layout)
+        _checks.check_channels(input.shape, self.num_features, name)
+
+    def _counts_steps(self) -> bool:
+        return self.training and self.track_running_stats and self.num_batches_tracked is not None
+
+    def _momentum_factor(self) -> float:
+        """Weight of this step's statistics in the running average: ``momentum``, or
+        ``1 / num_batches_tracked`` (counting this step) when ``momentum is None``."""
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / float(self.num_batches_tracked + 1) if self._counts_steps() else 0.0
+
+    def _count_step(self, output: torch.Tensor) -> torch.Tensor:
+        """Count a training step once its forward pass succeeded (a rejected input moves nothing)."""
+        if self._counts_steps():
+            self.num_batches_tracked.add_(1)
+        return output
+
+    def _running(self):
+        """The running buffers to pass on: used in eval, updated in training when tracked."""
+        if not self.training or self.track_running_stats:
+            return self.running_mean, self.running_var
+        return None, None
+
+    def _use_batch_stats(self) -> bool:
+        return self.training or (self.running_mean is None and self.running_var is None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # checkpoints written before num_batches_tracked existed (torch's version < 2) lack it
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class _BatchNorm(_NormBase):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        running_mean, running_var = self._running()
+        return self._count_step(NF.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                              self._use_batch_stats(), self._momentum_factor(), self.eps))
+
+
+_BN_DOC = r"""Batch normalization over a {rank} input {layout} (Ioffe & Szegedy 2015).
+
+    .. math:: y = \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} \gamma + \beta
+
+    per channel, over the batch{spatial}. Training uses the batch's biased variance and moves
+    the running estimates (unbiased variance, ``momentum`` = weight of the new value,
+    ``None`` = cumulative average); evaluation uses the running estimates.
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to the variance. Default 1e-5.
+        momentum: weight of the new batch statistics in the running estimates. Default 0.1.
+        affine: learn γ (ones) and β (zeros). Default True.
+        track_running_stats: keep running estimates; if False batch statistics are used in
+            evaluation too. Default True.
+
+    Shape:
+        Input and output: {layout}.
+
+    Examples::
+
+        >>> bn = normlab.nn.{name}(16)
+        >>> y = bn(torch.randn({example}))
+    """
+
+
+class BatchNorm1d(_BatchNorm):
+    _ranks, _layout = (2, 3), "(N, C) or (N, C, L)"
+    __doc__ = _BN_DOC.format(rank="2-D or 3-D", layout="(N, C) or (N, C, L)", spatial=" and length",
+                             name="BatchNorm1d", example="8, 16, 10")
+
+
+class BatchNorm2d(_BatchNorm):
+    _ranks, _layout = (4,), "(N, C, H, W)"
+    __doc__ = _BN_DOC.format(rank="4-D", layout="(N, C, H, W)", spatial=" and spatial positions",
+                             name="BatchNorm2d", example="8, 16, 5, 5")
+
+
+class BatchNorm3d(_BatchNorm):
+    _ranks, _layout = (5,), "(N, C, D, H, W)"
+    __doc__ = _BN_DOC.format(rank="5-D", layout="(N, C, D, H, W)", spatial=" and spatial positions",
+                             name="BatchNorm3d", example="8, 16, 3, 5, 5")

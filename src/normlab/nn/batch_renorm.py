@@ -1,0 +1,76 @@
+"""Batch renormalization layers (Ioffe 2017); torch has no twin. State dicts are batch norm's."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from normlab import functional as NF
+from normlab.nn.batch_norm import _NormBase
+from normlab.reference.batch_renorm import renorm_limits
+
+
+class _BatchRenorm(_NormBase):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 rmax: float = 3.0, dmax: float = 5.0, warmup_steps: int = 0, device=None, dtype=None) -> None:
+        if rmax < 1 or dmax < 0 or warmup_steps < 0:
+            raise ValueError(f"{type(self).__name__}: need rmax >= 1, dmax >= 0, warmup_steps >= 0, got "
+                             f"rmax={rmax}, dmax={dmax}, warmup_steps={warmup_steps}")
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        self.rmax, self.dmax, self.warmup_steps = rmax, dmax, warmup_steps
+
+    def limits(self) -> tuple:
+        """``(rmax, dmax)`` in force for the next training step (the warm-up ramps them from (1, 0))."""
+        return renorm_limits(int(self.num_batches_tracked), self.rmax, self.dmax, self.warmup_steps)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        if not self.training:
+            return NF.batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias, False,
+                                   0.0, self.eps)
+        rmax, dmax = self.limits()
+        return self._count_step(NF.batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                                True, self._momentum_factor(), self.eps, rmax, dmax))
+
+    def extra_repr(self) -> str:
+        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, rmax={rmax}, dmax={dmax}, "
+                "warmup_steps={warmup_steps}".format(**self.__dict__))
+
+
+_BRN_DOC = r"""Batch renormalization (Ioffe 2017) of a {layout} input.
+
+    .. math:: y = \gamma \left(\frac{{x - \mu_B}}{{\sigma_B}} r + d\right) + \beta, \quad
+              r = \mathrm{{clip}}_{{[1/r_{{max}}, r_{{max}}]}}(\sigma_B / \sigma), \quad
+              d = \mathrm{{clip}}_{{[-d_{{max}}, d_{{max}}]}}((\mu_B - \mu) / \sigma)
+
+    ``r`` and ``d`` carry no gradient. ``rmax=1, dmax=0`` is exactly batch norm; evaluation is
+    batch norm's (running statistics). Running statistics follow batch norm's rule, so the
+    state dict has batch norm's keys and loads into and from ``BatchNorm``.
+
+    Args:
+        num_features: C. eps: default 1e-5. momentum: default 0.1. affine: default True.
+        rmax, dmax: the clipping limits (paper: 3 and 5). Defaults 3.0 and 5.0.
+        warmup_steps: ramp the limits linearly from (1, 0) to (rmax, dmax) over this many
+            training steps (counted by ``num_batches_tracked``); 0 = no ramp. The paper ramps
+            over the first tens of thousands of steps so the running estimates settle first.
+
+    Examples::
+
+        >>> brn = normlab.nn.{name}(16, rmax=3.0, dmax=5.0, warmup_steps=5000)
+        >>> y = brn(torch.randn({example}))
+    """
+
+
+class BatchRenorm1d(_BatchRenorm):
+    _ranks, _layout = (2, 3), "(N, C) or (N, C, L)"
+    __doc__ = _BRN_DOC.format(layout="(N, C) or (N, C, L)", name="BatchRenorm1d", example="8, 16")
+
+
+class BatchRenorm2d(_BatchRenorm):
+    _ranks, _layout = (4,), "(N, C, H, W)"
+    __doc__ = _BRN_DOC.format(layout="(N, C, H, W)", name="BatchRenorm2d", example="8, 16, 5, 5")
+
+
+class BatchRenorm3d(_BatchRenorm):
+    _ranks, _layout = (5,), "(N, C, D, H, W)"
+    __doc__ = _BRN_DOC.format(layout="(N, C, D, H, W)", name="BatchRenorm3d", example="8, 16, 3, 5, 5")

@@ -1,0 +1,60 @@
+"""Group normalization, drop-in for ``torch.nn.GroupNorm``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from normlab import _checks
+from normlab import functional as NF
+
+
+class GroupNorm(nn.Module):
+    r"""Group normalization (Wu & He 2018): channels split into ``num_groups`` groups, each
+    (sample, group) normalized over its channels and positions, then a per-channel affine.
+
+    ``GroupNorm(1, C)`` is layer normalization over (C, *spatial) with per-channel affine;
+    ``GroupNorm(C, C)`` is instance normalization. Independent of the batch size.
+
+    Args:
+        num_groups: G, must divide ``num_channels``.
+        num_channels: C.
+        eps: default 1e-5.
+        affine: learn per-channel γ (ones) and β (zeros). Default True.
+
+    Shape:
+        Input (N, C, *); output the same.
+
+    Examples::
+
+        >>> gn = normlab.nn.GroupNorm(8, 64)
+        >>> y = gn(torch.randn(2, 64, 7, 7))
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        _checks.check_groups(num_channels, num_groups, "GroupNorm")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.empty(num_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() >= 2:
+            _checks.check_channels(input.shape, self.num_channels, "GroupNorm")
+        return NF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)

@@ -1,0 +1,64 @@
+"""Instance normalization layers, drop-in for ``torch.nn.InstanceNorm1d/2d/3d``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from normlab import _checks
+from normlab import functional as NF
+from normlab.nn.batch_norm import _NormBase
+
+
+class _InstanceNorm(_NormBase):
+    _spatial = 1
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        name = type(self).__name__
+        unbatched = self._spatial + 1
+        _checks.check_rank(input.shape, (unbatched, unbatched + 1), name, self._layout)
+        batched = input.dim() == unbatched + 1
+        x = input if batched else input.unsqueeze(0)
+        _checks.check_channels(x.shape, self.num_features, name)
+        y = NF.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             self.training or not self.track_running_stats,
+                             self.momentum if self.momentum is not None else 0.0, self.eps)
+        return y if batched else y.squeeze(0)
+
+
+_IN_DOC = r"""Instance normalization (Ulyanov et al. 2016): each sample's channel is normalized over its
+    spatial positions. Input {layout} (or unbatched, without N).
+
+    Args:
+        num_features: C. eps: default 1e-5. momentum: default 0.1 (``None`` means 0, as in
+        torch). affine: learn γ, β; default False. track_running_stats: default False; when
+        True, evaluation uses running averages of the per-instance statistics.
+
+    Note:
+        Unlike torch, a channel count different from ``num_features`` is an error even without
+        affine parameters (torch only warns).
+
+    Examples::
+
+        >>> m = normlab.nn.{name}(16, affine=True)
+        >>> y = m(torch.randn({example}))
+    """
+
+
+class InstanceNorm1d(_InstanceNorm):
+    _spatial, _layout = 1, "(N, C, L)"
+    __doc__ = _IN_DOC.format(layout="(N, C, L)", name="InstanceNorm1d", example="8, 16, 10")
+
+
+class InstanceNorm2d(_InstanceNorm):
+    _spatial, _layout = 2, "(N, C, H, W)"
+    __doc__ = _IN_DOC.format(layout="(N, C, H, W)", name="InstanceNorm2d", example="8, 16, 5, 5")
+
+
+class InstanceNorm3d(_InstanceNorm):
+    _spatial, _layout = 3, "(N, C, D, H, W)"
+    __doc__ = _IN_DOC.format(layout="(N, C, D, H, W)", name="InstanceNorm3d", example="8, 16, 3, 5, 5")
