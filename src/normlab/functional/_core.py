@@ -1,8 +1,8 @@
-"""What the PyTorch tier shares: accumulation dtypes, stable moments, running-statistics updates,
-and the kernel dispatch hook."""
+"""What the PyTorch tier shares: accumulation dtypes, running-statistics updates, parameter
+checks and the kernel dispatch hook."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -14,23 +14,6 @@ HALF = (torch.float16, torch.bfloat16)
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for float16/bfloat16/float32, float64 for float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def moments(x: torch.Tensor, dims: Sequence[int], mask: Optional[torch.Tensor] = None, count=None):
-    """Mean and biased variance over ``dims`` (kept), two-pass, in the accumulation dtype.
-
-    ``mask`` (float 0/1, broadcastable to ``x``) restricts them to selected elements; ``count``
-    is then their number (computed if not given). Differentiable.
-    """
-    xa = x.to(acc_dtype(x.dtype))
-    if mask is None:
-        var, mean = torch.var_mean(xa, dim=tuple(dims), correction=0, keepdim=True)
-        return mean, var
-    if count is None:
-        count = mask.expand_as(xa).sum(dim=tuple(dims), keepdim=True)
-    mean = (xa * mask).sum(dim=tuple(dims), keepdim=True) / count
-    d = (xa - mean) * mask
-    return mean, (d * d).sum(dim=tuple(dims), keepdim=True) / count
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """``batch_renorm``: batch renormalization (see :mod:`normlab.reference.batch_renorm`).
 
-Computed as native batch norm without affine (its backward treats the batch statistics
-exactly), then ``y = xhat * (gamma r) + (gamma d + beta)`` with ``r`` and ``d`` computed
-without gradient from the batch and running statistics."""
+Computed as torch's native batch norm without affine (one kernel gives ``xhat`` with the exact
+backward through the batch statistics, the batch mean and ``1/sigma_B``, and the running
+update), then ``y = xhat * (gamma r) + (gamma d + beta)`` with ``r`` and ``d`` computed without
+gradient from the batch statistics and the running statistics before the update."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,7 +11,7 @@ from typing import Optional
 import torch
 
 from normlab import _checks
-from normlab.functional._core import HALF, acc_dtype, check_param, update_running_
+from normlab.functional._core import HALF, acc_dtype, check_param
 from normlab.functional.batch_norm import batch_norm
 
 
@@ -47,18 +48,27 @@ def batch_renorm(
         check_param(p, name, c, op)
     dims = (0,) + tuple(range(2, input.dim()))
     _checks.check_enough_values(input.shape, dims, op)
-    x = input.float() if input.dtype in HALF and not input.is_cuda else input
-    acc = acc_dtype(x.dtype)
+    if input.dtype in HALF and not input.is_cuda:  # float32 compute, running buffers written back
+        f32 = lambda t: None if t is None else t.float()  # noqa: E731
+        rm, rv = running_mean.float(), running_var.float()
+        y = batch_renorm(input.float(), rm, rv, f32(weight), f32(bias), True, momentum, eps, rmax, dmax)
+        with torch.no_grad():
+            running_mean.copy_(rm)
+            running_var.copy_(rv)
+        return y.to(input.dtype)
+    acc = acc_dtype(input.dtype)
+    with torch.no_grad():  # r and d compare with the running statistics *before* this step's update
+        mu_old = running_mean.to(acc, copy=True)
+        sigma = (running_var.to(acc) + eps).sqrt_()
+    # native batch norm without affine: xhat (differentiable through the batch statistics),
+    # the batch mean and 1/sigma_B (not differentiable), and the running update, in one kernel
+    xhat, mean, invstd = torch.native_batch_norm(input, None, None, running_mean, running_var, True, momentum, eps)
     with torch.no_grad():
-        var, mean = torch.var_mean(x.to(acc), dim=dims, correction=0)
-        sigma = (running_var.to(acc) + eps).sqrt()
-        r = ((var + eps).sqrt() / sigma).clamp_(1.0 / rmax, rmax)
-        d = ((mean - running_mean.to(acc)) / sigma).clamp_(-dmax, dmax)
-        update_running_(running_mean, running_var, mean, var, input.numel() // c, momentum)
-    xhat = batch_norm(x, None, None, None, None, True, 0.0, eps)
+        r = (invstd.reciprocal() / sigma).clamp_(1.0 / rmax, rmax)
+        d = ((mean - mu_old) / sigma).clamp_(-dmax, dmax)
     scale = r if weight is None else weight.to(acc) * r
     shift = d if weight is None else weight.to(acc) * d
     if bias is not None:
         shift = shift + bias.to(acc)
     view = (1, c) + (1,) * (input.dim() - 2)
-    return torch.addcmul(shift.view(view), xhat, scale.view(view).to(xhat.dtype)).to(input.dtype)
+    return torch.addcmul(shift.view(view).to(xhat.dtype), xhat, scale.view(view).to(xhat.dtype))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from normlab import _checks
 from normlab.functional._core import acc_dtype, check_param, kernels, update_running_, use_kernel
@@ -13,55 +14,59 @@ from normlab.functional.batch_norm import batch_norm
 
 
 class _MaskedBatchNorm(torch.autograd.Function):
-    """Forward and the closed-form backward ``dx = rstd (g - mean(g) - xhat mean(g xhat))`` over
-    valid positions: three passes instead of autograd's graph of a dozen ops."""
+    """Forward and the closed-form backward over the valid positions,
+    ``dx = gamma rstd (dy - mean(dy) - xhat mean(dy xhat))`` (means over valid positions, 0 at
+    padding), written to touch each full-size tensor as few times as possible: masked sums
+    are batched matrix-vector products with the mask, and the centred input ``d = (x - mean) m``
+    is kept instead of ``xhat``."""
 
     @staticmethod
-    def forward(ctx, x, m, weight, bias, running_mean, running_var, training, momentum, eps, count):
-        xa = x.to(acc_dtype(x.dtype))
-        if training:
-            mean = (xa * m).sum(dim=(0, 2), keepdim=True) / count
-            xhat = (xa - mean).mul_(m)
-            var = (xhat * xhat).sum(dim=(0, 2), keepdim=True) / count
-            rstd = (var + eps).rsqrt_()
-            xhat.mul_(rstd)
+    def forward(ctx, x, m, weight, bias, running_mean, running_var, batch_stats, momentum, eps, count):
+        n, c, length = x.shape
+        acc = acc_dtype(x.dtype)
+        xa = x.to(acc)
+        m3 = m.view(n, 1, length)
+        if batch_stats:
+            mean = torch.bmm(xa, m.view(n, length, 1)).sum(dim=0).view(1, c, 1) / count
+            d = (xa - mean).mul_(m3)
+            var = torch.linalg.vecdot(d, d, dim=2).sum(dim=0).view(1, c, 1) / count
             if running_mean is not None:
                 update_running_(running_mean, running_var, mean, var, count, momentum)
         else:
-            rstd = (running_var.to(xa.dtype) + eps).rsqrt_().view(1, -1, 1)
-            xhat = (xa - running_mean.to(xa.dtype).view(1, -1, 1)).mul_(rstd).mul_(m)
-        y = xhat
-        if weight is not None:
-            y = xhat * weight.to(xa.dtype).view(1, -1, 1)
-            if bias is not None:
-                y.addcmul_(bias.to(xa.dtype).view(1, -1, 1), m)
-        ctx.save_for_backward(xhat, rstd, weight, m)
-        ctx.training, ctx.count, ctx.has_bias, ctx.in_dtype = training, count, bias is not None, x.dtype
-        return y.to(x.dtype) if y.dtype != x.dtype else (y.clone() if y is xhat else y)
+            mean, var = running_mean.to(acc).view(1, c, 1), running_var.to(acc).view(1, c, 1)
+            d = (xa - mean).mul_(m3)
+        rstd = (var + eps).rsqrt_()
+        scale = rstd if weight is None else rstd * weight.to(acc).view(1, c, 1)
+        y = d * scale
+        if bias is not None:
+            y.addcmul_(m3, bias.to(acc).view(1, c, 1))
+        ctx.save_for_backward(d, m, rstd, weight)
+        ctx.batch_stats, ctx.count, ctx.has_bias, ctx.in_dtype = batch_stats, count, bias is not None, x.dtype
+        return y.to(x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
-        xhat, rstd, weight, m = ctx.saved_tensors
-        dy = dy.to(xhat.dtype) * m
-        dweight = dbias = None
-        if weight is not None:
-            if ctx.needs_input_grad[2]:
-                dweight = (dy * xhat).sum(dim=(0, 2)).to(weight.dtype)
-            if ctx.has_bias and ctx.needs_input_grad[3]:
-                dbias = dy.sum(dim=(0, 2)).to(weight.dtype)
-            g = dy * weight.to(dy.dtype).view(1, -1, 1)
-        else:
-            g = dy
+        d, m, rstd, weight = ctx.saved_tensors
+        n, c, length = d.shape
+        m3 = m.view(n, 1, length)
+        dy = dy.to(d.dtype)
+        s_dy = torch.bmm(dy, m.view(n, length, 1)).sum(dim=0).view(1, c, 1)  # sum of dy over valid positions
+        s_dyd = torch.linalg.vecdot(dy, d, dim=2).sum(dim=0).view(1, c, 1)  # d is 0 at padding
+        w = None if weight is None else weight.to(d.dtype).view(1, c, 1)
+        scale = rstd if w is None else rstd * w
+        dweight = (s_dyd * rstd).view(c).to(weight.dtype) if w is not None and ctx.needs_input_grad[2] else None
+        dbias = s_dy.view(c).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            if ctx.training:
-                n = ctx.count
-                mean_g = g.sum(dim=(0, 2), keepdim=True) / n
-                mean_gx = (g * xhat).sum(dim=(0, 2), keepdim=True) / n
-                dx = (g - mean_g).sub_(xhat * mean_gx).mul_(rstd).mul_(m)
+            if ctx.batch_stats:
+                k = ctx.count
+                # dx = scale (dy - s_dy/k - d rstd^2 s_dyd/k) at valid positions, 0 at padding
+                dx = torch.addcmul(-scale * s_dy / k, d, -scale * rstd * rstd * s_dyd / k)
+                dx.addcmul_(dy, scale).mul_(m3)
             else:
-                dx = g * rstd
-        dx = None if dx is None else dx.to(ctx.in_dtype)
+                dx = (dy * scale).mul_(m3)
+            dx = dx.to(ctx.in_dtype)
         return dx, None, dweight, dbias, None, None, None, None, None, None
 
 
@@ -100,5 +105,5 @@ def masked_batch_norm(
                          f"(input shape {_checks.shape_str(input.shape)})")
     if use_kernel("masked_batch_norm", input, mask, running_mean, running_var, weight, bias, training):
         return kernels().masked_batch_norm(input, mask, running_mean, running_var, weight, bias, training, momentum, eps)
-    m = mask.to(acc_dtype(input.dtype)).unsqueeze(1)
+    m = mask.to(acc_dtype(input.dtype))
     return _MaskedBatchNorm.apply(input, m, weight, bias, running_mean, running_var, batch_stats, momentum, eps, count)

@@ -1,14 +1,97 @@
 """``switchable_norm``: a learned softmax mix of instance, layer and batch statistics
 (see :mod:`normlab.reference.switchable_norm` for the math and the two deliberate differences
-from the official code)."""
+from the official code).
+
+Every statistic derives from the instance statistics (per sample and channel), so the only
+work on full-size tensors is: the instance moments, one normalization pass, and in backward
+two row reductions and two passes for ``dx``. The mixing happens on (N, C) tensors with
+autograd, inside the custom backward (``torch.autograd.grad`` on that small graph).
+"""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from normlab import _checks
-from normlab.functional._core import HALF, acc_dtype, check_param, per_channel, update_running_
+from normlab.functional._core import acc_dtype, check_param, update_running_
+
+
+def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_batch: bool, has_spatial: bool):
+    """Mixed (mean, var) of shape (N, C) from the instance statistics, plus the BN branch's
+    batch statistics (for the running update). Layer and batch statistics follow from the
+    instance ones by the law of total variance (stable for large means)."""
+    mu_ln = mu_in.mean(dim=1, keepdim=True)
+    var_ln = (var_in + (mu_in - mu_ln).square()).mean(dim=1, keepdim=True)
+    if use_batch:
+        mu_bn = mu_in.mean(dim=0, keepdim=True)
+        var_bn = (var_in + (mu_in - mu_bn).square()).mean(dim=0, keepdim=True)
+    else:
+        mu_bn, var_bn = running_mean.to(mu_in.dtype).view(1, -1), running_var.to(mu_in.dtype).view(1, -1)
+    mw, vw = mean_weight.to(mu_in.dtype), var_weight.to(mu_in.dtype)
+    if not has_spatial:  # no instance statistics without spatial positions
+        off = torch.tensor([float("-inf"), 0.0, 0.0], dtype=mu_in.dtype, device=mu_in.device)
+        mw, vw = mw + off, vw + off
+    wm, wv = torch.softmax(mw, 0), torch.softmax(vw, 0)
+    mean = wm[0] * mu_in + wm[1] * mu_ln + wm[2] * mu_bn
+    var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
+    return mean, var, mu_bn, var_bn
+
+
+class _SwitchableNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch, training,
+                momentum, eps):
+        n, c = x.shape[:2]
+        acc = acc_dtype(x.dtype)
+        x2 = x.reshape(n * c, -1).to(acc)
+        s = x2.shape[1]
+        mu_in = x2.mean(dim=1, keepdim=True)
+        d = x2 - mu_in  # centred rows, kept for backward
+        var_in = torch.linalg.vecdot(d, d, dim=1).unsqueeze(1) / s
+        with torch.enable_grad():  # the small (N, C) graph, differentiated in backward
+            leaves = [t.detach().requires_grad_() for t in (mu_in.view(n, c), var_in.view(n, c), mean_weight,
+                                                            var_weight)]
+            mean, var, mu_bn, var_bn = _mix(*leaves, running_mean, running_var, use_batch, s > 1 or x.dim() > 2)
+        if training and running_mean is not None:
+            update_running_(running_mean, running_var, mu_bn.detach(), var_bn.detach(), n * s, momentum)
+        rstd = (var.detach() + eps).rsqrt()
+        scale = rstd if weight is None else rstd * weight.to(acc)
+        offset = (mu_in.view(n, c) - mean.detach()) * scale  # y = d * scale + offset + bias
+        if bias is not None:
+            offset = offset + bias.to(acc)
+        y = torch.addcmul(offset.reshape(-1, 1), d, scale.reshape(-1, 1))
+        ctx.save_for_backward(d, weight)
+        ctx.small = (leaves, mean, var, rstd, scale, mu_in.view(n, c))
+        ctx.meta = (x.shape, x.dtype, bias is not None)
+        return y.view(x.shape).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        d, weight = ctx.saved_tensors
+        leaves, mean, var, rstd, scale, mu_in = ctx.small
+        shape, dtype, has_bias = ctx.meta
+        n, c = shape[:2]
+        s = d.shape[1]
+        dy2 = dy.reshape(n * c, -1).to(d.dtype)
+        s_dy = dy2.sum(dim=1).view(n, c)
+        # sum over a row of dy * (x - mean) = sum(dy * d) + (mu_in - mean) * sum(dy)
+        s_dyc = torch.linalg.vecdot(dy2, d, dim=1).view(n, c) + (mu_in - mean.detach()) * s_dy
+        dmean = -scale * s_dy
+        dvar = -0.5 * scale * rstd * rstd * s_dyc
+        grads = torch.autograd.grad((mean, var), leaves, (dmean, dvar), allow_unused=True, retain_graph=True)
+        dmu_in, dvar_in, dmw, dvw = (torch.zeros_like(l) if g is None else g for g, l in zip(grads, leaves))
+        # dx = dy * scale + d(mu_in)/s + 2 d(var_in) (x - mu_in)/s
+        dx = torch.addcmul((dmu_in / s).reshape(-1, 1), d, (2.0 / s * dvar_in).reshape(-1, 1))
+        dx.addcmul_(dy2, scale.reshape(-1, 1))
+        dweight = dbias = None
+        if weight is not None:
+            dweight = (rstd * s_dyc).sum(dim=0).to(weight.dtype)
+            if has_bias:
+                dbias = s_dy.sum(dim=0).to(weight.dtype)
+        return (dx.view(shape).to(dtype), dweight, dbias, dmw, dvw) + (None,) * 6
 
 
 def switchable_norm(
@@ -32,40 +115,14 @@ def switchable_norm(
     op = "switchable_norm"
     _checks.check_floating(input, op)
     _checks.check_rank(input.shape, (2, 3, 4, 5), op, "(N, C, *spatial)")
-    nd, c = input.dim(), input.shape[1]
+    c = input.shape[1]
     for p, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
         check_param(p, name, c, op)
     for p, name in ((mean_weight, "mean_weight"), (var_weight, "var_weight")):
         if p.shape != (3,):
             raise ValueError(f"{op}: {name} must hold 3 logits (IN, LN, BN), got shape {tuple(p.shape)}")
-    spatial = tuple(range(2, nd))
     use_batch = training or running_mean is None
     if use_batch:
-        _checks.check_enough_values(input.shape, (0,) + spatial, op)
-    x = input.to(acc_dtype(input.dtype))
-    if spatial:
-        var_in, mu_in = torch.var_mean(x, dim=spatial, correction=0, keepdim=True)
-    else:
-        mu_in, var_in = x, torch.zeros_like(x)
-    mu_ln = mu_in.mean(dim=1, keepdim=True)
-    var_ln = (var_in + (mu_in - mu_ln).square()).mean(dim=1, keepdim=True)
-    if use_batch:
-        mu_bn = mu_in.mean(dim=0, keepdim=True)
-        var_bn = (var_in + (mu_in - mu_bn).square()).mean(dim=0, keepdim=True)
-        if training and running_mean is not None:
-            update_running_(running_mean, running_var, mu_bn.detach(), var_bn.detach(), input.numel() // c, momentum)
-    else:
-        mu_bn, var_bn = per_channel(running_mean.to(x.dtype), nd), per_channel(running_var.to(x.dtype), nd)
-    mw, vw = mean_weight.to(x.dtype), var_weight.to(x.dtype)
-    if not spatial:  # no instance statistics without spatial positions
-        off = torch.tensor([float("-inf"), 0.0, 0.0], dtype=x.dtype, device=x.device)
-        mw, vw = mw + off, vw + off
-    wm, wv = torch.softmax(mw, 0), torch.softmax(vw, 0)
-    mean = wm[0] * mu_in + wm[1] * mu_ln + wm[2] * mu_bn
-    var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
-    y = (x - mean) * (var + eps).rsqrt()
-    if weight is not None:
-        y = y * per_channel(weight.to(x.dtype), nd)
-    if bias is not None:
-        y = y + per_channel(bias.to(x.dtype), nd)
-    return y.to(input.dtype)
+        _checks.check_enough_values(input.shape, (0,) + tuple(range(2, input.dim())), op)
+    return _SwitchableNorm.apply(input, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch,
+                                 training, momentum, eps)

@@ -36,25 +36,51 @@ def acc_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def reduce_sum(a: np.ndarray, axes: Sequence[int], b: Optional[np.ndarray] = None) -> np.ndarray:
+    """``sum(a * b)`` (or ``sum(a)``) over ``axes``, keeping them as size-1 dims.
+
+    Written with ``np.einsum`` so the product is never materialized: one read of each
+    operand, which is what makes the reference fast enough to compare with torch.
+    """
+    axes = set(ax % a.ndim for ax in axes)
+    sub = _LETTERS[:a.ndim]
+    kept = "".join(ch for i, ch in enumerate(sub) if i not in axes)
+    if b is None:
+        r = np.einsum(f"{sub}->{kept}", a)
+    else:
+        r = np.einsum(f"{sub},{sub}->{kept}", a, np.broadcast_to(b, a.shape))
+    return np.asarray(r).reshape([1 if i in axes else n for i, n in enumerate(a.shape)])
+
+
+def centered_moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.ndarray] = None, center: bool = True):
+    """``(mean, var, count, d)``: :func:`moments` plus the centred input ``d = (x - mean) * mask``
+    (a fresh array in the accumulation dtype that callers may overwrite)."""
+    axes = tuple(axes)
+    xa = x.astype(acc_dtype(x.dtype), copy=False)
+    if mask is None:
+        count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+        mean = reduce_sum(xa, axes) / count if center else np.zeros((), xa.dtype)
+        d = xa - mean if center else xa.copy()
+    else:
+        m = mask.astype(xa.dtype, copy=False)
+        count = reduce_sum(np.broadcast_to(m, x.shape), axes)
+        mean = reduce_sum(xa, axes, m) / count if center else np.zeros((), xa.dtype)
+        d = xa - mean
+        d *= m
+    var = reduce_sum(d, axes, d) / count  # two-pass: the mean first, then squared deviations
+    return mean, var, count, d
+
+
 def moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.ndarray] = None, center: bool = True):
     """Mean, biased variance and count over ``axes`` (kept as size-1 dims), accumulated in :func:`acc_dtype`.
 
     ``mask`` (broadcastable to ``x``, 1 = counted, 0 = ignored) restricts the statistics to the
     selected elements. With ``center=False`` the "variance" is the mean square and the mean is 0.
     """
-    axes = tuple(axes)
-    xa = x.astype(acc_dtype(x.dtype), copy=False)
-    if mask is None:
-        count = np.prod([x.shape[a] for a in axes], dtype=np.int64)
-        mean = xa.mean(axis=axes, keepdims=True) if center else np.zeros((), xa.dtype)
-        d = xa - mean
-        var = (d * d).mean(axis=axes, keepdims=True)
-        return mean, var, count
-    m = mask.astype(xa.dtype, copy=False)
-    count = np.broadcast_to(m, np.broadcast_shapes(m.shape, x.shape)).sum(axis=axes, keepdims=True)
-    mean = (xa * m).sum(axis=axes, keepdims=True) / count if center else np.zeros((), xa.dtype)
-    d = (xa - mean) * m
-    var = (d * d).sum(axis=axes, keepdims=True) / count
+    mean, var, count, _ = centered_moments(x, axes, mask=mask, center=center)
     return mean, var, count
 
 
@@ -103,70 +129,84 @@ def normalize_forward(
     ``scale``/``shift`` are batch renorm's r and d (constants for the backward pass). Returns
     ``(y, cache, (mean, var, count))``; with a mask, masked-out elements of ``y`` are 0.
     """
+    axes = tuple(axes)
+    acc = acc_dtype(x.dtype)
+    m = None if mask is None else mask.astype(acc, copy=False)
     if stats is None:
-        mean, var, count = moments(x, axes, mask=mask, center=center)
+        mean, var, count, xhat = centered_moments(x, axes, mask=m, center=center)
     else:
         mean, var, count = stats
-        mean, var = (np.asarray(s, dtype=acc_dtype(x.dtype)) for s in (mean, var))
+        mean, var = (np.asarray(t, dtype=acc) for t in (mean, var))
+        xa = x.astype(acc, copy=False)
+        xhat = xa - mean if center else xa.copy()
+        if m is not None:
+            xhat *= m
     rstd = 1.0 / np.sqrt(var + eps)
-    xhat = (x.astype(mean.dtype, copy=False) - mean) * rstd if center else x.astype(rstd.dtype, copy=False) * rstd
-    if mask is not None:
-        xhat *= mask
+    xhat *= rstd  # in place: the centred input becomes xhat
     renorm = scale is not None
     z = xhat * scale + shift if renorm else xhat
-    y = z * weight if weight is not None else (z.copy() if z is xhat else z)
+    if weight is not None:
+        y = z * weight
+    else:
+        y = z if renorm else z.copy()
     if bias is not None:
         y += bias
-    if mask is not None and (bias is not None or renorm):
-        y *= mask
-    cache = NormCache(xhat, rstd, weight, tuple(axes), None if weight is None else weight.shape, center, batch_stats,
-                      mask, count, x.dtype, scale, shift)
+    if m is not None and (bias is not None or renorm):
+        y *= m
+    cache = NormCache(xhat, rstd, weight, axes, None if weight is None else weight.shape, center, batch_stats,
+                      m, count, x.dtype, scale, shift)
     return y.astype(x.dtype, copy=False), cache, (mean, var, count)
 
 
-def sum_to_shape(a: np.ndarray, shape: tuple) -> np.ndarray:
-    """Sum ``a`` over the axes where ``shape`` has size 1 (the reverse of broadcasting)."""
+def sum_to_shape(a: np.ndarray, shape: tuple, b: Optional[np.ndarray] = None) -> np.ndarray:
+    """Sum ``a`` (or ``a * b``) over the axes where ``shape`` has size 1: the reverse of broadcasting."""
     lead = a.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(i + lead for i, s in enumerate(shape) if s == 1 and a.shape[i + lead] != 1)
-    return a.sum(axis=axes, keepdims=True).reshape(shape) if axes else a
+    if not axes:
+        return a if b is None else a * b
+    return reduce_sum(a, axes, b).reshape(shape)
 
 
 def normalize_backward(dy: np.ndarray, cache: NormCache):
     """Gradients ``(dx, dweight, dbias)`` of :func:`normalize_forward` (``dweight``/``dbias`` in the
-    broadcast shape of the weight, ``None`` when there was none)."""
+    broadcast shape of the weight, ``None`` when there was none).
+
+    ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = dy * weight * r`` and the
+    means over the reduced (valid) elements; when the weight is constant along the reduced
+    axes (batch and instance norm) it is factored out, saving a full-size product.
+    """
     c = cache
     dy = dy.astype(c.rstd.dtype, copy=False)
     if c.mask is not None:
         dy = dy * c.mask
+    xhat, axes = c.xhat, c.axes
     dweight = dbias = None
     if c.weight is not None:
-        dweight = sum_to_shape(dy * c.z(), c.param_shape)
         dbias = sum_to_shape(dy, c.param_shape)
-        g = dy * c.weight
-    else:
+        dweight = sum_to_shape(dy, c.param_shape, xhat)
+        if c.scale is not None:  # z = r * xhat + d with per-channel r, d: sum(dy z) = r sum(dy xhat) + d sum(dy)
+            dweight = dweight * c.scale.reshape(c.param_shape) + dbias * c.shift.reshape(c.param_shape)
+    factor = c.rstd if c.scale is None else c.rstd * c.scale  # per-group factors of dx
+    w_const = c.weight is None or all(c.weight.shape[a - (xhat.ndim - c.weight.ndim)] == 1
+                                      for a in axes if a >= xhat.ndim - c.weight.ndim)
+    if w_const:
+        if c.weight is not None:
+            factor = factor * c.weight
         g = dy
-    if c.scale is not None:
-        g = g * c.scale
+    else:
+        g = dy * c.weight
     if not c.batch_stats:
-        dx = g * c.rstd
+        dx = g * factor
     else:
         n = c.count
-        mean_gx = (g * c.xhat).sum(axis=c.axes, keepdims=True) / n
-        inner = g - c.xhat * mean_gx
+        t = xhat * (reduce_sum(g, axes, xhat) / n)
         if c.center:
-            inner -= g.sum(axis=c.axes, keepdims=True) / n  # g is 0 where masked out
-        dx = inner * c.rstd
+            t += reduce_sum(g, axes) / n  # g is 0 where masked out
+        dx = np.subtract(g, t, out=t)
+        dx *= factor
     if c.mask is not None:
         dx *= c.mask
     return dx.astype(c.dtype, copy=False), dweight, dbias
-
-
-def moments_backward(x: np.ndarray, axes: Sequence[int], mean: np.ndarray, count, dmean, dvar) -> np.ndarray:
-    """Gradient on ``x`` of a loss through ``(mean, biased var)`` over ``axes``:
-    ``dx = dmean / n + dvar * 2 (x - mean) / n`` (used where statistics are mixed, as in
-    switchable normalization)."""
-    xa = x.astype(mean.dtype, copy=False)
-    return (dmean + 2.0 * dvar * (xa - mean)) / count
 
 
 class RunningStats(NamedTuple):

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import RunningStats, acc_dtype, moments, moments_backward, per_channel, update_running
+from normlab.reference._core import RunningStats, acc_dtype, moments, per_channel, reduce_sum, update_running
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -84,7 +84,8 @@ def switchable_norm_forward(
     mean = wm[0] * mu_in + wm[1] * mu_ln + wm[2] * mu_bn
     var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
     rstd = 1.0 / np.sqrt(var + eps)
-    xhat = (x.astype(mean.dtype) - mean) * rstd
+    xhat = x.astype(mean.dtype, copy=False) - mean
+    xhat *= rstd
     y = xhat * per_channel(gamma, nd) if gamma is not None else xhat.copy()
     if beta is not None:
         y += per_channel(beta, nd)
@@ -97,9 +98,12 @@ def switchable_norm_backward(dy: np.ndarray, cache):
     """Backward pass: ``(dx, dgamma, dbeta, dmean_weight, dvar_weight)``.
 
     ``dL/dmu`` and ``dL/dvar`` of the mixed statistics flow into each branch's statistics
-    (weighted by its softmax weight, summed over the axes it was broadcast along), each branch
-    sends them to ``x`` through :func:`moments_backward`, and the softmax weights get
-    ``w * (g - sum(w * g))`` with ``g_k = sum(dL/dmu * mu_k)``.
+    (weighted by its softmax weight, summed over the axes it was broadcast along). A branch k
+    with mean ``mu_k`` and biased variance over ``n_k`` elements sends
+    ``(dmu_k + 2 dvar_k (x - mu_k)) / n_k`` to each of its elements: an affine function of
+    ``x``, so the three branches add up to ``A + B x`` with per-(sample, channel) ``A``, ``B``,
+    and ``dx = g * rstd + A + B x``. The softmax logits get ``w * (g_k - sum(w * g))`` with
+    ``g_k = sum(dL/dmu * mu_k)`` (and likewise for the variance).
     """
     c = cache
     x, xhat, rstd = c["x"], c["xhat"], c["rstd"]
@@ -107,29 +111,31 @@ def switchable_norm_backward(dy: np.ndarray, cache):
     spatial = tuple(range(2, nd))
     dy = dy.astype(rstd.dtype, copy=False)
     if c["gamma"] is not None:
-        dgamma = (dy * xhat).sum(axis=(0,) + spatial)
-        dbeta = dy.sum(axis=(0,) + spatial)
-        g = dy * per_channel(c["gamma"], nd)
+        dbeta = reduce_sum(dy, (0,) + spatial).reshape(-1)
+        dgamma = reduce_sum(dy, (0,) + spatial, xhat).reshape(-1)
+        gscale = rstd * per_channel(c["gamma"], nd)  # dL/dxhat * dxhat/dx, the direct path
     else:
         dgamma = dbeta = None
-        g = dy
+        gscale = rstd
     # y depends on x directly and through (mean, var) of shape (N, C, 1, ...)
-    dmean = -(g * rstd).sum(axis=spatial, keepdims=True) if spatial else -(g * rstd)
-    gx = g * xhat
-    dvar = -0.5 * (gx.sum(axis=spatial, keepdims=True) if spatial else gx) * rstd * rstd
-    dx = g * rstd
-    (mu_in, _), (mu_ln, _), (mu_bn, _) = c["stats"]
+    s_dy = reduce_sum(dy, spatial) if spatial else dy
+    s_dyx = reduce_sum(dy, spatial, xhat) if spatial else dy * xhat
+    dmean = -gscale * s_dy
+    dvar = -0.5 * gscale * rstd * s_dyx  # sum(g (x - mu)) (-1/2) rstd^3, with x - mu = xhat / rstd
+    (mu_in, var_in), (mu_ln, var_ln), (mu_bn, var_bn) = c["stats"]
     wm, wv = c["wm"], c["wv"]
-    n_in, ch = c["n_in"], c["c"]
-    # IN branch: statistics over the spatial axes
+    n_in, ch, n = c["n_in"], c["c"], x.shape[0]
+    branches = [(mu_ln, ch * n_in, wm[1] * dmean.sum(axis=1, keepdims=True), wv[1] * dvar.sum(axis=1, keepdims=True))]
     if nd > 2:
-        dx += moments_backward(x, spatial, mu_in, n_in, wm[0] * dmean, wv[0] * dvar)
-    # LN branch: over channels and spatial axes (derived from IN statistics, same gradient)
-    dx += moments_backward(x, (1,) + spatial, mu_ln, ch * n_in, wm[1] * dmean.sum(axis=1, keepdims=True),
-                           wv[1] * dvar.sum(axis=1, keepdims=True))
+        branches.append((mu_in, n_in, wm[0] * dmean, wv[0] * dvar))
     if c["use_batch"]:
-        dx += moments_backward(x, (0,) + spatial, mu_bn, x.shape[0] * n_in, wm[2] * dmean.sum(axis=0, keepdims=True),
-                               wv[2] * dvar.sum(axis=0, keepdims=True))
+        branches.append((mu_bn, n * n_in, wm[2] * dmean.sum(axis=0, keepdims=True),
+                         wv[2] * dvar.sum(axis=0, keepdims=True)))
+    a = sum((dmu - 2.0 * dv * mu) / cnt for mu, cnt, dmu, dv in branches)
+    b = sum(2.0 * dv / cnt for mu, cnt, dmu, dv in branches)
+    dx = dy * gscale
+    dx += b * x.astype(rstd.dtype, copy=False)
+    dx += a
     gm = np.array([(dmean * s[0]).sum() for s in c["stats"]])
     gv = np.array([(dvar * s[1]).sum() for s in c["stats"]])
     dmean_weight = wm * (gm - (wm * gm).sum())

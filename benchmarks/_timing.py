@@ -1,0 +1,59 @@
+"""Timing helpers shared by the benchmarks: interleaved rounds and medians, because the
+machines here are noisy (other processes share the cores), so only ratios measured in the
+same run mean anything."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+
+def interleaved(fns: dict, rounds: int = 15, inner: int = 3, warmup: int = 2, sync=None) -> dict:
+    """Median seconds per call of each function, timed in interleaved rounds (A B C A B C ...)
+    so that slow phases of a noisy machine hit every candidate alike."""
+    sync = sync or (lambda: None)
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    sync()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            for _ in range(inner):
+                f()
+            sync()
+            times[k].append((time.perf_counter() - t) / inner)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def environment() -> dict:
+    import numpy
+    import torch
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        sha = ""
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "git": sha,
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
