@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from normlab import _backend
+from normlab import _backend, _checks
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -33,9 +33,21 @@ def per_channel(p: Optional[torch.Tensor], ndim: int) -> Optional[torch.Tensor]:
     return None if p is None else p.view((1, -1) + (1,) * (ndim - 2))
 
 
-def check_param(p: Optional[torch.Tensor], name: str, size: int, op: str) -> None:
-    if p is not None and p.numel() != size:
-        raise ValueError(f"{op}: {name} must have {size} elements (one per channel), got shape {tuple(p.shape)}")
+def check_channel_input(input: torch.Tensor, op: str, ranks=None, layout: str = "(N, C, *)", **per_channel) -> int:
+    """The checks every per-channel norm makes: a floating input of an allowed rank (``ranks``,
+    or at least 2-D), and each named per-channel tensor (weight, bias, running stats) holding
+    one value per channel. Returns C."""
+    _checks.check_floating(input, op)
+    if ranks is not None:
+        _checks.check_rank(input.shape, ranks, op, layout)
+    elif input.dim() < 2:
+        raise ValueError(f"{op} expects an input of shape {layout}, got a {input.dim()}-D input of shape "
+                         f"{_checks.shape_str(input.shape)}")
+    c = input.shape[1]
+    for name, p in per_channel.items():
+        if p is not None and p.numel() != c:
+            raise ValueError(f"{op}: {name} must have {c} elements (one per channel), got shape {tuple(p.shape)}")
+    return c
 
 
 def kernels():

@@ -9,17 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from normlab import _checks
-from normlab.functional._core import HALF, check_param, kernels, use_kernel
+from normlab.functional._core import HALF, check_channel_input, kernels, use_kernel
 
 
 def _check_batch_norm(input, running_mean, running_var, weight, bias, training, op):
-    _checks.check_floating(input, op)
-    if input.dim() < 2:
-        raise ValueError(f"{op} expects an input of shape (N, C, *), got a {input.dim()}-D input of shape "
-                         f"{_checks.shape_str(input.shape)}")
-    c = input.shape[1]
-    for p, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
-        check_param(p, name, c, op)
+    check_channel_input(input, op, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if training:
         _checks.check_enough_values(input.shape, (0,) + tuple(range(2, input.dim())), op)
 

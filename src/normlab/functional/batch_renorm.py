@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from normlab import _checks
-from normlab.functional._core import HALF, acc_dtype, check_param
+from normlab.functional._core import HALF, acc_dtype, check_channel_input
 from normlab.functional.batch_norm import batch_norm
 
 
@@ -39,13 +39,7 @@ def batch_renorm(
         raise ValueError(f"{op}: rmax must be >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-    _checks.check_floating(input, op)
-    if input.dim() < 2:
-        raise ValueError(f"{op} expects an input of shape (N, C, *), got a {input.dim()}-D input of shape "
-                         f"{_checks.shape_str(input.shape)}")
-    c = input.shape[1]
-    for p, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
-        check_param(p, name, c, op)
+    c = check_channel_input(input, op, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     dims = (0,) + tuple(range(2, input.dim()))
     _checks.check_enough_values(input.shape, dims, op)
     if input.dtype in HALF and not input.is_cuda:  # float32 compute, running buffers written back

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab import _checks
-from normlab.functional._core import check_param, kernels, use_kernel
+from normlab.functional._core import check_channel_input, kernels, use_kernel
 
 
 def group_norm(
@@ -19,14 +19,8 @@ def group_norm(
 ) -> torch.Tensor:
     """Group normalization of an (N, C, *) input, exactly ``torch.nn.functional.group_norm``."""
     op = "group_norm"
-    _checks.check_floating(input, op)
-    if input.dim() < 2:
-        raise ValueError(f"{op} expects an input of shape (N, C, *), got a {input.dim()}-D input of shape "
-                         f"{_checks.shape_str(input.shape)}")
-    c = input.shape[1]
+    c = check_channel_input(input, op, weight=weight, bias=bias)
     _checks.check_groups(c, num_groups, op)
-    check_param(weight, "weight", c, op)
-    check_param(bias, "bias", c, op)
     if use_kernel("group_norm", input, num_groups, weight, bias):
         return kernels().group_norm(input, num_groups, weight, bias, eps)
     return F.group_norm(input, num_groups, weight, bias, eps)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab import _checks
-from normlab.functional._core import HALF, check_param, kernels, use_kernel
+from normlab.functional._core import HALF, check_channel_input, kernels, use_kernel
 from normlab.functional.batch_norm import _upcast
 
 
@@ -23,11 +23,8 @@ def instance_norm(
 ) -> torch.Tensor:
     """Instance normalization of an (N, C, *spatial) input, exactly ``torch.nn.functional.instance_norm``."""
     op = "instance_norm"
-    _checks.check_floating(input, op)
-    _checks.check_rank(input.shape, (3, 4, 5), op, "(N, C, *spatial)")
-    c = input.shape[1]
-    for p, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
-        check_param(p, name, c, op)
+    check_channel_input(input, op, (3, 4, 5), "(N, C, *spatial)", running_mean=running_mean, running_var=running_var,
+                        weight=weight, bias=bias)
     if use_input_stats:
         _checks.check_enough_values(input.shape, tuple(range(2, input.dim())), op, "per instance (spatial positions)")
         if running_mean is None and running_var is None and use_kernel("instance_norm", input, weight, bias):

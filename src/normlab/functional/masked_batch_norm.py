@@ -9,7 +9,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from normlab import _checks
-from normlab.functional._core import acc_dtype, check_param, kernels, update_running_, use_kernel
+from normlab.functional._core import acc_dtype, check_channel_input, kernels, update_running_, use_kernel
 from normlab.functional.batch_norm import batch_norm
 
 
@@ -88,14 +88,11 @@ def masked_batch_norm(
     sees a single valid position.
     """
     op = "masked_batch_norm"
-    _checks.check_floating(input, op)
-    _checks.check_rank(input.shape, (3,), op, "(N, C, L)")
+    check_channel_input(input, op, (3,), "(N, C, L)", running_mean=running_mean, running_var=running_var,
+                        weight=weight, bias=bias)
     if mask is None:
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     _checks.check_mask(input.shape, mask, op)
-    c = input.shape[1]
-    for p, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
-        check_param(p, name, c, op)
     valid_per_row = mask.sum(dim=1).tolist()
     _checks.check_no_empty_rows(valid_per_row, op)
     count = int(sum(valid_per_row))

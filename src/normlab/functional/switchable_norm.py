@@ -15,7 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from normlab import _checks
-from normlab.functional._core import acc_dtype, check_param, update_running_
+from normlab.functional._core import acc_dtype, check_channel_input, update_running_
 
 
 def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_batch: bool, has_spatial: bool):
@@ -113,11 +113,8 @@ def switchable_norm(
     statistics in evaluation; for (N, C) input the IN branch is left out.
     """
     op = "switchable_norm"
-    _checks.check_floating(input, op)
-    _checks.check_rank(input.shape, (2, 3, 4, 5), op, "(N, C, *spatial)")
-    c = input.shape[1]
-    for p, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
-        check_param(p, name, c, op)
+    check_channel_input(input, op, (2, 3, 4, 5), "(N, C, *spatial)", running_mean=running_mean,
+                        running_var=running_var, weight=weight, bias=bias)
     for p, name in ((mean_weight, "mean_weight"), (var_weight, "var_weight")):
         if p.shape != (3,):
             raise ValueError(f"{op}: {name} must hold 3 logits (IN, LN, BN), got shape {tuple(p.shape)}")
