@@ -50,20 +50,25 @@ class _SwitchableNorm(torch.autograd.Function):
         mu_in = x2.mean(dim=1, keepdim=True)
         d = x2 - mu_in  # centred rows, kept for backward
         var_in = torch.linalg.vecdot(d, d, dim=1).unsqueeze(1) / s
+        # Mix means relative to a pivot (their average; every mean shifts with it and the output
+        # does not depend on it): mixing values near 1000 in float32 rounds them by ~1e-4, which
+        # rstd magnifies where a variance is ~0 (half inputs rounded to a few distinct values).
+        pivot = mu_in.mean()
+        mu_rel = mu_in.view(n, c) - pivot
+        rm_rel = None if running_mean is None else running_mean.to(acc) - pivot
         with torch.enable_grad():  # the small (N, C) graph, differentiated in backward
-            leaves = [t.detach().requires_grad_() for t in (mu_in.view(n, c), var_in.view(n, c), mean_weight,
-                                                            var_weight)]
-            mean, var, mu_bn, var_bn = _mix(*leaves, running_mean, running_var, use_batch, s > 1 or x.dim() > 2)
+            leaves = [t.detach().requires_grad_() for t in (mu_rel, var_in.view(n, c), mean_weight, var_weight)]
+            mean, var, mu_bn, var_bn = _mix(*leaves, rm_rel, running_var, use_batch, s > 1 or x.dim() > 2)
         if training and running_mean is not None:
-            update_running_(running_mean, running_var, mu_bn.detach(), var_bn.detach(), n * s, momentum)
+            update_running_(running_mean, running_var, mu_bn.detach() + pivot, var_bn.detach(), n * s, momentum)
         rstd = (var.detach() + eps).rsqrt()
         scale = rstd if weight is None else rstd * weight.to(acc)
-        offset = (mu_in.view(n, c) - mean.detach()) * scale  # y = d * scale + offset + bias
+        offset = (mu_rel - mean.detach()) * scale  # y = d * scale + offset + bias
         if bias is not None:
             offset = offset + bias.to(acc)
         y = torch.addcmul(offset.reshape(-1, 1), d, scale.reshape(-1, 1))
         ctx.save_for_backward(d, weight)
-        ctx.small = (leaves, mean, var, rstd, scale, mu_in.view(n, c))
+        ctx.small = (leaves, mean, var, rstd, scale, mu_rel)
         ctx.meta = (x.shape, x.dtype, bias is not None)
         return y.view(x.shape).to(x.dtype)
 
@@ -71,14 +76,14 @@ class _SwitchableNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         d, weight = ctx.saved_tensors
-        leaves, mean, var, rstd, scale, mu_in = ctx.small
+        leaves, mean, var, rstd, scale, mu_rel = ctx.small
         shape, dtype, has_bias = ctx.meta
         n, c = shape[:2]
         s = d.shape[1]
         dy2 = dy.reshape(n * c, -1).to(d.dtype)
         s_dy = dy2.sum(dim=1).view(n, c)
-        # sum over a row of dy * (x - mean) = sum(dy * d) + (mu_in - mean) * sum(dy)
-        s_dyc = torch.linalg.vecdot(dy2, d, dim=1).view(n, c) + (mu_in - mean.detach()) * s_dy
+        # sum over a row of dy * (x - mean) = sum(dy * d) + (mu_in - mean) * sum(dy)  (both relative to the pivot)
+        s_dyc = torch.linalg.vecdot(dy2, d, dim=1).view(n, c) + (mu_rel - mean.detach()) * s_dy
         dmean = -scale * s_dy
         dvar = -0.5 * scale * rstd * rstd * s_dyc
         grads = torch.autograd.grad((mean, var), leaves, (dmean, dvar), allow_unused=True, retain_graph=True)
