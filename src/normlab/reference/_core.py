@@ -74,6 +74,7 @@ class NormCache:
     dtype: np.dtype
     scale: Optional[np.ndarray] = None  # batch renorm's r: z = r * xhat + d, no gradient through r, d
     shift: Optional[np.ndarray] = None
+    bias_shape: Optional[tuple] = None  # None: there was no bias (and no gradient for one)
 
     def z(self) -> np.ndarray:
         """What the affine transform acts on: ``xhat``, or ``r * xhat + d`` in batch renorm."""
@@ -120,7 +121,7 @@ def normalize_forward(
     if mask is not None and (bias is not None or renorm):
         y *= mask
     cache = NormCache(xhat, rstd, weight, tuple(axes), None if weight is None else weight.shape, center, batch_stats,
-                      mask, count, x.dtype, scale, shift)
+                      mask, count, x.dtype, scale, shift, None if bias is None else bias.shape)
     return y.astype(x.dtype, copy=False), cache, (mean, var, count)
 
 
@@ -139,9 +140,10 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
     if c.mask is not None:
         dy = dy * c.mask
     dweight = dbias = None
+    if c.bias_shape is not None:
+        dbias = sum_to_shape(dy, c.bias_shape)
     if c.weight is not None:
         dweight = sum_to_shape(dy * c.z(), c.param_shape)
-        dbias = sum_to_shape(dy, c.param_shape)
         g = dy * c.weight
     else:
         g = dy
