@@ -33,10 +33,12 @@ class _MaskedBatchNorm(torch.autograd.Function):
         y = xhat
         if weight is not None:
             y = xhat * weight.to(xa.dtype).view(1, -1, 1)
-            if bias is not None:
-                y.addcmul_(bias.to(xa.dtype).view(1, -1, 1), m)
+        if bias is not None:  # also without a weight, as F.batch_norm (xhat itself is saved: not in place)
+            b = bias.to(xa.dtype).view(1, -1, 1)
+            y = torch.addcmul(y, b, m) if y is xhat else y.addcmul_(b, m)
         ctx.save_for_backward(xhat, rstd, weight, m)
-        ctx.training, ctx.count, ctx.has_bias, ctx.in_dtype = training, count, bias is not None, x.dtype
+        ctx.training, ctx.count, ctx.in_dtype = training, count, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y.to(x.dtype) if y.dtype != x.dtype else (y.clone() if y is xhat else y)
 
     @staticmethod
@@ -44,11 +46,11 @@ class _MaskedBatchNorm(torch.autograd.Function):
         xhat, rstd, weight, m = ctx.saved_tensors
         dy = dy.to(xhat.dtype) * m
         dweight = dbias = None
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+            dbias = dy.sum(dim=(0, 2)).to(ctx.bias_dtype)
         if weight is not None:
             if ctx.needs_input_grad[2]:
                 dweight = (dy * xhat).sum(dim=(0, 2)).to(weight.dtype)
-            if ctx.has_bias and ctx.needs_input_grad[3]:
-                dbias = dy.sum(dim=(0, 2)).to(weight.dtype)
             g = dy * weight.to(dy.dtype).view(1, -1, 1)
         else:
             g = dy
