@@ -22,8 +22,8 @@ class _InstanceNorm(_NormBase):
         unbatched = self._spatial + 1
         _checks.check_rank(input.shape, (unbatched, unbatched + 1), name, self._layout)
         batched = input.dim() == unbatched + 1
+        _checks.check_channels(input.shape, self.num_features, name, axis=1 if batched else 0)  # the shape given
         x = input if batched else input.unsqueeze(0)
-        _checks.check_channels(x.shape, self.num_features, name)
         y = NF.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                              self.training or not self.track_running_stats,
                              self.momentum if self.momentum is not None else 0.0, self.eps)
