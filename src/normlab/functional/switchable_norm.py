@@ -43,6 +43,11 @@ def switchable_norm(
     if use_batch:
         _checks.check_enough_values(input.shape, (0,) + spatial, op)
     x = input.to(acc_dtype(input.dtype))
+    # work on x - pivot (one constant, no gradient; every statistic shifts with it and the output does
+    # not depend on it): mixing means of values near 1000 rounds them by ~1e-4, which rstd multiplies
+    # when a variance is ~0 (half inputs rounded to a few distinct values)
+    pivot = x.detach()[:1].mean().reshape((1,) * nd)
+    x = x - pivot
     if spatial:
         var_in, mu_in = torch.var_mean(x, dim=spatial, correction=0, keepdim=True)
     else:
@@ -53,9 +58,10 @@ def switchable_norm(
         mu_bn = mu_in.mean(dim=0, keepdim=True)
         var_bn = (var_in + (mu_in - mu_bn).square()).mean(dim=0, keepdim=True)
         if training and running_mean is not None:
-            update_running_(running_mean, running_var, mu_bn.detach(), var_bn.detach(), input.numel() // c, momentum)
+            update_running_(running_mean, running_var, (mu_bn + pivot).detach(), var_bn.detach(), input.numel() // c,
+                            momentum)
     else:
-        mu_bn, var_bn = per_channel(running_mean.to(x.dtype), nd), per_channel(running_var.to(x.dtype), nd)
+        mu_bn, var_bn = per_channel(running_mean.to(x.dtype), nd) - pivot, per_channel(running_var.to(x.dtype), nd)
     mw, vw = mean_weight.to(x.dtype), var_weight.to(x.dtype)
     if not spatial:  # no instance statistics without spatial positions
         off = torch.tensor([float("-inf"), 0.0, 0.0], dtype=x.dtype, device=x.device)
