@@ -41,7 +41,8 @@ class _MaskedBatchNorm(torch.autograd.Function):
         if bias is not None:
             y.addcmul_(m3, bias.to(acc).view(1, c, 1))
         ctx.save_for_backward(d, m, rstd, weight)
-        ctx.batch_stats, ctx.count, ctx.has_bias, ctx.in_dtype = batch_stats, count, bias is not None, x.dtype
+        ctx.batch_stats, ctx.count, ctx.in_dtype = batch_stats, count, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y.to(x.dtype)
 
     @staticmethod
@@ -56,7 +57,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
         w = None if weight is None else weight.to(d.dtype).view(1, c, 1)
         scale = rstd if w is None else rstd * w
         dweight = (s_dyd * rstd).view(c).to(weight.dtype) if w is not None and ctx.needs_input_grad[2] else None
-        dbias = s_dy.view(c).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        dbias = s_dy.view(c).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[3] else None
         dx = None
         if ctx.needs_input_grad[0]:
             if ctx.batch_stats:

@@ -14,7 +14,7 @@ from normlab import functional as NF
 class _NormBase(nn.Module):
     """Parameters and running statistics shared by every per-channel normalization.
 
-    ``weight`` (γ, ones) and ``bias`` (β, zeros) when ``affine``; buffers ``running_mean``
+    ``weight`` (γ, ones) and ``bias`` (β, zeros, unless ``bias=False``) when ``affine``; buffers ``running_mean``
     (zeros), ``running_var`` (ones) and ``num_batches_tracked`` when ``track_running_stats``.
     """
 
@@ -23,7 +23,7 @@ class _NormBase(nn.Module):
     _ranks: tuple = ()
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None) -> None:
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -33,7 +33,10 @@ class _NormBase(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -57,11 +60,12 @@ class _NormBase(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
-                "track_running_stats={track_running_stats}".format(**self.__dict__))
+        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, bias={use_bias}, "
+                "track_running_stats={track_running_stats}".format(**self.__dict__, use_bias=self.bias is not None))
 
     def _check_input(self, input: torch.Tensor) -> None:
         name = type(self).__name__
@@ -95,11 +99,14 @@ class _NormBase(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # checkpoints written before num_batches_tracked existed (torch's version < 2) lack it
+        # checkpoints written before num_batches_tracked existed (torch's version < 2) lack it:
+        # keep the current count, as torch does
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            current = self.num_batches_tracked
+            keep = current is not None and current.device.type != "meta"
+            state_dict[key] = current if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -125,6 +132,7 @@ _BN_DOC = r"""Batch normalization over a {rank} input {layout} (Ioffe & Szegedy 
         eps: added to the variance. Default 1e-5.
         momentum: weight of the new batch statistics in the running estimates. Default 0.1.
         affine: learn γ (ones) and β (zeros). Default True.
+        bias: (keyword-only) learn β too when ``affine``, as torch >= 2.13. Default True.
         track_running_stats: keep running estimates; if False batch statistics are used in
             evaluation too. Default True.
 

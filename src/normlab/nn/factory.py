@@ -1,7 +1,7 @@
 """Build any normalization layer from a short string, so models and experiments take a norm by name.
 
 >>> make_norm("group:8", 64, dim=2)
-GroupNorm(8, 64, eps=1e-05, affine=True)
+GroupNorm(8, 64, eps=1e-05, affine=True, bias=True)
 
 ``dim`` is the number of spatial dims after (N, C): 0 for feature vectors (N, C), 1 for
 sequences (N, C, L), 2 for images (N, C, H, W), 3 for volumes. With ``dim=0`` the layer-wise

@@ -14,16 +14,16 @@ class _InstanceNorm(_NormBase):
     _spatial = 1
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
         unbatched = self._spatial + 1
         _checks.check_rank(input.shape, (unbatched, unbatched + 1), name, self._layout)
         batched = input.dim() == unbatched + 1
+        _checks.check_channels(input.shape, self.num_features, name, axis=1 if batched else 0)  # the shape given
         x = input if batched else input.unsqueeze(0)
-        _checks.check_channels(x.shape, self.num_features, name)
         y = NF.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                              self.training or not self.track_running_stats,
                              self.momentum if self.momentum is not None else 0.0, self.eps)

@@ -100,6 +100,7 @@ class NormCache:
     dtype: np.dtype
     scale: Optional[np.ndarray] = None  # batch renorm's r: z = r * xhat + d, no gradient through r, d
     shift: Optional[np.ndarray] = None
+    bias_shape: Optional[tuple] = None  # None: there was no bias (and no gradient for one)
 
     def z(self) -> np.ndarray:
         """What the affine transform acts on: ``xhat``, or ``r * xhat + d`` in batch renorm."""
@@ -154,7 +155,7 @@ def normalize_forward(
     if m is not None and (bias is not None or renorm):
         y *= m
     cache = NormCache(xhat, rstd, weight, axes, None if weight is None else weight.shape, center, batch_stats,
-                      m, count, x.dtype, scale, shift)
+                      m, count, x.dtype, scale, shift, None if bias is None else bias.shape)
     return y.astype(x.dtype, copy=False), cache, (mean, var, count)
 
 
@@ -181,11 +182,12 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
         dy = dy * c.mask
     xhat, axes = c.xhat, c.axes
     dweight = dbias = None
+    if c.bias_shape is not None:
+        dbias = sum_to_shape(dy, c.bias_shape)
     if c.weight is not None:
-        dbias = sum_to_shape(dy, c.param_shape)
         dweight = sum_to_shape(dy, c.param_shape, xhat)
         if c.scale is not None:  # z = r * xhat + d with per-channel r, d: sum(dy z) = r sum(dy xhat) + d sum(dy)
-            dweight = dweight * c.scale.reshape(c.param_shape) + dbias * c.shift.reshape(c.param_shape)
+            dweight = dweight * c.scale.reshape(c.param_shape) + sum_to_shape(dy, c.param_shape) * c.shift.reshape(c.param_shape)
     factor = c.rstd if c.scale is None else c.rstd * c.scale  # per-group factors of dx
     w_const = c.weight is None or all(c.weight.shape[a - (xhat.ndim - c.weight.ndim)] == 1
                                       for a in axes if a >= xhat.ndim - c.weight.ndim)

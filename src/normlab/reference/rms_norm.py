@@ -6,7 +6,8 @@ Layer normalization without centering: over the trailing ``normalized_shape`` di
 
     y = \frac{x}{\sqrt{\mathrm{mean}(x^2) + \epsilon}} \odot \gamma
 
-``eps=None`` takes the machine epsilon of the input's dtype, as ``torch.nn.functional.rms_norm``.
+``eps=None`` takes the machine epsilon of the computation dtype, as ``torch.nn.functional.rms_norm``:
+float32's for float16 and float32 input, float64's for float64.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import normalize_backward, normalize_forward
+from normlab.reference._core import acc_dtype, normalize_backward, normalize_forward
 
 
 def rms_norm_forward(
@@ -29,7 +30,7 @@ def rms_norm_forward(
     _checks.check_floating(x, op)
     ns = _checks.check_normalized_shape(x.shape, (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape, op)
     if eps is None:
-        eps = float(np.finfo(x.dtype).eps)
+        eps = float(np.finfo(acc_dtype(x.dtype)).eps)
     axes = tuple(range(x.ndim - len(ns), x.ndim))
     y, cache, _ = normalize_forward(x, axes, gamma, None, eps, center=False)
     return y, cache

@@ -1,0 +1,187 @@
+"""Wrong input raises ValueError/TypeError naming what was expected and what came, in every
+tier, and a rejected input leaves the running statistics and the step counter untouched."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import normlab.functional as NF
+import normlab.nn as NN
+from normlab import reference as R
+from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+x3 = torch.randn(2, 3, 4)
+BOOL = torch.bool
+
+
+def _mask(*rows):
+    return torch.tensor(rows, dtype=BOOL)
+
+
+# (id, callable, exception, message pattern: expected ... what came)
+CASES = [
+    # wrong rank
+    ("bn2d-rank", lambda: NN.BatchNorm2d(3)(x3),
+     ValueError, r"BatchNorm2d expects a 4-D input \(N, C, H, W\), got a 3-D input of shape \(2, 3, 4\)"),
+    ("bn1d-rank", lambda: NN.BatchNorm1d(3)(torch.randn(2, 3, 4, 4)), ValueError, r"2-D or 3-D.*got a 4-D"),
+    ("bn3d-rank", lambda: NN.BatchNorm3d(3)(x3), ValueError, r"5-D.*got a 3-D"),
+    ("in1d-rank", lambda: NN.InstanceNorm1d(3)(torch.randn(3)), ValueError, r"2-D or 3-D.*got a 1-D"),
+    ("sn2d-rank", lambda: NN.SwitchableNorm2d(3)(x3), ValueError, r"4-D.*got a 3-D"),
+    ("brn2d-rank", lambda: NN.BatchRenorm2d(3)(x3), ValueError, r"4-D.*got a 3-D"),
+    ("mbn-rank", lambda: NN.MaskedBatchNorm1d(3)(torch.randn(2, 3)), ValueError, r"3-D input \(N, C, L\), got a 2-D"),
+    ("gn-rank", lambda: NN.GroupNorm(1, 4)(torch.randn(4)),
+     ValueError, r"\(N, C, \*\), got a 1-D input of shape \(4\)"),
+    ("lrn-rank", lambda: NN.LocalResponseNorm(3)(torch.randn(2, 3)), ValueError, r"3 or more dims.*got a 2-D"),
+    ("F-in-rank", lambda: NF.instance_norm(torch.randn(2, 3)), ValueError, r"3-D or 4-D or 5-D.*got a 2-D"),
+    ("ref-bn-rank", lambda: R.batch_norm_forward(np.ones(3)), ValueError, r"2-D or 3-D or 4-D or 5-D.*got a 1-D"),
+    ("ref-lrn-rank", lambda: R.local_response_norm_forward(np.ones((2, 3)), 3), ValueError, r"3 or more.*2-D"),
+    # wrong channel count
+    ("bn-channels", lambda: NN.BatchNorm1d(4)(x3), ValueError, r"built for 4 channels.*has 3 along dim 1"),
+    ("in-channels", lambda: NN.InstanceNorm1d(4)(x3), ValueError, r"built for 4 channels.*has 3 along dim 1"),
+    ("in-unbatched-channels", lambda: NN.InstanceNorm2d(3)(x3), ValueError,
+     r"built for 3 channels.*has 2 along dim 0: input shape \(2, 3, 4\)"),
+    ("gn-channels", lambda: NN.GroupNorm(2, 4)(x3), ValueError, r"built for 4 channels.*has 3"),
+    ("sn-channels", lambda: NN.SwitchableNorm1d(5)(x3), ValueError, r"built for 5 channels.*has 3"),
+    ("brn-channels", lambda: NN.BatchRenorm1d(4)(x3), ValueError, r"built for 4 channels.*has 3"),
+    ("mbn-channels", lambda: NN.MaskedBatchNorm1d(2)(x3, None), ValueError, r"built for 2 channels.*has 3"),
+    ("F-bn-weight", lambda: NF.batch_norm(x3, None, None, torch.ones(4), None, True), ValueError,
+     r"weight must have 3 elements.*got shape \(4,\)"),
+    # one value per channel in training
+    ("bn-one-value", lambda: NN.BatchNorm1d(3)(torch.randn(1, 3)), ValueError,
+     r"more than 1 value per channel.*shape \(1, 3\) \(1 value per channel\)"),
+    ("bn2d-one-value", lambda: NN.BatchNorm2d(3)(torch.randn(1, 3, 1, 1)),
+     ValueError, r"more than 1 value per channel.*\(1, 3, 1, 1\)"),
+    ("in-one-position", lambda: NN.InstanceNorm1d(3)(torch.randn(2, 3, 1)), ValueError,
+     r"more than 1 value per instance.*\(2, 3, 1\)"),
+    ("sn-one-value", lambda: NN.SwitchableNorm1d(3)(torch.randn(1, 3)), ValueError, r"more than 1 value per channel"),
+    ("brn-one-value", lambda: NN.BatchRenorm1d(3)(torch.randn(1, 3)), ValueError, r"more than 1 value per channel"),
+    ("mbn-one-valid", lambda: NN.MaskedBatchNorm1d(3)(torch.randn(1, 3, 4), _mask([True, False, False, False])),
+     ValueError, r"more than 1 valid position per channel, got 1"),
+    ("ref-bn-one-value", lambda: R.batch_norm_forward(np.ones((1, 3))), ValueError, r"more than 1 value per channel"),
+    ("ref-in-one-position", lambda: R.instance_norm_forward(np.ones((2, 3, 1))), ValueError, r"per instance"),
+    # masks
+    ("mask-shape", lambda: NN.MaskedBatchNorm1d(3)(x3, torch.ones(2, 5, dtype=BOOL)), ValueError,
+     r"mask of shape \(N, L\) = \(2, 4\).*got a mask of shape \(2, 5\)"),
+    ("mask-dtype", lambda: NN.MaskedBatchNorm1d(3)(x3, torch.ones(2, 4)),
+     TypeError, r"boolean mask.*got dtype torch.float32"),
+    ("mask-int-dtype", lambda: NN.MaskedBatchNorm1d(3)(x3, torch.ones(2, 4, dtype=torch.long)),
+     TypeError, r"boolean.*int64"),
+    ("mask-all-padding", lambda: NN.MaskedBatchNorm1d(3)(x3, torch.zeros(2, 4, dtype=BOOL)), ValueError,
+     r"whole batch is padding"),
+    ("mask-one-sequence-padding", lambda: NN.MaskedBatchNorm1d(3)(x3, _mask([True] * 4, [False] * 4)), ValueError,
+     r"sequence\(s\) \[1\].*all padding"),
+    ("mask-padding-in-eval", lambda: NN.MaskedBatchNorm1d(3).eval()(x3, _mask([True] * 4, [False] * 4)), ValueError,
+     r"sequence\(s\) \[1\]"),
+    ("ref-mask-dtype", lambda: R.masked_batch_norm_forward(np.ones((2, 3, 4)), np.ones((2, 4))), TypeError,
+     r"boolean mask.*float64"),
+    ("ref-mask-shape", lambda: R.masked_batch_norm_forward(np.ones((2, 3, 4)), np.ones((2, 3), bool)), ValueError,
+     r"\(2, 4\).*got a mask of shape \(2, 3\)"),
+    ("ref-mask-all-padding", lambda: R.masked_batch_norm_forward(np.ones((2, 3, 4)), np.zeros((2, 4), bool)),
+     ValueError,
+     r"whole batch is padding"),
+    # integer input
+    ("bn-int", lambda: NN.BatchNorm1d(3)(torch.ones(2, 3, dtype=torch.int64)),
+     TypeError, r"floating-point.*got dtype torch.int64"),
+    ("ln-int", lambda: NN.LayerNorm(4)(torch.ones(2, 4, dtype=torch.int32)), TypeError, r"floating-point.*torch.int32"),
+    ("gn-int", lambda: NN.GroupNorm(1, 3)(torch.ones(2, 3, 2, dtype=torch.int64)), TypeError, r"floating-point.*int64"),
+    ("in-int", lambda: NN.InstanceNorm1d(3)(torch.ones(2, 3, 2, dtype=torch.int64)),
+     TypeError, r"floating-point.*int64"),
+    ("rms-int", lambda: NN.RMSNorm(4)(torch.ones(2, 4, dtype=torch.int64)), TypeError, r"floating-point.*int64"),
+    ("sn-int", lambda: NN.SwitchableNorm1d(3)(torch.ones(2, 3, dtype=torch.int64)),
+     TypeError, r"floating-point.*int64"),
+    ("brn-int", lambda: NN.BatchRenorm1d(3)(torch.ones(2, 3, dtype=torch.int64)), TypeError, r"floating-point.*int64"),
+    ("mbn-int", lambda: NN.MaskedBatchNorm1d(3)(torch.ones(2, 3, 4, dtype=torch.int64)),
+     TypeError, r"floating-point.*int64"),
+    ("lrn-int", lambda: NN.LocalResponseNorm(3)(torch.ones(2, 3, 4, dtype=torch.int64)),
+     TypeError, r"floating-point.*int64"),
+    ("selu-int", lambda: NN.SELU()(torch.ones(3, dtype=torch.int64)), TypeError, r"floating-point.*int64"),
+    ("ref-bn-int", lambda: R.batch_norm_forward(np.ones((2, 3), dtype=np.int64)), TypeError, r"floating-point.*int64"),
+    ("ref-ln-int", lambda: R.layer_norm_forward(np.ones((2, 3), dtype=np.int32), 3),
+     TypeError, r"floating-point.*int32"),
+    # normalized_shape not matching the trailing dims
+    ("ln-shape", lambda: NN.LayerNorm(5)(x3), ValueError, r"normalized_shape=\(5\).*shape \(2, 3, 4\) does not end"),
+    ("ln-shape-2d", lambda: NN.LayerNorm((3, 5))(x3), ValueError, r"normalized_shape=\(3, 5\).*\(2, 3, 4\)"),
+    ("rms-shape", lambda: NN.RMSNorm(5)(x3), ValueError, r"normalized_shape=\(5\).*\(2, 3, 4\)"),
+    ("F-ln-weight", lambda: NF.layer_norm(x3, (4,), torch.ones(3)),
+     ValueError, r"weight must have shape.*\(4\), got \(3\)"),
+    ("ref-ln-shape", lambda: R.layer_norm_forward(np.ones((2, 3)), 4), ValueError, r"normalized_shape=\(4\).*\(2, 3\)"),
+    # groups
+    ("gn-groups", lambda: NN.GroupNorm(2, 3), ValueError, r"num_groups=2 must .*divide the number of channels 3"),
+    ("gn-groups-zero", lambda: NN.GroupNorm(0, 3), ValueError, r"num_groups=0 must be positive"),
+    ("F-gn-groups", lambda: NF.group_norm(x3, 2), ValueError, r"num_groups=2.*channels 3"),
+    ("ref-gn-groups", lambda: R.group_norm_forward(np.ones((2, 3, 4)), 2), ValueError, r"num_groups=2.*channels 3"),
+    # make_norm and renorm limits
+    ("make-unknown", lambda: NN.make_norm("batchy", 3),
+     ValueError, r"unknown norm spec 'batchy'; known: batch, batch_renorm"),
+    ("brn-rmax", lambda: NN.BatchRenorm1d(3, rmax=0.5), ValueError, r"rmax >= 1.*got rmax=0.5"),
+    ("brn-dmax", lambda: NN.BatchRenorm1d(3, dmax=-1.0), ValueError, r"dmax >= 0.*dmax=-1.0"),
+    ("brn-warmup", lambda: NN.BatchRenorm1d(3, warmup_steps=-1), ValueError, r"warmup_steps >= 0.*warmup_steps=-1"),
+    ("F-brn-rmax", lambda: NF.batch_renorm(x3, torch.zeros(3), torch.ones(3), training=True, rmax=0.5), ValueError,
+     r"rmax must be >= 1.*got rmax=0.5"),
+    ("F-brn-no-running", lambda: NF.batch_renorm(x3, None, None, training=True),
+     ValueError, r"needs running_mean.*got None"),
+    ("ref-brn-rmax", lambda: R.batch_renorm_forward(np.random.randn(4, 3), None, None,
+                                                    R.RunningStats(np.zeros(3), np.ones(3)), rmax=0.5), ValueError,
+     r"rmax must be >= 1.*got rmax=0.5"),
+    ("ref-brn-no-running", lambda: R.batch_renorm_forward(np.ones((2, 3)), None, None, None),
+     ValueError, r"running=None"),
+    # other arguments
+    ("F-sn-logits", lambda: NF.switchable_norm(x3, None, None, None, None, torch.ones(2), torch.ones(3)), ValueError,
+     r"mean_weight must hold 3 logits.*got shape \(2,\)"),
+    ("lrn-size", lambda: NF.local_response_norm(x3, 0), ValueError, r"size must be a positive.*got 0"),
+    ("alpha-dropout-p", lambda: NN.AlphaDropout(1.5), ValueError, r"p must be a probability in \[0, 1\], got 1.5"),
+    ("F-alpha-dropout-p", lambda: NF.alpha_dropout(x3, -0.1), ValueError, r"\[0, 1\], got -0.1"),
+    ("ref-alpha-dropout-p", lambda: R.alpha_dropout_forward(np.ones(3), 2.0), ValueError, r"\[0, 1\], got 2.0"),
+]
+
+
+@pytest.mark.parametrize("call,exc,pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_raises_clear_error(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def _trained(m, x, *args):
+    m(x, *args)  # one good step, so the state is not the initial one
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+REJECTED = [
+    ("bn-one-value", lambda: NN.BatchNorm1d(3), torch.randn(4, 3), (torch.randn(1, 3),)),
+    ("bn-channels", lambda: NN.BatchNorm2d(3), torch.randn(2, 3, 2, 2), (torch.randn(2, 4, 2, 2),)),
+    ("bn-momentum-none", lambda: NN.BatchNorm1d(3, momentum=None), torch.randn(4, 3), (torch.randn(1, 3),)),
+    ("sn-one-value", lambda: NN.SwitchableNorm1d(3), torch.randn(4, 3), (torch.randn(1, 3),)),
+    ("brn-one-value", lambda: NN.BatchRenorm1d(3, warmup_steps=5), torch.randn(4, 3), (torch.randn(1, 3),)),
+    ("brn-int", lambda: NN.BatchRenorm2d(3), torch.randn(2, 3, 2, 2), (torch.ones(2, 3, 2, 2, dtype=torch.long),)),
+    ("in-one-position", lambda: NN.InstanceNorm1d(3, track_running_stats=True), torch.randn(2, 3, 4),
+     (torch.randn(2, 3, 1),)),
+    ("mbn-all-padding", lambda: NN.MaskedBatchNorm1d(3), torch.randn(2, 3, 4),
+     (x3, torch.zeros(2, 4, dtype=BOOL))),
+    ("mbn-one-sequence", lambda: NN.MaskedBatchNorm1d(3), torch.randn(2, 3, 4), (x3, _mask([True] * 4, [False] * 4))),
+    ("mbn-mask-dtype", lambda: NN.MaskedBatchNorm1d(3), torch.randn(2, 3, 4), (x3, torch.ones(2, 4))),
+    ("mbn-mask-shape", lambda: NN.MaskedBatchNorm1d(3), torch.randn(2, 3, 4), (x3, torch.ones(2, 3, dtype=BOOL))),
+]
+
+
+@pytest.mark.parametrize("make,good,bad", [r[1:] for r in REJECTED], ids=[r[0] for r in REJECTED])
+def test_rejected_input_leaves_state_untouched(make, good, bad):
+    m = make()
+    before = _trained(m, good)
+    with pytest.raises((ValueError, TypeError)):
+        m(*bad)
+    after = m.state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert torch.equal(after[k], before[k]), f"{k} changed by a rejected input"
+
+
+def test_make_norm_bad_arguments():
+    for spec, kw, pattern in [("", {}, r"non-empty string.*got ''"), (None, {}, r"non-empty string.*got None"),
+                              ("batch", dict(dim=4), r"must be 0, 1, 2 or 3, got 4"),
+                              ("batch", dict(num_channels=0), r"positive int, got 0"),
+                              ("group:x", {}, r"must be an integer, got 'x'"), ("group:0", {}, r"must be positive"),
+                              ("lrn", dict(dim=2), r"needs a size.*'lrn:5'"), ("batch:3", {}, r"takes no argument")]:
+        kw = {"num_channels": 4, **kw}
+        with pytest.raises(ValueError, match=pattern):
+            NN.make_norm(spec, **kw)

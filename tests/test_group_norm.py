@@ -1,0 +1,47 @@
+"""Group norm: NumPy reference vs torch in float64, normlab.nn.GroupNorm vs torch.nn.GroupNorm."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normlab.functional as NF
+import normlab.nn as NN
+from normlab import reference as R
+from helpers import assert_close, assert_state_dict_roundtrip, randn, run_twins, t, torch_grads
+from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+# (shape, groups): G = 1, G = C, primes, a 2-D (N, C) input, a single sample
+CASES = [((2, 6, 7), 1), ((2, 6, 7), 2), ((2, 6, 7), 3), ((2, 6, 7), 6), ((1, 4), 2), ((3, 9, 2, 5), 3),
+         ((1, 13, 1, 1, 3), 13), ((2, 10, 3, 1), 5)]
+
+
+@pytest.mark.parametrize("shape,groups", CASES, ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+def test_reference_matches_torch(shape, groups, affine):
+    c = shape[1]
+    gamma, beta = (randn(c, 1) + 1, randn(c, 2)) if affine else (None, None)
+    x, dy = randn(shape, 3, 2.0, 1.0), randn(shape, 4)
+    y, cache = R.group_norm_forward(x, groups, gamma, beta, eps=1e-3)
+    dx, dg, db = R.group_norm_backward(dy, cache)
+    ty, (tdx, tdg, tdb) = torch_grads(lambda x_, g_, b_: F.group_norm(x_, groups, g_, b_, 1e-3), (x, gamma, beta), dy)
+    assert_close(y, ty, what="y")
+    assert_close(dx, tdx, what="dx")
+    assert_close(dg, tdg, what="dgamma")
+    assert_close(db, tdb, what="dbeta")
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 6, 7), 3), ((3, 4), 2), ((2, 6, 3, 1), 6), ((1, 3, 2, 2, 2), 1)],
+                         ids=str)
+@pytest.mark.parametrize("kw", [dict(), dict(affine=False), dict(eps=1e-2), dict(bias=False)], ids=str)
+def test_module_matches_torch_twin(shape, groups, kw):
+    ours = NN.GroupNorm(groups, shape[1], dtype=torch.float64, **kw)
+    theirs = torch.nn.GroupNorm(groups, shape[1], dtype=torch.float64, **kw)
+    assert repr(ours) == repr(theirs)
+    run_twins(ours, theirs, lambda s: t(randn(shape, s, 1.5, 0.3)), steps=3)
+    assert_state_dict_roundtrip(ours, theirs)
+
+
+def test_functional_matches_torch():
+    x, w, b = randn((3, 4, 5), 0), randn(4, 1), randn(4, 2)
+    assert_close(NF.group_norm(t(x), 2, t(w), t(b), 1e-4), F.group_norm(t(x), 2, t(w), t(b), 1e-4))

@@ -1,0 +1,77 @@
+"""Instance norm: NumPy reference vs torch in float64 (incl. running stats), nn twins."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normlab.functional as NF
+import normlab.nn as NN
+from normlab import reference as R
+from helpers import assert_close, assert_state_dict_roundtrip, randn, run_twins, t, torch_grads
+from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+SHAPES = [(2, 3, 7), (1, 2, 5, 3), (2, 1, 3, 2, 2), (3, 13, 2), (1, 1, 1, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("tracked", [True, False])
+def test_reference_matches_torch_over_steps_then_eval(shape, affine, tracked):
+    c = shape[1]
+    gamma, beta = (randn(c, 1) + 1, randn(c, 2)) if affine else (None, None)
+    running = R.RunningStats(np.zeros(c), np.ones(c)) if tracked else None
+    rm, rv = (torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)) if tracked else (None, None)
+    for step in range(3):
+        use_input_stats = step < 2 or not tracked
+        x, dy = randn(shape, 10 + step, 2.0, 0.5), randn(shape, 20 + step)
+        y, cache, running = R.instance_norm_forward(x, gamma, beta, running, use_input_stats=use_input_stats,
+                                                   momentum=0.3, eps=1e-3)
+        dx, dg, db = R.instance_norm_backward(dy, cache)
+        ty, (tdx, tdg, tdb) = torch_grads(
+            lambda x_, g_, b_, u=use_input_stats: F.instance_norm(x_, rm, rv, g_, b_, u, 0.3, 1e-3),
+            (x, gamma, beta), dy)
+        what = f"step {step}"
+        assert_close(y, ty, what=f"{what} y")
+        assert_close(dx, tdx, what=f"{what} dx")
+        assert_close(dg, tdg, what=f"{what} dgamma")
+        assert_close(db, tdb, what=f"{what} dbeta")
+        if tracked:
+            assert_close(running.mean, rm, what=f"{what} running_mean")
+            assert_close(running.var, rv, what=f"{what} running_var")
+
+
+CLASSES = [("InstanceNorm1d", (2, 3, 7)), ("InstanceNorm2d", (3, 2, 1, 5)), ("InstanceNorm3d", (1, 2, 3, 1, 2))]
+
+
+@pytest.mark.parametrize("cls_name,shape", CLASSES, ids=str)
+@pytest.mark.parametrize("kw", [dict(), dict(affine=True), dict(track_running_stats=True),
+                                dict(affine=True, track_running_stats=True, momentum=0.4),
+                                dict(track_running_stats=True, momentum=None), dict(affine=True, bias=False)], ids=str)
+def test_module_matches_torch_twin(cls_name, shape, kw):
+    ours = getattr(NN, cls_name)(shape[1], dtype=torch.float64, **kw)
+    theirs = getattr(torch.nn, cls_name)(shape[1], dtype=torch.float64, **kw)
+    assert repr(ours) == repr(theirs)
+    run_twins(ours, theirs, lambda s: t(randn(shape, s, 1.5, s)), steps=3)
+    assert_state_dict_roundtrip(ours, theirs)
+    if kw.get("track_running_stats") and kw.get("momentum", 0.1) is not None:
+        assert not torch.equal(ours.running_var, torch.ones_like(ours.running_var))  # the stats did move
+
+
+@pytest.mark.parametrize("cls_name,shape", CLASSES, ids=str)
+def test_unbatched_input_matches_torch(cls_name, shape):
+    ours = getattr(NN, cls_name)(shape[1], affine=True, track_running_stats=True, dtype=torch.float64)
+    theirs = getattr(torch.nn, cls_name)(shape[1], affine=True, track_running_stats=True, dtype=torch.float64)
+    run_twins(ours, theirs, lambda s: t(randn(shape[1:], s, 2.0, 1.0)), steps=2)
+
+
+def test_functional_matches_torch():
+    x = randn((2, 3, 5), 0)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    rm2, rv2 = rm.clone(), rv.clone()
+    assert_close(NF.instance_norm(t(x), rm, rv, momentum=0.5), F.instance_norm(t(x), rm2, rv2, momentum=0.5))
+    assert_close(rm, rm2)
+    assert_close(rv, rv2)
+    assert_close(NF.instance_norm(t(x), rm, rv, use_input_stats=False),
+                 F.instance_norm(t(x), rm2, rv2, use_input_stats=False))

@@ -1,0 +1,48 @@
+"""Local response norm: NumPy reference vs torch in float64, nn twin."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normlab.functional as NF
+import normlab.nn as NN
+from normlab import reference as R
+from helpers import assert_close, randn, run_twins, t, torch_grads
+from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 3), (1, 5, 2, 3), (2, 1, 4), (1, 13, 1, 2, 2)], ids=str)
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 20])
+def test_reference_matches_torch(shape, size):
+    # large alpha and values so the normalization is far from the identity
+    x, dy = randn(shape, 0, 3.0), randn(shape, 1)
+    kw = dict(alpha=0.5, beta=0.75, k=2.0)
+    y, cache = R.local_response_norm_forward(x, size, **kw)
+    dx = R.local_response_norm_backward(dy, cache)
+    ty, (tdx,) = torch_grads(lambda x_: F.local_response_norm(x_, size, **kw), (x,), dy)
+    assert_close(y, ty, what="y")
+    assert_close(dx, tdx, what="dx")
+
+
+def test_reference_formula_on_one_channel_window():
+    """b_c = a_c (k + alpha/n sum_{window} a^2)^-beta, the window cut at the channel ends, always / n."""
+    x = randn((1, 4, 1), 2)
+    y, _ = R.local_response_norm_forward(x, 3, alpha=0.3, beta=0.5, k=1.5)
+    a = x[0, :, 0]
+    for c in range(4):
+        win = a[max(0, c - 1): c + 2]
+        assert np.isclose(y[0, c, 0], a[c] * (1.5 + 0.3 / 3 * np.sum(win ** 2)) ** -0.5, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [dict(size=3), dict(size=4, alpha=0.2, beta=0.5, k=2.0)], ids=str)
+def test_module_matches_torch_twin(kw):
+    ours, theirs = NN.LocalResponseNorm(**kw), torch.nn.LocalResponseNorm(**kw)
+    assert repr(ours) == repr(theirs)
+    run_twins(ours, theirs, lambda s: t(randn((2, 6, 3, 2), s, 4.0)), steps=2)
+
+
+def test_functional_matches_torch():
+    x = randn((2, 5, 3), 0, 5.0)
+    assert_close(NF.local_response_norm(t(x), 3, 0.1, 0.6, 1.2), F.local_response_norm(t(x), 3, 0.1, 0.6, 1.2))

@@ -1,0 +1,120 @@
+"""Masked batch norm (no torch twin): statistics against boolean indexing, gradients against
+central finite differences, padded outputs and gradients exactly 0, nn vs functional vs the
+NumPy reference over training steps and eval."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import normlab.functional as NF
+import normlab.nn as NN
+from normlab import reference as R
+from helpers import TOL_FD, assert_close, finite_diff, randn, run_against_reference, running_closed_form, t
+from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+EPS = 1e-3
+
+
+def lengths_mask(lengths, L):
+    return np.arange(L)[None, :] < np.asarray(lengths)[:, None]
+
+
+def gathered(x, mask):
+    """(C, n_valid): the valid positions of each channel, by boolean indexing."""
+    return x.transpose(1, 0, 2)[:, mask]
+
+
+CASES = [((3, 2, 5), [5, 2, 3]), ((2, 3, 7), [1, 7]), ((4, 1, 3), [3, 3, 1, 2]), ((1, 2, 6), [4])]
+
+
+@pytest.mark.parametrize("shape,lengths", CASES, ids=str)
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+def test_reference_forward_uses_only_valid_positions(shape, lengths, affine):
+    c = shape[1]
+    mask = lengths_mask(lengths, shape[2])
+    x = randn(shape, 0, 2.0, 1.0)
+    x[~np.broadcast_to(mask[:, None, :], shape)] = 1e6  # padding holds garbage
+    g = randn(c, 1) + 1 if affine in ("both", "weight") else None
+    b = randn(c, 2) if affine in ("both", "bias") else None
+    running = R.RunningStats(np.zeros(c), np.ones(c))
+    y, _, new = R.masked_batch_norm_forward(x, mask, g, b, running, momentum=0.4, eps=EPS)
+    v = gathered(x, mask)
+    mean, var = v.mean(axis=1), v.var(axis=1)
+    expect = (x - mean[None, :, None]) / np.sqrt(var[None, :, None] + EPS)
+    expect = expect * (1 if g is None else g[None, :, None]) + (0 if b is None else b[None, :, None])
+    m3 = np.broadcast_to(mask[:, None, :], shape)
+    assert_close(y[m3], expect[m3])
+    assert np.all(y[~m3] == 0)
+    assert_close(new.mean, 0.4 * mean)
+    assert_close(new.var, 0.6 + 0.4 * v.var(axis=1, ddof=1))
+
+
+@pytest.mark.parametrize("shape,lengths", CASES, ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_reference_gradients_match_finite_differences(shape, lengths, training):
+    c = shape[1]
+    mask = lengths_mask(lengths, shape[2])
+    x, g, b = randn(shape, 3, 2.0), randn(c, 4) + 1, randn(c, 5)
+    running = R.RunningStats(randn(c, 6), np.exp(randn(c, 7)))
+    dy = randn(shape, 8)
+    _, cache, _ = R.masked_batch_norm_forward(x, mask, g, b, running, training=training, eps=EPS)
+    grads = R.masked_batch_norm_backward(dy, cache)
+    fd = finite_diff(lambda *a: R.masked_batch_norm_forward(a[0], mask, a[1], a[2], running, training=training,
+                                                            eps=EPS)[0], (x, g, b), dy)
+    for name, got, want in zip(("dx", "dgamma", "dbeta"), grads, fd, strict=True):
+        assert_close(got, want, **TOL_FD, what=name)
+    assert np.all(grads[0][~np.broadcast_to(mask[:, None, :], shape)] == 0)
+
+
+def test_functional_bias_without_weight_is_added():
+    """As in F.batch_norm, a bias without a weight is still added (at valid positions)."""
+    x, b = randn((3, 2, 4), 0), randn(2, 1)
+    mask = torch.from_numpy(lengths_mask([4, 2, 3], 4))
+    y = NF.masked_batch_norm(t(x), mask, None, None, None, t(b), True)
+    ref, _, _ = R.masked_batch_norm_forward(x, mask.numpy(), None, b)
+    assert_close(y, ref)
+    xt = t(x, requires_grad=True)
+    bt = t(b, requires_grad=True)
+    NF.masked_batch_norm(xt, mask, None, None, None, bt, True).sum().backward()
+    assert_close(bt.grad, mask.sum().double().expand(2))
+
+
+def _ref_step(m, masks):
+    def step(x, k, p, running, training, dy):
+        y, cache, running = R.masked_batch_norm_forward(x, masks[k], p.get("weight"), p.get("bias"), running,
+                                                        training=training, momentum=m.momentum, eps=m.eps)
+        dx, dg, db = R.masked_batch_norm_backward(dy, cache)
+        return y, dict(input=dx, weight=dg, bias=db), running
+    return step
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(affine=False, momentum=None), dict(eps=1e-2, momentum=0.5),
+                                dict(bias=False)], ids=str)
+def test_module_matches_reference_over_steps_then_eval(kw):
+    m = NN.MaskedBatchNorm1d(3, dtype=torch.float64, **kw)
+    L = 6
+    masks = [lengths_mask(lens, L) for lens in ([6, 2, 4, 1], [3, 3, 5, 6], [1, 6, 2, 2], [5, 1, 6, 3])]
+    run_against_reference(m, _ref_step(m, masks), lambda s: randn((4, 3, L), s, 1.0 + s, s), steps=3, lr=0.3,
+                          call=lambda mod, x, k: mod(x, torch.from_numpy(masks[k])))
+
+
+def test_functional_matches_module():
+    m = NN.MaskedBatchNorm1d(3, dtype=torch.float64)
+    rm, rv = m.running_mean.clone(), m.running_var.clone()
+    x, mask = t(randn((2, 3, 5), 0)), torch.from_numpy(lengths_mask([5, 3], 5))
+    y = NF.masked_batch_norm(x, mask, rm, rv, m.weight, m.bias, True, 0.1, 1e-5)
+    assert torch.equal(y, m(x, mask))
+    assert torch.equal(rm, m.running_mean) and torch.equal(rv, m.running_var)
+
+
+def test_momentum_none_running_var_uses_valid_count():
+    m = NN.MaskedBatchNorm1d(2, momentum=None, dtype=torch.float64)
+    masks = [lengths_mask(lens, 4) for lens in ([4, 1], [2, 3], [1, 1])]
+    xs = [randn((2, 2, 4), s, 1 + s, s) for s in range(3)]
+    for x, mask in zip(xs, masks, strict=True):
+        m(t(x), torch.from_numpy(mask))
+    valid = [gathered(x, k) for x, k in zip(xs, masks, strict=True)]
+    assert_close(m.running_mean, running_closed_form([v.mean(1) for v in valid], 0, None))
+    assert_close(m.running_var, running_closed_form([v.var(1, ddof=1) for v in valid], 1, None))
+    assert int(m.num_batches_tracked) == 3

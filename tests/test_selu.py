@@ -1,0 +1,95 @@
+"""SELU and alpha dropout: NumPy reference vs torch, nn twins (same seed -> same dropout mask)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normlab.functional as NF
+import normlab.nn as NN
+from normlab import reference as R
+from helpers import assert_close, randn, t, torch_grads
+from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+
+def test_constants_match_torch():
+    x = np.array([-1.0, 1.0])
+    y = F.selu(t(x)).numpy()
+    assert np.isclose(y[1], R.SELU_LAMBDA, rtol=1e-15)
+    assert np.isclose(y[0], R.SELU_LAMBDA * R.SELU_ALPHA * np.expm1(-1.0), rtol=1e-15)
+    assert np.isclose(R.ALPHA_PRIME, -1.7580993408473766, rtol=1e-15)
+
+
+def test_reference_selu_matches_torch():
+    x, dy = np.concatenate([randn(50, 0, 3.0), [0.0, -0.0, 1e-300, -40.0]]), randn(54, 1)
+    y, cache = R.selu_forward(x)
+    ty, (tdx,) = torch_grads(F.selu, (x,), dy)
+    assert_close(y, ty)
+    assert_close(R.selu_backward(dy, cache), tdx)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_reference_alpha_dropout_matches_torch_given_its_mask(p):
+    """torch's output reveals its mask (dropped units all equal a * alpha' + b); with that mask
+    the reference must give the same output and gradient."""
+    x, dy = randn((40, 30), 0), randn((40, 30), 1)
+    torch.manual_seed(3)
+    ty, (tdx,) = torch_grads(lambda x_: F.alpha_dropout(x_, p, True), (x,), dy)
+    a, b = R.selu.alpha_dropout_affine(p)
+    keep = ~np.isclose(ty.numpy(), a * R.ALPHA_PRIME + b, rtol=0, atol=1e-12)
+    assert 0 < keep.mean() < 1
+    y, cache = R.alpha_dropout_forward(x, p, keep=keep)
+    assert_close(y, ty)
+    assert_close(R.alpha_dropout_backward(dy, cache), tdx)
+
+
+def test_alpha_dropout_keeps_mean_and_variance():
+    x = np.random.default_rng(0).standard_normal(400_000)
+    y, _ = R.alpha_dropout_forward(x, 0.2, rng=np.random.default_rng(1))
+    assert abs(y.mean()) < 0.01 and abs(y.var() - 1) < 0.01
+    a, b = R.selu.alpha_dropout_affine(0.2)
+    assert abs((y == a * R.ALPHA_PRIME + b).mean() - 0.2) < 0.01  # the dropped fraction is p
+
+
+def test_alpha_dropout_identity_in_eval_and_edges():
+    x = randn((3, 4), 0)
+    assert R.alpha_dropout_forward(x, 0.5, training=False)[0] is x
+    assert np.array_equal(R.alpha_dropout_forward(x, 1.0)[0], np.zeros_like(x))
+    assert_close(NF.alpha_dropout(t(x), 1.0, True), F.alpha_dropout(t(x), 1.0, True))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_selu_module_matches_torch(inplace):
+    ours, theirs = NN.SELU(inplace), torch.nn.SELU(inplace)
+    assert repr(ours) == repr(theirs)
+    x = randn((4, 5), 0, 2.0)
+    assert_close(ours(t(x)), theirs(t(x)))
+    ty, (g1,) = torch_grads(NN.SELU(), (x,), x)
+    _, (g2,) = torch_grads(torch.nn.SELU(), (x,), x)
+    assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_alpha_dropout_module_same_seed_same_output(p):
+    ours, theirs = NN.AlphaDropout(p), torch.nn.AlphaDropout(p)
+    assert repr(ours) == repr(theirs)
+    x, dy = randn((6, 7), 0), randn((6, 7), 1)
+    torch.manual_seed(11)
+    y1, (g1,) = torch_grads(ours, (x,), dy)
+    torch.manual_seed(11)
+    y2, (g2,) = torch_grads(theirs, (x,), dy)
+    assert torch.equal(y1, y2) and torch.equal(g1, g2)
+    ours.eval()
+    assert torch.equal(ours(t(x)), t(x))
+
+
+def test_lecun_normal_variance():
+    w = torch.empty(400, 250, dtype=torch.float64)
+    NN.lecun_normal_(w)
+    assert abs(w.var().item() * 250 - 1) < 0.02 and abs(w.mean().item()) < 0.003
+    conv = torch.empty(64, 8, 3, 3)
+    NN.lecun_normal_(conv)
+    assert abs(conv.var().item() * 72 - 1) < 0.1
+    r = R.lecun_normal((300, 200), rng=np.random.default_rng(0))
+    assert abs(r.var() * 200 - 1) < 0.02

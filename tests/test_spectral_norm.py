@@ -1,0 +1,105 @@
+"""Spectral norm: NumPy reference vs torch, normlab.nn.spectral_norm vs
+torch.nn.utils.parametrizations.spectral_norm (u, v copied through the state dict)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrizations as P
+
+import normlab.functional as NF
+import normlab.nn as NN
+from normlab import reference as R
+from helpers import assert_close, assert_state_dict_roundtrip, assert_state_equal, randn, run_twins, t, torch_grads
+from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+
+def _unit(a):
+    return a / np.linalg.norm(a)
+
+
+@pytest.mark.parametrize("shape,dim", [((4, 3), 0), ((3, 5, 2), 0), ((3, 5, 2), 1), ((2, 3, 2, 2), 2), ((1, 6), 0)],
+                         ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_reference_matches_torch(shape, dim, training):
+    w, dwsn = randn(shape, 0), randn(shape, 1)
+    wm = R.spectral_norm.as_matrix(w, dim)
+    u0, v0 = _unit(randn(wm.shape[0], 2)), _unit(randn(wm.shape[1], 3))
+    wsn, cache, (u, v) = R.spectral_norm_forward(w, u0, v0, n_power_iterations=2, training=training, dim=dim)
+    dw = R.spectral_norm_backward(dwsn, cache)
+    tu, tv = t(u0), t(v0)
+    if training:
+        NF.power_iteration_(NF.weight_as_matrix(t(w), dim), tu, tv, 2)
+    assert_close(u, tu, what="u")
+    assert_close(v, tv, what="v")
+    twsn, (tdw,) = torch_grads(lambda w_: NF.spectral_norm(w_, tu, tv, dim), (w,), dwsn)
+    # an independent torch expression: sigma = u^T W v with W the dim-first matrix
+    perm = (dim,) + tuple(i for i in range(len(shape)) if i != dim)
+    sigma = torch.dot(tu, t(w).permute(perm).reshape(shape[dim], -1) @ tv)
+    assert_close(twsn, t(w) / sigma)
+    assert_close(wsn, twsn, what="w_sn")
+    assert_close(dw, tdw, what="dw")
+
+
+def test_reference_power_iteration_converges_to_the_top_singular_value():
+    w = randn((6, 4), 0)
+    u, v = R.power_iteration(w, _unit(randn(6, 1)), _unit(randn(4, 2)), 200)
+    assert np.isclose(u @ w @ v, np.linalg.svd(w, compute_uv=False)[0], rtol=1e-10)
+
+
+def test_reference_one_d_weight():
+    w, dy = randn(5, 0), randn(5, 1)
+    y, cache, _ = R.spectral_norm_forward(w, None, None)
+    ty, (tdw,) = torch_grads(lambda w_: F.normalize(w_, dim=0), (w,), dy)
+    assert_close(y, ty)
+    assert_close(R.spectral_norm_backward(dy, cache), tdw)
+
+
+MAKERS = [(lambda: torch.nn.Linear(5, 7), (4, 5)), (lambda: torch.nn.Conv2d(3, 4, 2), (2, 3, 4, 3)),
+          (lambda: torch.nn.ConvTranspose1d(3, 5, 2), (2, 3, 4))]
+
+
+@pytest.mark.parametrize("make,shape", MAKERS, ids=["linear", "conv2d", "convtranspose1d"])
+@pytest.mark.parametrize("n_iter", [1, 3])
+def test_module_matches_torch_parametrization(make, shape, n_iter):
+    torch.manual_seed(0)
+    theirs = P.spectral_norm(make().double(), n_power_iterations=n_iter)
+    torch.manual_seed(1)  # different u, v at registration ...
+    ours = NN.spectral_norm(make().double(), n_power_iterations=n_iter)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())  # ... then torch's u, v (and weights) copied over
+    run_twins(ours, theirs, lambda s: t(randn(shape, s)), steps=3, lr=0.2, copy_state=False)
+    # eval: no power iteration, u and v stay put
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    ours(t(randn(shape, 9)))
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert_state_dict_roundtrip(ours, theirs)
+
+
+def test_same_seed_same_registration():
+    """Registration draws u, v and runs 15 power iterations exactly as torch does."""
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        a = NN.spectral_norm(torch.nn.Linear(6, 4).double())
+        torch.manual_seed(seed)
+        b = P.spectral_norm(torch.nn.Linear(6, 4).double())
+        assert_state_equal(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_training_drives_sigma_to_one():
+    torch.manual_seed(0)
+    m = NN.spectral_norm(torch.nn.Linear(8, 6).double(), n_power_iterations=1)
+    for _ in range(30):
+        m(torch.zeros(1, 8, dtype=torch.float64))
+    assert abs(torch.linalg.matrix_norm(m.weight.detach(), 2).item() - 1) < 1e-8
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"n_power_iterations must be positive, got 0"):
+        NN.spectral_norm(torch.nn.Linear(2, 3), n_power_iterations=0)
+    with pytest.raises(IndexError, match=r"dim must be in \[-2, 1\].*got 2"):
+        NN.spectral_norm(torch.nn.Linear(2, 3), dim=2)
+    with pytest.raises(ValueError, match=r"no tensor attribute 'kernel'"):
+        NN.spectral_norm(torch.nn.Linear(2, 3), name="kernel")

@@ -1,0 +1,130 @@
+"""Switchable norm (no torch twin): forward against statistics computed directly, gradients
+(x, gamma, beta and both logit vectors) against central finite differences, and
+nn vs functional vs the NumPy reference over training steps and eval."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import normlab.functional as NF
+import normlab.nn as NN
+from normlab import reference as R
+from helpers import TOL_FD, assert_close, finite_diff, randn, run_against_reference, t
+from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+EPS = 1e-3
+
+
+def softmax(z):
+    e = np.exp(z - np.max(z))
+    return e / e.sum()
+
+
+def direct_forward(x, gamma, beta, mw, vw, running=None):
+    """Switchable norm written out plainly: np.mean/np.var over each branch's axes."""
+    nd = x.ndim
+    sp = tuple(range(2, nd))
+    stats = []
+    if nd > 2:
+        stats.append((x.mean(axis=sp, keepdims=True), x.var(axis=sp, keepdims=True)))
+    stats.append((x.mean(axis=(1,) + sp, keepdims=True), x.var(axis=(1,) + sp, keepdims=True)))
+    if running is None:
+        stats.append((x.mean(axis=(0,) + sp, keepdims=True), x.var(axis=(0,) + sp, keepdims=True)))
+    else:
+        shape = (1, -1) + (1,) * (nd - 2)
+        stats.append((running.mean.reshape(shape), running.var.reshape(shape)))
+    wm, wv = (softmax(np.asarray(z)) if nd > 2 else softmax(np.asarray(z)[1:]) for z in (mw, vw))
+    mean = sum(w * s[0] for w, s in zip(wm, stats, strict=True))
+    var = sum(w * s[1] for w, s in zip(wv, stats, strict=True))
+    y = (x - mean) / np.sqrt(var + EPS)
+    shape = (1, -1) + (1,) * (nd - 2)
+    return y * gamma.reshape(shape) + beta.reshape(shape)
+
+
+SHAPES = [(3, 2, 4), (4, 3), (2, 3, 2, 1), (5, 2, 1)]
+
+
+def _inputs(shape, seed=0):
+    c = shape[1]
+    return (randn(shape, seed, 2.0, 1.0), randn(c, seed + 1) * 0.3 + 1, randn(c, seed + 2),
+            np.array([0.3, -0.5, 0.8]), np.array([-0.2, 0.6, 0.1]))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_reference_forward_matches_direct_statistics(shape, training):
+    x, g, b, mw, vw = _inputs(shape)
+    c = shape[1]
+    running = R.RunningStats(randn(c, 7), np.exp(randn(c, 8)))
+    y, _, _ = R.switchable_norm_forward(x, g, b, mw, vw, running, training=training, eps=EPS)
+    assert_close(y, direct_forward(x, g, b, mw, vw, None if training else running))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_reference_backward_matches_finite_differences(shape, training):
+    x, g, b, mw, vw = _inputs(shape, 3)
+    c = shape[1]
+    running = R.RunningStats(randn(c, 7), np.exp(randn(c, 8)))
+    dy = randn(shape, 9)
+    _, cache, _ = R.switchable_norm_forward(x, g, b, mw, vw, running, training=training, eps=EPS)
+    grads = R.switchable_norm_backward(dy, cache)
+
+    def f(*a):
+        return R.switchable_norm_forward(*a, running, training=training, eps=EPS)[0]
+
+    fd = finite_diff(f, (x, g, b, mw, vw), dy)
+    for name, got, want in zip(("dx", "dgamma", "dbeta", "dmean_weight", "dvar_weight"), grads, fd, strict=True):
+        assert_close(got, want, **TOL_FD, what=name)
+    if len(shape) == 2:  # no IN branch for (N, C): its logits get no gradient
+        assert grads[3][0] == 0 and grads[4][0] == 0
+
+
+def test_reference_running_stats_are_bn_branch_with_unbiased_variance():
+    x = randn((3, 2, 5), 0, 2.0, 1.0)
+    running = R.RunningStats(np.zeros(2), np.ones(2))
+    _, _, running = R.switchable_norm_forward(x, None, None, np.zeros(3), np.zeros(3), running, momentum=0.25)
+    assert_close(running.mean, 0.75 * 0 + 0.25 * x.mean(axis=(0, 2)))
+    assert_close(running.var, 0.75 * 1 + 0.25 * x.var(axis=(0, 2), ddof=1))
+
+
+def _ref_step(eps, momentum):
+    def step(x, _, p, running, training, dy):
+        y, cache, running = R.switchable_norm_forward(x, p.get("weight"), p.get("bias"), p["mean_weight"],
+                                                      p["var_weight"], running, training=training,
+                                                      momentum=momentum, eps=eps)
+        dx, dg, db, dmw, dvw = R.switchable_norm_backward(dy, cache)
+        return y, dict(input=dx, weight=dg, bias=db, mean_weight=dmw, var_weight=dvw), running
+    return step
+
+
+@pytest.mark.parametrize("cls,shape", [(NN.SwitchableNorm1d, (4, 3)), (NN.SwitchableNorm1d, (3, 2, 5)),
+                                       (NN.SwitchableNorm2d, (2, 3, 2, 3))], ids=["1d-NC", "1d-NCL", "2d"])
+@pytest.mark.parametrize("kw", [dict(), dict(affine=False, momentum=0.3, eps=1e-3)], ids=str)
+def test_module_matches_reference_over_steps_then_eval(cls, shape, kw):
+    m = cls(shape[1], dtype=torch.float64, **kw)
+    with torch.no_grad():  # start away from the uniform mix
+        m.mean_weight.copy_(torch.tensor([0.5, -0.3, 0.1]))
+        m.var_weight.copy_(torch.tensor([-0.4, 0.2, 0.7]))
+    run_against_reference(m, _ref_step(m.eps, m.momentum), lambda s: randn(shape, s, 1.0 + s, s), steps=3, lr=0.3)
+
+
+def test_momentum_none_is_cumulative():
+    m = NN.SwitchableNorm2d(2, momentum=None, dtype=torch.float64)
+    xs = [randn((3, 2, 2, 2), s, 1 + s, s) for s in range(3)]
+    for x in xs:
+        m(t(x))
+    assert_close(m.running_mean, np.mean([x.mean(axis=(0, 2, 3)) for x in xs], axis=0))
+    assert int(m.num_batches_tracked) == 3
+
+
+def test_functional_matches_module_and_mixture():
+    m = NN.SwitchableNorm2d(3, dtype=torch.float64)
+    x = t(randn((2, 3, 2, 2), 0))
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y = NF.switchable_norm(x, rm, rv, m.weight, m.bias, m.mean_weight, m.var_weight, True, 0.1, 1e-5)
+    assert torch.equal(y, m(x))
+    assert torch.equal(rm, m.running_mean) and torch.equal(rv, m.running_var)
+    mix = m.mixture()
+    assert set(mix) == {"mean", "var"} and all(abs(v - 1 / 3) < 1e-7 for v in mix["mean"].values())

@@ -1,0 +1,60 @@
+"""Weight norm: NumPy reference vs torch, normlab.nn.weight_norm vs torch.nn.utils.parametrizations.weight_norm."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils import parametrizations as P
+
+import normlab.functional as NF
+import normlab.nn as NN
+from normlab import reference as R
+from helpers import assert_close, assert_state_dict_roundtrip, randn, run_twins, t, torch_grads
+from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (5, 2, 3), (1, 7), (3, 1, 1, 2)], ids=str)
+@pytest.mark.parametrize("dim", [0, 1, None, -2])
+def test_reference_matches_torch(shape, dim):
+    v, dw = randn(shape, 0), randn(shape, 1)
+    g = R.norm_except_dim(v, dim) * 1.7 + randn(R.norm_except_dim(v, dim).shape, 2) * 0.1
+    w, cache = R.weight_norm_forward(v, g, dim)
+    dv, dg = R.weight_norm_backward(dw, cache)
+    tdim = -1 if dim is None else dim
+    g_shape = torch.norm_except_dim(t(v), 2, tdim).shape  # torch's weight_g: 0-d for the whole-tensor norm
+    tw, (tdv, tdg) = torch_grads(lambda v_, g_: torch._weight_norm(v_, g_.reshape(g_shape), tdim), (v, g), dw)
+    assert_close(w, tw, what="w")
+    assert_close(dv, tdv, what="dv")
+    assert_close(dg, tdg.reshape(dg.shape), what="dg")
+    assert_close(R.norm_except_dim(v, dim).reshape(-1), torch.norm_except_dim(t(v), 2, tdim).reshape(-1))
+
+
+@pytest.mark.parametrize("dim", [0, 1, None, -1])
+def test_functional_matches_torch(dim):
+    v = t(randn((5, 3, 2), 0))
+    tdim = -1 if dim is None else dim
+    g = torch.norm_except_dim(v, 2, tdim) * 2
+    assert_close(NF.norm_except_dim(v, dim), g / 2)
+    assert NF.norm_except_dim(v, dim).shape == g.shape
+    assert_close(NF.weight_norm(v, g, dim), torch._weight_norm(v, g, tdim))
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: torch.nn.Linear(5, 7), (4, 5)),
+                                        (lambda: torch.nn.Conv1d(3, 4, 3), (2, 3, 6))], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("dim", [0, 1, None])
+def test_module_matches_torch_parametrization(make, shape, dim):
+    torch.manual_seed(0)
+    ours = NN.weight_norm(make().double(), dim=dim)
+    torch.manual_seed(1)
+    theirs = P.weight_norm(make().double(), dim=dim)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    # registration keeps the weight: g = ||v|| makes g * v / ||v|| the original weight
+    torch.manual_seed(0)
+    plain = make().double()
+    assert_close(ours.weight, plain.weight, rtol=1e-14, atol=1e-15)
+    assert_state_dict_roundtrip(ours, theirs)
+    run_twins(ours, theirs, lambda s: t(randn(shape, s)), steps=3, lr=0.2)
+
+
+def test_rejects_missing_attribute():
+    with pytest.raises(ValueError, match=r"no tensor attribute 'kernel'"):
+        NN.weight_norm(torch.nn.Linear(2, 3), name="kernel")
