@@ -1,0 +1,287 @@
+r"""LayerNorm (and, with ``RMS=True``, RMSNorm) over the trailing dims, as Triton kernels.
+
+The input is viewed as ``M`` rows of ``N`` features; each row is normalized on its own:
+
+.. math::
+
+    y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \, w + b, \qquad
+    \mu = \tfrac1N \textstyle\sum_j x_j, \quad \sigma^2 = \tfrac1N \textstyle\sum_j (x_j - \mu)^2
+
+(RMSNorm: :math:`\mu = 0` and no bias). A whole row sits in registers, so the variance is
+an exact two-pass over registers (stable for inputs like 1000 ± 1) and the row is read from
+memory once. Small rows are packed ``ROWS`` to a program so that each program still moves
+a few thousand elements.
+
+Backward, with :math:`\hat x = (x - \mu)\,r` and :math:`g = w\,dy`:
+
+.. math::
+
+    dx = r\,\big(g - \overline{g} - \hat x\,\overline{g \hat x}\big), \qquad
+    dw = \textstyle\sum_{\text{rows}} dy\,\hat x, \qquad db = \textstyle\sum_{\text{rows}} dy
+
+(RMSNorm drops :math:`\overline g`). A persistent grid of ``P`` programs walks the rows;
+each program keeps float32 running sums of ``dy * xhat`` and ``dy`` in registers and writes
+them to a ``[P, N]`` partial buffer, and a second kernel sums the ``P`` partials in a fixed
+order. No atomics: the result is bitwise reproducible.
+
+The forward saves ``(mean, rstd)`` per row, the contract of ``torch.native_layer_norm``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from normlab.kernels._common import acc_dtype, acc_torch, next_pow2, num_sms
+
+# Largest row a program holds in registers (elements). Past this, ``supports`` says no and
+# torch runs the op: the backward would spill registers.
+MAX_N = 16384
+MAX_N_FLOAT64 = 8192
+
+# Launch heuristics, named so that benchmarks/tune can sweep them without editing code.
+TUNING = {
+    "fwd_tile": 4096,  # elements per forward program: ROWS = tile // BLOCK_N rows when N is small
+    "bwd_tile": 4096,  # elements per backward step
+    "bwd_programs_per_sm": 4,  # persistent backward grid = this * SMs (at most one step per program)
+    "elems_per_thread": 16,  # sets num_warps = tile / (32 * this), clamped to [4, 16]
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(
+    x_ptr,  # [M, N] input; row stride stride_x, unit column stride
+    y_ptr,  # [M, N] output, contiguous, x's dtype
+    w_ptr,  # [N] weight (only read if HAS_W)
+    b_ptr,  # [N] bias (only read if HAS_B)
+    mean_ptr,  # [M] ACC: row mean (not written when RMS)
+    rstd_ptr,  # [M] ACC: 1 / sqrt(var + eps)
+    M,
+    N,
+    stride_x,
+    eps,
+    RMS: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    ok = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(ACC)
+    if RMS:
+        xc = x
+    else:
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(ok, x - mean[:, None], 0.0)
+        tl.store(mean_ptr + rows, mean, mask=row_ok)
+    var = tl.sum(xc * xc, axis=1) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bwd_kernel(
+    x_ptr,  # [M, N] input; row stride stride_x
+    dy_ptr,  # [M, N] output gradient, contiguous
+    dx_ptr,  # [M, N] input gradient, contiguous, x's dtype
+    w_ptr,  # [N] weight (only read if HAS_W)
+    mean_ptr,  # [M] ACC (not read when RMS)
+    rstd_ptr,  # [M] ACC
+    dw_part_ptr,  # [P, N] ACC: this program's sum of dy * xhat (only if DW)
+    db_part_ptr,  # [P, N] ACC: this program's sum of dy (only if DB)
+    M,
+    N,
+    stride_x,
+    rows_per_program,
+    RMS: tl.constexpr,
+    HAS_W: tl.constexpr,
+    DW: tl.constexpr,
+    DB: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    dw_acc = tl.zeros([ROWS, BLOCK_N], dtype=ACC)
+    db_acc = tl.zeros([ROWS, BLOCK_N], dtype=ACC)
+    start = pid.to(tl.int64) * rows_per_program
+    end = tl.minimum(start + rows_per_program, M)
+    for r0 in range(start, end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_ok = rows < end
+        ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(ACC)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        if RMS:
+            xhat = x * rstd[:, None]
+        else:
+            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_W:
+            g = dy * w[None, :]
+        else:
+            g = dy
+        c1 = tl.sum(g * xhat, axis=1) / N
+        if RMS:
+            dx = (g - xhat * c1[:, None]) * rstd[:, None]
+        else:
+            c2 = tl.sum(g, axis=1) / N
+            dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + rows[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        if DW:
+            dw_acc += dy * xhat
+        if DB:
+            db_acc += dy
+    if DW:
+        tl.store(dw_part_ptr + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    if DB:
+        tl.store(db_part_ptr + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    part_ptr,  # [P, N] ACC partial sums, contiguous
+    out_ptr,  # [N] result, in the parameter's dtype
+    P,
+    N,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < N
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=part_ptr.dtype.element_ty)
+    for p0 in range(0, P, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        ok = (ps < P)[:, None] & col_ok[None, :]
+        acc += tl.load(part_ptr + ps[:, None] * N + cols[None, :], mask=ok, other=0.0)
+    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+def max_n(dtype: torch.dtype) -> int:
+    return MAX_N_FLOAT64 if dtype == torch.float64 else MAX_N
+
+
+def as_rows(x: torch.Tensor, N: int):
+    """``x`` as an ``[M, N]`` view with unit column stride, or ``None`` if no such view exists."""
+    try:
+        x2 = x.view(-1, N)
+    except RuntimeError:
+        return None
+    if N > 1 and x2.stride(1) != 1:
+        return None
+    return x2
+
+
+def _warps(tile: int) -> int:
+    return int(min(16, max(4, tile // (32 * TUNING["elems_per_thread"]))))
+
+
+def _rows_per_step(block_n: int, tile: int, M: int) -> int:
+    return int(max(1, min(tile // block_n, next_pow2(M))))
+
+
+def forward(x2: torch.Tensor, weight, bias, eps: float, rms: bool):
+    """``(y, mean, rstd)`` for ``x2`` of shape ``[M, N]`` (``mean`` is ``None`` when ``rms``)."""
+    M, N = x2.shape
+    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    acc = acc_torch(x2.dtype)
+    mean = None if rms else torch.empty(M, dtype=acc, device=x2.device)
+    rstd = torch.empty(M, dtype=acc, device=x2.device)
+    block_n = next_pow2(N)
+    rows = _rows_per_step(block_n, TUNING["fwd_tile"], M)
+    _fwd_kernel[(triton.cdiv(M, rows),)](
+        x2, y, weight, bias, rstd if rms else mean, rstd, M, N, x2.stride(0), eps,
+        RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc_dtype(x2.dtype),
+        ROWS=rows, BLOCK_N=block_n, num_warps=_warps(rows * block_n),
+    )
+    return y, mean, rstd
+
+
+def _sum_partials(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    P, N = part.shape
+    out = torch.empty(N, dtype=like.dtype, device=like.device)
+    block_c = min(256, next_pow2(N))
+    _sum_partials_kernel[(triton.cdiv(N, block_c),)](part, out, P, N, BLOCK_P=32, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+def backward(dy2, x2, weight, bias, mean, rstd, rms: bool, need_dw: bool, need_db: bool):
+    """``(dx, dw, db)`` for ``[M, N]`` views; ``dw``/``db`` are ``None`` where not needed."""
+    M, N = x2.shape
+    dy2 = dy2.contiguous()
+    dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    block_n = next_pow2(N)
+    rows = _rows_per_step(block_n, TUNING["bwd_tile"], M)
+    steps = triton.cdiv(M, rows)
+    programs = max(1, min(steps, num_sms(x2.device) * TUNING["bwd_programs_per_sm"]))
+    rows_per_program = triton.cdiv(steps, programs) * rows
+    programs = triton.cdiv(M, rows_per_program)
+    has_w = weight is not None and need_dw
+    has_b = bias is not None and need_db
+    acc = acc_torch(x2.dtype)
+    dw_part = torch.empty((programs, N), dtype=acc, device=x2.device) if has_w else None
+    db_part = torch.empty((programs, N), dtype=acc, device=x2.device) if has_b else None
+    _bwd_kernel[(programs,)](
+        x2, dy2, dx, weight, rstd if rms else mean, rstd, dw_part, db_part, M, N, x2.stride(0),
+        rows_per_program, RMS=rms, HAS_W=weight is not None, DW=has_w, DB=has_b, ACC=acc_dtype(x2.dtype),
+        ROWS=rows, BLOCK_N=block_n, num_warps=_warps(rows * block_n),
+    )
+    dw = _sum_partials(dw_part, weight) if has_w else None
+    db = _sum_partials(db_part, bias) if has_b else None
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------
+class LayerNormFunction(torch.autograd.Function):
+    """Differentiable through x, weight and bias; saves ``(x, weight, bias, mean, rstd)``."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps):
+        N = math.prod(normalized_shape)
+        x2 = as_rows(x, N)
+        y, mean, rstd = forward(x2, weight, bias, eps, rms=False)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.N = N
+        return y.view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        need_dw = weight is not None and ctx.needs_input_grad[2]
+        need_db = bias is not None and ctx.needs_input_grad[3]
+        dx, dw, db = backward(dy.reshape(-1, ctx.N), as_rows(x, ctx.N), weight, bias, mean, rstd, False, need_dw, need_db)
+        return dx.view(x.shape), None, (dw.view(weight.shape) if dw is not None else None), (db.view(bias.shape) if db is not None else None), None
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+    """``torch.nn.functional.layer_norm`` on Triton kernels (see ``supports`` for what it takes)."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    return LayerNormFunction.apply(x, tuple(normalized_shape), weight, bias, eps)
