@@ -28,25 +28,36 @@ def gpu(f):
 # fp16/bf16 figures are a few output roundings (2^-11, 2^-8); reductions are float32 inside.
 TOL = {
     torch.float64: (1e-12, 1e-11),
-    torch.float32: (2e-6, 2e-5),
+    torch.float32: (1e-5, 5e-5),  # reductions over thousands of terms (dw, db) land near 1e-5
     torch.float16: (2e-3, 4e-3),
     torch.bfloat16: (1.2e-2, 3e-2),
 }
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "", scale: float = 1.0):
+def _errors(o, r):
+    rel = (o - r).norm().item() / max(r.norm().item(), r.numel() ** 0.5)
+    mx = (o - r).abs().max().item() / max(r.abs().max().item(), 1.0)
+    return rel, mx
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "", scale: float = 1.0, baseline=None):
     """``out`` (any dtype) against ``ref`` with the tolerance of ``dtype``; NaN never passes.
 
     Errors are relative to the reference, but never to less than unit magnitude per element:
     normalized outputs and their gradients (with ``dy ~ N(0, 1)``) are of order 1, and an
     exactly-zero reference (``N = 1``) must not demand exact zeros of rounding noise.
+    ``baseline``: torch's own result in ``dtype``; the kernel may then be off by up to twice
+    torch's error (ill-conditioned cases, e.g. groups of two elements, where no float32
+    implementation meets the fixed tolerance).
     """
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     o, r = out.detach().double().cpu(), ref.detach().double().cpu()
     assert torch.isfinite(o).all(), f"{what}: non-finite values in the kernel output"
     tol_norm, tol_max = (t * scale for t in TOL[dtype])
-    rel = (o - r).norm().item() / max(r.norm().item(), r.numel() ** 0.5)
-    mx = (o - r).abs().max().item() / max(r.abs().max().item(), 1.0)
+    rel, mx = _errors(o, r)
+    if baseline is not None:
+        b_rel, b_mx = _errors(baseline.detach().double().cpu(), r)
+        tol_norm, tol_max = max(tol_norm, 2 * b_rel), max(tol_max, 2 * b_mx)
     assert rel <= tol_norm and mx <= tol_max, f"{what}: relative error {rel:.3g} (tol {tol_norm:.3g}), max error {mx:.3g} of max|ref| (tol {tol_max:.3g})"
 
 

@@ -42,5 +42,18 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
+# ``tl.sum`` is itself a jitted function; under TRITON_INTERPRET=1 every call of a jitted
+# function from a kernel re-patches triton.language (milliseconds each), which made the
+# interpreter tests minutes long. ``tl.reduce`` with triton's own sum combiner is the same
+# reduction when compiled (it is what ``tl.sum`` calls) and runs as one numpy sum when
+# interpreted. The combiner is private; if a Triton release drops it, fall back to ours.
+_ADD = getattr(getattr(tl, "standard", None), "_sum_combine", None)
+if _ADD is None:  # pragma: no cover - depends on the Triton version
+
+    @triton.jit
+    def _ADD(a, b):
+        return a + b
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normlab.kernels._common import acc_dtype, acc_torch, next_pow2, num_sms
+from normlab.kernels._common import _ADD, acc_dtype, acc_torch, next_pow2, num_sms
 
 # Largest row a program holds in registers (elements). Past this, ``supports`` says no and
 # torch runs the op: the backward would spill registers.
@@ -81,10 +81,10 @@ def _fwd_kernel(
     if RMS:
         xc = x
     else:
-        mean = tl.sum(x, axis=1) / N
+        mean = tl.reduce(x, 1, _ADD) / N
         xc = tl.where(ok, x - mean[:, None], 0.0)
         tl.store(mean_ptr + rows, mean, mask=row_ok)
-    var = tl.sum(xc * xc, axis=1) / N
+    var = tl.reduce(xc * xc, 1, _ADD) / N
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
     y = xc * rstd[:, None]
@@ -122,8 +122,8 @@ def _bwd_kernel(
     col_ok = cols < N
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-    dw_acc = tl.zeros([ROWS, BLOCK_N], dtype=ACC)
-    db_acc = tl.zeros([ROWS, BLOCK_N], dtype=ACC)
+    dw_acc = tl.full([ROWS, BLOCK_N], 0.0, ACC)
+    db_acc = tl.full([ROWS, BLOCK_N], 0.0, ACC)
     start = pid.to(tl.int64) * rows_per_program
     end = tl.minimum(start + rows_per_program, M)
     for r0 in range(start, end, ROWS):
@@ -142,11 +142,11 @@ def _bwd_kernel(
             g = dy * w[None, :]
         else:
             g = dy
-        c1 = tl.sum(g * xhat, axis=1) / N
+        c1 = tl.reduce(g * xhat, 1, _ADD) / N
         if RMS:
             dx = (g - xhat * c1[:, None]) * rstd[:, None]
         else:
-            c2 = tl.sum(g, axis=1) / N
+            c2 = tl.reduce(g, 1, _ADD) / N
             dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
         tl.store(dx_ptr + rows[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
         if DW:
@@ -154,9 +154,9 @@ def _bwd_kernel(
         if DB:
             db_acc += dy
     if DW:
-        tl.store(dw_part_ptr + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+        tl.store(dw_part_ptr + pid * N + cols, tl.reduce(dw_acc, 0, _ADD), mask=col_ok)
     if DB:
-        tl.store(db_part_ptr + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+        tl.store(db_part_ptr + pid * N + cols, tl.reduce(db_acc, 0, _ADD), mask=col_ok)
 
 
 @triton.jit
@@ -170,12 +170,12 @@ def _sum_partials_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < N
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=part_ptr.dtype.element_ty)
+    acc = tl.full([BLOCK_P, BLOCK_C], 0.0, part_ptr.dtype.element_ty)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
         ok = (ps < P)[:, None] & col_ok[None, :]
         acc += tl.load(part_ptr + ps[:, None] * N + cols[None, :], mask=ok, other=0.0)
-    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(out_ptr + cols, tl.reduce(acc, 0, _ADD).to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------
