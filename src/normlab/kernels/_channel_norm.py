@@ -135,7 +135,7 @@ def _stats_kernel(
 def _finalize_kernel(
     pmean_ptr,  # [N, K, C] ACC partial means
     pm2_ptr,  # [N, K, C] ACC partial M2
-    pcnt_ptr,  # [N, K] ACC partial counts (only read if HAS_MASK; else counts follow CHUNK)
+    pcnt_ptr,  # [N * K] ACC partial counts (only read if HAS_MASK; else counts follow CHUNK)
     smean_ptr,  # [NSTAT] ACC: mean of each statistic group
     srstd_ptr,  # [NSTAT] ACC: 1 / sqrt(var + eps), biased variance
     scnt_ptr,  # [NSTAT] ACC: element count of each statistic group
@@ -157,51 +157,52 @@ def _finalize_kernel(
     BK: tl.constexpr,
     BJ: tl.constexpr,
 ):
+    # Partials of group o: items i = n * K + k (sample n, chunk k) over [i_lo, i_hi), and
+    # channels c0 + j, j < CG. Batch norm: group o is channel o over all samples; group or
+    # instance norm: group o is (n, g) = (o // G, o % G).
     o = tl.program_id(0)
-    if REDUCE_N:  # batch norm: group o is channel o, over all samples
-        n_lo = 0
-        n_hi = N
+    if REDUCE_N:
+        i_lo = 0
+        i_hi = N * K
         c0 = o
-    else:  # group/instance norm: group o is (n, g) = (o // G, o % G)
-        n_lo = o // G
-        n_hi = n_lo + 1
+    else:
+        i_lo = (o // G) * K
+        i_hi = i_lo + K
         c0 = (o % G) * CG
     acc_n = tl.full([BK, BJ], 0.0, ACC)
     acc_s = tl.full([BK, BJ], 0.0, ACC)
-    for n in range(n_lo, n_hi):
-        for j0 in range(0, CG, BJ):
-            for k0 in range(0, K, BK):
-                kk = k0 + tl.arange(0, BK)
-                jj = j0 + tl.arange(0, BJ)
-                ok = (kk < K)[:, None] & (jj < CG)[None, :]
-                offs = (n * K + kk)[:, None] * C + (c0 + jj)[None, :]
-                m = tl.load(pmean_ptr + offs, mask=ok, other=0.0)
-                if HAS_MASK:
-                    cnt = tl.load(pcnt_ptr + n * K + kk, mask=kk < K, other=0.0)[:, None]
-                else:
-                    cnt = tl.minimum(CHUNK, S - kk * CHUNK).to(ACC)[:, None]
-                cnt = tl.where(ok, cnt, 0.0)
-                acc_n += cnt
-                acc_s += cnt * m
+    for j0 in range(0, CG, BJ):
+        for i0 in range(i_lo, i_hi, BK):
+            ii = i0 + tl.arange(0, BK)
+            jj = j0 + tl.arange(0, BJ)
+            ok = (ii < i_hi)[:, None] & (jj < CG)[None, :]
+            offs = ii[:, None] * C + (c0 + jj)[None, :]
+            m = tl.load(pmean_ptr + offs, mask=ok, other=0.0)
+            if HAS_MASK:
+                cnt = tl.load(pcnt_ptr + ii, mask=ii < i_hi, other=0.0)[:, None]
+            else:
+                cnt = tl.minimum(CHUNK, S - (ii % K) * CHUNK).to(ACC)[:, None]
+            cnt = tl.where(ok, cnt, 0.0)
+            acc_n += cnt
+            acc_s += cnt * m
     count = tl.reduce(acc_n, None, _ADD)
     mean = tl.reduce(acc_s, None, _ADD) / tl.maximum(count, 1.0)
     acc_m2 = tl.full([BK, BJ], 0.0, ACC)
-    for n in range(n_lo, n_hi):
-        for j0 in range(0, CG, BJ):
-            for k0 in range(0, K, BK):
-                kk = k0 + tl.arange(0, BK)
-                jj = j0 + tl.arange(0, BJ)
-                ok = (kk < K)[:, None] & (jj < CG)[None, :]
-                offs = (n * K + kk)[:, None] * C + (c0 + jj)[None, :]
-                m = tl.load(pmean_ptr + offs, mask=ok, other=0.0)
-                m2 = tl.load(pm2_ptr + offs, mask=ok, other=0.0)
-                if HAS_MASK:
-                    cnt = tl.load(pcnt_ptr + n * K + kk, mask=kk < K, other=0.0)[:, None]
-                else:
-                    cnt = tl.minimum(CHUNK, S - kk * CHUNK).to(ACC)[:, None]
-                cnt = tl.where(ok, cnt, 0.0)
-                d = m - mean
-                acc_m2 += m2 + cnt * d * d
+    for j0 in range(0, CG, BJ):
+        for i0 in range(i_lo, i_hi, BK):
+            ii = i0 + tl.arange(0, BK)
+            jj = j0 + tl.arange(0, BJ)
+            ok = (ii < i_hi)[:, None] & (jj < CG)[None, :]
+            offs = ii[:, None] * C + (c0 + jj)[None, :]
+            m = tl.load(pmean_ptr + offs, mask=ok, other=0.0)
+            m2 = tl.load(pm2_ptr + offs, mask=ok, other=0.0)
+            if HAS_MASK:
+                cnt = tl.load(pcnt_ptr + ii, mask=ii < i_hi, other=0.0)[:, None]
+            else:
+                cnt = tl.minimum(CHUNK, S - (ii % K) * CHUNK).to(ACC)[:, None]
+            cnt = tl.where(ok, cnt, 0.0)
+            d = m - mean
+            acc_m2 += m2 + cnt * d * d
     var = tl.reduce(acc_m2, None, _ADD) / tl.maximum(count, 1.0)
     tl.store(smean_ptr + o, mean)
     tl.store(srstd_ptr + o, 1.0 / tl.sqrt(var + eps))
@@ -369,30 +370,29 @@ def _finalize_grad_kernel(
 ):
     pid = tl.program_id(0)
     if pid < NSTAT:  # role 1: the two group means that dx needs
-        o = pid
+        o = pid  # items as in _finalize_kernel
         if REDUCE_N:
-            n_lo = 0
-            n_hi = N
+            i_lo = 0
+            i_hi = N * K
             c0 = o
         else:
-            n_lo = o // G
-            n_hi = n_lo + 1
+            i_lo = (o // G) * K
+            i_hi = i_lo + K
             c0 = (o % G) * CG
         acc1 = tl.full([BK, BJ], 0.0, ACC)
         acc2 = tl.full([BK, BJ], 0.0, ACC)
-        for n in range(n_lo, n_hi):
-            for j0 in range(0, CG, BJ):
-                jj = j0 + tl.arange(0, BJ)
-                if HAS_W:
-                    w = tl.load(w_ptr + c0 + jj, mask=jj < CG, other=0.0).to(ACC)
-                else:
-                    w = tl.where(jj < CG, 1.0, 0.0).to(ACC)
-                for k0 in range(0, K, BK):
-                    kk = k0 + tl.arange(0, BK)
-                    ok = (kk < K)[:, None] & (jj < CG)[None, :]
-                    offs = (n * K + kk)[:, None] * C + (c0 + jj)[None, :]
-                    acc1 += w[None, :] * tl.load(psdy_ptr + offs, mask=ok, other=0.0)
-                    acc2 += w[None, :] * tl.load(psdyx_ptr + offs, mask=ok, other=0.0)
+        for j0 in range(0, CG, BJ):
+            jj = j0 + tl.arange(0, BJ)
+            if HAS_W:
+                w = tl.load(w_ptr + c0 + jj, mask=jj < CG, other=0.0).to(ACC)
+            else:
+                w = tl.where(jj < CG, 1.0, 0.0).to(ACC)
+            for i0 in range(i_lo, i_hi, BK):
+                ii = i0 + tl.arange(0, BK)
+                ok = (ii < i_hi)[:, None] & (jj < CG)[None, :]
+                offs = ii[:, None] * C + (c0 + jj)[None, :]
+                acc1 += w[None, :] * tl.load(psdy_ptr + offs, mask=ok, other=0.0)
+                acc2 += w[None, :] * tl.load(psdyx_ptr + offs, mask=ok, other=0.0)
         inv = 1.0 / tl.maximum(tl.load(scnt_ptr + o), 1.0)
         tl.store(c1_ptr + o, tl.reduce(acc1, None, _ADD) * inv)
         tl.store(c2_ptr + o, tl.reduce(acc2, None, _ADD) * inv)
@@ -549,9 +549,10 @@ def plan(g: Geometry, device: torch.device) -> Plan:
     return Plan(BS, BC, CB, ST, K, CHUNK)
 
 
-def _item_blocks(K: int, CG: int):
+def _item_blocks(items: int, CG: int):
+    """Tile of the finalize kernels: ``BK`` (sample, chunk) items by ``BJ`` channels."""
     BJ = min(next_pow2(CG), 64)
-    BK = min(next_pow2(K), max(1, 1024 // BJ))
+    BK = min(next_pow2(items), max(1, 1024 // BJ))
     return BK, BJ
 
 
@@ -592,7 +593,7 @@ def compute_stats(x, g: Geometry, p: Plan, st: Stats, mask, eps, running_mean=No
     rstd = torch.empty_like(mean)
     count = torch.empty_like(mean)
     update = running_mean is not None
-    BK, BJ = _item_blocks(p.K, st.CG)
+    BK, BJ = _item_blocks(p.K * (g.N if st.reduce_n else 1), st.CG)
     _finalize_kernel[(st.NSTAT,)](
         pmean, pm2, pcnt, mean, rstd, count, running_mean, running_var,
         g.N, g.C, p.K, g.S, p.CHUNK, st.G, st.CG, eps, momentum,
@@ -639,7 +640,7 @@ def backward(dy, x, g: Geometry, p: Plan, st: Stats, mask, mean, rstd, count, we
             c2 = torch.empty_like(c1)
         dw = torch.empty(g.C, dtype=weight.dtype, device=dev) if need_dw else None
         db = torch.empty(g.C, dtype=bias.dtype, device=dev) if need_db else None
-        BK, BJ = _item_blocks(p.K, st.CG)
+        BK, BJ = _item_blocks(p.K * (g.N if st.reduce_n else 1), st.CG)
         channel_programs = g.C if (need_dw or need_db) else 0
         _finalize_grad_kernel[(nstat + channel_programs,)](
             psdy, psdyx, weight, count, c1, c2, dw, db, g.N, g.C, p.K, st.G, st.CG, nstat,
