@@ -90,6 +90,14 @@ def test_many_programs_and_steps(monkeypatch):
 
 
 @cpu
+@pytest.mark.parametrize("affine", [(True, True), (False, False)])
+def test_long_rows_split_over_programs(affine, monkeypatch):
+    # The path of N = 16384 on a GPU: columns split over neighbouring backward programs.
+    monkeypatch.setitem(ln_mod.TUNING, "bwd_max_own", 8)
+    _check(*_case((6, 37), 37, torch.float64, "cpu", affine), torch.float64)
+
+
+@cpu
 def test_supports():
     x = torch.randn(4, 8)
     assert kernels.supports("layer_norm", x, (8,), torch.ones(8), torch.zeros(8))[0]

@@ -67,6 +67,12 @@ def test_many_programs_and_steps(monkeypatch):
 
 
 @cpu
+def test_long_rows_split_over_programs(monkeypatch):
+    monkeypatch.setitem(ln_mod.TUNING, "bwd_max_own", 8)
+    _check(*_case((6, 37), 37, torch.float64, "cpu"), torch.float64)
+
+
+@cpu
 def test_supports():
     assert kernels.supports("rms_norm", torch.randn(4, 8), (8,), torch.ones(8), None)[0]
     for ok, reason in [

@@ -22,7 +22,10 @@ Backward, with :math:`\hat x = (x - \mu)\,r` and :math:`g = w\,dy`:
 (RMSNorm drops :math:`\overline g`). A persistent grid of ``P`` programs walks the rows;
 each program keeps float32 running sums of ``dy * xhat`` and ``dy`` in registers and writes
 them to a ``[P, N]`` partial buffer, and a second kernel sums the ``P`` partials in a fixed
-order. No atomics: the result is bitwise reproducible.
+order. No atomics: the result is bitwise reproducible. Rows longer than ``bwd_max_own``
+(N = 16384) would need more registers than a program has (x, dy, w, dw, db in float32:
+320 KB against a 256 KB register file), so their columns are split over neighbouring
+programs that share the row sums through L2.
 
 The forward saves ``(mean, rstd)`` per row, the contract of ``torch.native_layer_norm``.
 """
@@ -46,7 +49,10 @@ TUNING = {
     "fwd_tile": 4096,  # elements per forward program: ROWS = tile // BLOCK_N rows when N is small
     "bwd_tile": 4096,  # elements per backward step
     "bwd_programs_per_sm": 4,  # persistent backward grid = this * SMs (at most one step per program)
+    "bwd_max_own": 8192,  # columns one backward program owns; longer rows split over programs
     "elems_per_thread": 16,  # sets num_warps = tile / (32 * this), clamped to [4, 16]
+    "fwd_warps": None,  # fixed num_warps instead of the rule above
+    "bwd_warps": None,
 }
 
 
@@ -103,8 +109,8 @@ def _bwd_kernel(
     w_ptr,  # [N] weight (only read if HAS_W)
     mean_ptr,  # [M] ACC (not read when RMS)
     rstd_ptr,  # [M] ACC
-    dw_part_ptr,  # [P, N] ACC: this program's sum of dy * xhat (only if DW)
-    db_part_ptr,  # [P, N] ACC: this program's sum of dy (only if DB)
+    dw_part_ptr,  # [P, N] ACC: row-block p's sum of dy * xhat (only if DW)
+    db_part_ptr,  # [P, N] ACC: row-block p's sum of dy (only if DB)
     M,
     N,
     stride_x,
@@ -115,16 +121,24 @@ def _bwd_kernel(
     DB: tl.constexpr,
     ACC: tl.constexpr,
     ROWS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    OWN: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
+    # Program (p, part) owns rows [p * rows_per_program, ...) and columns
+    # [part * OWN, (part + 1) * OWN). With SPLIT > 1 (very long rows, whose x, dy, w, dw, db
+    # would not fit one program's registers) the SPLIT programs of a row block are launched
+    # side by side; each also reads the other parts of its rows, only for the two row sums,
+    # and those reads mostly hit L2 behind its neighbours'.
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
+    p = pid // SPLIT
+    part = pid % SPLIT
+    cols = part * OWN + tl.arange(0, OWN)
     col_ok = cols < N
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-    dw_acc = tl.full([ROWS, BLOCK_N], 0.0, ACC)
-    db_acc = tl.full([ROWS, BLOCK_N], 0.0, ACC)
-    start = pid.to(tl.int64) * rows_per_program
+    dw_acc = tl.full([ROWS, OWN], 0.0, ACC)
+    db_acc = tl.full([ROWS, OWN], 0.0, ACC)
+    start = p.to(tl.int64) * rows_per_program
     end = tl.minimum(start + rows_per_program, M)
     for r0 in range(start, end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
@@ -142,21 +156,37 @@ def _bwd_kernel(
             g = dy * w[None, :]
         else:
             g = dy
-        c1 = tl.reduce(g * xhat, 1, _ADD) / N
+        s1 = tl.reduce(g * xhat, 1, _ADD)
+        s2 = tl.reduce(g, 1, _ADD)
+        if SPLIT > 1:
+            for q in range(0, SPLIT):
+                if q != part:
+                    qcols = q * OWN + tl.arange(0, OWN)
+                    qok = row_ok[:, None] & (qcols < N)[None, :]
+                    xq = tl.load(x_ptr + rows[:, None] * stride_x + qcols[None, :], mask=qok, other=0.0).to(ACC)
+                    gq = tl.load(dy_ptr + rows[:, None] * N + qcols[None, :], mask=qok, other=0.0).to(ACC)
+                    if HAS_W:
+                        gq = gq * tl.load(w_ptr + qcols, mask=qcols < N, other=0.0).to(ACC)[None, :]
+                    if RMS:
+                        xhq = xq * rstd[:, None]
+                    else:
+                        xhq = tl.where(qok, (xq - mean[:, None]) * rstd[:, None], 0.0)
+                    s1 += tl.reduce(gq * xhq, 1, _ADD)
+                    s2 += tl.reduce(gq, 1, _ADD)
+        c1 = s1 / N
         if RMS:
             dx = (g - xhat * c1[:, None]) * rstd[:, None]
         else:
-            c2 = tl.reduce(g, 1, _ADD) / N
-            dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
+            dx = (g - (s2 / N)[:, None] - xhat * c1[:, None]) * rstd[:, None]
         tl.store(dx_ptr + rows[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
         if DW:
             dw_acc += dy * xhat
         if DB:
             db_acc += dy
     if DW:
-        tl.store(dw_part_ptr + pid * N + cols, tl.reduce(dw_acc, 0, _ADD), mask=col_ok)
+        tl.store(dw_part_ptr + p * N + cols, tl.reduce(dw_acc, 0, _ADD), mask=col_ok)
     if DB:
-        tl.store(db_part_ptr + pid * N + cols, tl.reduce(db_acc, 0, _ADD), mask=col_ok)
+        tl.store(db_part_ptr + p * N + cols, tl.reduce(db_acc, 0, _ADD), mask=col_ok)
 
 
 @triton.jit
@@ -196,7 +226,9 @@ def as_rows(x: torch.Tensor, N: int):
     return x2
 
 
-def _warps(tile: int) -> int:
+def _warps(tile: int, fixed=None) -> int:
+    if fixed:
+        return int(fixed)
     return int(min(16, max(4, tile // (32 * TUNING["elems_per_thread"]))))
 
 
@@ -216,7 +248,7 @@ def forward(x2: torch.Tensor, weight, bias, eps: float, rms: bool):
     _fwd_kernel[(triton.cdiv(M, rows),)](
         x2, y, weight, bias, rstd if rms else mean, rstd, M, N, x2.stride(0), eps,
         RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc_dtype(x2.dtype),
-        ROWS=rows, BLOCK_N=block_n, num_warps=_warps(rows * block_n),
+        ROWS=rows, BLOCK_N=block_n, num_warps=_warps(rows * block_n, TUNING["fwd_warps"]),
     )
     return y, mean, rstd
 
@@ -235,20 +267,22 @@ def backward(dy2, x2, weight, bias, mean, rstd, rms: bool, need_dw: bool, need_d
     dy2 = dy2.contiguous()
     dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     block_n = next_pow2(N)
-    rows = _rows_per_step(block_n, TUNING["bwd_tile"], M)
+    own = min(block_n, next_pow2(TUNING["bwd_max_own"]))
+    split = block_n // own
+    rows = _rows_per_step(own, TUNING["bwd_tile"], M)
     steps = triton.cdiv(M, rows)
-    programs = max(1, min(steps, num_sms(x2.device) * TUNING["bwd_programs_per_sm"]))
-    rows_per_program = triton.cdiv(steps, programs) * rows
-    programs = triton.cdiv(M, rows_per_program)
+    blocks = max(1, min(steps, num_sms(x2.device) * TUNING["bwd_programs_per_sm"] // split))
+    rows_per_program = triton.cdiv(steps, blocks) * rows
+    blocks = triton.cdiv(M, rows_per_program)
     has_w = weight is not None and need_dw
     has_b = bias is not None and need_db
     acc = acc_torch(x2.dtype)
-    dw_part = torch.empty((programs, N), dtype=acc, device=x2.device) if has_w else None
-    db_part = torch.empty((programs, N), dtype=acc, device=x2.device) if has_b else None
-    _bwd_kernel[(programs,)](
+    dw_part = torch.empty((blocks, N), dtype=acc, device=x2.device) if has_w else None
+    db_part = torch.empty((blocks, N), dtype=acc, device=x2.device) if has_b else None
+    _bwd_kernel[(blocks * split,)](
         x2, dy2, dx, weight, rstd if rms else mean, rstd, dw_part, db_part, M, N, x2.stride(0),
         rows_per_program, RMS=rms, HAS_W=weight is not None, DW=has_w, DB=has_b, ACC=acc_dtype(x2.dtype),
-        ROWS=rows, BLOCK_N=block_n, num_warps=_warps(rows * block_n),
+        ROWS=rows, OWN=own, SPLIT=split, num_warps=_warps(rows * own, TUNING["bwd_warps"]),
     )
     dw = _sum_partials(dw_part, weight) if has_w else None
     db = _sum_partials(db_part, bias) if has_b else None

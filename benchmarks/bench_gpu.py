@@ -1,0 +1,283 @@
+"""GPU benchmark of normlab's Triton kernels against torch, torch.compile and a plain copy.
+
+Not a test: it needs a CUDA GPU and prints a table, writing every figure to
+``benchmarks/results/gpu.json`` (rewritten after each case, so a run cut short keeps what
+it measured).
+
+    python benchmarks/bench_gpu.py            # all shapes, with torch.compile
+    python benchmarks/bench_gpu.py --quick    # a subset
+    python benchmarks/bench_gpu.py --no-compile --only ln,gn
+
+Timing: ``triton.testing.do_bench`` (CUDA events, L2 flushed before every repetition),
+median of the repetitions, in milliseconds.
+
+Byte counting (the least traffic each pass must move: every tensor read or written once):
+
+* forward:  read x, w, b; write y
+* backward: read x, dy, w, mean, rstd; write dx, dw, db
+* fwd+bwd:  the sum of the two
+
+``w``/``b``/``dw``/``db`` count only where the op has them (RMSNorm: no bias, no mean);
+``mean``/``rstd`` are float32 per statistic group (row, (n, group), (n, c), channel);
+running statistics are not counted. GB/s = bytes / time (10^9 bytes per second).
+"% copy" compares that with a device-to-device copy (``dst.copy_(src)`` of 1 GiB, counted
+as bytes read + written) measured in the same run: the practical bandwidth ceiling.
+Ratios are baseline time / normlab time (above 1: normlab is faster).
+
+Baselines: ``torch`` is eager ``torch.nn.functional`` (native CUDA kernels); ``compile`` is
+``torch.compile`` of that same function, one compilation per shape (``dynamic=False``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from normlab import kernels  # noqa: E402
+
+ROW_SHAPES = [(4096, 512), (4096, 1024), (4096, 4096), (4096, 16384), (32768, 512), (32768, 1024), (32768, 4096), (32768, 16384)]
+ROW_SHAPES_QUICK = [(4096, 1024), (32768, 4096), (4096, 16384)]
+CHANNEL_SHAPES = [(32, 256, 56, 56), (8, 512, 28, 28)]
+MODES = ("fwd", "bwd", "fwd+bwd")
+GN_GROUPS = 32
+BYTE_COUNTING = (
+    "forward: read x, w, b; write y. backward: read x, dy, w, mean, rstd; write dx, dw, db. "
+    "fwd+bwd: the sum. Each tensor once; w/b/dw/db only where the op has them; mean/rstd float32 "
+    "per statistic group; running statistics not counted. GB/s = bytes / median ms / 1e6."
+)
+
+
+@dataclass
+class Case:
+    op: str  # ln, rms, gn, in, bn
+    shape: tuple
+    dtype: str
+    layout: str  # rows, nchw, cl
+
+    @property
+    def torch_dtype(self):
+        return getattr(torch, self.dtype)
+
+
+def cases(quick: bool, only):
+    out = []
+    row_shapes = ROW_SHAPES_QUICK if quick else ROW_SHAPES
+    for op in ("ln", "rms"):
+        for dtype in ("bfloat16",) if quick else ("bfloat16", "float32"):
+            for shape in row_shapes:
+                out.append(Case(op, shape, dtype, "rows"))
+    for op in ("gn", "bn", "in"):
+        for dtype in ("bfloat16",) if quick else ("bfloat16", "float32"):
+            for shape in CHANNEL_SHAPES[:1] if quick else CHANNEL_SHAPES:
+                for layout in ("nchw", "cl"):
+                    out.append(Case(op, shape, dtype, layout))
+    return [c for c in out if only is None or c.op in only]
+
+
+# ------------------------------------------------------------------------------ inputs
+def make_inputs(case: Case):
+    """``(args, grads_of, dy)``: the call's tensors, which of them get gradients, and dy."""
+    dt, dev = case.torch_dtype, "cuda"
+    x = torch.randn(case.shape, device=dev, dtype=dt)
+    if case.layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    C = case.shape[-1] if case.layout == "rows" else case.shape[1]
+    # BN keeps float32 parameters and statistics (what autocast training has; cuDNN wants it).
+    pdt = torch.float32 if case.op == "bn" else dt
+    w = torch.randn(C, device=dev, dtype=pdt, requires_grad=True)
+    b = torch.randn(C, device=dev, dtype=pdt, requires_grad=True) if case.op != "rms" else None
+    dy = torch.randn_like(x)
+    rm = torch.zeros(C, device=dev) if case.op == "bn" else None
+    rv = torch.ones(C, device=dev) if case.op == "bn" else None
+    return dict(x=x, w=w, b=b, rm=rm, rv=rv), [t for t in (x, w, b) if t is not None], dy
+
+
+def functions(case: Case):
+    """``{impl: f(x, w, b, rm, rv)}`` for normlab, torch and (lazily compiled) torch.compile."""
+    N = case.shape[-1]
+    if case.op == "ln":
+        ours = lambda x, w, b, rm, rv: kernels.layer_norm(x, (N,), w, b)  # noqa: E731
+        ref = lambda x, w, b, rm, rv: F.layer_norm(x, (N,), w, b)  # noqa: E731
+    elif case.op == "rms":
+        ours = lambda x, w, b, rm, rv: kernels.rms_norm(x, (N,), w, 1e-6)  # noqa: E731
+        ref = lambda x, w, b, rm, rv: F.rms_norm(x, (N,), w, 1e-6)  # noqa: E731
+    elif case.op == "gn":
+        ours = lambda x, w, b, rm, rv: kernels.group_norm(x, GN_GROUPS, w, b)  # noqa: E731
+        ref = lambda x, w, b, rm, rv: F.group_norm(x, GN_GROUPS, w, b)  # noqa: E731
+    elif case.op == "in":
+        ours = lambda x, w, b, rm, rv: kernels.instance_norm(x, w, b)  # noqa: E731
+        ref = lambda x, w, b, rm, rv: F.instance_norm(x, weight=w, bias=b)  # noqa: E731
+    elif case.op == "bn":
+        ours = lambda x, w, b, rm, rv: kernels.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)  # noqa: E731
+        ref = lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)  # noqa: E731
+    else:
+        raise ValueError(case.op)
+    return {"normlab": ours, "torch": ref, "compile": ref}
+
+
+def nbytes(case: Case, mode: str) -> int:
+    """The byte count of the module docstring."""
+    es = case.torch_dtype.itemsize
+    pes = 4 if case.op == "bn" else es
+    total = math.prod(case.shape)
+    if case.layout == "rows":
+        C, nstat = case.shape[-1], total // case.shape[-1]
+    else:
+        C = case.shape[1]
+        nstat = {"gn": case.shape[0] * GN_GROUPS, "in": case.shape[0] * C, "bn": C}[case.op]
+    n_params = 1 if case.op == "rms" else 2
+    n_stats = 1 if case.op == "rms" else 2
+    fwd = 2 * total * es + n_params * C * pes
+    bwd = 3 * total * es + C * pes + n_stats * nstat * 4 + n_params * C * pes
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+# ------------------------------------------------------------------------------ timing
+def timed(fn, warmup=20, rep=80) -> float:
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def time_case(case: Case, f, mode: str, warmup=20, rep=80) -> float:
+    args, leaves, dy = make_inputs(case)
+    call = lambda: f(**args)  # noqa: E731
+    if mode == "fwd":
+        return timed(call, warmup, rep)
+    if mode == "bwd":
+        y = call()
+        return timed(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), warmup, rep)
+    return timed(lambda: torch.autograd.grad(call(), leaves, dy), warmup, rep)
+
+
+def copy_bandwidth() -> dict:
+    n = 1 << 29  # 1 GiB of bf16
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), 10, 100)
+    del src, dst
+    return {"bytes": 2 * n * 2, "ms": ms, "gbs": 2 * n * 2 / ms / 1e6}
+
+
+def environment() -> dict:
+    p = torch.cuda.get_device_properties(0)
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(0),
+        "sms": p.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git": os.environ.get("NORMLAB_GIT", ""),
+    }
+
+
+def describe(case: Case) -> str:
+    shape = "x".join(str(s) for s in case.shape)
+    return f"{case.op:4s} {shape:15s} {case.dtype:8s} {case.layout:4s}"
+
+
+def run(args):
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    report = {"environment": environment(), "copy": copy_bandwidth(), "byte_counting": BYTE_COUNTING, "results": []}
+    copy_gbs = report["copy"]["gbs"]
+    print(f"# {report['environment']}", flush=True)
+    print(f"# copy: {copy_gbs:.0f} GB/s (1 GiB, read + write)", flush=True)
+    impls = ["normlab", "torch"] + ([] if args.no_compile else ["compile"])
+    for case in cases(args.quick, args.only):
+        fs = functions(case)
+        if "compile" in impls:
+            fs["compile"] = torch.compile(fs["compile"], dynamic=False)
+        for mode in MODES:
+            row = dict(asdict(case), shape=list(case.shape), mode=mode, bytes=nbytes(case, mode))
+            for impl in impls:
+                t0 = time.time()
+                try:
+                    ms = time_case(case, fs[impl], mode)
+                except Exception as e:  # a baseline that fails is reported, not fatal
+                    row[f"{impl}_error"] = f"{type(e).__name__}: {e}"[:300]
+                    ms = float("nan")
+                row[f"{impl}_ms"] = ms
+                row[f"{impl}_gbs"] = row["bytes"] / ms / 1e6
+                row[f"{impl}_s_wall"] = round(time.time() - t0, 1)
+            row["pct_copy"] = 100 * row["normlab_gbs"] / copy_gbs
+            for impl in impls[1:]:
+                row[f"vs_{impl}"] = row[f"{impl}_ms"] / row["normlab_ms"]
+            report["results"].append(row)
+            extra = "".join(f" {impl} {row[f'{impl}_ms']:.3f} ms (x{row[f'vs_{impl}']:.2f})" for impl in impls[1:])
+            print(f"{describe(case)} {mode:7s} normlab {row['normlab_ms']:.3f} ms {row['normlab_gbs']:6.0f} GB/s {row['pct_copy']:5.1f}% copy |{extra}", flush=True)
+            out_path.write_text(json.dumps(report, indent=1))
+        torch.cuda.empty_cache()
+    report["targets"] = targets(report["results"])
+    out_path.write_text(json.dumps(report, indent=1))
+    print_table(report)
+    return report
+
+
+def targets(rows):
+    """The issue's targets, checked on the fwd+bwd rows."""
+    res = []
+    for r in rows:
+        if r["mode"] != "fwd+bwd":
+            continue
+        name = f"{r['op']} {'x'.join(map(str, r['shape']))} {r['dtype']} {r['layout']}"
+        if r["op"] in ("ln", "rms") and r["shape"][-1] >= 1024:
+            res.append({"case": name, "target": ">= 85% copy", "value": r["pct_copy"], "met": r["pct_copy"] >= 85})
+            res.append({"case": name, "target": ">= 1.2x torch", "value": r.get("vs_torch"), "met": (r.get("vs_torch") or 0) >= 1.2})
+        if r["op"] in ("gn", "bn", "in"):
+            res.append({"case": name, "target": ">= 70% copy", "value": r["pct_copy"], "met": r["pct_copy"] >= 70})
+            if r["op"] == "gn" and r["layout"] == "cl":
+                res.append({"case": name, "target": ">= 1.5x torch", "value": r.get("vs_torch"), "met": (r.get("vs_torch") or 0) >= 1.5})
+    return res
+
+
+def print_table(report):
+    rows = report["results"]
+    print("\n| op | shape | dtype | layout | mode | normlab ms | GB/s | % copy | torch ms | vs torch | compile ms | vs compile |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cm = r.get("compile_ms")
+        print(
+            f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['layout']} | {r['mode']} | "
+            f"{r['normlab_ms']:.3f} | {r['normlab_gbs']:.0f} | {r['pct_copy']:.0f}% | {r['torch_ms']:.3f} | {r['vs_torch']:.2f} | "
+            + (f"{cm:.3f} | {r['vs_compile']:.2f} |" if cm is not None else "- | - |")
+        )
+    t = report.get("targets", [])
+    met = sum(1 for x in t if x["met"])
+    print(f"\ntargets met: {met} / {len(t)}")
+    for x in t:
+        if not x["met"]:
+            v = x["value"]
+            print(f"  missed: {x['case']}: {x['target']} (got {v:.2f})" if v is not None else f"  missed: {x['case']}: {x['target']}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a subset: fewer shapes, bfloat16 only")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--only", type=lambda s: set(s.split(",")), default=None, help="ops, e.g. ln,rms,gn,bn,in")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_gpu.py needs a CUDA GPU")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
