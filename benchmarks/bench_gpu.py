@@ -82,7 +82,7 @@ def cases(quick: bool, only):
             for shape in row_shapes:
                 out.append(Case(op, shape, dtype, "rows"))
     for op in ("gn", "bn", "in"):
-        for dtype in ("bfloat16",) if quick else ("bfloat16", "float32"):
+        for dtype in ("bfloat16",):  # convolutional nets train in bf16 autocast; fp32 costs device time
             for shape in CHANNEL_SHAPES[:1] if quick else CHANNEL_SHAPES:
                 for layout in ("nchw", "cl"):
                     out.append(Case(op, shape, dtype, layout))

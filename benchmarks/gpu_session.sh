@@ -16,6 +16,8 @@ for step in "$@"; do
   case $step in
     tests) timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests/kernels -m gpu -q -n 8 --maxfail=30 -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
            echo "tests rc=$?"; tail -n 25 "$OUT/gpu_tests.log" ;;
+    profile) timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_gpu.py --out "$OUT/profile.txt" >"$OUT/profile.log" 2>&1
+          echo "profile rc=$?"; grep -E "launch|torch.empty|host|===|GB/s" "$OUT/profile.log" ;;
     tune) timeout "${TUNE_TIMEOUT:-200}" python3 benchmarks/tune_gpu.py "$OUT/tune.json" >"$OUT/tune.log" 2>&1
           echo "tune rc=$?"; sed -n '/^best:/,$p' "$OUT/tune.log" ;;
     bench) timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_gpu.py --out "$OUT/gpu.json" >"$OUT/bench.log" 2>&1

@@ -80,9 +80,12 @@ def test_strided_rows_without_copy():
 
 
 @cpu
-def test_many_programs_and_steps(monkeypatch):
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_many_programs_and_steps(prefetch, monkeypatch):
     # Small tiles: several rows per program, several steps per backward program, many partials.
+    monkeypatch.setitem(ln_mod.TUNING, "bwd_prefetch", prefetch)
     monkeypatch.setitem(ln_mod.TUNING, "fwd_tile", 64)
+    monkeypatch.setitem(ln_mod.TUNING, "fwd_tile_short", 64)
     monkeypatch.setitem(ln_mod.TUNING, "bwd_tile", 32)
     monkeypatch.setitem(ln_mod.TUNING, "bwd_programs_per_sm", 1)
     _check(*_case((37, 16), 16, torch.float64, "cpu"), torch.float64)

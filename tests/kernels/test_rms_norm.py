@@ -61,6 +61,7 @@ def test_eps_none_is_finfo_eps():
 @cpu
 def test_many_programs_and_steps(monkeypatch):
     monkeypatch.setitem(ln_mod.TUNING, "fwd_tile", 64)
+    monkeypatch.setitem(ln_mod.TUNING, "fwd_tile_short", 64)
     monkeypatch.setitem(ln_mod.TUNING, "bwd_tile", 32)
     monkeypatch.setitem(ln_mod.TUNING, "bwd_programs_per_sm", 1)
     _check(*_case((37, 16), 16, torch.float64, "cpu"), torch.float64)

@@ -361,6 +361,7 @@ def _finalize_grad_kernel(
     NSTAT,
     REDUCE_N: tl.constexpr,
     HAS_W: tl.constexpr,
+    STAT_GRAD: tl.constexpr,
     DW: tl.constexpr,
     DB: tl.constexpr,
     ACC: tl.constexpr,
@@ -368,35 +369,10 @@ def _finalize_grad_kernel(
     BJ: tl.constexpr,
     BI: tl.constexpr,
 ):
+    # Programs [0, NSTAT) take role 1 (only when STAT_GRAD; NSTAT is 0 otherwise), the next C
+    # programs role 2 (only when DW or DB).
     pid = tl.program_id(0)
-    if pid < NSTAT:  # role 1: the two group means that dx needs
-        o = pid  # items as in _finalize_kernel
-        if REDUCE_N:
-            i_lo = 0
-            i_hi = N * K
-            c0 = o
-        else:
-            i_lo = (o // G) * K
-            i_hi = i_lo + K
-            c0 = (o % G) * CG
-        acc1 = tl.full([BK, BJ], 0.0, ACC)
-        acc2 = tl.full([BK, BJ], 0.0, ACC)
-        for j0 in range(0, CG, BJ):
-            jj = j0 + tl.arange(0, BJ)
-            if HAS_W:
-                w = tl.load(w_ptr + c0 + jj, mask=jj < CG, other=0.0).to(ACC)
-            else:
-                w = tl.where(jj < CG, 1.0, 0.0).to(ACC)
-            for i0 in range(i_lo, i_hi, BK):
-                ii = i0 + tl.arange(0, BK)
-                ok = (ii < i_hi)[:, None] & (jj < CG)[None, :]
-                offs = ii[:, None] * C + (c0 + jj)[None, :]
-                acc1 += w[None, :] * tl.load(psdy_ptr + offs, mask=ok, other=0.0)
-                acc2 += w[None, :] * tl.load(psdyx_ptr + offs, mask=ok, other=0.0)
-        inv = 1.0 / tl.maximum(tl.load(scnt_ptr + o), 1.0)
-        tl.store(c1_ptr + o, tl.reduce(acc1, None, _ADD) * inv)
-        tl.store(c2_ptr + o, tl.reduce(acc2, None, _ADD) * inv)
-    else:  # role 2: dw, db of channel c, over all samples and chunks
+    if pid >= NSTAT:  # role 2: dw, db of channel c, over all samples and chunks
         c = pid - NSTAT
         acc_dy = tl.full([BI], 0.0, ACC)
         acc_dyx = tl.full([BI], 0.0, ACC)
@@ -410,6 +386,34 @@ def _finalize_grad_kernel(
             tl.store(dw_ptr + c, tl.reduce(acc_dyx, 0, _ADD).to(dw_ptr.dtype.element_ty))
         if DB:
             tl.store(db_ptr + c, tl.reduce(acc_dy, 0, _ADD).to(db_ptr.dtype.element_ty))
+    else:  # role 1: the two group means that dx needs
+        if STAT_GRAD:
+            o = pid  # items as in _finalize_kernel
+            if REDUCE_N:
+                i_lo = 0
+                i_hi = N * K
+                c0 = o
+            else:
+                i_lo = (o // G) * K
+                i_hi = i_lo + K
+                c0 = (o % G) * CG
+            acc1 = tl.full([BK, BJ], 0.0, ACC)
+            acc2 = tl.full([BK, BJ], 0.0, ACC)
+            for j0 in range(0, CG, BJ):
+                jj = j0 + tl.arange(0, BJ)
+                if HAS_W:
+                    w = tl.load(w_ptr + c0 + jj, mask=jj < CG, other=0.0).to(ACC)
+                else:
+                    w = tl.where(jj < CG, 1.0, 0.0).to(ACC)
+                for i0 in range(i_lo, i_hi, BK):
+                    ii = i0 + tl.arange(0, BK)
+                    ok = (ii < i_hi)[:, None] & (jj < CG)[None, :]
+                    offs = ii[:, None] * C + (c0 + jj)[None, :]
+                    acc1 += w[None, :] * tl.load(psdy_ptr + offs, mask=ok, other=0.0)
+                    acc2 += w[None, :] * tl.load(psdyx_ptr + offs, mask=ok, other=0.0)
+            inv = 1.0 / tl.maximum(tl.load(scnt_ptr + o), 1.0)
+            tl.store(c1_ptr + o, tl.reduce(acc1, None, _ADD) * inv)
+            tl.store(c2_ptr + o, tl.reduce(acc2, None, _ADD) * inv)
 
 
 @triton.jit
@@ -644,7 +648,7 @@ def backward(dy, x, g: Geometry, p: Plan, st: Stats, mask, mean, rstd, count, we
         channel_programs = g.C if (need_dw or need_db) else 0
         _finalize_grad_kernel[(nstat + channel_programs,)](
             psdy, psdyx, weight, count, c1, c2, dw, db, g.N, g.C, p.K, st.G, st.CG, nstat,
-            REDUCE_N=st.reduce_n, HAS_W=weight is not None, DW=need_dw, DB=need_db,
+            REDUCE_N=st.reduce_n, HAS_W=weight is not None, STAT_GRAD=stat_grad, DW=need_dw, DB=need_db,
             ACC=acc_dtype(x.dtype), BK=BK, BJ=BJ, BI=256, num_warps=4,
         )
     dx = torch.empty_like(x)

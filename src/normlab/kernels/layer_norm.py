@@ -47,9 +47,12 @@ MAX_N_FLOAT64 = 8192
 # Launch heuristics, named so that benchmarks/tune can sweep them without editing code.
 TUNING = {
     "fwd_tile": 4096,  # elements per forward program: ROWS = tile // BLOCK_N rows when N is small
+    "fwd_tile_short": 2048,  # the same for rows of 512 or fewer
+    "fwd_elems_per_thread": 32,  # forward num_warps = tile / (32 * this), clamped to [4, 16]
     "bwd_tile": 4096,  # elements per backward step
     "bwd_programs_per_sm": 4,  # persistent backward grid = this * SMs (at most one step per program)
     "bwd_max_own": 8192,  # columns one backward program owns; longer rows split over programs
+    "bwd_prefetch": True,  # load step i+1 while step i reduces (tiles up to 4096: beyond, it spills)
     "elems_per_thread": 16,  # sets num_warps = tile / (32 * this), clamped to [4, 16]
     "fwd_warps": None,  # fixed num_warps instead of the rule above
     "bwd_warps": None,
@@ -123,6 +126,7 @@ def _bwd_kernel(
     ROWS: tl.constexpr,
     OWN: tl.constexpr,
     SPLIT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # Program (p, part) owns rows [p * rows_per_program, ...) and columns
     # [part * OWN, (part + 1) * OWN). With SPLIT > 1 (very long rows, whose x, dy, w, dw, db
@@ -140,12 +144,25 @@ def _bwd_kernel(
     db_acc = tl.full([ROWS, OWN], 0.0, ACC)
     start = p.to(tl.int64) * rows_per_program
     end = tl.minimum(start + rows_per_program, M)
+    if PREFETCH:  # issue the next step's loads before this step's reductions (2 rows in flight)
+        rows = start + tl.arange(0, ROWS)
+        ok = (rows < end)[:, None] & col_ok[None, :]
+        x_next = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+        dy_next = tl.load(dy_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0)
     for r0 in range(start, end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
         row_ok = rows < end
         ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(ACC)
+        if PREFETCH:
+            x = x_next.to(ACC)
+            dy = dy_next.to(ACC)
+            nrows = rows + ROWS
+            nok = (nrows < end)[:, None] & col_ok[None, :]
+            x_next = tl.load(x_ptr + nrows[:, None] * stride_x + cols[None, :], mask=nok, other=0.0)
+            dy_next = tl.load(dy_ptr + nrows[:, None] * N + cols[None, :], mask=nok, other=0.0)
+        else:
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(ACC)
+            dy = tl.load(dy_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0.0).to(ACC)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         if RMS:
             xhat = x * rstd[:, None]
@@ -226,10 +243,10 @@ def as_rows(x: torch.Tensor, N: int):
     return x2
 
 
-def _warps(tile: int, fixed=None) -> int:
+def _warps(tile: int, fixed=None, per_thread=None) -> int:
     if fixed:
         return int(fixed)
-    return int(min(16, max(4, tile // (32 * TUNING["elems_per_thread"]))))
+    return int(min(16, max(4, tile // (32 * (per_thread or TUNING["elems_per_thread"])))))
 
 
 def _rows_per_step(block_n: int, tile: int, M: int) -> int:
@@ -244,11 +261,11 @@ def forward(x2: torch.Tensor, weight, bias, eps: float, rms: bool):
     mean = None if rms else torch.empty(M, dtype=acc, device=x2.device)
     rstd = torch.empty(M, dtype=acc, device=x2.device)
     block_n = next_pow2(N)
-    rows = _rows_per_step(block_n, TUNING["fwd_tile"], M)
+    rows = _rows_per_step(block_n, TUNING["fwd_tile_short" if block_n <= 512 else "fwd_tile"], M)
     _fwd_kernel[(triton.cdiv(M, rows),)](
         x2, y, weight, bias, rstd if rms else mean, rstd, M, N, x2.stride(0), eps,
         RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc_dtype(x2.dtype),
-        ROWS=rows, BLOCK_N=block_n, num_warps=_warps(rows * block_n, TUNING["fwd_warps"]),
+        ROWS=rows, BLOCK_N=block_n, num_warps=_warps(rows * block_n, TUNING["fwd_warps"], TUNING["fwd_elems_per_thread"]),
     )
     return y, mean, rstd
 
@@ -282,7 +299,7 @@ def backward(dy2, x2, weight, bias, mean, rstd, rms: bool, need_dw: bool, need_d
     _bwd_kernel[(blocks * split,)](
         x2, dy2, dx, weight, rstd if rms else mean, rstd, dw_part, db_part, M, N, x2.stride(0),
         rows_per_program, RMS=rms, HAS_W=weight is not None, DW=has_w, DB=has_b, ACC=acc_dtype(x2.dtype),
-        ROWS=rows, OWN=own, SPLIT=split, num_warps=_warps(rows * own, TUNING["bwd_warps"]),
+        ROWS=rows, OWN=own, SPLIT=split, PREFETCH=TUNING["bwd_prefetch"] and rows * own <= 4096, num_warps=_warps(rows * own, TUNING["bwd_warps"]),
     )
     dw = _sum_partials(dw_part, weight) if has_w else None
     db = _sum_partials(db_part, bias) if has_b else None
