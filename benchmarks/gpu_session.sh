@@ -20,8 +20,8 @@ for step in "$@"; do
           echo "profile rc=$?"; grep -E "launch|torch.empty|host|===|GB/s" "$OUT/profile.log" ;;
     tune) timeout "${TUNE_TIMEOUT:-200}" python3 benchmarks/tune_gpu.py "$OUT/tune.json" >"$OUT/tune.log" 2>&1
           echo "tune rc=$?"; sed -n '/^best:/,$p' "$OUT/tune.log" ;;
-    bench) timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_gpu.py --out "$OUT/gpu.json" >"$OUT/bench.log" 2>&1
-           echo "bench rc=$?"; grep -A40 "^targets met" "$OUT/bench.log" ;;
+    bench) timeout "${BENCH_TIMEOUT:-360}" python3 benchmarks/bench_gpu.py --out "$OUT/gpu.json" >"$OUT/bench.log" 2>&1
+           echo "bench rc=$?"; grep -A70 "^targets met" "$OUT/bench.log" ;;
     bench-quick) timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_gpu.py --quick --out "$OUT/gpu_quick.json" >"$OUT/bench_quick.log" 2>&1
            echo "bench-quick rc=$?"; grep -A40 "^targets met" "$OUT/bench_quick.log" ;;
     bench-nocompile) timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_gpu.py --no-compile --out "$OUT/gpu_nocompile.json" >"$OUT/bench_nocompile.log" 2>&1

@@ -21,9 +21,10 @@ no copy to NCHW is ever made.
 Forward, three launches:
 
 1. ``_stats_kernel``: each program takes a block of channels and a chunk of positions of
-   one sample and keeps per-channel ``(count, mean, M2)``: each tile's mean and squared
-   deviations are an exact two-pass over registers, merged into the running values with
-   Chan's formula, so inputs like 1000 ± 1 lose nothing. Writes partials ``[N, K, C]``.
+   one sample; every register lane keeps a Welford ``(count, mean, M2)`` of the values it
+   sees, and at the end the lanes of a channel are merged with Chan's formula (mean first,
+   then deviations), so inputs like 1000 ± 1 lose nothing and the loop has no reduction
+   across threads. Writes partials ``[N, K, C]``.
 2. ``_finalize_kernel``: one program per statistic group merges its partials in a fixed
    order (two passes: the mean, then ``sum(M2_i + n_i (mean_i - mean)^2)``), writes
    ``mean``, ``rstd``, ``count`` and, for batch norm in training, updates the running
@@ -40,6 +41,7 @@ and into ``dw``/``db``; the elementwise ``dx``. No atomics anywhere: bitwise rep
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -47,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normlab.kernels._common import _ADD, acc_dtype, acc_torch, next_pow2, num_sms
+from normlab.kernels._common import _ADD, acc_dtype, acc_torch, cdiv, next_pow2, num_sms
 
 TUNING = {
     "tile": 4096,  # elements per tile in the stats, apply and gradient kernels
@@ -96,9 +98,11 @@ def _stats_kernel(
     c = cb * BC + tl.arange(0, BC)
     c_ok = c < C
     base = x_ptr + n.to(tl.int64) * sn
-    run_n = tl.full([BC], 0.0, ACC)
-    run_mean = tl.full([BC], 0.0, ACC)
-    run_m2 = tl.full([BC], 0.0, ACC)
+    # Welford per register lane (a position row of the tile, one channel): each lane sees one
+    # value per tile, so the update needs no reduction across threads inside the loop.
+    lane_n = tl.full([BS], 0.0, ACC)
+    lane_mean = tl.full([BS, BC], 0.0, ACC)
+    lane_m2 = tl.full([BS, BC], 0.0, ACC)
     s_lo = k * CHUNK
     s_hi = tl.minimum(s_lo + CHUNK, S)
     for s0 in range(s_lo, s_hi, BS):
@@ -112,23 +116,23 @@ def _stats_kernel(
         else:
             offs = s[:, None] + c[None, :].to(tl.int64) * S
         x = tl.load(base + offs, mask=ok, other=0.0).to(ACC)
-        t_n = tl.reduce(ok.to(ACC), 0, _ADD)
-        t_mean = tl.reduce(x, 0, _ADD) / tl.maximum(t_n, 1.0)
-        d = tl.where(ok, x - t_mean[None, :], 0.0)
-        t_m2 = tl.reduce(d * d, 0, _ADD)
-        # Chan et al.: merge (run_n, run_mean, run_m2) with the tile's (t_n, t_mean, t_m2).
-        new_n = run_n + t_n
-        frac = t_n / tl.maximum(new_n, 1.0)
-        delta = t_mean - run_mean
-        run_mean += delta * frac
-        run_m2 += t_m2 + delta * delta * run_n * frac
-        run_n = new_n
+        v = s_ok.to(ACC)
+        lane_n += v
+        step = v / tl.maximum(lane_n, 1.0)  # 1/n for a lane that takes this value, else 0
+        delta = x - lane_mean
+        lane_mean += delta * step[:, None]
+        lane_m2 += delta * (x - lane_mean) * v[:, None]
+    # Chan et al.: merge the BS lanes of each channel, the mean first, then the deviations.
+    count = tl.reduce(lane_n, 0, _ADD)
+    mean = tl.reduce(lane_mean * lane_n[:, None], 0, _ADD) / tl.maximum(count, 1.0)
+    d = lane_mean - mean[None, :]
+    m2 = tl.reduce(lane_m2 + lane_n[:, None] * d * d, 0, _ADD)
     out = (n.to(tl.int64) * K + k) * C + c
-    tl.store(pmean_ptr + out, run_mean, mask=c_ok)
-    tl.store(pm2_ptr + out, run_m2, mask=c_ok)
+    tl.store(pmean_ptr + out, mean, mask=c_ok)
+    tl.store(pm2_ptr + out, m2, mask=c_ok)
     if HAS_MASK:
         if cb == 0:
-            tl.store(pcnt_ptr + n * K + k, tl.max(run_n, axis=0))
+            tl.store(pcnt_ptr + n * K + k, count)
 
 
 @triton.jit
@@ -503,21 +507,36 @@ class Geometry:
     cl: bool
 
 
+def _dense(shape, stride, order) -> bool:
+    """True if the dims in ``order`` (outermost first) are densely packed, as torch counts it
+    (size-1 dims may have any stride)."""
+    expected = 1
+    for d in reversed(order):
+        if shape[d] != 1 and stride[d] != expected:
+            return False
+        expected *= shape[d]
+    return True
+
+
 def geometry(x: torch.Tensor, fold_batch: bool = False):
     """The ``[N, C, S]`` view of ``x``, or ``None`` for a layout the kernels do not take.
 
     ``fold_batch`` (batch norm): a channels-last tensor is one long run of positions, so the
     batch folds into the positions (``N = 1``, ``S = N * S``) and every program sees more data.
     """
-    if x.dim() < 2:
+    return _geometry(tuple(x.shape), tuple(x.stride()), bool(fold_batch))
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(shape, stride, fold_batch):
+    if len(shape) < 2:
         return None
-    N, C = x.shape[0], x.shape[1]
-    S = math.prod(x.shape[2:])
-    if S == 1 and x.is_contiguous():
-        g = Geometry(N, C, 1, C, True)
-    elif x.is_contiguous():
-        g = Geometry(N, C, S, C * S, False)
-    elif x.permute(0, *range(2, x.dim()), 1).is_contiguous():
+    N, C = shape[0], shape[1]
+    S = math.prod(shape[2:])
+    dims = tuple(range(len(shape)))
+    if _dense(shape, stride, dims):
+        g = Geometry(N, C, S, C * S, S == 1)  # S == 1: channels are the contiguous dim
+    elif _dense(shape, stride, (0, *dims[2:], 1)):
         g = Geometry(N, C, S, S * C, True)
     else:
         return None
@@ -537,6 +556,11 @@ class Plan:
 
 
 def plan(g: Geometry, device: torch.device) -> Plan:
+    return _plan(g, num_sms(device), tuple(TUNING.values()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(g: Geometry, sms: int, _tuning) -> Plan:
     tile = TUNING["tile"]
     if g.cl:
         BC = min(next_pow2(g.C), TUNING["max_channel_block"])
@@ -544,12 +568,12 @@ def plan(g: Geometry, device: torch.device) -> Plan:
     else:
         BS = min(next_pow2(g.S), TUNING["max_spatial_block"])
         BC = min(max(1, tile // BS), next_pow2(g.C))
-    CB = triton.cdiv(g.C, BC)
-    ST = triton.cdiv(g.S, BS)
-    target = num_sms(device) * TUNING["stats_programs_per_sm"]
-    K = max(1, min(ST, triton.cdiv(target, g.N * CB)))
-    CHUNK = triton.cdiv(ST, K) * BS
-    K = triton.cdiv(g.S, CHUNK)
+    CB = cdiv(g.C, BC)
+    ST = cdiv(g.S, BS)
+    target = sms * TUNING["stats_programs_per_sm"]
+    K = max(1, min(ST, cdiv(target, g.N * CB)))
+    CHUNK = cdiv(ST, K) * BS
+    K = cdiv(g.S, CHUNK)
     return Plan(BS, BC, CB, ST, K, CHUNK)
 
 
@@ -574,10 +598,12 @@ class Stats:
     reduce_n: bool  # batch norm: statistics over the samples too
 
 
+@functools.lru_cache(maxsize=1024)
 def batch_stats(g: Geometry) -> Stats:
     return Stats(NSTAT=g.C, STAT_SN=0, CG=1, G=g.C, reduce_n=True)
 
 
+@functools.lru_cache(maxsize=1024)
 def group_stats(g: Geometry, num_groups: int) -> Stats:
     return Stats(NSTAT=g.N * num_groups, STAT_SN=num_groups, CG=g.C // num_groups, G=num_groups, reduce_n=False)
 

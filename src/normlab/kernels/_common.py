@@ -55,5 +55,12 @@ if _ADD is None:  # pragma: no cover - depends on the Triton version
         return a + b
 
 
+# Host-side integer helpers in plain Python: triton.cdiv / triton.next_power_of_2 are
+# constexpr functions in recent Triton, tens of microseconds per call from the host, which
+# made the launchers' host time exceed the kernels' GPU time on small and medium shapes.
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normlab.kernels._common import _ADD, acc_dtype, acc_torch, next_pow2, num_sms
+from normlab.kernels._common import _ADD, acc_dtype, acc_torch, cdiv, next_pow2, num_sms
 
 # Largest row a program holds in registers (elements). Past this, ``supports`` says no and
 # torch runs the op: the backward would spill registers.
@@ -208,21 +208,33 @@ def _bwd_kernel(
 
 @triton.jit
 def _sum_partials_kernel(
-    part_ptr,  # [P, N] ACC partial sums, contiguous
-    out_ptr,  # [N] result, in the parameter's dtype
+    part_ptr,  # [2, P, N] ACC partial sums: [0] of dy * xhat, [1] of dy
+    dw_ptr,  # [N] weight gradient, weight's dtype (only if DW)
+    db_ptr,  # [N] bias gradient, bias's dtype (only if DB)
     P,
     N,
+    DW: tl.constexpr,
+    DB: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    # grid (column blocks, 2): axis 1 picks dw (0) or db (1); a fixed order over P, no atomics.
+    which = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < N
+    base = part_ptr + which.to(tl.int64) * P * N
     acc = tl.full([BLOCK_P, BLOCK_C], 0.0, part_ptr.dtype.element_ty)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
         ok = (ps < P)[:, None] & col_ok[None, :]
-        acc += tl.load(part_ptr + ps[:, None] * N + cols[None, :], mask=ok, other=0.0)
-    tl.store(out_ptr + cols, tl.reduce(acc, 0, _ADD).to(out_ptr.dtype.element_ty), mask=col_ok)
+        acc += tl.load(base + ps[:, None] * N + cols[None, :], mask=ok, other=0.0)
+    total = tl.reduce(acc, 0, _ADD)
+    if which == 0:
+        if DW:
+            tl.store(dw_ptr + cols, total.to(dw_ptr.dtype.element_ty), mask=col_ok)
+    else:
+        if DB:
+            tl.store(db_ptr + cols, total.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -262,20 +274,12 @@ def forward(x2: torch.Tensor, weight, bias, eps: float, rms: bool):
     rstd = torch.empty(M, dtype=acc, device=x2.device)
     block_n = next_pow2(N)
     rows = _rows_per_step(block_n, TUNING["fwd_tile_short" if block_n <= 512 else "fwd_tile"], M)
-    _fwd_kernel[(triton.cdiv(M, rows),)](
+    _fwd_kernel[(cdiv(M, rows),)](
         x2, y, weight, bias, rstd if rms else mean, rstd, M, N, x2.stride(0), eps,
         RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc_dtype(x2.dtype),
         ROWS=rows, BLOCK_N=block_n, num_warps=_warps(rows * block_n, TUNING["fwd_warps"], TUNING["fwd_elems_per_thread"]),
     )
     return y, mean, rstd
-
-
-def _sum_partials(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    P, N = part.shape
-    out = torch.empty(N, dtype=like.dtype, device=like.device)
-    block_c = min(256, next_pow2(N))
-    _sum_partials_kernel[(triton.cdiv(N, block_c),)](part, out, P, N, BLOCK_P=32, BLOCK_C=block_c, num_warps=4)
-    return out
 
 
 def backward(dy2, x2, weight, bias, mean, rstd, rms: bool, need_dw: bool, need_db: bool):
@@ -287,22 +291,24 @@ def backward(dy2, x2, weight, bias, mean, rstd, rms: bool, need_dw: bool, need_d
     own = min(block_n, next_pow2(TUNING["bwd_max_own"]))
     split = block_n // own
     rows = _rows_per_step(own, TUNING["bwd_tile"], M)
-    steps = triton.cdiv(M, rows)
+    steps = cdiv(M, rows)
     blocks = max(1, min(steps, num_sms(x2.device) * TUNING["bwd_programs_per_sm"] // split))
-    rows_per_program = triton.cdiv(steps, blocks) * rows
-    blocks = triton.cdiv(M, rows_per_program)
+    rows_per_program = cdiv(steps, blocks) * rows
+    blocks = cdiv(M, rows_per_program)
     has_w = weight is not None and need_dw
     has_b = bias is not None and need_db
-    acc = acc_torch(x2.dtype)
-    dw_part = torch.empty((blocks, N), dtype=acc, device=x2.device) if has_w else None
-    db_part = torch.empty((blocks, N), dtype=acc, device=x2.device) if has_b else None
+    # partial sums of dy * xhat ([0]) and dy ([1]) per row block, one allocation
+    part = torch.empty((2, blocks, N), dtype=acc_torch(x2.dtype), device=x2.device) if (has_w or has_b) else None
     _bwd_kernel[(blocks * split,)](
-        x2, dy2, dx, weight, rstd if rms else mean, rstd, dw_part, db_part, M, N, x2.stride(0),
+        x2, dy2, dx, weight, rstd if rms else mean, rstd, part, part[1] if has_b else None, M, N, x2.stride(0),
         rows_per_program, RMS=rms, HAS_W=weight is not None, DW=has_w, DB=has_b, ACC=acc_dtype(x2.dtype),
         ROWS=rows, OWN=own, SPLIT=split, PREFETCH=TUNING["bwd_prefetch"] and rows * own <= 4096, num_warps=_warps(rows * own, TUNING["bwd_warps"]),
     )
-    dw = _sum_partials(dw_part, weight) if has_w else None
-    db = _sum_partials(db_part, bias) if has_b else None
+    dw = torch.empty(N, dtype=weight.dtype, device=x2.device) if has_w else None
+    db = torch.empty(N, dtype=bias.dtype, device=x2.device) if has_b else None
+    if has_w or has_b:
+        block_c = min(64, next_pow2(N))
+        _sum_partials_kernel[(cdiv(N, block_c), 2)](part, dw, db, blocks, N, DW=has_w, DB=has_b, BLOCK_P=32, BLOCK_C=block_c, num_warps=4)
     return dx, dw, db
 
 
