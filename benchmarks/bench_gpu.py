@@ -74,7 +74,7 @@ class Case:
         return getattr(torch, self.dtype)
 
 
-def cases(quick: bool, only):
+def cases(quick: bool, only, dtypes=None):
     """Ordered so that a run cut short has the main cases: big channel shape, bf16 rows, ..."""
     row_shapes = ROW_SHAPES_QUICK if quick else ROW_SHAPES
     channel_shapes = CHANNEL_SHAPES[:1] if quick else CHANNEL_SHAPES
@@ -87,7 +87,7 @@ def cases(quick: bool, only):
     if not quick:
         groups.append([Case(op, rs, "float32", "rows") for op in ("ln", "rms") for rs in row_shapes])
     out = [c for g in groups for c in g]
-    return [c for c in out if only is None or c.op in only]
+    return [c for c in out if (only is None or c.op in only) and (dtypes is None or c.dtype in dtypes)]
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -217,7 +217,11 @@ def run(args):
     print(f"# {report['environment']}", flush=True)
     print(f"# copy: {copy_gbs:.0f} GB/s (1 GiB, read + write)", flush=True)
     impls = ["normlab", "torch"] + ([] if args.no_compile else ["compile"])
-    for case in cases(args.quick, args.only):
+    # One compiled entry per shape: the lambdas of one op share a code object, and dynamo
+    # falls back to eager after cache_size_limit (8) recompilations of it.
+    torch._dynamo.config.cache_size_limit = 256
+    torch._dynamo.config.accumulated_cache_size_limit = 4096
+    for case in cases(args.quick, args.only, args.dtypes):
         fs = functions(case)
         if "compile" in impls:
             fs["compile"] = torch.compile(fs["compile"], dynamic=False)
@@ -325,6 +329,7 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (GPU time only) fwd+bwd timings")
     ap.add_argument("--only", type=lambda s: set(s.split(",")), default=None, help="ops, e.g. ln,rms,gn,bn,in")
+    ap.add_argument("--dtypes", type=lambda s: set(s.split(",")), default=None, help="e.g. bfloat16,float32")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
