@@ -1,5 +1,15 @@
-"""Record every kernel launch of a CPU run (interpreter), then compile each distinct
-specialization for sm_90 offline: catches compile errors the interpreter cannot see."""
+"""Step 1 of the offline compile check: run the CPU kernel tests under the interpreter and
+record every distinct kernel specialization they launch (to /tmp/launches.json).
+
+Step 2, ``compile_check_sm90.py`` (in a fresh process, interpreter off), compiles each for
+sm_90 with the local Triton and ptxas, no GPU needed, and reports failures and register
+spills. It catches what the interpreter cannot: code in branches a test never takes at run
+time still has to compile (a BatchNorm-eval compile error was found on the GPU before this
+existed). Not a test; takes a few minutes.
+
+    K="not gpu" PYTHONPATH=src python benchmarks/compile_check_record.py
+    PYTHONPATH=src python benchmarks/compile_check_sm90.py
+"""
 import os, sys, warnings, inspect, re, subprocess, tempfile
 os.environ["TRITON_INTERPRET"] = "1"
 warnings.filterwarnings("ignore")
@@ -38,7 +48,7 @@ def rec(self, *args, **kwargs):
 I.GridExecutor.__call__ = rec
 sys.argv = ["pytest"]
 import pytest
-pytest.main(["-q", "-x", "-p", "no:cacheprovider", "tests/kernels", "-k", sys.argv_k if hasattr(sys, "argv_k") else os.environ.get("K", "")])
+pytest.main(["-q", "-x", "-p", "no:cacheprovider", "tests/kernels", "-k", os.environ.get("K", "")])
 print("distinct launches:", len(calls))
 import json
 out = []
