@@ -1,0 +1,149 @@
+"""``supports(op, x, *args, **kwargs) -> (ok, reason)``: may a Triton kernel run this call?
+
+The dispatcher in the functional tier asks before every kernel call (``_backend.use_triton``)
+and falls back to torch on ``ok=False``; ``reason`` says why in one line, and is logged.
+Arguments after ``x`` are those of the kernel function of the same name, positionally or by
+keyword. Shapes are assumed valid (the functional tier checks them); this module refuses
+what the kernels do not handle. Nothing here imports Triton unless it is available.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+
+import torch
+
+from normlab import _backend
+
+OPS = ("layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "masked_batch_norm")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _signature(op):
+    import normlab.kernels as k
+
+    return inspect.signature(getattr(k, op))
+
+
+def _param(t, name, x, numel):
+    """Refusal reason for a per-feature tensor argument (weight, bias, running stats), or ''."""
+    if t is None:
+        return ""
+    if not isinstance(t, torch.Tensor):
+        return f"{name} is not a tensor"
+    if t.dtype not in _DTYPES:
+        return f"{name} dtype {t.dtype} not supported"
+    if t.device != x.device:
+        return f"{name} on {t.device}, input on {x.device}"
+    if t.numel() != numel:
+        return f"{name} has {t.numel()} elements, expected {numel}"
+    if not t.is_contiguous():
+        return f"{name} is not contiguous"
+    return ""
+
+
+def _common(x):
+    if not _backend.triton_available():
+        return "triton cannot be imported"
+    if not isinstance(x, torch.Tensor):
+        return "input is not a tensor"
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype} not supported (float16, bfloat16, float32, float64 are)"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if x.device.type != "cuda" and not interpret:
+        return f"input on {x.device}: the kernels need CUDA (or TRITON_INTERPRET=1 for the interpreter)"
+    if x.device.type == "cuda" and interpret:
+        return "TRITON_INTERPRET=1 with a CUDA input: the interpreter runs CPU tensors"
+    if x.numel() == 0:
+        return "empty input"
+    if x.numel() >= 2**31:
+        return "input has 2**31 elements or more"
+    return ""
+
+
+def _rows_op(a, op):
+    from normlab.kernels.layer_norm import as_rows, max_n
+
+    x, shape = a["x"], a["normalized_shape"]
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    N = math.prod(shape)
+    if tuple(x.shape[x.dim() - len(shape):]) != shape or len(shape) > x.dim():
+        return f"normalized_shape {shape} does not end the input shape {tuple(x.shape)}"
+    if N > max_n(x.dtype):
+        return f"normalized size {N} > {max_n(x.dtype)}: one row must fit one program's registers"
+    if as_rows(x, N) is None:
+        return "the trailing dims cannot be viewed as rows with unit stride (non-contiguous input)"
+    if a.get("eps") is not None and not isinstance(a["eps"], (int, float)):
+        return "eps is not a number"
+    for name in ("weight", "bias"):
+        if name in a and (why := _param(a[name], name, x, N)):
+            return why
+    return ""
+
+
+def _channel_op(a, op):
+    from normlab.kernels import _channel_norm as core
+
+    x = a["x"]
+    if x.dim() < 2:
+        return f"input of rank {x.dim()}, need (N, C, *)"
+    batch = op in ("batch_norm", "masked_batch_norm")
+    if core.geometry(x, fold_batch=batch) is None:
+        return "layout not NCHW-contiguous nor channels-last (strides " + str(tuple(x.stride())) + ")"
+    C = x.shape[1]
+    if op == "group_norm":
+        G = a["num_groups"]
+        if not isinstance(G, int) or G < 1 or C % G:
+            return f"num_groups {G!r} does not divide C={C}"
+    if op == "instance_norm":
+        if a.get("running_mean") is not None or a.get("running_var") is not None:
+            return "instance norm with running statistics: the kernel has none (torch path)"
+        if a.get("use_input_stats") is False:
+            return "instance norm with use_input_stats=False: torch path"
+    if op == "masked_batch_norm":
+        if x.dim() != 3:
+            return f"masked batch norm takes (N, C, L), got rank {x.dim()}"
+        mask = a["mask"]
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                return "mask is not a bool tensor"
+            if tuple(mask.shape) != (x.shape[0], x.shape[2]) or mask.device != x.device:
+                return f"mask of shape {tuple(mask.shape)} on {mask.device}, need {(x.shape[0], x.shape[2])} on {x.device}"
+    if batch:
+        if not a.get("training", False) and (a.get("running_mean") is None or a.get("running_var") is None):
+            return "eval mode without running statistics"
+        if (a.get("running_mean") is None) != (a.get("running_var") is None):
+            return "only one of running_mean, running_var given"
+        if not isinstance(a.get("momentum", 0.1), (int, float)):
+            return "momentum is not a number (momentum=None: pass the cumulative factor)"
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        if name in a and (why := _param(a[name], name, x, C)):
+            return why
+    return ""
+
+
+def supports(op: str, x, *args, **kwargs):
+    """``(True, reason)`` if ``normlab.kernels.<op>(x, *args, **kwargs)`` runs on a kernel, else ``(False, reason)``.
+
+    ``op`` is one of ``layer_norm, rms_norm, group_norm, instance_norm, batch_norm,
+    masked_batch_norm``; ``args``/``kwargs`` follow that function's signature (for
+    ``instance_norm`` also ``running_mean``, ``running_var``, ``use_input_stats`` as keywords,
+    so a torch-style call can be refused).
+    """
+    if op not in OPS:
+        return False, f"no kernel for {op!r}"
+    why = _common(x)
+    if why:
+        return False, why
+    extra = {k: kwargs.pop(k) for k in ("running_mean", "running_var", "use_input_stats") if op == "instance_norm" and k in kwargs}
+    try:
+        a = _signature(op).bind(x, *args, **kwargs)
+    except TypeError as e:
+        return False, f"arguments do not fit {op}: {e}"
+    a.apply_defaults()
+    a = dict(a.arguments, **extra)
+    why = _rows_op(a, op) if op in ("layer_norm", "rms_norm") else _channel_op(a, op)
+    if why:
+        return False, why
+    return True, f"triton kernel for {op} ({x.dtype}, {tuple(x.shape)})"

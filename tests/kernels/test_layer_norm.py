@@ -1,0 +1,182 @@
+"""normlab.kernels.layer_norm against torch.nn.functional.layer_norm: outputs, dx, dw, db."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="the kernel tests need triton")
+
+import normlab  # noqa: E402
+from normlab import _backend, kernels  # noqa: E402
+from kernels.ktest import assert_close, cpu, gpu, grads, leaf  # noqa: E402
+
+ln_mod = importlib.import_module("normlab.kernels.layer_norm")
+
+SHAPES = [((1, 1), 1), ((3, 37), 37), ((2, 1023), 1023), ((17, 64), 64), ((2, 3, 5, 7), (5, 7)), ((4, 2, 1), 1)]
+
+
+def _case(shape, nshape, dtype, device, affine=(True, True)):
+    nshape = (nshape,) if isinstance(nshape, int) else nshape
+    x = leaf(torch.randn(shape, dtype=dtype, device=device))
+    w = leaf(torch.randn(nshape, dtype=dtype, device=device)) if affine[0] else None
+    b = leaf(torch.randn(nshape, dtype=dtype, device=device)) if affine[1] else None
+    dy = torch.randn(shape, dtype=dtype, device=device)
+    return x, nshape, w, b, dy
+
+
+def _check(x, nshape, w, b, dy, dtype, ref_dtype=torch.float64, eps=1e-5):
+    y, g = grads(lambda x, w, b: kernels.layer_norm(x, nshape, w, b, eps), (x, w, b), dy)
+    assert y.dtype == x.dtype
+    up = lambda t: None if t is None else leaf(t.to(ref_dtype), t.requires_grad)  # noqa: E731
+    yr, gr = grads(lambda x, w, b: F.layer_norm(x, nshape, w, b, eps), (up(x), up(w), up(b)), dy.to(ref_dtype))
+    assert_close(y, yr, dtype, "y")
+    for name, a, r in zip(("dx", "dw", "db"), g, gr):
+        assert (a is None) == (r is None), name
+        if a is not None:
+            assert a.dtype == dtype
+            assert_close(a, r, dtype, name)
+
+
+@cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,nshape", SHAPES)
+def test_matches_torch(shape, nshape, dtype):
+    _check(*_case(shape, nshape, dtype, "cpu"), dtype)
+
+
+@cpu
+@pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)])
+def test_without_affine(affine):
+    _check(*_case((5, 37), 37, torch.float64, "cpu", affine), torch.float64)
+
+
+@cpu
+def test_saves_native_layer_norm_stats():
+    x = torch.randn(6, 37, dtype=torch.float64)
+    _, mean, rstd = ln_mod.forward(x, None, None, 1e-5, rms=False)
+    _, mean_r, rstd_r = torch.native_layer_norm(x, (37,), None, None, 1e-5)
+    assert_close(mean, mean_r.view(-1), torch.float64, "mean")
+    assert_close(rstd, rstd_r.view(-1), torch.float64, "rstd")
+
+
+@cpu
+def test_large_mean_is_stable():
+    # 1000 +- 1 in float32: E[x^2] - E[x]^2 would lose ~all digits of the variance.
+    x = leaf((1000 + torch.randn(8, 1023)).float())
+    dy = torch.randn(8, 1023)
+    y, (dx,) = grads(lambda x: kernels.layer_norm(x, (1023,)), (x,), dy)
+    yr, (dxr,) = grads(lambda x: F.layer_norm(x, (1023,)), (leaf(x.double()),), dy.double())
+    assert_close(y, yr, torch.float32, "y", scale=40)  # the input's own rounding at 1000 is 6e-5
+    assert_close(dx, dxr, torch.float32, "dx", scale=40)
+
+
+@cpu
+def test_strided_rows_without_copy():
+    base = torch.randn(6, 50, dtype=torch.float64)
+    x = base[:, 3:40].detach().requires_grad_()  # row stride 50, columns contiguous
+    assert not x.is_contiguous() and ln_mod.as_rows(x, 37) is not None
+    _check(x, (37,), leaf(torch.randn(37, dtype=torch.float64)), None, torch.randn(6, 37, dtype=torch.float64), torch.float64)
+
+
+@cpu
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_many_programs_and_steps(prefetch, monkeypatch):
+    # Small tiles: several rows per program, several steps per backward program, many partials.
+    monkeypatch.setitem(ln_mod.TUNING, "bwd_prefetch", prefetch)
+    monkeypatch.setitem(ln_mod.TUNING, "fwd_tile", 64)
+    monkeypatch.setitem(ln_mod.TUNING, "fwd_tile_short", 64)
+    monkeypatch.setitem(ln_mod.TUNING, "bwd_tile", 32)
+    monkeypatch.setitem(ln_mod.TUNING, "bwd_programs_per_sm", 1)
+    _check(*_case((37, 16), 16, torch.float64, "cpu"), torch.float64)
+    _check(*_case((37, 5), 5, torch.float64, "cpu"), torch.float64)
+
+
+@cpu
+@pytest.mark.parametrize("affine", [(True, True), (False, False)])
+def test_long_rows_split_over_programs(affine, monkeypatch):
+    # The path of N = 16384 on a GPU: columns split over neighbouring backward programs.
+    monkeypatch.setitem(ln_mod.TUNING, "bwd_max_own", 8)
+    _check(*_case((6, 37), 37, torch.float64, "cpu", affine), torch.float64)
+
+
+@cpu
+def test_supports():
+    x = torch.randn(4, 8)
+    assert kernels.supports("layer_norm", x, (8,), torch.ones(8), torch.zeros(8))[0]
+    assert kernels.supports("layer_norm", x, normalized_shape=8)[0]
+    no = [
+        kernels.supports("layer_norm", torch.randn(2, ln_mod.MAX_N + 1), (ln_mod.MAX_N + 1,)),
+        kernels.supports("layer_norm", torch.randn(2, ln_mod.MAX_N_FLOAT64 + 1, dtype=torch.float64), (ln_mod.MAX_N_FLOAT64 + 1,)),
+        kernels.supports("layer_norm", torch.randint(0, 3, (4, 8)), (8,)),
+        kernels.supports("layer_norm", torch.randn(8, 4).t(), (8,)),  # columns not unit-stride
+        kernels.supports("layer_norm", x, (8,), torch.ones(8, dtype=torch.int32)),
+        kernels.supports("layer_norm", x, (8,), torch.ones(16)),
+        kernels.supports("layer_norm", x, (4,)),
+        kernels.supports("layer_norm", torch.randn(0, 8), (8,)),
+        kernels.supports("no_such_norm", x),
+    ]
+    for ok, reason in no:
+        assert not ok and reason
+
+
+@cpu
+def test_supports_refuses_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, reason = kernels.supports("layer_norm", torch.randn(4, 8), (8,))
+    assert not ok and "CUDA" in reason
+
+
+@cpu
+def test_dispatcher_picks_the_kernel():
+    x, w = torch.randn(3, 37), torch.randn(37)
+    try:
+        normlab.set_backend("triton")
+        assert _backend.use_triton("layer_norm", x, lambda: kernels.supports("layer_norm", x, (37,), w, None))
+        assert _backend.last_choice()[:2] == ("layer_norm", "triton")
+        y = kernels.layer_norm(x, (37,), w)
+        normlab.set_backend("torch")
+        assert not _backend.use_triton("layer_norm", x, lambda: kernels.supports("layer_norm", x, (37,), w, None))
+    finally:
+        normlab.set_backend(None)
+    assert_close(y, F.layer_norm(x.double(), (37,), w.double()), torch.float32, "y")
+
+
+@cpu
+def test_bitwise_deterministic():
+    x, nshape, w, b, dy = _case((37, 23), 23, torch.float32, "cpu")
+    runs = [grads(lambda x, w, b: kernels.layer_norm(x, nshape, w, b), (x, w, b), dy) for _ in range(2)]
+    (y1, g1), (y2, g2) = runs
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+# ---------------------------------------------------------------------------- GPU
+GPU_SHAPES = [(4096, 1024), (1000, 4096), (257, 16384), (4097, 37), (3, 1), (8192, 512)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M,N", GPU_SHAPES)
+def test_gpu_matches_torch(M, N, dtype):
+    x, nshape, w, b, dy = _case((M, N), N, dtype, "cuda")
+    # Ground truth: the same rounded inputs, all math in float32.
+    _check(x, nshape, w, b, dy, dtype, ref_dtype=torch.float32)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_large_mean(dtype):
+    x = leaf((1000 + torch.randn(512, 4096, device="cuda")).to(dtype))
+    dy = torch.randn(512, 4096, device="cuda", dtype=dtype)
+    y, (dx,) = grads(lambda x: kernels.layer_norm(x, (4096,)), (x,), dy)
+    yr, (dxr,) = grads(lambda x: F.layer_norm(x, (4096,)), (leaf(x.double()),), dy.double())
+    assert_close(y, yr, dtype, "y")
+    assert_close(dx, dxr, dtype, "dx")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_bitwise_deterministic(dtype):
+    x, nshape, w, b, dy = _case((8192, 1024), 1024, dtype, "cuda")
+    (y1, g1), (y2, g2) = [grads(lambda x, w, b: kernels.layer_norm(x, nshape, w, b), (x, w, b), dy) for _ in range(2)]
+    assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
