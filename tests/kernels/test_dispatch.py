@@ -1,0 +1,90 @@
+"""The functional tier's dispatch to the kernels: ``set_backend("triton")`` routes every layer
+with a kernel through it (here under the interpreter) with the same numbers as the torch path;
+``"auto"`` keeps CPU tensors on torch; unsupported calls fall back with a reason."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import normlab  # noqa: E402
+import normlab.nn as N  # noqa: E402
+
+
+def _run(module, x, *extra, steps=2):
+    out = []
+    for _ in range(steps):
+        xr = x.clone().requires_grad_()
+        y = module(xr, *extra)
+        y.backward(torch.ones_like(y) + torch.arange(y.numel(), dtype=y.dtype).view_as(y) / y.numel())
+        out.append((y.detach(), xr.grad))
+    return out
+
+
+CASES = [
+    ("layer_norm", lambda: N.LayerNorm(37), (3, 5, 37)),
+    ("rms_norm", lambda: N.RMSNorm(37), (3, 5, 37)),
+    ("group_norm", lambda: N.GroupNorm(3, 6), (2, 6, 5, 3)),
+    ("instance_norm", lambda: N.InstanceNorm2d(6, affine=True), (2, 6, 5, 3)),
+    ("batch_norm", lambda: N.BatchNorm2d(6), (4, 6, 5, 3)),
+]
+
+
+@pytest.mark.parametrize("op, make, shape", CASES, ids=[c[0] for c in CASES])
+def test_triton_backend_matches_torch_backend(op, make, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    a, b = make().double(), make().double()
+    with normlab.backend("torch"):
+        ref = _run(a, x)
+        assert normlab.last_choice()[:2] == (op, "torch")
+    with normlab.backend("triton"):
+        got = _run(b, x)
+        assert normlab.last_choice()[:2] == (op, "triton"), normlab.last_choice()
+    for (y0, g0), (y1, g1) in zip(ref, got):
+        torch.testing.assert_close(y1, y0, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-9)
+    for p0, p1 in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-9, atol=1e-9)
+    for b0, b1 in zip(a.buffers(), b.buffers()):
+        torch.testing.assert_close(b1, b0, rtol=1e-9, atol=1e-9)
+
+
+def test_masked_batch_norm_dispatches():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 7, dtype=torch.float64)
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 4, 2])[:, None]
+    a, b = N.MaskedBatchNorm1d(4).double(), N.MaskedBatchNorm1d(4).double()
+    with normlab.backend("torch"):
+        ref = _run(a, x, mask)
+    with normlab.backend("triton"):
+        got = _run(b, x, mask)
+        assert normlab.last_choice()[:2] == ("masked_batch_norm", "triton")
+    for (y0, g0), (y1, g1) in zip(ref, got):
+        torch.testing.assert_close(y1, y0, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(g1, g0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(b.running_var, a.running_var, rtol=1e-9, atol=1e-9)
+
+
+def test_auto_keeps_cpu_tensors_on_torch():
+    with normlab.backend("auto"):
+        N.LayerNorm(8)(torch.randn(2, 8))
+        assert normlab.last_choice() == ("layer_norm", "torch", "auto: input not on CUDA")
+
+
+def test_unsupported_call_falls_back_with_a_reason():
+    x = torch.randn(4, 6, 5)[:, ::2]  # neither NCHW-contiguous nor channels-last
+    with normlab.backend("triton"):
+        y = N.GroupNorm(3, 3)(x)
+        op, choice, why = normlab.last_choice()
+    assert (op, choice) == ("group_norm", "torch") and why
+    torch.testing.assert_close(y, torch.nn.functional.group_norm(x, 3))
+
+
+def test_environment_variable_and_bad_names(monkeypatch):
+    monkeypatch.setenv("NORMLAB_BACKEND", "torch")
+    assert normlab.get_backend() == "torch"
+    monkeypatch.setenv("NORMLAB_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="NORMLAB_BACKEND must be one of"):
+        normlab.get_backend()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        normlab.set_backend("fast")
