@@ -7,8 +7,11 @@ compares one part of what they saved with an independent computation made here.
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -147,6 +150,31 @@ def test_precise_bn_merges_statistics_across_ranks(ranks):
         torch.testing.assert_close(p["running_var"], var, **TOL)
         assert p["count"] == x.shape[0] * x.shape[2]
         assert p["momentum"] == 0.25 and p["training"] is True
+
+
+@pytest.mark.gpu
+def test_two_ranks_on_cuda(tmp_path):
+    """The same checks with CUDA tensors, the ranks started by torchrun: NCCL with a GPU per rank, else
+    gloo on the one GPU (NCCL refuses two ranks on one device)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    backend = "nccl" if torch.cuda.device_count() >= WORLD else "gloo"
+    worker = pathlib.Path(__file__).with_name("_sync_worker.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pathlib.Path(nlnn.__file__).parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-addr",
+           "127.0.0.1", "--master-port", str(_free_port()), str(worker), str(tmp_path), "cuda", backend]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for name in W.SCENARIOS:
+        test_outputs_and_input_gradients_match_batch_norm_on_the_full_batch(ranks, name)
+        test_parameter_gradients_summed_over_ranks_match(ranks, name)
+        test_running_statistics_match_and_agree_across_ranks(ranks, name)
+        test_eval_is_local_and_sends_nothing(ranks, name)
+    test_mismatched_channel_counts_fail_on_every_rank_naming_both(ranks)
+    test_ddp_training_with_sync_bn_matches_single_process_training(ranks)
+    test_precise_bn_merges_statistics_across_ranks(ranks)
 
 
 # -- one process, no process group ---------------------------------------------------------------
