@@ -107,6 +107,7 @@ def test_hooks_are_gone_after_the_block_and_eval_is_not_counted():
     assert mon.step == 4 and sorted({r["step"] for r in mon.records}) == [0, 2]
     for mod in m.modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks
+    assert not nn.modules.module._global_forward_hooks
     for p in m.parameters():
         assert not getattr(p, "_post_accumulate_grad_hooks", None)
     before = len(mon.records)

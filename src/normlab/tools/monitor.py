@@ -8,10 +8,11 @@ standard deviation, percentiles and a histogram, the fraction of saturated units
 sigmoid or tanh, the fraction of dead units after a ReLU, and the gradient norms, as JSON
 Lines; :meth:`Monitor.plot` draws per-layer histograms over time with the percentile lines.
 
-Cost: on the steps in between, one Python call (a pre-hook on the model); per-layer hooks
+Cost: on the steps in between, one Python call (a pre-hook on the model); the other hooks
 exist only during recorded steps. Percentiles and histograms use a fixed-size random sample
-of each output; mean, std and the saturated/dead fractions use all of it (reduced on the
-device for outputs of more than 65536 values, in NumPy from a copy for smaller ones).
+of each output (the same random positions at every step); mean, std and the saturated and
+dead fractions use all of it (reduced on the device for outputs of more than 65536 values,
+in NumPy from a copy for smaller ones).
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class Monitor:
     """
 
     def __init__(self, model: nn.Module, every: int = 10, path: Optional[str] = None, modules: Selection = None,
-                 sample: int = 4096, percentiles: Sequence[float] = (1, 15, 50, 85, 99), bins: int = 50,
+                 sample: int = 2048, percentiles: Sequence[float] = (1, 15, 50, 85, 99), bins: int = 50,
                  saturation: float = 0.98, seed: int = 0, exact_limit: int = 1 << 16) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"monitor: every must be a positive int (record every N steps), got {every!r}")
@@ -70,17 +71,17 @@ class Monitor:
             raise ValueError(f"monitor: saturation is a fraction of the output range in (0, 1), got {saturation}")
         self.model, self.every, self.path = model, every, path
         self.sample, self.bins, self.saturation = sample, bins, saturation
-        self.percentiles = tuple(float(p) for p in percentiles)
+        self.percentiles = tuple(sorted(float(p) for p in percentiles))
+        self._percentile_keys = tuple(_fmt(p) for p in self.percentiles)
         self.layers = self._select(model, modules)
         if not self.layers:
             raise ValueError("monitor: no layer to watch (the selection matched no module)")
+        self._watch = {id(m): (name, _activation(m), type(m).__name__) for name, m in self.layers.items()}
         self.step = 0
         self.records: List[dict] = []
-        import numpy as np
-
         self.exact_limit = exact_limit
         self._gen = torch.Generator().manual_seed(seed)
-        self._np_gen = np.random.default_rng(seed)
+        self._probe: Dict[tuple, object] = {}
         self._pending: Dict[str, dict] = {}
         self._pending_step: Optional[int] = None
         self._transient: list = []
@@ -123,6 +124,18 @@ class Monitor:
             self._file.close()
             self._file = None
 
+    def _positions(self, n: int, device):
+        """``sample`` random positions in an output of ``n`` values (with replacement), drawn once per
+        size and device and then reused: a fixed random probe, so steps are compared on the same
+        positions and no step pays for drawing them."""
+        key = (n, device)
+        idx = self._probe.get(key)
+        if idx is None:
+            idx = torch.randint(n, (self.sample,), generator=self._gen)
+            idx = idx.numpy() if device is None else idx.to(device)
+            self._probe[key] = idx
+        return idx
+
     # -- hooks -----------------------------------------------------------------------------
     def _on_forward(self, model, args) -> None:
         if not model.training:
@@ -133,25 +146,27 @@ class Monitor:
         self.step += 1
         if step % self.every == 0:
             self._pending_step = step
+            # one process-wide forward hook for all watched layers (cheaper than one per layer), only for
+            # this step; parameter-gradient hooks likewise
+            self._transient.append(nn.modules.module.register_module_forward_hook(self._on_output))
             for name, m in self.layers.items():
-                self._transient.append(m.register_forward_hook(self._forward_hook(name, m)))
                 own = [p for p in m.parameters(recurse=False) if p.requires_grad]
                 for p in own:
                     self._transient.append(p.register_post_accumulate_grad_hook(self._param_hook(name, len(own))))
 
-    def _forward_hook(self, name: str, m: nn.Module):
-        kind = _activation(m)
-
-        def hook(module, args, output):
-            y = output[0] if isinstance(output, (tuple, list)) and output else output
-            if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.numel() == 0 or name in self._pending:
-                return
-            entry = self._stats(y.detach(), kind)
-            entry["type"] = type(m).__name__
-            self._pending[name] = entry
-            if y.requires_grad:
-                y.register_hook(lambda g: entry.__setitem__("_grad", torch.linalg.vector_norm(g)) or None)
-        return hook
+    def _on_output(self, module, args, output) -> None:
+        watched = self._watch.get(id(module))
+        if watched is None:
+            return
+        name, kind, type_name = watched
+        y = output[0] if isinstance(output, (tuple, list)) and output else output
+        if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.numel() == 0 or name in self._pending:
+            return
+        entry = self._stats(y.detach(), kind)
+        entry["type"] = type_name
+        self._pending[name] = entry
+        if y.requires_grad:
+            y.register_hook(lambda g: entry.__setitem__("_grad", torch.linalg.vector_norm(g)) or None)
 
     def _param_hook(self, name: str, n_params: int):
         def hook(p):
@@ -177,8 +192,7 @@ class Monitor:
         n = flat.numel()
         if n <= self.exact_limit:
             return {"numel": n, "_copy": flat.clone(), "_shape": tuple(y.shape), "_kind": kind}
-        idx = torch.randint(n, (self.sample,), generator=self._gen).to(flat.device, non_blocking=True)
-        sample = flat[idx]
+        sample = flat[self._positions(n, flat.device)]
         acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
         shift = sample.to(acc).mean()
         d = flat.to(acc) - shift
@@ -209,35 +223,47 @@ class Monitor:
             return
         import numpy as np
 
-        samples, scalars = [], []
-        for name, e in pending.items():
-            grads = [float(e["_grad"])] if "_grad" in e else []
-            param_grads = [float(t) for t in e.get("_param_grads", [])]
+        layout = list(pending.items())
+        scalars, samples = [None] * len(layout), [None] * len(layout)
+        copies: Dict[int, List[int]] = {}  # whole outputs, grouped by size so NumPy works on a group at once
+        for i, (name, e) in enumerate(layout):
             if "_copy" in e:
-                a = e["_copy"].cpu().numpy().astype(np.float64)
-                scal = _exact(a, e["_shape"], e["_kind"], self.saturation)
-                if a.size > self.sample:
-                    a = a[self._np_gen.integers(0, a.size, self.sample)]
-                samples.append(a)
+                copies.setdefault(e["numel"], []).append(i)
             else:
                 raw = dict(zip(e["_keys"], e["_raw"].cpu().tolist()))
-                scal = _from_sums(raw, e["numel"], e["_units"])
-                samples.append(e["_sample"].cpu().numpy().astype(np.float64))
-            if grads:
-                scal["grad_norm"] = grads[0]
-            if param_grads:
-                scal["weight_grad_norm"] = float(np.sqrt(np.sum(np.square(param_grads))))
-            scalars.append(scal)
-        layout = list(pending.items())
+                scalars[i] = _from_sums(raw, e["numel"], e["_units"])
+                samples[i] = _to_numpy(e["_sample"])
+        for rows in copies.values():
+            es = [layout[i][1] for i in rows]
+            a = np.stack([_to_numpy(e["_copy"]) for e in es])
+            outs = _exact(a, [e["_shape"] for e in es], [e["_kind"] for e in es], self.saturation)
+            sample = a[:, self._positions(a.shape[1], None)] if a.shape[1] > self.sample else a
+            for j, i in enumerate(rows):
+                scalars[i], samples[i] = outs[j], sample[j]
+        # every gradient norm of the step in one transfer
+        norms, owners = [], []
+        for i, (name, e) in enumerate(layout):
+            if "_grad" in e:
+                norms.append(e["_grad"].float())
+                owners.append((i, "grad_norm"))
+            for t in e.get("_param_grads", []):
+                norms.append(t.float())
+                owners.append((i, "_param"))
+        if norms:
+            for (i, key), v in zip(owners, torch.stack(norms).cpu().tolist()):
+                if key == "grad_norm":
+                    scalars[i]["grad_norm"] = v
+                else:
+                    scalars[i]["weight_grad_norm"] = math.hypot(scalars[i].get("weight_grad_norm", 0.0), v)
         q, hists = _percentiles_and_histograms(samples, self.percentiles, self.bins)
         lines = []
         for (name, e), scal, qs, hist in zip(layout, scalars, q, hists):
             rec = {"step": step, "layer": name, "type": e["type"], "numel": e["numel"],
                    "mean": scal.pop("mean"), "std": scal.pop("std"), "min": scal.pop("min"), "max": scal.pop("max"),
-                   "percentiles": {_fmt(p): v for p, v in zip(self.percentiles, qs)}, "hist": hist}
+                   "percentiles": dict(zip(self._percentile_keys, qs)), "hist": hist}
             rec.update(scal)
             self.records.append(rec)
-            lines.append(json.dumps(rec))
+            lines.append(json.dumps(rec, separators=(",", ":")))
         if self._file is not None:
             self._file.write("\n".join(lines) + "\n")
             self._file.flush()
@@ -248,21 +274,28 @@ class Monitor:
         return plot_records(self.records, out_png, layers=layers, title=title)
 
 
-def _exact(a, shape: tuple, kind: Optional[str], saturation: float) -> dict:
-    """The scalars of a whole output, in NumPy float64."""
+def _exact(a, shapes: list, kinds: list, saturation: float) -> list:
+    """Scalars of whole outputs of one size, a: (L, n), all rows at once (sums accumulate in float64)."""
     import numpy as np
 
-    out = {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
-    if kind == "sigmoid":
-        out["saturated"] = float(np.count_nonzero(np.abs(a - 0.5) > 0.5 * saturation)) / a.size
-    elif kind == "tanh":
-        out["saturated"] = float(np.count_nonzero(np.abs(a) > saturation)) / a.size
-    elif kind == "relu":
-        out["zero"] = 1.0 - np.count_nonzero(a) / a.size
-        if len(shape) >= 2:
-            units = np.moveaxis(a.reshape(shape), 1, 0).reshape(shape[1], -1)
-            out["dead"] = float(np.count_nonzero(units.max(axis=1) <= 0)) / shape[1]
-    return out
+    n = a.shape[1]
+    mean = a.mean(axis=1, dtype=np.float64)
+    d = a - mean[:, None].astype(a.dtype)
+    std = np.sqrt(np.square(d).sum(axis=1, dtype=np.float64) / n)
+    lo, hi = a.min(axis=1), a.max(axis=1)
+    outs = [{"mean": float(mean[j]), "std": float(std[j]), "min": float(lo[j]), "max": float(hi[j])}
+            for j in range(len(a))]
+    for j, (kind, shape) in enumerate(zip(kinds, shapes)):
+        if kind == "sigmoid":
+            outs[j]["saturated"] = np.count_nonzero(np.abs(a[j] - 0.5) > 0.5 * saturation) / n
+        elif kind == "tanh":
+            outs[j]["saturated"] = np.count_nonzero(np.abs(a[j]) > saturation) / n
+        elif kind == "relu":
+            outs[j]["zero"] = 1.0 - np.count_nonzero(a[j]) / n
+            if len(shape) >= 2:
+                units = np.moveaxis(a[j].reshape(shape), 1, 0).reshape(shape[1], -1)
+                outs[j]["dead"] = np.count_nonzero(units.max(axis=1) <= 0) / shape[1]
+    return outs
 
 
 def _from_sums(raw: dict, n: int, units: int) -> dict:
@@ -295,16 +328,26 @@ def _percentiles_and_histograms(samples: list, percentiles: tuple, bins: int):
         lo_i = np.floor(pos).astype(np.int64)
         hi_i = np.minimum(lo_i + 1, length - 1)
         q = a[:, lo_i] + (a[:, hi_i] - a[:, lo_i]) * (pos - lo_i)
-        lo, hi = a[:, 0].copy(), a[:, -1].copy()
+        lo, hi = a[:, 0].astype(np.float64), a[:, -1].astype(np.float64)
         flat = ~(hi > lo)  # a constant sample: one unit-wide range around it
         lo[flat], hi[flat] = lo[flat] - 0.5, lo[flat] + 0.5
-        b = np.clip(((a - lo[:, None]) / (hi - lo)[:, None] * bins).astype(np.int64), 0, bins - 1)
-        counts = np.bincount((b + bins * np.arange(len(rows))[:, None]).ravel(), minlength=bins * len(rows))
-        counts = counts.reshape(len(rows), bins)
+        # histogram of sorted rows: rescale row j to [2j, 2j + 1], so all rows and their bin edges
+        # form one sorted sequence, and count with one searchsorted
+        shift = 2.0 * np.arange(len(rows))[:, None]
+        t = ((a - lo[:, None]) / (hi - lo)[:, None] + shift).ravel()
+        edges = np.linspace(0.0, 1.0, bins + 1)[None, :] + shift
+        idx = np.concatenate([np.searchsorted(t, edges[:, :-1].ravel(), side="left").reshape(len(rows), bins),
+                              np.searchsorted(t, edges[:, -1], side="right")[:, None]], axis=1)
+        counts = np.diff(idx, axis=1)
         for j, i in enumerate(rows):
             q_out[i] = q[j].tolist()
             h_out[i] = {"lo": float(lo[j]), "hi": float(hi[j]), "counts": counts[j].tolist()}
     return q_out, h_out
+
+
+def _to_numpy(t: torch.Tensor):
+    t = t.detach().cpu()
+    return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
 
 
 def _fmt(p: float) -> str:
@@ -325,7 +368,7 @@ def monitor(model: nn.Module, every: int = 10, path: Optional[str] = None, modul
             the records in memory only (``.records``).
         modules: which layers: ``None`` = every leaf module except Identity, Flatten and
             Dropout; a list of names; or a function ``(name, module) -> bool``.
-        **kwargs: ``sample`` (values per layer for percentiles and histograms, default 4096),
+        **kwargs: ``sample`` (values per layer for percentiles and histograms, default 2048),
             ``percentiles`` (default (1, 15, 50, 85, 99)), ``bins`` (50), ``saturation``
             (0.98: a sigmoid output below 0.01 or above 0.99, a tanh output beyond ±0.98, is
             saturated), ``seed``, ``exact_limit`` (outputs up to this many values, default
