@@ -191,3 +191,15 @@ def test_normlab_and_torch_layers_are_both_recognized():
     assert {type(m).__name__ + ("(nl)" if "normlab" in type(m).__module__ else ""): norm_kind(m)
             for m in kinds} == {type(m).__name__ + ("(nl)" if "normlab" in type(m).__module__ else ""): k
                                 for m, k in kinds.items()}
+
+
+def test_same_kind_keeps_its_own_settings():
+    gn, _ = convert(nn.Sequential(nn.GroupNorm(4, 8, eps=1e-3)), "group")
+    assert (gn[0].num_groups, gn[0].eps) == (4, 1e-3) and type(gn[0]) is nlnn.GroupNorm
+    lrn, _ = convert(nn.Sequential(nn.LocalResponseNorm(3, alpha=2e-4, beta=0.5, k=2.0)), "lrn")
+    assert (lrn[0].size, lrn[0].alpha, lrn[0].beta, lrn[0].k) == (3, 2e-4, 0.5, 2.0)
+    brn, _ = convert(nn.Sequential(nlnn.BatchRenorm2d(4, rmax=2.0, dmax=1.0, warmup_steps=50)), "batch_renorm",
+                     momentum=0.2)
+    assert (brn[0].rmax, brn[0].dmax, brn[0].warmup_steps, brn[0].momentum) == (2.0, 1.0, 50, 0.2)
+    ln, _ = convert(nn.Sequential(nn.LayerNorm(6, bias=False)), "layer")
+    assert type(ln[0]) is nlnn.LayerNorm and ln[0].bias is None

@@ -98,7 +98,8 @@ class Change:
 
 @dataclass
 class _Seen:
-    """What a layer normalizes: C, spatial dims of its (N, C, *) input, per-channel affine or not."""
+    """What a layer normalizes: C and the spatial dims of its (N, C, *) input, when known; for a layer or
+    RMS norm, whether its trailing dims are (C, *spatial) of such an input (else it has no channel-first twin)."""
 
     kind: str
     channels: Optional[int]
@@ -175,16 +176,35 @@ def _carried(source: nn.Module, kind: str, target_cls, target_kind: Optional[str
         for name in ("momentum", "track_running_stats"):
             if name in accepts and hasattr(source, name):
                 out[name] = getattr(source, name)
+    if kind in TRAILING and getattr(source, "elementwise_affine", False) and getattr(source, "bias", 0) is None:
+        if "bias" in accepts:
+            out["bias"] = False  # LayerNorm(bias=False)
+    if kind == target_kind:  # the same kind (torch's -> normlab's, or new settings): keep its own settings too
+        for name in accepts - _SHAPE_ARGS - set(out):
+            value = getattr(source, name, None)
+            if isinstance(value, (bool, int, float)):
+                out[name] = value
     return out
+
+
+# given by the spec or the channel count, never carried as keyword arguments
+_SHAPE_ARGS = {"self", "num_features", "num_channels", "num_groups", "normalized_shape", "size", "device", "dtype",
+               "process_group", "bias"}
 
 
 def _build(to: str, seen: _Seen, source: nn.Module, kind: str, kwargs: dict) -> nn.Module:
     """The replacement layer (not yet on the source's device)."""
     spec_name, _, arg = to.strip().lower().partition(":")
+    if not arg and spec_name == kind == "group":
+        to = f"group:{source.num_groups}"  # "group" alone keeps a GroupNorm's groups (not the default 32)
+    if not arg and spec_name == kind == "lrn":
+        to = f"lrn:{source.size}"
     if kind in TRAILING and spec_name in TRAILING and not arg:
         # layer <-> RMS norm: the same trailing normalized_shape, whatever the input's layout
         cls = nlnn.LayerNorm if spec_name == "layer" else nlnn.RMSNorm
         return cls(_normalized_shape(source), **{**_carried(source, kind, cls, spec_name), **kwargs})
+    if seen.channels is None and spec_name == "lrn" and seen.channel_first:
+        seen = _Seen(seen.kind, 1, seen.dim, True)  # local response norm works for any channel count
     if not seen.channel_first or seen.channels is None:
         raise ValueError(f"it has no {to!r} equivalent: {seen.why_no_channels}")
     dims = [seen.dim] if seen.dim is not None else [0, 1, 2, 3]
