@@ -269,9 +269,10 @@ class Monitor:
             self._file.flush()
 
     # -- output ----------------------------------------------------------------------------
-    def plot(self, out_png: str, layers: Optional[Sequence[str]] = None, title: Optional[str] = None) -> str:
+    def plot(self, out_png: str, layers: Optional[Sequence[str]] = None, title: Optional[str] = None,
+             **kwargs) -> str:
         """Draw per-layer histograms over time (see :func:`plot_records`); returns ``out_png``."""
-        return plot_records(self.records, out_png, layers=layers, title=title)
+        return plot_records(self.records, out_png, layers=layers, title=title, **kwargs)
 
 
 def _exact(a, shapes: list, kinds: list, saturation: float) -> list:
@@ -391,7 +392,7 @@ def load_records(path: str) -> List[dict]:
 
 
 def plot_records(records: Union[str, List[dict]], out_png: str, layers: Optional[Sequence[str]] = None,
-                 title: Optional[str] = None, max_layers: int = 24) -> str:
+                 title: Optional[str] = None, max_layers: int = 24, dpi: int = 110) -> str:
     """One panel per layer: the histogram of its outputs at every recorded step (a column per
     step, darker = more values, square-root scale) with the 15th/50th/85th percentiles drawn over it as in
     Ioffe & Szegedy (2015), Fig. 1; the panel title gives the last saturated or dead
@@ -402,6 +403,8 @@ def plot_records(records: Union[str, List[dict]], out_png: str, layers: Optional
         out_png: where to save the figure.
         layers: which layers (default: all recorded, in order, at most ``max_layers``).
         title: a title for the figure.
+        max_layers: draw at most this many layers when ``layers`` is not given.
+        dpi: resolution of the PNG.
     """
     import matplotlib
 
@@ -473,6 +476,6 @@ def plot_records(records: Union[str, List[dict]], out_png: str, layers: Optional
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    fig.savefig(out_png, dpi=dpi)
     plt.close(fig)
     return out_png
