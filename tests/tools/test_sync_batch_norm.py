@@ -46,8 +46,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Run both ranks once; returns [rank0 results, rank1 results]."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build of torch")
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("the ranks are forked; this platform cannot fork (run the worker under torchrun instead)")
     out = tmp_path_factory.mktemp("sync_bn")
-    import torch._dynamo  # noqa: F401  DDP imports it; once here, not once per forked rank
+    importlib.import_module("torch._dynamo")  # DDP imports it: once here, not once per forked rank
 
     # fork: the ranks inherit the imported torch (spawning two fresh interpreters costs ~20 s here)
     mp.start_processes(W.run_rank, args=(WORLD, f"tcp://127.0.0.1:{_free_port()}", str(out)), nprocs=WORLD,
