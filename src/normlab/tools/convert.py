@@ -1,0 +1,439 @@
+"""Swap every normalization layer of a model for another kind, by name: ``convert(model, "group:32")``.
+
+What it does, for each normalization layer found (torch's or normlab's):
+
+1. reads what the layer normalizes: its kind, channel count C and number of spatial dims
+   (from its class, from ``dim=``, or from the input it receives on ``example_input``);
+2. builds the replacement with :func:`normlab.nn.make_norm` for that C and dim, carrying over
+   ``eps`` and whether it has affine parameters (and, between batch-statistics layers,
+   ``momentum`` and ``track_running_stats``), on the layer's device and dtype, in its mode;
+3. copies what means the same on both sides: per-channel γ/β between the channel-wise norms
+   (batch, sync batch, batch renorm, switchable, masked batch, instance, group, and layer/RMS
+   norm over a (N, C) input), element-wise γ/β between layer and RMS norm of the same shape,
+   and running statistics between the batch-statistics layers (batch, sync batch, batch
+   renorm, switchable, masked batch);
+4. only when every replacement could be built, puts them in place.
+
+So a failure leaves the model as it was. Kinds, as :func:`make_norm` names them: ``batch``,
+``sync_batch``, ``batch_renorm``, ``switchable``, ``masked_batch``, ``instance``, ``group``,
+``layer``, ``rms``, ``lrn``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+import normlab.nn as nlnn
+from normlab.nn.factory import make_norm, norm_specs
+
+# kinds whose running statistics are batch statistics (same meaning, copied between them)
+BATCH_STATS = ("batch", "sync_batch", "batch_renorm", "switchable", "masked_batch")
+# kinds with per-channel weight/bias on a channel-first (N, C, *) input
+CHANNEL_WISE = BATCH_STATS + ("instance", "group")
+TRAILING = ("layer", "rms")  # torch/normlab LayerNorm and RMSNorm: normalize the trailing normalized_shape
+
+
+@functools.lru_cache(maxsize=None)
+def _classes() -> List[Tuple[tuple, str]]:
+    """(classes, kind), most specific first (SyncBatchNorm subclasses batch norm in both libraries)."""
+    from normlab.nn.batch_norm import _BatchNorm as NLBatchNorm
+    from normlab.nn.batch_renorm import _BatchRenorm
+    from normlab.nn.instance_norm import _InstanceNorm as NLInstanceNorm
+    from normlab.nn.switchable_norm import _SwitchableNorm
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    rms = tuple(c for c in (getattr(nn, "RMSNorm", None), nlnn.RMSNorm) if c is not None)
+    return [
+        ((nn.SyncBatchNorm, nlnn.SyncBatchNorm), "sync_batch"),
+        ((_BatchRenorm,), "batch_renorm"),
+        ((_SwitchableNorm,), "switchable"),
+        ((nlnn.MaskedBatchNorm1d,), "masked_batch"),
+        ((_BatchNorm, NLBatchNorm), "batch"),
+        ((_InstanceNorm, NLInstanceNorm), "instance"),
+        ((nn.GroupNorm, nlnn.GroupNorm), "group"),
+        ((nn.LayerNorm, nlnn.LayerNorm), "layer"),
+        (rms, "rms"),
+        ((nn.LocalResponseNorm, nlnn.LocalResponseNorm), "lrn"),
+    ]
+
+
+def norm_kind(module: nn.Module) -> Optional[str]:
+    """The kind of a normalization layer (``"batch"``, ``"group"``, ...), or ``None`` if it is none.
+
+    Examples::
+
+        >>> norm_kind(torch.nn.BatchNorm2d(8)), norm_kind(torch.nn.Linear(2, 2))
+        ('batch', None)
+    """
+    for classes, kind in _classes():
+        if isinstance(module, classes):
+            return kind
+    return None
+
+
+@dataclass(frozen=True)
+class Change:
+    """One replaced layer: where, what it was, what it became, and which tensors carried over.
+
+    ``not_copied`` lists ``"tensor: why"`` for each parameter or buffer of the old layer that
+    has no counterpart in the new one.
+    """
+
+    name: str
+    source: str
+    target: str
+    copied: Tuple[str, ...]
+    not_copied: Tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        s = f"{self.name or '<root>'}: {self.source} -> {self.target}; copied: {', '.join(self.copied) or 'nothing'}"
+        return s + (f"; not copied: {'; '.join(self.not_copied)}" if self.not_copied else "")
+
+
+@dataclass
+class _Seen:
+    """What a layer normalizes: C and the spatial dims of its (N, C, *) input, when known; for a layer or
+    RMS norm, whether its trailing dims are (C, *spatial) of such an input (else it has no channel-first twin)."""
+
+    kind: str
+    channels: Optional[int]
+    dim: Optional[int]
+    channel_first: bool  # False: a layer/RMS norm on trailing dims that are not (C, *spatial) of an (N, C, *) input
+    why_no_channels: str = ""
+
+
+def _class_dim(module: nn.Module) -> Optional[int]:
+    name = type(module).__name__
+    for suffix, dim in (("1d", 1), ("2d", 2), ("3d", 3)):
+        if name.endswith(suffix):
+            return dim
+    return getattr(module, "spatial_dims", None)  # normlab SyncBatchNorm made by convert remembers it
+
+
+def _normalized_shape(module) -> tuple:
+    ns = module.normalized_shape
+    return (int(ns),) if isinstance(ns, int) else tuple(int(s) for s in ns)
+
+
+def _seen(module: nn.Module, kind: str, shape: Optional[torch.Size], dim: Optional[int]) -> _Seen:
+    """What ``module`` normalizes, from its class, an explicit ``dim``, or an input ``shape`` it received."""
+    if kind in TRAILING:
+        ns = _normalized_shape(module)
+        if shape is not None and len(shape) != len(ns) + 1:
+            return _Seen(kind, None, None, False, f"it normalizes the trailing dims {tuple(ns)} of an input of shape "
+                         f"{tuple(shape)}, not (C, *spatial) of an (N, C, *spatial) input, so a norm over channels "
+                         f"at dim 1 would normalize something else")
+        if len(ns) == 1:
+            return _Seen(kind, ns[0], 0 if dim is None else dim, True)
+        if shape is None and dim is None:
+            return _Seen(kind, None, None, False, f"its normalized_shape {tuple(ns)} is not a channel count; pass "
+                         f"example_input= to show that its input is (N, C, *spatial)")
+        return _Seen(kind, ns[0], len(ns) - 1, True)
+    if kind == "lrn" and shape is None:
+        return _Seen(kind, None, dim, True, "LocalResponseNorm works for any channel count and does not store one; "
+                     "pass example_input= so convert can read C from its input")
+    channels = getattr(module, "num_features", None) or getattr(module, "num_channels", None)
+    if shape is not None:
+        return _Seen(kind, int(shape[1]), len(shape) - 2 if dim is None else dim, True)
+    return _Seen(kind, channels, _class_dim(module) if dim is None else dim, True)
+
+
+def _tensors_like(module: nn.Module, fallback: nn.Module) -> dict:
+    for m in (module, fallback):
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.is_floating_point():
+                return {"device": t.device, "dtype": t.dtype}
+    return {}
+
+
+def _init_args(cls) -> set:
+    try:
+        return set(inspect.signature(cls.__init__).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _carried(source: nn.Module, kind: str, target_cls, target_kind: Optional[str]) -> dict:
+    """Constructor arguments that keep their meaning from ``source`` to a ``target_cls``."""
+    accepts = _init_args(target_cls)
+    out = {}
+    eps = getattr(source, "eps", None)
+    if isinstance(eps, float) and "eps" in accepts:
+        out["eps"] = eps
+    has_affine = (getattr(source, "affine", None) if hasattr(source, "affine")
+                  else getattr(source, "elementwise_affine", None))
+    if has_affine is not None:
+        for name in ("affine", "elementwise_affine"):
+            if name in accepts:
+                out[name] = bool(has_affine)
+    if kind in BATCH_STATS and target_kind in BATCH_STATS:
+        for name in ("momentum", "track_running_stats"):
+            if name in accepts and hasattr(source, name):
+                out[name] = getattr(source, name)
+    if kind in TRAILING and getattr(source, "elementwise_affine", False) and getattr(source, "bias", 0) is None:
+        if "bias" in accepts:
+            out["bias"] = False  # LayerNorm(bias=False)
+    if kind == target_kind:  # the same kind (torch's -> normlab's, or new settings): keep its own settings too
+        for name in accepts - _SHAPE_ARGS - set(out):
+            value = getattr(source, name, None)
+            if isinstance(value, (bool, int, float)):
+                out[name] = value
+    return out
+
+
+# given by the spec or the channel count, never carried as keyword arguments
+_SHAPE_ARGS = {"self", "num_features", "num_channels", "num_groups", "normalized_shape", "size", "device", "dtype",
+               "process_group", "bias"}
+
+
+def _build(to: str, seen: _Seen, source: nn.Module, kind: str, kwargs: dict) -> nn.Module:
+    """The replacement layer (not yet on the source's device)."""
+    spec_name, _, arg = to.strip().lower().partition(":")
+    if not arg and spec_name == kind == "group":
+        to = f"group:{source.num_groups}"  # "group" alone keeps a GroupNorm's groups (not the default 32)
+    if not arg and spec_name == kind == "lrn":
+        to = f"lrn:{source.size}"
+    if kind in TRAILING and spec_name in TRAILING and not arg:
+        # layer <-> RMS norm: the same trailing normalized_shape, whatever the input's layout
+        cls = nlnn.LayerNorm if spec_name == "layer" else nlnn.RMSNorm
+        return cls(_normalized_shape(source), **{**_carried(source, kind, cls, spec_name), **kwargs})
+    if seen.channels is None and spec_name == "lrn" and seen.channel_first:
+        seen = _Seen(seen.kind, 1, seen.dim, True)  # local response norm works for any channel count
+    if not seen.channel_first or seen.channels is None:
+        raise ValueError(f"it has no {to!r} equivalent: {seen.why_no_channels}")
+    dims = [seen.dim] if seen.dim is not None else [0, 1, 2, 3]
+    built = {}
+    for d in dims:
+        try:
+            probe = make_norm(to, seen.channels, d, **kwargs)
+        except ValueError as e:
+            if seen.dim is not None:
+                hint = " (pass dim=0 if its input is (N, C))" if seen.dim == 1 and spec_name == "rms" else ""
+                raise ValueError(f"{e}{hint}") from None
+            continue
+        built[d] = probe
+    if not built:
+        raise ValueError(f"norm spec {to!r} cannot be built for {seen.channels} channels at any dim")
+    reprs = {(type(m), m.extra_repr()) for m in built.values()}
+    if len(reprs) > 1:
+        raise ValueError(f"the number of spatial dims of its input is unknown and {to!r} depends on it "
+                         f"({', '.join(sorted({type(m).__name__ for m in built.values()}))}); pass dim= (e.g. dim=2 "
+                         f"for (N, C, H, W)) or example_input= so convert can see the input")
+    d, probe = next(iter(built.items()))
+    target_kind = norm_kind(probe)
+    carried = {k: v for k, v in _carried(source, kind, type(probe), target_kind).items() if k not in kwargs}
+    target = make_norm(to, seen.channels, d, **carried, **kwargs) if carried else probe
+    if isinstance(target, nlnn.SyncBatchNorm) and seen.dim is not None:
+        target.spatial_dims = seen.dim
+    return target
+
+
+def _per_channel(m: nn.Module, kind: Optional[str], seen_channel_first: bool, c: int) -> bool:
+    if kind in CHANNEL_WISE:
+        return True
+    if kind in TRAILING and seen_channel_first:
+        return _normalized_shape(m) == (c,)
+    return False
+
+
+def _copy(source: nn.Module, kind: str, seen: _Seen, target: nn.Module) -> Tuple[tuple, tuple]:
+    """Copy what means the same; returns (copied names, 'name: why' for the rest)."""
+    target_kind = norm_kind(target)
+    copied, dropped = [], []
+    c = seen.channels
+    src_pc = _per_channel(source, kind, seen.channel_first, c) if c else False
+    tgt_pc = _per_channel(target, target_kind, True, c) if c else False
+    same_elementwise = (kind in TRAILING and target_kind in TRAILING
+                        and _normalized_shape(source) == _normalized_shape(target))
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            p = getattr(source, name, None)
+            if p is None:
+                continue
+            q = getattr(target, name, None)
+            if q is None:
+                dropped.append(f"{name}: {type(target).__name__} has none")
+            elif (src_pc and tgt_pc) or same_elementwise:
+                q.copy_(p)
+                q.requires_grad_(p.requires_grad)
+                copied.append(name)
+            else:
+                dropped.append(f"{name}: {tuple(p.shape)} element-wise in {type(source).__name__} vs "
+                               f"{tuple(q.shape)} in {type(target).__name__}, no common meaning")
+        src_stats = getattr(source, "running_mean", None) is not None
+        tgt_stats = getattr(target, "running_mean", None) is not None
+        if src_stats:
+            if kind in BATCH_STATS and target_kind in BATCH_STATS and tgt_stats:
+                for name in ("running_mean", "running_var", "num_batches_tracked"):
+                    a, b = getattr(source, name, None), getattr(target, name, None)
+                    if a is not None and b is not None:
+                        b.copy_(a)
+                        copied.append(name)
+            elif not tgt_stats:
+                dropped.append(f"running statistics: {type(target).__name__} keeps none")
+            else:
+                dropped.append(f"running statistics: {kind} and {target_kind} average different statistics")
+    return tuple(copied), tuple(dropped)
+
+
+Only = Union[None, str, type, Sequence[Union[str, type]], Callable[[str, nn.Module], bool]]
+
+
+def _selector(only: Only) -> Callable[[str, nn.Module, str], bool]:
+    if only is None:
+        return lambda name, m, kind: True
+    if callable(only) and not isinstance(only, type):
+        return lambda name, m, kind: bool(only(name, m))
+    items = [only] if isinstance(only, (str, type)) else list(only)
+    kinds = {k for _, k in _classes()}
+    for it in items:
+        if isinstance(it, str) and it not in kinds:
+            raise ValueError(f"convert(only=...): unknown kind {it!r}; expected one of {sorted(kinds)}, a class, or a "
+                             f"function (name, module) -> bool")
+    strs = {it for it in items if isinstance(it, str)}
+    types = tuple(it for it in items if isinstance(it, type))
+    return lambda name, m, kind: kind in strs or (bool(types) and isinstance(m, types))
+
+
+def _input_shapes(model: nn.Module, modules: Dict[int, nn.Module], example_input) -> Dict[int, torch.Size]:
+    """Shape of the first input each of ``modules`` receives on one forward of ``example_input``
+    (in eval mode, without gradients; the modes are restored)."""
+    shapes: Dict[int, torch.Size] = {}
+
+    def hook(m, args):
+        if args and isinstance(args[0], torch.Tensor):
+            shapes.setdefault(id(m), args[0].shape)
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            args = example_input if isinstance(example_input, tuple) else (example_input,)
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return shapes
+
+
+def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] = None, example_input=None,
+            **kwargs) -> Tuple[nn.Module, List[Change]]:
+    """Replace every normalization layer of ``model`` by the kind ``to`` names, in place.
+
+    The replacement has the source's channel count, device, dtype and train/eval mode; γ/β and
+    running statistics are copied where they mean the same (see the module docstring). Every
+    replacement is built before any is put in place, so an error leaves ``model`` untouched.
+    Layers that already are what ``to`` builds are left alone. A layer shared at several
+    places is replaced by one shared layer.
+
+    Args:
+        model: any ``nn.Module``; if it is itself a normalization layer, the returned model is
+            the new layer.
+        to: a :func:`normlab.nn.make_norm` spec: ``"batch"``, ``"sync_batch"``, ``"group:32"``,
+            ``"layer"``, ``"instance"``, ``"rms"``, ``"batch_renorm"``, ``"switchable"``,
+            ``"masked_batch"``, ``"lrn:5"``, ``"none"`` (removes them) ...
+        only: which layers to replace: a kind (``"batch"``), a class, a list of these, or a
+            function ``(name, module) -> bool``. Default: every normalization layer.
+        dim: spatial dims of every converted layer's (N, C, *) input (0 for (N, C), 2 for
+            images); by default taken from the class (``BatchNorm2d`` -> 2) or the input.
+        example_input: a tensor (or tuple of forward arguments) run once through ``model`` (in
+            eval mode, no gradients, nothing updated) to read each layer's input shape. It
+            tells the spatial dims of ``GroupNorm``/``SyncBatchNorm``, the channel count of
+            ``LocalResponseNorm``, and whether a ``LayerNorm``'s input is (N, C, ...).
+        **kwargs: passed to the new layers (``process_group=``, ``momentum=``, ``rmax=`` ...);
+            they win over what is carried over.
+
+    Returns:
+        ``(model, changes)``: the converted model and one :class:`Change` per replaced layer.
+
+    Raises:
+        ValueError: an unknown spec or kind; a layer with no equivalent in ``to`` (the message
+            names the layer and says why: e.g. a ``LayerNorm`` over the last dim of an
+            (N, L, C) input has no channel-first twin; ``LocalResponseNorm`` stores no channel
+            count; ``MaskedBatchNorm1d`` takes a mask no other layer takes); a target that
+            depends on an unknown number of spatial dims.
+
+    Examples::
+
+        >>> model, changes = convert(torchvision_resnet, "group:32")       # BN -> GN, gamma/beta kept
+        >>> model, _ = convert(model, "sync_batch")                          # for data-parallel training
+        >>> model, _ = convert(model, "batch")                               # and back (torch cannot)
+        >>> model, _ = convert(transformer, "rms", only="layer")
+        >>> print(*changes, sep="\\n")
+    """
+    if not isinstance(to, str) or not to.strip():
+        raise ValueError(f"convert: 'to' must be a norm spec such as 'group:32' or 'batch', got {to!r}")
+    spec_name = to.strip().lower().partition(":")[0]
+    if spec_name not in norm_specs():
+        raise ValueError(f"convert: unknown norm spec {to!r}; known: {', '.join(norm_specs())} "
+                         f"(with an argument: 'group:G', 'lrn:size')")
+    if dim is not None and dim not in (0, 1, 2, 3):
+        raise ValueError(f"convert: dim is the number of spatial dims after (N, C) and must be 0, 1, 2 or 3, "
+                         f"got {dim!r}")
+    select = _selector(only)
+    # every place (parent, attribute) each selected layer sits at, in order
+    places: Dict[int, List[Tuple[str, Optional[nn.Module], str]]] = {}
+    layers: Dict[int, Tuple[str, nn.Module, str]] = {}
+    _collect(model, "", None, "", select, places, layers)
+    if not layers:
+        return model, []
+    shapes = _input_shapes(model, {k: m for k, (_, m, _) in layers.items()}, example_input) \
+        if example_input is not None else {}
+    planned: Dict[int, Tuple[nn.Module, Change]] = {}
+    for key, (name, module, kind) in layers.items():
+        label = f"'{name or '<root>'}' ({type(module).__name__})"
+        if kind == "masked_batch" and spec_name != "masked_batch":
+            raise ValueError(f"convert: cannot replace {label} by {to!r}: it is called as layer(x, mask) and "
+                             f"normalizes only the unmasked positions; no other layer takes that mask")
+        if _is_lazy(module):
+            raise ValueError(f"convert: {label} is a lazy module with no channel count yet; run one forward first")
+        seen = _seen(module, kind, shapes.get(key), dim)
+        try:
+            target = _build(to, seen, module, kind, dict(kwargs))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"convert: cannot replace {label} by {to!r}: {e}") from None
+        if type(target) is type(module) and target.extra_repr() == module.extra_repr():
+            continue
+        target.to(**_tensors_like(module, model))
+        copied, dropped = _copy(module, kind, seen, target)
+        target.train(module.training)
+        planned[key] = (target, Change(name, _describe(module), _describe(target), copied, dropped))
+    # every replacement exists: now put them in place
+    for key, (target, _) in planned.items():
+        for _, parent, attr in places[key]:
+            if parent is None:
+                model = target
+            else:
+                setattr(parent, attr, target)
+    return model, [change for _, change in planned.values()]
+
+
+def _is_lazy(module: nn.Module) -> bool:
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    return isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
+
+
+def _describe(m: nn.Module) -> str:
+    return f"{type(m).__name__}({m.extra_repr()})"
+
+
+def _collect(module, name, parent, attr, select, places, layers) -> None:
+    kind = norm_kind(module)
+    if kind is not None and select(name, module, kind):
+        places.setdefault(id(module), []).append((name, parent, attr))
+        layers.setdefault(id(module), (name, module, kind))
+        return
+    for child_attr, child in module._modules.items():  # not named_children(): it hides a child's second name
+        if child is None:
+            continue
+        _collect(child, f"{name}.{child_attr}" if name else child_attr, module, child_attr, select, places, layers)

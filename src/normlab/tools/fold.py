@@ -1,0 +1,308 @@
+"""Fold evaluation-mode batch norm into the convolution or linear layer before it.
+
+In evaluation, batch norm is a fixed per-channel affine map of its input,
+``y = (x - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` from the running statistics.
+When ``x = W * u + b`` comes from a convolution or linear layer, the two collapse into one
+layer with
+
+    W' = W * s   (along W's output-channel axis)        b' = (b - mean) * s + beta
+
+so a deployed model skips the normalization entirely. Output channels sit on axis 0 of a
+``Conv``/``Linear`` weight (out, in/groups, ...) and on axis 1 of a ``ConvTranspose`` weight
+(in, out/groups, ...), group by group.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import fx, nn
+
+from normlab.tools.convert import norm_kind
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+FOLDABLE_INTO = CONVS + TRANSPOSED + (nn.Linear,)
+# layers that are y = (x - running_mean) / sqrt(running_var + eps) * weight + bias in evaluation
+FOLDABLE_KINDS = ("batch", "sync_batch", "batch_renorm")
+
+
+@dataclass
+class FoldReport:
+    """What :func:`fold` did: ``folded`` holds (batch norm, layer it went into) names; ``left``
+    holds (batch norm, why it stayed) for each one left in place; ``method`` is
+    ``"modules"`` (only Sequential neighbours: the model keeps its class) or ``"fx"`` (the model
+    became a ``torch.fx.GraphModule``)."""
+
+    folded: List[Tuple[str, str]] = field(default_factory=list)
+    left: List[Tuple[str, str]] = field(default_factory=list)
+    method: str = "modules"
+
+    def __str__(self) -> str:
+        lines = [f"folded {len(self.folded)} batch norm layer(s) ({self.method}), left {len(self.left)}"]
+        lines += [f"  {bn} -> {into}" for bn, into in self.folded]
+        lines += [f"  left {bn}: {why}" for bn, why in self.left]
+        return "\n".join(lines)
+
+
+def _is_bn(m: nn.Module) -> bool:
+    return norm_kind(m) in FOLDABLE_KINDS
+
+
+def _why_not_foldable_bn(bn: nn.Module) -> Optional[str]:
+    if bn.running_mean is None or bn.running_var is None:
+        return "it has no running statistics (track_running_stats=False), so evaluation uses batch statistics"
+    return None
+
+
+@torch.no_grad()
+def fold_pair_(layer: nn.Module, bn: nn.Module) -> None:
+    """Fold the evaluation-mode batch norm ``bn`` into ``layer`` (Conv, ConvTranspose or Linear), in place.
+
+    Computed in float64 and cast back to the layer's dtype; a layer without bias gets one.
+    """
+    w = layer.weight
+    acc = torch.float64 if w.device.type != "mps" else torch.float32
+    scale = (bn.running_var.to(acc) + bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    shift = -bn.running_mean.to(acc) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(acc)
+    wa = w.to(acc)
+    if isinstance(layer, TRANSPOSED):
+        g = layer.groups
+        cin, cout_g = wa.shape[0], wa.shape[1]
+        k = wa.shape[2:]
+        wa = (wa.view(g, cin // g, cout_g, *k) * scale.view(g, 1, cout_g, *([1] * len(k)))).view(w.shape)
+    else:
+        wa = wa * scale.view(-1, *([1] * (wa.dim() - 1)))
+    b = layer.bias.to(acc) if layer.bias is not None else torch.zeros_like(scale)
+    w.copy_(wa.to(w.dtype))
+    new_bias = (b * scale + shift).to(w.dtype)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias, requires_grad=w.requires_grad)
+    else:
+        layer.bias.copy_(new_bias)
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _pair_problem(layer: nn.Module, bn: nn.Module) -> Optional[str]:
+    if not isinstance(layer, FOLDABLE_INTO):
+        return None
+    if _out_channels(layer) != bn.num_features:
+        return (f"{type(layer).__name__} has {_out_channels(layer)} output channels but the batch norm has "
+                f"{bn.num_features}")
+    return _why_not_foldable_bn(bn)
+
+
+def _check_eval(model: nn.Module) -> None:
+    training = [name or "<root>" for name, m in model.named_modules() if _is_bn(m) and m.training]
+    if training:
+        shown = ", ".join(training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
+        raise ValueError(f"fold needs the model in evaluation mode (batch norm folds with its running statistics), "
+                         f"but {shown} {'is' if len(training) == 1 else 'are'} in training mode; call model.eval() "
+                         f"first")
+
+
+def _use_counts(model: nn.Module) -> Dict[int, int]:
+    counts: Dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    return counts
+
+
+def _fold_sequential(model: nn.Module, report: FoldReport) -> None:
+    """Fold [..., layer, (Identity ...,) bn, ...] inside every nn.Sequential; each folded bn becomes Identity.
+
+    Identity (a batch norm folded already) passes the layer on, so consecutive batch norms all fold."""
+    uses = _use_counts(model)
+    for name, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        last = None  # key of the Conv/Linear whose output reaches this position unchanged
+        for key, m in list(seq._modules.items()):
+            if isinstance(m, FOLDABLE_INTO):
+                last = key
+                continue
+            if isinstance(m, nn.Identity):
+                continue
+            if not _is_bn(m) or last is None:
+                last = None
+                continue
+            layer, bn_name, layer_name = seq._modules[last], _join(name, key), _join(name, last)
+            problem = _pair_problem(layer, m)
+            if problem is None and (uses.get(id(layer), 0) > 1 or uses.get(id(m), 0) > 1):
+                problem = f"{layer_name} or the batch norm is shared with another place in the model"
+            if problem is not None:
+                report.left.append((bn_name, problem))
+                last = None
+                continue
+            fold_pair_(layer, m)
+            seq._modules[key] = nn.Identity()
+            report.folded.append((bn_name, layer_name))
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps normlab's layers (which check shapes in Python) and every torch.nn layer as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__module__.startswith("normlab.") or super().is_leaf_module(m, qualname)
+
+
+def _fold_fx(model: nn.Module, report: FoldReport) -> nn.Module:
+    """Trace the graph and fold each batch norm whose input is the single-use output of a Conv/Linear."""
+    tracer = _LeafTracer()
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    modules = dict(gm.named_modules())
+    calls: Dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    uses = _use_counts(gm)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not _is_bn(modules[node.target]):
+            continue
+        bn = modules[node.target]
+        src = node.args[0] if node.args else None
+        while (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(modules[src.target], nn.Identity)
+               and len(src.users) == 1 and src.args):
+            src = src.args[0]  # through batch norms folded already
+        fed_by_layer = isinstance(src, fx.Node) and src.op == "call_module"
+        if not (fed_by_layer and isinstance(modules[src.target], FOLDABLE_INTO)):
+            what = _describe_node(src, modules)
+            report.left.append((node.target, f"its input comes from {what}, not from a Conv, ConvTranspose or Linear"))
+            continue
+        layer = modules[src.target]
+        problem = _pair_problem(layer, bn)
+        if problem is None and len(src.users) > 1:
+            others = ", ".join(str(u) for u in src.users if u is not node)
+            problem = f"the output of {src.target} is also used by {others}"
+        if problem is None and (calls[src.target] > 1 or uses.get(id(layer), 0) > 1):
+            problem = f"{src.target} is applied at more than one place"
+        if problem is None and (node.kwargs or len(node.args) > 1):
+            problem = "it is called with extra arguments"
+        if problem is not None:
+            report.left.append((node.target, problem))
+            continue
+        fold_pair_(layer, bn)
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        report.folded.append((node.target, src.target))
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _describe_node(src, modules) -> str:
+    if not isinstance(src, fx.Node):
+        return f"the constant {src!r}"
+    if src.op == "placeholder":
+        return "the model's input"
+    if src.op == "call_module":
+        return f"{src.target} ({type(modules[src.target]).__name__})"
+    if src.op == "call_function":
+        return f"the function {getattr(src.target, '__name__', src.target)}"
+    return f"{src.op} {src.target}"
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: bool = False
+         ) -> Tuple[nn.Module, FoldReport]:
+    """Fold every evaluation-mode batch norm into the Conv/ConvTranspose/Linear that feeds it.
+
+    ``W' = W * s`` along the output channels and ``b' = (b - running_mean) * s + beta``, with
+    ``s = gamma / sqrt(running_var + eps)`` (computed in float64). Works for Conv1d/2d/3d and
+    ConvTranspose1d/2d/3d (grouped or not, with or without bias) and Linear, followed by
+    ``BatchNorm*d``, ``SyncBatchNorm`` or batch renorm (torch's or normlab's), which all
+    compute that map in evaluation. A folded batch norm disappears (``nn.Identity`` in a
+    Sequential; removed from an fx graph).
+
+    Two ways to find the pairs:
+
+    - ``"modules"``: neighbours inside ``nn.Sequential`` containers; the model keeps its class.
+    - ``"fx"``: trace the model with ``torch.fx`` and fold every batch norm whose input is the
+      output of a Conv/Linear used nowhere else, in any graph (residual blocks, custom
+      ``forward``); the result is a ``torch.fx.GraphModule``.
+    - ``"auto"`` (default): ``"modules"`` first; if batch norms remain, ``"fx"`` on the rest;
+      if the model cannot be traced (data-dependent control flow), the Sequential folds stand
+      and the rest is reported as left.
+
+    Note: a ``Linear`` is folded with the ``BatchNorm1d`` after it when the norm's channels are
+    the Linear's output features, i.e. for (N, features) activations; a model that applies
+    the pair to (N, L, features) tensors does not normalize the Linear's outputs per feature
+    and is not a fold candidate (check with the returned model's outputs).
+
+    Args:
+        model: a model in evaluation mode (``model.eval()``).
+        inplace: change ``model`` itself instead of a deep copy. Default False.
+        method: ``"auto"``, ``"modules"`` or ``"fx"``.
+        strict: raise if any batch norm is left unfolded. Default False (left in place and
+            reported).
+
+    Returns:
+        ``(folded_model, report)``: the model (in evaluation mode) and a :class:`FoldReport`.
+
+    Raises:
+        ValueError: a batch norm is in training mode; ``strict`` and one could not be folded
+            (the message says why: no Conv/Linear before it, that layer's output used
+            elsewhere, no running statistics ...); an unknown ``method``; ``method="fx"`` and
+            the model cannot be traced.
+
+    Examples::
+
+        >>> model.eval()
+        >>> deployed, report = fold(model)
+        >>> print(report)        # folded 20 batch norm layer(s) (fx), left 0
+        >>> torch.testing.assert_close(deployed(x), model(x))
+    """
+    if method not in ("auto", "modules", "fx"):
+        raise ValueError(f"fold: method must be 'auto', 'modules' or 'fx', got {method!r}")
+    _check_eval(model)
+    out = model if inplace else copy.deepcopy(model)
+    report = FoldReport(method="modules")
+    if _is_bn(out):
+        report.left.append(("<root>", "the model is a single batch norm layer; nothing feeds it"))
+        method = "modules"
+    if method in ("auto", "modules"):
+        _fold_sequential(out, report)
+    remaining = [name for name, m in out.named_modules() if _is_bn(m)]
+    if method == "fx" or (method == "auto" and remaining):
+        by_walk = report.folded
+        fx_report = FoldReport(folded=list(by_walk), method="fx")
+        try:
+            traced = _fold_fx(out, fx_report)
+        except Exception as e:  # torch.fx raises many kinds on untraceable code
+            if method == "fx":
+                raise ValueError(f"fold: torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}; "
+                                 f"use method='modules' to fold Sequential neighbours only") from e
+            done = {b for b, _ in report.left}
+            why = (f"not right after a Conv/Linear in a Sequential, and torch.fx could not trace the model "
+                   f"({type(e).__name__}: {str(e)[:200]})")
+            report.left += [(name, why) for name in remaining if name not in done]
+        else:
+            if method == "fx" or len(fx_report.folded) > len(by_walk):
+                out, report = traced, fx_report
+            else:  # fx found nothing more: keep the model's class, with fx's reasons for what is left
+                report.left = fx_report.left
+    elif remaining:
+        done = {b for b, _ in report.left}
+        report.left += [(name, "not in a Sequential right after a Conv/ConvTranspose/Linear (method='modules')")
+                        for name in remaining if name not in done]
+    out.eval()
+    if strict and report.left:
+        raise ValueError("fold(strict=True): batch norm layer(s) could not be folded:\n" + "\n".join(
+            f"  {bn}: {why}" for bn, why in report.left))
+    return out, report
+
+

@@ -1,0 +1,481 @@
+"""Watch what every layer's activations and gradients do while a model trains.
+
+Ioffe & Szegedy (2015) motivate batch norm with a figure: the {15, 50, 85}th percentiles of
+the input to one sigmoid drifting over training without batch norm and staying put with it;
+Glorot & Bengio (2010) watch sigmoid layers saturate. :func:`monitor` draws that picture for
+any model: every ``every`` training steps it records, for each layer's output, the mean,
+standard deviation, percentiles and a histogram, the fraction of saturated units after a
+sigmoid or tanh, the fraction of dead units after a ReLU, and the gradient norms, as JSON
+Lines; :meth:`Monitor.plot` draws per-layer histograms over time with the percentile lines.
+
+Cost: on the steps in between, one Python call (a pre-hook on the model); the other hooks
+exist only during recorded steps. Percentiles and histograms use a fixed-size random sample
+of each output (the same random positions at every step); mean, std and the saturated and
+dead fractions use all of it (reduced on the device for outputs of more than 65536 values,
+in NumPy from a copy for smaller ones).
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+SKIPPED = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+           nn.AlphaDropout)
+SATURATING = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+RECTIFIERS = (nn.ReLU, nn.ReLU6)
+
+Selection = Union[None, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+def _activation(m: nn.Module) -> Optional[str]:
+    for cls, name in SATURATING.items():
+        if isinstance(m, cls):
+            return name
+    return "relu" if isinstance(m, RECTIFIERS) else None
+
+
+class Monitor:
+    """Per-layer activation and gradient statistics every ``every`` training steps.
+
+    Use :func:`monitor` to make one. A *step* is one forward of the model in training mode
+    (forwards in evaluation mode are neither counted nor recorded); steps 0, every,
+    2·every, ... are recorded. A record is written once the next step starts (so the
+    backward pass of the recorded step has run) or when the monitor closes.
+
+    One record (one JSON line) per recorded layer and step::
+
+        {"step": 20, "layer": "features.2", "type": "ReLU", "numel": 32768,
+         "mean": .., "std": .., "min": .., "max": ..,          # over the whole output
+         "percentiles": {"1": .., "15": .., "50": .., "85": .., "99": ..},   # on the sample
+         "hist": {"lo": .., "hi": .., "counts": [...]},        # `bins` equal bins on the sample
+         "saturated": ..,   # sigmoid/tanh outputs: fraction with |y - centre| > saturation * half-range
+         "zero": .., "dead": ..,  # ReLU outputs: fraction of zeros; fraction of units (dim 1) never > 0
+         "grad_norm": ..,   # ||dL/dy|| of the layer's output, when it got a gradient
+         "weight_grad_norm": ..}  # ||dL/dθ|| over the layer's own parameters, when it has any
+    """
+
+    def __init__(self, model: nn.Module, every: int = 10, path: Optional[str] = None, modules: Selection = None,
+                 sample: int = 2048, percentiles: Sequence[float] = (1, 15, 50, 85, 99), bins: int = 50,
+                 saturation: float = 0.98, seed: int = 0, exact_limit: int = 1 << 16) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"monitor: every must be a positive int (record every N steps), got {every!r}")
+        if sample < 2 or bins < 1:
+            raise ValueError(f"monitor: sample must be >= 2 and bins >= 1, got sample={sample}, bins={bins}")
+        if not all(0 <= p <= 100 for p in percentiles):
+            raise ValueError(f"monitor: percentiles must lie in [0, 100], got {list(percentiles)}")
+        if not 0 < saturation < 1:
+            raise ValueError(f"monitor: saturation is a fraction of the output range in (0, 1), got {saturation}")
+        self.model, self.every, self.path = model, every, path
+        self.sample, self.bins, self.saturation = sample, bins, saturation
+        self.percentiles = tuple(sorted(float(p) for p in percentiles))
+        self._percentile_keys = tuple(_fmt(p) for p in self.percentiles)
+        self.layers = self._select(model, modules)
+        if not self.layers:
+            raise ValueError("monitor: no layer to watch (the selection matched no module)")
+        self._watch = {id(m): (name, _activation(m), type(m).__name__) for name, m in self.layers.items()}
+        self.step = 0
+        self.records: List[dict] = []
+        self.exact_limit = exact_limit
+        self._gen = torch.Generator().manual_seed(seed)
+        self._probe: Dict[tuple, object] = {}
+        self._pending: Dict[str, dict] = {}
+        self._pending_step: Optional[int] = None
+        self._transient: list = []
+        self._root = None
+        self._file = None
+
+    @staticmethod
+    def _select(model: nn.Module, modules: Selection) -> Dict[str, nn.Module]:
+        named = dict(model.named_modules())
+        if modules is None:
+            return {n: m for n, m in named.items() if not m._modules and not isinstance(m, SKIPPED)}
+        if callable(modules):
+            return {n: m for n, m in named.items() if modules(n, m)}
+        names = list(modules)
+        missing = [n for n in names if n not in named]
+        if missing:
+            raise ValueError(f"monitor: no module named {missing} in the model; names look like "
+                             f"{[n for n in named if n][:6]}")
+        return {n: named[n] for n in names}
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> "Monitor":
+        if self._root is not None:
+            raise RuntimeError("monitor: this Monitor is already active")
+        if self.path is not None:
+            self._file = open(self.path, "w")
+        self._root = self.model.register_forward_pre_hook(self._on_forward)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Write the last recorded step and remove every hook (also done on leaving the ``with``)."""
+        if self._root is not None:
+            self._root.remove()
+            self._root = None
+        self._flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _positions(self, n: int, device):
+        """``sample`` random positions in an output of ``n`` values (with replacement), drawn once per
+        size and device and then reused: a fixed random probe, so steps are compared on the same
+        positions and no step pays for drawing them."""
+        key = (n, device)
+        idx = self._probe.get(key)
+        if idx is None:
+            idx = torch.randint(n, (self.sample,), generator=self._gen)
+            idx = idx.numpy() if device is None else idx.to(device)
+            self._probe[key] = idx
+        return idx
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _on_forward(self, model, args) -> None:
+        if not model.training:
+            return
+        if self._pending_step is not None:
+            self._flush()
+        step = self.step
+        self.step += 1
+        if step % self.every == 0:
+            self._pending_step = step
+            # one process-wide forward hook for all watched layers (cheaper than one per layer), only for
+            # this step; parameter-gradient hooks likewise
+            self._transient.append(nn.modules.module.register_module_forward_hook(self._on_output))
+            for name, m in self.layers.items():
+                own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+                for p in own:
+                    self._transient.append(p.register_post_accumulate_grad_hook(self._param_hook(name, len(own))))
+
+    def _on_output(self, module, args, output) -> None:
+        watched = self._watch.get(id(module))
+        if watched is None:
+            return
+        name, kind, type_name = watched
+        y = output[0] if isinstance(output, (tuple, list)) and output else output
+        if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.numel() == 0 or name in self._pending:
+            return
+        entry = self._stats(y.detach(), kind)
+        entry["type"] = type_name
+        self._pending[name] = entry
+        if y.requires_grad:
+            y.register_hook(lambda g: entry.__setitem__("_grad", torch.linalg.vector_norm(g)) or None)
+
+    def _param_hook(self, name: str, n_params: int):
+        def hook(p):
+            entry = self._pending.get(name)
+            if entry is not None and p.grad is not None:
+                norms = entry.setdefault("_param_grads", [])
+                if len(norms) < n_params:
+                    norms.append(torch.linalg.vector_norm(p.grad))
+        return hook
+
+    @torch.no_grad()
+    def _stats(self, y: torch.Tensor, kind: Optional[str]) -> dict:
+        """What the record needs from one output, taken now (the output may be changed in place later,
+        e.g. by ReLU(inplace=True)) and left on the device until the step is flushed.
+
+        An output of at most ``exact_limit`` values is copied whole and reduced in NumPy at the
+        flush (a NumPy call costs a fraction of a torch op on small arrays). A larger one is
+        reduced here with sums and dot products, several times
+        faster on the CPU than torch.std_mean or boolean counts: with d = y - shift (shift = the
+        sample's mean, so no cancellation), mean = shift + sum(d)/n and var = d.d/n - (sum(d)/n)^2;
+        saturated and dead counts from sign(); plus a random sample for percentiles and histogram."""
+        flat = y.reshape(-1)
+        n = flat.numel()
+        if n <= self.exact_limit:
+            return {"numel": n, "_copy": flat.clone(), "_shape": tuple(y.shape), "_kind": kind}
+        sample = flat[self._positions(n, flat.device)]
+        acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        shift = sample.to(acc).mean()
+        d = flat.to(acc) - shift
+        raw = [shift, d.sum(), torch.dot(d, d), *torch.aminmax(flat)]
+        keys = ["_shift", "_s1", "_s2", "min", "max"]
+        if kind in ("sigmoid", "tanh"):
+            centre, half = (0.5, 0.5 * self.saturation) if kind == "sigmoid" else (0.0, self.saturation)
+            raw.append(d.add_(shift - centre).abs_().sub_(half).sign_().sum())  # +1 saturated, -1 not, 0 on the edge
+            keys.append("_sat")
+        elif kind == "relu":  # outputs >= 0: sign() is 1 where the unit fired
+            raw.append(flat.sign().sum(dtype=acc))
+            keys.append("_fired")
+            if y.dim() >= 2:  # a unit (channel or feature, dim 1) is dead if it is 0 for every sample and position
+                top = y.amax(dim=[i for i in range(y.dim()) if i != 1])
+                raw.append(top.sign().sum(dtype=acc))
+                keys.append("_alive")
+        dt = raw[0].dtype
+        return {"numel": n, "_sample": sample, "_raw": torch.stack([r.to(dt) for r in raw]), "_keys": keys,
+                "_units": y.shape[1] if y.dim() >= 2 else 0}
+
+    def _flush(self) -> None:
+        for h in self._transient:
+            h.remove()
+        self._transient = []
+        step, pending = self._pending_step, self._pending
+        self._pending, self._pending_step = {}, None
+        if step is None or not pending:
+            return
+        import numpy as np
+
+        layout = list(pending.items())
+        scalars, samples = [None] * len(layout), [None] * len(layout)
+        copies: Dict[int, List[int]] = {}  # whole outputs, grouped by size so NumPy works on a group at once
+        for i, (name, e) in enumerate(layout):
+            if "_copy" in e:
+                copies.setdefault(e["numel"], []).append(i)
+            else:
+                raw = dict(zip(e["_keys"], e["_raw"].cpu().tolist()))
+                scalars[i] = _from_sums(raw, e["numel"], e["_units"])
+                samples[i] = _to_numpy(e["_sample"])
+        for rows in copies.values():
+            es = [layout[i][1] for i in rows]
+            a = np.stack([_to_numpy(e["_copy"]) for e in es])
+            outs = _exact(a, [e["_shape"] for e in es], [e["_kind"] for e in es], self.saturation)
+            sample = a[:, self._positions(a.shape[1], None)] if a.shape[1] > self.sample else a
+            for j, i in enumerate(rows):
+                scalars[i], samples[i] = outs[j], sample[j]
+        # every gradient norm of the step in one transfer
+        norms, owners = [], []
+        for i, (name, e) in enumerate(layout):
+            if "_grad" in e:
+                norms.append(e["_grad"].float())
+                owners.append((i, "grad_norm"))
+            for t in e.get("_param_grads", []):
+                norms.append(t.float())
+                owners.append((i, "_param"))
+        if norms:
+            for (i, key), v in zip(owners, torch.stack(norms).cpu().tolist()):
+                if key == "grad_norm":
+                    scalars[i]["grad_norm"] = v
+                else:
+                    scalars[i]["weight_grad_norm"] = math.hypot(scalars[i].get("weight_grad_norm", 0.0), v)
+        q, hists = _percentiles_and_histograms(samples, self.percentiles, self.bins)
+        lines = []
+        for (name, e), scal, qs, hist in zip(layout, scalars, q, hists):
+            rec = {"step": step, "layer": name, "type": e["type"], "numel": e["numel"],
+                   "mean": scal.pop("mean"), "std": scal.pop("std"), "min": scal.pop("min"), "max": scal.pop("max"),
+                   "percentiles": dict(zip(self._percentile_keys, qs)), "hist": hist}
+            rec.update(scal)
+            self.records.append(rec)
+            lines.append(json.dumps(rec, separators=(",", ":")))
+        if self._file is not None:
+            self._file.write("\n".join(lines) + "\n")
+            self._file.flush()
+
+    # -- output ----------------------------------------------------------------------------
+    def plot(self, out_png: str, layers: Optional[Sequence[str]] = None, title: Optional[str] = None,
+             **kwargs) -> str:
+        """Draw per-layer histograms over time (see :func:`plot_records`); returns ``out_png``."""
+        return plot_records(self.records, out_png, layers=layers, title=title, **kwargs)
+
+
+def _exact(a, shapes: list, kinds: list, saturation: float) -> list:
+    """Scalars of whole outputs of one size, a: (L, n), all rows at once (sums accumulate in float64)."""
+    import numpy as np
+
+    n = a.shape[1]
+    mean = a.mean(axis=1, dtype=np.float64)
+    d = a - mean[:, None].astype(a.dtype)
+    std = np.sqrt(np.square(d).sum(axis=1, dtype=np.float64) / n)
+    lo, hi = a.min(axis=1), a.max(axis=1)
+    outs = [{"mean": float(mean[j]), "std": float(std[j]), "min": float(lo[j]), "max": float(hi[j])}
+            for j in range(len(a))]
+    for j, (kind, shape) in enumerate(zip(kinds, shapes)):
+        if kind == "sigmoid":
+            outs[j]["saturated"] = np.count_nonzero(np.abs(a[j] - 0.5) > 0.5 * saturation) / n
+        elif kind == "tanh":
+            outs[j]["saturated"] = np.count_nonzero(np.abs(a[j]) > saturation) / n
+        elif kind == "relu":
+            outs[j]["zero"] = 1.0 - np.count_nonzero(a[j]) / n
+            if len(shape) >= 2:
+                units = np.moveaxis(a[j].reshape(shape), 1, 0).reshape(shape[1], -1)
+                outs[j]["dead"] = np.count_nonzero(units.max(axis=1) <= 0) / shape[1]
+    return outs
+
+
+def _from_sums(raw: dict, n: int, units: int) -> dict:
+    """The scalars of a large output from the sums its hook took on the device."""
+    m1 = raw["_s1"] / n
+    out = {"mean": raw["_shift"] + m1, "std": max(raw["_s2"] / n - m1 * m1, 0.0) ** 0.5,
+           "min": raw["min"], "max": raw["max"]}
+    if "_sat" in raw:
+        out["saturated"] = (raw["_sat"] + n) / (2 * n)
+    if "_fired" in raw:
+        out["zero"] = 1 - raw["_fired"] / n
+    if "_alive" in raw:
+        out["dead"] = 1 - raw["_alive"] / units
+    return out
+
+
+def _percentiles_and_histograms(samples: list, percentiles: tuple, bins: int):
+    """Percentiles (linear interpolation, as numpy.percentile) and equal-width histograms of each
+    sample; samples of the same length are done together in one sort."""
+    import numpy as np
+
+    q_out, h_out = [None] * len(samples), [None] * len(samples)
+    by_len: Dict[int, List[int]] = {}
+    for i, s in enumerate(samples):
+        by_len.setdefault(len(s), []).append(i)
+    p = np.asarray(percentiles, dtype=np.float64) / 100
+    for length, rows in by_len.items():
+        a = np.sort(np.stack([samples[i] for i in rows]), axis=1)  # (R, length)
+        pos = p * (length - 1)
+        lo_i = np.floor(pos).astype(np.int64)
+        hi_i = np.minimum(lo_i + 1, length - 1)
+        q = a[:, lo_i] + (a[:, hi_i] - a[:, lo_i]) * (pos - lo_i)
+        lo, hi = a[:, 0].astype(np.float64), a[:, -1].astype(np.float64)
+        flat = ~(hi > lo)  # a constant sample: one unit-wide range around it
+        lo[flat], hi[flat] = lo[flat] - 0.5, lo[flat] + 0.5
+        # histogram of sorted rows: rescale row j to [2j, 2j + 1], so all rows and their bin edges
+        # form one sorted sequence, and count with one searchsorted
+        shift = 2.0 * np.arange(len(rows))[:, None]
+        t = ((a - lo[:, None]) / (hi - lo)[:, None] + shift).ravel()
+        edges = np.linspace(0.0, 1.0, bins + 1)[None, :] + shift
+        idx = np.concatenate([np.searchsorted(t, edges[:, :-1].ravel(), side="left").reshape(len(rows), bins),
+                              np.searchsorted(t, edges[:, -1], side="right")[:, None]], axis=1)
+        counts = np.diff(idx, axis=1)
+        for j, i in enumerate(rows):
+            q_out[i] = q[j].tolist()
+            h_out[i] = {"lo": float(lo[j]), "hi": float(hi[j]), "counts": counts[j].tolist()}
+    return q_out, h_out
+
+
+def _to_numpy(t: torch.Tensor):
+    t = t.detach().cpu()
+    return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+
+
+def _fmt(p: float) -> str:
+    return str(int(p)) if float(p).is_integer() else str(p)
+
+
+def monitor(model: nn.Module, every: int = 10, path: Optional[str] = None, modules: Selection = None,
+            **kwargs) -> Monitor:
+    """Record per-layer activation statistics and gradient norms every ``every`` training steps.
+
+    A context manager: hooks are in place inside the ``with`` block and gone after it. See
+    :class:`Monitor` for the record's fields.
+
+    Args:
+        model: the model; each forward in training mode is one step.
+        every: record steps 0, every, 2·every, ... Default 10.
+        path: write JSON Lines here (one line per layer and recorded step); ``None`` keeps
+            the records in memory only (``.records``).
+        modules: which layers: ``None`` = every leaf module except Identity, Flatten and
+            Dropout; a list of names; or a function ``(name, module) -> bool``.
+        **kwargs: ``sample`` (values per layer for percentiles and histograms, default 2048),
+            ``percentiles`` (default (1, 15, 50, 85, 99)), ``bins`` (50), ``saturation``
+            (0.98: a sigmoid output below 0.01 or above 0.99, a tanh output beyond ±0.98, is
+            saturated), ``seed``, ``exact_limit`` (outputs up to this many values, default
+            65536, are copied and reduced in NumPy; larger ones are reduced on their device).
+
+    Examples::
+
+        >>> with monitor(model, every=10, path="run/monitor.jsonl") as mon:
+        ...     for x, y in loader:
+        ...         opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
+        >>> mon.plot("run/monitor.png")
+    """
+    return Monitor(model, every=every, path=path, modules=modules, **kwargs)
+
+
+def load_records(path: str) -> List[dict]:
+    """The records of a JSON Lines file written by :func:`monitor`."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_records(records: Union[str, List[dict]], out_png: str, layers: Optional[Sequence[str]] = None,
+                 title: Optional[str] = None, max_layers: int = 24, dpi: int = 110) -> str:
+    """One panel per layer: the histogram of its outputs at every recorded step (a column per
+    step, darker = more values, square-root scale) with the 15th/50th/85th percentiles drawn over it as in
+    Ioffe & Szegedy (2015), Fig. 1; the panel title gives the last saturated or dead
+    fraction. A last panel shows each layer's output-gradient norm over time.
+
+    Args:
+        records: records from :attr:`Monitor.records` or a JSON Lines path.
+        out_png: where to save the figure.
+        layers: which layers (default: all recorded, in order, at most ``max_layers``).
+        title: a title for the figure.
+        max_layers: draw at most this many layers when ``layers`` is not given.
+        dpi: resolution of the PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if isinstance(records, str):
+        records = load_records(records)
+    if not records:
+        raise ValueError("plot_records: no records to plot (was the model trained inside the monitor?)")
+    by_layer: Dict[str, List[dict]] = {}
+    for r in records:
+        by_layer.setdefault(r["layer"], []).append(r)
+    names = list(layers) if layers is not None else list(by_layer)[:max_layers]
+    unknown = [n for n in names if n not in by_layer]
+    if unknown:
+        raise ValueError(f"plot_records: no records for layer(s) {unknown}; recorded: {list(by_layer)}")
+    n_panels = len(names) + 1
+    ncols = min(4, n_panels)
+    nrows = math.ceil(n_panels / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        recs = sorted(by_layer[name], key=lambda r: r["step"])
+        steps = np.array([r["step"] for r in recs], dtype=float)
+        pkeys = list(recs[0]["percentiles"])
+        plo = min(r["percentiles"][pkeys[0]] for r in recs)
+        phi = max(r["percentiles"][pkeys[-1]] for r in recs)
+        if not phi > plo:
+            phi = plo + 1e-6
+        pad = 0.05 * (phi - plo)
+        grid = np.linspace(plo - pad, phi + pad, 61)
+        image = np.zeros((len(grid) - 1, len(recs)))
+        for j, r in enumerate(recs):
+            # re-bin onto the panel's grid through the piecewise-linear CDF (no aliasing stripes)
+            counts = np.asarray(r["hist"]["counts"], dtype=float)
+            edges = np.linspace(r["hist"]["lo"], r["hist"]["hi"], len(counts) + 1)
+            if edges[-1] <= edges[0]:
+                edges = edges[0] + np.linspace(-1e-9, 1e-9, len(counts) + 1)
+            cdf = np.concatenate([[0.0], np.cumsum(counts)]) / max(counts.sum(), 1.0)
+            image[:, j] = np.diff(np.interp(grid, edges, cdf, left=0.0, right=1.0))
+        dx = steps[1] - steps[0] if len(steps) > 1 else 1.0
+        ax.imshow(np.sqrt(image), origin="lower", aspect="auto", cmap="Greys",
+                  extent=(steps[0] - dx / 2, steps[-1] + dx / 2, grid[0], grid[-1]))
+        for key, style in zip(("15", "50", "85"), ("--", "-", "--")):
+            if key in recs[0]["percentiles"]:
+                ax.plot(steps, [r["percentiles"][key] for r in recs], style, color="C3", lw=1.2,
+                        label=f"{key}th pct")
+        last = recs[-1]
+        extra = "".join(f", {k} {last[k]:.0%}" for k in ("saturated", "dead") if k in last)
+        ax.set_title(f"{name} ({last['type']}){extra}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=7, loc="upper left")
+    gax = axes.flat[len(names)]
+    for name in names:
+        recs = sorted(by_layer[name], key=lambda r: r["step"])
+        pts = [(r["step"], r["grad_norm"]) for r in recs if r.get("grad_norm")]
+        if pts:
+            gax.plot(*zip(*pts), lw=1, label=name)
+    gax.set_yscale("log")
+    gax.set_title("||dL/d output|| per layer", fontsize=9)
+    gax.set_xlabel("step", fontsize=8)
+    gax.tick_params(labelsize=7)
+    if len(names) <= 10 and gax.lines:
+        gax.legend(fontsize=6)
+    for ax in list(axes.flat)[n_panels:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=dpi)
+    plt.close(fig)
+    return out_png

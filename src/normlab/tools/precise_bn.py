@@ -1,0 +1,177 @@
+"""Precise batch-norm statistics: replace the running averages by the exact population statistics.
+
+Running averages (``momentum`` 0.1) weigh the last few dozen batches and lag behind weights
+that were still moving; evaluation then normalizes with statistics no network ever produced
+(Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", section 3). After training,
+:func:`precise_bn` runs the model over many batches and sets, per channel of every
+batch-statistics layer, the exact mean and unbiased variance of all the values it received.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Dict, Iterable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from normlab.nn.sync_batch_norm import merge_moments
+from normlab.tools.convert import norm_kind
+
+# layers whose running statistics are batch statistics of their input (per channel, over N and positions)
+PRECISE_KINDS = ("batch", "sync_batch", "batch_renorm", "switchable", "masked_batch")
+
+
+class _Moments:
+    """Per-channel count, mean and M2, merged batch by batch with Chan's formula (float64)."""
+
+    def __init__(self):
+        self.n = self.mean = self.m2 = None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        c = x.shape[1]
+        xd = x.detach().to(torch.float64).transpose(0, 1).reshape(c, -1)  # (C, N * positions)
+        if mask is not None:  # masked batch norm: only the valid positions (mask (N, L), True = valid)
+            xd = xd[:, mask.reshape(-1).to(torch.bool)]
+        n = xd.shape[1]
+        if n == 0:
+            return
+        mean = xd.mean(1)
+        m2 = (xd - mean[:, None]).square().sum(1)
+        if self.n is None:
+            self.n, self.mean, self.m2 = torch.tensor(float(n), dtype=torch.float64, device=x.device), mean, m2
+            return
+        counts = torch.stack([self.n, torch.tensor(float(n), dtype=torch.float64, device=x.device)])
+        self.n, self.mean, self.m2 = merge_moments(counts, torch.stack([self.mean, mean]), torch.stack([self.m2, m2]))
+
+    def merge_across(self, group, device, channels: int) -> None:
+        """Merge this rank's moments with every other rank's in ``group`` (all must call it)."""
+        world = dist.get_world_size(group)
+        mine = torch.zeros(2 * channels + 1, dtype=torch.float64, device=device)
+        if self.n is not None:
+            mine[0], mine[1:channels + 1], mine[channels + 1:] = self.n, self.mean, self.m2
+        parts = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine, group=group)
+        table = torch.stack(parts)
+        if table[:, 0].sum() > 0:
+            self.n, self.mean, self.m2 = merge_moments(table[:, 0], table[:, 1:channels + 1], table[:, channels + 1:])
+
+
+Batches = Union[Iterable[Any], Callable[[], Iterable[Any]]]
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return model(batch[0])  # (x, y, ...): the input comes first
+    if isinstance(batch, dict):
+        return model(**batch)
+    raise TypeError(f"precise_bn: a batch must be a tensor, an (x, y, ...) tuple whose first item is a tensor, or a "
+                    f"dict of forward arguments, got {type(batch).__name__}; pass forward=lambda model, batch: ... "
+                    f"for anything else")
+
+
+def precise_bn(model: nn.Module, batches: Batches, num_batches: int = 200,
+               forward: Optional[Callable[[nn.Module, Any], Any]] = None) -> Dict[str, int]:
+    """Set the running statistics of every batch-norm-like layer to their exact population values.
+
+    For each layer with running statistics of the batch (``BatchNorm*d``, ``SyncBatchNorm``,
+    batch renorm, switchable norm's batch branch, masked batch norm: torch's and normlab's),
+    over all ``n`` values per channel it receives (batches and positions, all of them weighted
+    equally, so batches of different sizes count by their size)::
+
+        running_mean = mean(x)          running_var = sum((x - mean)^2) / (n - 1)
+
+    The model runs with these layers in training mode (each normalizes with its batch's
+    statistics, as in training, so every layer sees the inputs it saw in training); other
+    modules keep their mode (call ``model.eval()`` first to run with dropout off, which is
+    what evaluation will see). Statistics are accumulated in float64 and merged batch by
+    batch with Chan's formula. A normlab ``SyncBatchNorm`` in an initialized process group
+    merges its statistics across ranks too (every rank must call ``precise_bn``). Afterwards
+    each layer's ``momentum``, ``num_batches_tracked`` and mode are what they were; the
+    optimizer state and parameters are never touched. No gradients are computed.
+
+    Args:
+        model: the model (changed in place).
+        batches: an iterable of batches (a DataLoader, a list) or a function returning one.
+            A batch is a tensor, an ``(x, y, ...)`` tuple (``x`` is fed), or a dict of keyword
+            arguments.
+        num_batches: use at most this many batches. Default 200.
+        forward: ``forward(model, batch)`` when a batch needs more than ``model(x)``.
+
+    Returns:
+        ``{layer name: values per channel it saw}`` for every layer updated (a layer that saw
+        no values keeps its old statistics and is reported with 0).
+
+    Raises:
+        ValueError: ``batches`` yields nothing, or ``num_batches`` < 1.
+
+    Examples::
+
+        >>> counts = precise_bn(model, train_loader, num_batches=200)
+        >>> counts   # {'layer1.0.bn1': 2508800, ...}
+    """
+    if num_batches < 1:
+        raise ValueError(f"precise_bn: num_batches must be at least 1, got {num_batches}")
+    layers = {name: m for name, m in model.named_modules()
+              if norm_kind(m) in PRECISE_KINDS and getattr(m, "running_mean", None) is not None}
+    if not layers:
+        return {}
+    moments = {name: _Moments() for name in layers}
+    saved = {name: (m.training, m.momentum, m.num_batches_tracked.clone()
+                    if getattr(m, "num_batches_tracked", None) is not None else None) for name, m in layers.items()}
+
+    def hook_for(name):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            mask = args[1] if len(args) > 1 else kwargs.get("mask")
+            moments[name].add(x, mask if norm_kind(module) == "masked_batch" else None)
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name), with_kwargs=True) for name, m in layers.items()]
+    run = forward or _default_forward
+    used = 0
+    try:
+        for m in layers.values():
+            m.train()
+            m.momentum = 0.0  # the layers' own running updates leave the buffers as they are
+        source = batches() if callable(batches) else batches
+        with torch.no_grad():
+            for batch in itertools.islice(iter(source), num_batches):
+                run(model, batch)
+                used += 1
+        if used == 0:
+            raise ValueError("precise_bn: `batches` yielded no batch (an empty iterator or data loader); it needs at "
+                             "least one batch, ideally a few hundred, of training data")
+        for name, m in layers.items():
+            _merge_ranks(m, moments[name])
+    finally:
+        for h in handles:
+            h.remove()
+        for name, m in layers.items():
+            training, momentum, nbt = saved[name]
+            m.train(training)
+            m.momentum = momentum
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+    out = {}
+    with torch.no_grad():
+        for name, m in layers.items():
+            acc = moments[name]
+            if acc.n is None or acc.n < 1:
+                out[name] = 0
+                continue
+            n = float(acc.n)
+            m.running_mean.copy_(acc.mean)
+            m.running_var.copy_(acc.m2 / max(n - 1.0, 1.0))
+            out[name] = int(n)
+    return out
+
+
+def _merge_ranks(module: nn.Module, acc: _Moments) -> None:
+    from normlab.nn.sync_batch_norm import SyncBatchNorm
+
+    if isinstance(module, SyncBatchNorm) and module._group_size() > 1:
+        acc.merge_across(module.process_group, module.running_mean.device, module.num_features)

@@ -1,0 +1,205 @@
+"""convert: kinds, what carries over (checked by computing with torch's own layers), and the errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import normlab.nn as nlnn
+from normlab.tools import convert, norm_kind
+
+
+def _randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if norm_kind(m) is None:
+                continue
+            for name in ("weight", "bias"):
+                p = getattr(m, name, None)
+                if p is not None:
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            if getattr(m, "running_mean", None) is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.num_batches_tracked.fill_(7)
+    return model
+
+
+def cnn(norm=nn.BatchNorm2d) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), norm(8), nn.ReLU(), nn.Conv2d(8, 4, 3), norm(4), nn.Flatten(),
+                         nn.Linear(4, 6), nn.BatchNorm1d(6))
+
+
+def test_batch_to_group_keeps_channels_dtype_mode_and_gamma_beta():
+    model = _randomize_(cnn()).double()
+    model[4].eval()
+    old = [model[1], model[4]]
+    out, changes = convert(model, "group:2", only="batch", dim=None)
+    assert out is model
+    assert [type(m) for m in (model[1], model[4], model[7])] == [nlnn.GroupNorm] * 3
+    assert (model[1].num_groups, model[1].num_channels, model[4].num_channels, model[7].num_channels) == (2, 8, 4, 6)
+    for new, src in zip((model[1], model[4]), old):
+        assert new.weight.dtype == torch.float64 and new.eps == src.eps
+        torch.testing.assert_close(new.weight, src.weight)
+        torch.testing.assert_close(new.bias, src.bias)
+    assert model[1].training and not model[4].training
+    assert [c.name for c in changes] == ["1", "4", "7"]
+    assert changes[0].copied == ("weight", "bias") and changes[0].source.startswith("BatchNorm2d(8")
+    assert any("running statistics" in s for s in changes[0].not_copied)
+    assert "GroupNorm(2, 8" in str(changes[0])
+
+
+def test_converted_group_norm_computes_torch_group_norm_with_the_old_gamma_beta():
+    torch.manual_seed(0)
+    model = _randomize_(nn.Sequential(nn.Conv2d(2, 6, 1), nn.BatchNorm2d(6)))
+    gamma, beta = model[1].weight.detach().clone(), model[1].bias.detach().clone()
+    convert(model, "group:3")
+    x = torch.randn(4, 2, 5, 5)
+    expected = nn.functional.group_norm(model[0](x), 3, gamma, beta, 1e-5)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_sync_batch_and_back_is_the_identity_on_state_and_outputs():
+    torch.manual_seed(1)
+    model = _randomize_(cnn())
+    reference = _randomize_(cnn())  # same values: same seed, same layout
+    reference.load_state_dict(model.state_dict())
+    synced, changes = convert(model, "sync_batch")
+    assert [type(m).__name__ for m in synced if norm_kind(m)] == ["SyncBatchNorm"] * 3
+    assert all(c.copied == ("weight", "bias", "running_mean", "running_var", "num_batches_tracked") for c in changes)
+    back, _ = convert(synced, "batch")  # torch cannot do this (pytorch#22538); the dims were remembered
+    assert [type(m) for m in back if norm_kind(m)] == [nlnn.BatchNorm2d, nlnn.BatchNorm2d, nlnn.BatchNorm1d]
+    assert list(back.state_dict()) == list(reference.state_dict())
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v)
+    x = torch.randn(5, 3, 5, 5)
+    torch.testing.assert_close(back(x), reference(x))  # training mode: batch statistics, running updates
+    back.eval()
+    reference.eval()
+    torch.testing.assert_close(back(x), reference(x))
+
+
+def test_torch_sync_batch_norm_needs_its_dims_from_dim_or_an_example():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4))
+    with pytest.raises(ValueError, match=r"'1' \(SyncBatchNorm\).*spatial dims.*dim=.*example_input="):
+        convert(model, "batch")
+    assert type(model[1]) is nn.SyncBatchNorm  # untouched
+    out, _ = convert(model, "batch", example_input=torch.randn(2, 3, 5, 5))
+    assert type(out[1]) is nlnn.BatchNorm2d
+    assert type(convert(nn.Sequential(nn.SyncBatchNorm(4)), "batch", dim=3)[0][0]) is nlnn.BatchNorm3d
+
+
+def test_running_statistics_carry_between_batch_statistics_layers():
+    torch.manual_seed(2)
+    bn = _randomize_(nn.Sequential(nn.BatchNorm1d(5))).eval()
+    brn, changes = convert(bn, "batch_renorm")
+    assert "running_var" in changes[0].copied
+    x = torch.randn(7, 5, 3)
+    torch.testing.assert_close(brn(x), bn(x))  # in evaluation batch renorm is batch norm with the running stats
+
+
+def test_layer_norm_over_features_and_rms_norm():
+    torch.manual_seed(3)
+    model = _randomize_(nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 6), nn.LayerNorm(6, bias=False)))
+    out, changes = convert(model, "rms")
+    assert [type(m) for m in (out[1], out[3])] == [nlnn.RMSNorm, nlnn.RMSNorm]
+    assert changes[0].copied == ("weight",) and "bias: RMSNorm has none" in changes[0].not_copied[0]
+    x = torch.randn(3, 4)
+    h = model[0](x)
+    expected = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-5) * out[1].weight
+    torch.testing.assert_close(out[1](h), expected)
+    # a LayerNorm(C) on (N, C) features becomes BatchNorm1d(C) with its gamma/beta
+    bn, changes = convert(nn.Sequential(nn.LayerNorm(6)), "batch")
+    assert type(bn[0]) is nlnn.BatchNorm1d and changes[0].copied == ("weight", "bias")
+
+
+def test_layer_norm_over_channels_and_positions_becomes_group_norm_without_copying_elementwise_gamma():
+    model = _randomize_(nn.Sequential(nn.Conv2d(1, 4, 1), nn.LayerNorm([4, 3, 3])))
+    x = torch.randn(2, 1, 3, 3)
+    expected = model(x)
+    out, changes = convert(model, "layer")  # torch's LayerNorm -> normlab's: the same shape, gamma and beta
+    assert type(out[1]) is nlnn.LayerNorm and changes[0].copied == ("weight", "bias")
+    torch.testing.assert_close(out(x), expected)
+    assert convert(out, "layer")[1] == []  # already what "layer" builds: left alone
+    out, changes = convert(model, "group:2", example_input=torch.randn(2, 1, 3, 3))
+    assert type(out[1]) is nlnn.GroupNorm and changes[0].copied == ()
+    assert "element-wise" in changes[0].not_copied[0]
+    # GroupNorm(1, C) is layer norm over (C, H, W): the same numbers as torch's LayerNorm without affine
+    x = torch.randn(2, 4, 3, 3)
+    gn, _ = convert(nn.Sequential(nn.LayerNorm([4, 3, 3], elementwise_affine=False)), "group:1",
+                    example_input=x)
+    torch.testing.assert_close(gn(x), nn.functional.layer_norm(x, (4, 3, 3)))
+
+
+def test_layers_with_no_equivalent_say_why_and_leave_the_model_whole():
+    tokens = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8))
+    with pytest.raises(ValueError, match=r"'1' \(LayerNorm\).*trailing dims \(8,\) of an input of shape \(2, 5, 8\)"):
+        convert(tokens, "batch", example_input=torch.randn(2, 5, 3))
+    assert type(tokens[1]) is nn.LayerNorm
+    lrn = nn.Sequential(nn.Conv2d(1, 4, 1), nn.LocalResponseNorm(2))
+    with pytest.raises(ValueError, match="LocalResponseNorm works for any channel count"):
+        convert(lrn, "batch")
+    out, _ = convert(lrn, "batch", example_input=torch.randn(2, 1, 3, 3))
+    assert type(out[1]) is nlnn.BatchNorm2d and out[1].num_features == 4
+    with pytest.raises(ValueError, match=r"mask"):
+        convert(nn.Sequential(nlnn.MaskedBatchNorm1d(4)), "batch")
+    with pytest.raises(ValueError, match=r"'rms' is not available for dim=2"):
+        convert(nn.Sequential(nn.BatchNorm2d(4)), "rms")
+
+
+def test_nothing_is_half_converted_when_a_later_layer_fails():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6))
+    before = list(model)
+    with pytest.raises(ValueError, match=r"'3' \(BatchNorm2d\).*num_groups=4 must .* divide .* 6"):
+        convert(model, "group:4")
+    assert list(model) == before  # the same module objects, the first BN included
+
+
+def test_unknown_spec_and_kind():
+    with pytest.raises(ValueError, match=r"unknown norm spec 'groop:4'; known: batch, .*group"):
+        convert(cnn(), "groop:4")
+    with pytest.raises(ValueError, match="unknown kind 'bn'"):
+        convert(cnn(), "group:2", only="bn")
+    with pytest.raises(ValueError, match="dim is the number of spatial dims"):
+        convert(cnn(), "batch", dim=5)
+
+
+def test_selection_sharing_root_none_and_frozen_parameters():
+    shared = nn.BatchNorm2d(4)
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), shared, nn.Conv2d(4, 4, 1), shared, nn.GroupNorm(2, 4))
+    model[1].weight.requires_grad_(False)
+    out, changes = convert(model, "instance", only=["batch"])
+    assert out[1] is out[3] and isinstance(out[1], nlnn.InstanceNorm2d) and len(changes) == 1
+    assert out[1].affine and not out[1].weight.requires_grad and isinstance(out[4], nn.GroupNorm)
+    root, changes = convert(nn.BatchNorm1d(3), "layer")
+    assert isinstance(root, nlnn.GroupNorm) and root.num_groups == 1 and changes[0].name == ""
+    gone, changes = convert(cnn(), "none")
+    assert not any(norm_kind(m) for m in gone.modules()) and len(changes) == 3
+    picked, _ = convert(cnn(), "group:2", only=lambda name, m: name == "4")
+    assert isinstance(picked[4], nlnn.GroupNorm) and isinstance(picked[1], nn.BatchNorm2d)
+
+
+def test_normlab_and_torch_layers_are_both_recognized():
+    kinds = {nn.BatchNorm2d(2): "batch", nlnn.BatchNorm2d(2): "batch", nn.SyncBatchNorm(2): "sync_batch",
+             nlnn.SyncBatchNorm(2): "sync_batch", nlnn.BatchRenorm2d(2): "batch_renorm",
+             nlnn.SwitchableNorm2d(2): "switchable", nlnn.MaskedBatchNorm1d(2): "masked_batch",
+             nn.InstanceNorm1d(2): "instance", nlnn.InstanceNorm3d(2): "instance", nn.GroupNorm(1, 2): "group",
+             nlnn.GroupNorm(1, 2): "group", nn.LayerNorm(2): "layer", nlnn.LayerNorm(2): "layer",
+             nn.RMSNorm(2): "rms", nlnn.RMSNorm(2): "rms", nn.LocalResponseNorm(2): "lrn",
+             nlnn.LocalResponseNorm(2): "lrn", nn.Linear(2, 2): None, nlnn.SELU(): None}
+    assert {type(m).__name__ + ("(nl)" if "normlab" in type(m).__module__ else ""): norm_kind(m)
+            for m in kinds} == {type(m).__name__ + ("(nl)" if "normlab" in type(m).__module__ else ""): k
+                                for m, k in kinds.items()}
+
+
+def test_same_kind_keeps_its_own_settings():
+    gn, _ = convert(nn.Sequential(nn.GroupNorm(4, 8, eps=1e-3)), "group")
+    assert (gn[0].num_groups, gn[0].eps) == (4, 1e-3) and type(gn[0]) is nlnn.GroupNorm
+    lrn, _ = convert(nn.Sequential(nn.LocalResponseNorm(3, alpha=2e-4, beta=0.5, k=2.0)), "lrn")
+    assert (lrn[0].size, lrn[0].alpha, lrn[0].beta, lrn[0].k) == (3, 2e-4, 0.5, 2.0)
+    brn, _ = convert(nn.Sequential(nlnn.BatchRenorm2d(4, rmax=2.0, dmax=1.0, warmup_steps=50)), "batch_renorm",
+                     momentum=0.2)
+    assert (brn[0].rmax, brn[0].dmax, brn[0].warmup_steps, brn[0].momentum) == (2.0, 1.0, 50, 0.2)
+    ln, _ = convert(nn.Sequential(nn.LayerNorm(6, bias=False)), "layer")
+    assert type(ln[0]) is nlnn.LayerNorm and ln[0].bias is None

@@ -1,0 +1,183 @@
+"""fold: every folded model is compared with the unfolded one (torch's batch norm in eval mode)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx, nn
+
+import normlab.nn as nlnn
+from normlab.tools import fold
+from normlab.tools.fold import fold_pair_
+
+
+def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so folding has something to do."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "running_mean", None) is not None:
+                c = m.running_mean.numel()
+                m.running_mean.copy_(torch.rand(c, generator=g) * 2 - 1)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
+            if getattr(m, "running_mean", None) is not None or isinstance(m, nn.modules.batchnorm._NormBase):
+                if getattr(m, "weight", None) is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 1.5 + 0.25)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    return model
+
+
+def assert_same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor, rel: float = 1e-5) -> None:
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    err = (ya - yb).abs().max().item()
+    assert err <= rel * ya.abs().max().item(), f"max |diff| {err:.3g} vs max |y| {ya.abs().max().item():.3g}"
+
+
+LAYERS = {
+    "Linear": (lambda g, b: nn.Linear(12, 6, bias=b), nn.BatchNorm1d, (5, 12)),
+    "Conv1d": (lambda g, b: nn.Conv1d(4, 6, 3, groups=g, bias=b), nn.BatchNorm1d, (3, 4, 9)),
+    "Conv2d": (lambda g, b: nn.Conv2d(4, 6, 3, groups=g, bias=b, padding=1), nn.BatchNorm2d, (3, 4, 7, 6)),
+    "Conv3d": (lambda g, b: nn.Conv3d(4, 6, 2, groups=g, bias=b), nn.BatchNorm3d, (2, 4, 4, 5, 3)),
+    "ConvTranspose1d": (lambda g, b: nn.ConvTranspose1d(4, 6, 3, groups=g, bias=b, stride=2), nn.BatchNorm1d,
+                        (3, 4, 5)),
+    "ConvTranspose2d": (lambda g, b: nn.ConvTranspose2d(4, 6, 3, groups=g, bias=b), nn.BatchNorm2d, (3, 4, 4, 5)),
+    "ConvTranspose3d": (lambda g, b: nn.ConvTranspose3d(4, 6, 2, groups=g, bias=b), nn.BatchNorm3d, (2, 4, 3, 3, 2)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind, groups", [(k, g) for k in LAYERS for g in (1, 2) if not (k == "Linear" and g > 1)])
+def test_every_layer_kind_folds_to_the_same_outputs(kind, groups, bias, dtype):
+    make, bn_cls, shape = LAYERS[kind]
+    torch.manual_seed(0)
+    model = randomize_bn_(nn.Sequential(make(groups, bias), bn_cls(6), nn.ReLU())).to(dtype).eval()
+    folded, report = fold(model)
+    assert report.folded == [("1", "0")] and not report.left
+    assert isinstance(folded[1], nn.Identity) and folded[0].bias is not None
+    assert_same_outputs(model, folded, torch.randn(shape, dtype=dtype) * 2)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_transposed_conv_groups_with_more_outputs_than_inputs(groups):
+    torch.manual_seed(1)
+    layer = nn.ConvTranspose2d(6, 9, 3, groups=groups, bias=False).double()
+    bn = randomize_bn_(nn.BatchNorm2d(9)).double().eval()
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        expected = bn(layer(x))
+        fold_pair_(layer, bn)
+        torch.testing.assert_close(layer(x), expected)
+
+
+def test_random_sequential_mixes_folded_and_unfoldable_layers():
+    torch.manual_seed(2)
+    model = randomize_bn_(nn.Sequential(
+        nn.BatchNorm2d(3),                                  # the model's first layer: nothing to fold into
+        nn.Conv2d(3, 8, 3, padding=1), nlnn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, groups=4, bias=False), nn.BatchNorm2d(8), nn.BatchNorm2d(8),  # both fold into the conv
+        nn.ConvTranspose2d(8, 4, 2, stride=2), nlnn.BatchRenorm2d(4), nn.Tanh(),
+        nn.Conv2d(4, 4, 1), nlnn.SyncBatchNorm(4),          # eval SyncBatchNorm is batch norm
+        nn.ReLU(), nn.BatchNorm2d(4),                       # after a ReLU: left
+        nn.Flatten(), nn.Linear(4 * 20 * 20, 7), nn.BatchNorm1d(7))).double().eval()
+    folded, report = fold(model)
+    assert sorted(b for b, _ in report.folded) == ["11", "16", "2", "5", "6", "8"]
+    assert dict(report.folded)["6"] == "4"
+    left = dict(report.left)
+    assert set(left) == {"0", "13"}
+    assert "model's input" in left["0"] and "ReLU" in left["13"]
+    assert type(folded) is nn.Sequential  # fx found nothing more, so the model keeps its class
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+    assert_same_outputs(model, folded, x)
+    assert_same_outputs(model.float(), fold(model.float())[0], x.float())
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nlnn.BatchNorm2d(4)
+        self.proj, self.bn_proj = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.bn_out = nn.BatchNorm2d(4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 25, 3), nn.BatchNorm1d(3))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y)) + self.bn_proj(self.proj(x))
+        return self.head(self.bn_out(torch.relu(y)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_residual_model_folds_through_fx(dtype):
+    torch.manual_seed(3)
+    model = randomize_bn_(Residual()).to(dtype).eval()
+    folded, report = fold(model)
+    assert report.method == "fx" and isinstance(folded, fx.GraphModule)
+    assert sorted(b for b, _ in report.folded) == ["bn1", "bn2", "bn_proj", "head.2"]
+    assert [b for b, _ in report.left] == ["bn_out"] and "relu" in report.left[0][1]
+    assert not any(isinstance(m, nn.BatchNorm2d) and m is not folded.bn_out for m in folded.modules())
+    assert_same_outputs(model, folded, torch.randn(6, 4, 5, 5, dtype=dtype))
+
+
+def test_input_model_is_left_alone_unless_inplace():
+    torch.manual_seed(4)
+    model = randomize_bn_(nn.Sequential(nn.Conv1d(2, 3, 1), nn.BatchNorm1d(3))).eval()
+    w = model[0].weight.detach().clone()
+    fold(model)
+    assert torch.equal(model[0].weight, w) and isinstance(model[1], nn.BatchNorm1d)
+    same, _ = fold(model, inplace=True)
+    assert same is model and isinstance(model[1], nn.Identity) and not torch.equal(model[0].weight, w)
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.stem(x)
+        if y.sum() > 0:
+            y = y * 2
+        return self.bn(self.conv(y))
+
+
+def test_untraceable_model_folds_its_sequentials_and_reports_the_rest():
+    model = randomize_bn_(Branchy()).eval()
+    folded, report = fold(model)
+    assert report.folded == [("stem.1", "stem.0")] and type(folded) is Branchy
+    assert [b for b, _ in report.left] == ["bn"] and "could not trace" in report.left[0][1]
+    assert_same_outputs(model, folded, torch.randn(2, 2, 3, 3))
+    with pytest.raises(ValueError, match="cannot trace"):
+        fold(model, method="fx")
+
+
+def test_shared_conv_output_and_missing_running_stats_are_reported():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
+            self.conv2, self.bn2 = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2, track_running_stats=False)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y + self.bn2(self.conv2(x))
+
+    model = randomize_bn_(Shared()).eval()
+    folded, report = fold(model)
+    left = dict(report.left)
+    assert "also used" in left["bn"] and "track_running_stats=False" in left["bn2"] and not report.folded
+    assert_same_outputs(model, folded, torch.randn(3, 2, 4, 4))
+
+
+def test_training_mode_and_strict_errors_name_the_layers():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.ReLU(), nn.BatchNorm2d(2))
+    with pytest.raises(ValueError, match=r"evaluation mode.*1, 3 are in training mode.*model.eval\(\)"):
+        fold(model)
+    model.eval()
+    with pytest.raises(ValueError, match=r"could not be folded:\n  3: its input comes from 2 \(ReLU\)"):
+        fold(model, strict=True)
+    with pytest.raises(ValueError, match="method must be"):
+        fold(model, method="graph")

@@ -1,0 +1,164 @@
+"""monitor: recorded statistics against the same quantities computed directly on the layer outputs."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.tools import load_records, monitor, plot_records
+
+
+def mlp():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.Sigmoid(), nn.Linear(6, 4), nn.Tanh(),
+                      nn.Dropout(0.0), nn.Linear(4, 3))
+    with torch.no_grad():
+        m[0].bias[:3] = -100.0  # units 0-2 never fire: dead
+        m[2].bias[:2] = 30.0    # sigmoid units 0-1 saturate at 1
+    return m
+
+
+def data(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def train(m, steps, mon=None):
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    for step in range(steps):
+        x, y = data(step)
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+
+
+def direct(m, step):
+    """Each layer's output and d loss / d output at ``step``, computed here without hooks."""
+    x, y = data(step)
+    m.zero_grad(set_to_none=True)
+    outs, h = [], x
+    for layer in m:
+        h = layer(h)
+        h.retain_grad()
+        outs.append(h)
+    F.cross_entropy(h, y).backward()
+    return outs
+
+
+@pytest.mark.parametrize("exact_limit", [1 << 16, 0], ids=["numpy-copy", "device-sums"])
+def test_records_match_direct_statistics_and_gradients(tmp_path, exact_limit):
+    m, twin = mlp(), mlp()
+    path = tmp_path / "m.jsonl"
+    with monitor(m, every=3, path=str(path), sample=10_000, exact_limit=exact_limit) as mon:
+        train(m, 7)
+    assert sorted({r["step"] for r in mon.records}) == [0, 3, 6]
+    assert {r["layer"] for r in mon.records} == {"0", "1", "2", "3", "4", "5", "7"}  # Dropout is skipped
+    assert load_records(str(path)) == json.loads(json.dumps(mon.records))
+    # replay the twin to step 3 and compare step 3's records with the layer outputs computed directly
+    train(twin, 3)
+    twin_params = {n: p.detach().clone() for n, p in twin.named_parameters()}
+    outs = direct(twin, 3)
+    rec = {r["layer"]: r for r in mon.records if r["step"] == 3}
+    for i, out in enumerate(outs):
+        if str(i) not in rec:
+            continue
+        r, y = rec[str(i)], out.detach().double()
+        assert r["numel"] == y.numel() and r["type"] == type(twin[i]).__name__
+        assert r["mean"] == pytest.approx(y.mean().item(), rel=1e-5, abs=1e-6)
+        assert r["std"] == pytest.approx(y.std(unbiased=False).item(), rel=1e-5, abs=1e-6)
+        assert (r["min"], r["max"]) == pytest.approx((y.min().item(), y.max().item()), rel=1e-6, abs=1e-6)
+        if exact_limit:  # the sample is the whole output (sample > numel): percentiles are exact
+            for p, v in r["percentiles"].items():
+                assert v == pytest.approx(np.percentile(y.numpy(), float(p)), rel=1e-5, abs=1e-6)
+            assert sum(r["hist"]["counts"]) == y.numel()
+        else:  # a random sample of 10000 drawn from the output: within its range, in order
+            qs = list(r["percentiles"].values())
+            assert qs == sorted(qs) and r["min"] - 1e-6 <= qs[0] and qs[-1] <= r["max"] + 1e-6
+            assert sum(r["hist"]["counts"]) == 10_000
+        assert r["grad_norm"] == pytest.approx(out.grad.norm().item(), rel=1e-5)
+        if isinstance(twin[i], nn.Linear):
+            expected = torch.cat([twin[i].weight.grad.reshape(-1), twin[i].bias.grad]).norm().item()
+            assert r["weight_grad_norm"] == pytest.approx(expected, rel=1e-5)
+    relu, sig, tanh = outs[1].detach(), outs[3].detach(), outs[5].detach()
+    assert rec["1"]["zero"] == pytest.approx((relu == 0).double().mean().item())
+    assert rec["1"]["dead"] == pytest.approx(((relu > 0).sum(0) == 0).double().mean().item())
+    assert rec["1"]["dead"] >= 3 / 8
+    assert rec["3"]["saturated"] == pytest.approx(((sig < 0.01) | (sig > 0.99)).double().mean().item())
+    assert rec["3"]["saturated"] >= 2 / 6
+    assert rec["5"]["saturated"] == pytest.approx((tanh.abs() > 0.98).double().mean().item())
+    assert "saturated" not in rec["0"] and "dead" not in rec["3"]
+    assert all(torch.equal(p, twin_params[n]) for n, p in twin.named_parameters())  # direct() did not step
+
+
+def test_hooks_are_gone_after_the_block_and_eval_is_not_counted():
+    m = mlp()
+    with monitor(m, every=2) as mon:
+        train(m, 3)
+        m.eval()
+        with torch.no_grad():
+            m(torch.randn(2, 5))
+        m.train()
+        train(m, 1)
+    assert mon.step == 4 and sorted({r["step"] for r in mon.records}) == [0, 2]
+    for mod in m.modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks
+    assert not nn.modules.module._global_forward_hooks
+    for p in m.parameters():
+        assert not getattr(p, "_post_accumulate_grad_hooks", None)
+    before = len(mon.records)
+    train(m, 2)
+    assert len(mon.records) == before
+
+
+def test_inplace_relu_does_not_change_what_the_layer_before_it_recorded():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(4, 32), nn.ReLU(inplace=True))
+    x = torch.randn(64, 4)
+    expected = m[0](x).detach()
+    with monitor(m, every=1, modules=["0"]) as mon:
+        m(x).sum().backward()
+    (r,) = mon.records
+    assert r["min"] == pytest.approx(expected.min().item()) and r["min"] < 0
+    assert r["mean"] == pytest.approx(expected.mean().item(), rel=1e-5)
+
+
+def test_large_outputs_are_sampled_and_plot_draws_a_figure(tmp_path):
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    with monitor(m, every=1, sample=500, path=str(tmp_path / "c.jsonl")) as mon:
+        for _ in range(3):
+            m(torch.randn(8, 1, 16, 16)).mean().backward()
+    r = mon.records[-1]
+    assert r["numel"] == 8 * 4 * 256 and sum(r["hist"]["counts"]) == 500
+    assert -0.25 < r["percentiles"]["50"] < 0.25 and r["layer"] == "2"  # BN output's median is about 0
+    out = mon.plot(str(tmp_path / "m.png"))
+    assert (tmp_path / "m.png").stat().st_size > 10_000
+    plot_records(str(tmp_path / "c.jsonl"), str(tmp_path / "c.png"), layers=["1"], title="one layer")
+    assert out.endswith("m.png") and (tmp_path / "c.png").exists()
+    with pytest.raises(ValueError, match=r"no records for layer\(s\) \['9'\]"):
+        plot_records(mon.records, str(tmp_path / "x.png"), layers=["9"])
+
+
+def test_bad_arguments_are_clear_errors():
+    m = mlp()
+    with pytest.raises(ValueError, match="every must be a positive int"):
+        monitor(m, every=0)
+    with pytest.raises(ValueError, match=r"no module named \['fc9'\]"):
+        monitor(m, modules=["fc9"])
+    with pytest.raises(ValueError, match="no layer to watch"):
+        monitor(m, modules=lambda name, mod: False)
+    with pytest.raises(ValueError, match="no records to plot"):
+        plot_records([], "x.png")
+
+
+def test_a_copy_of_the_model_is_not_affected():
+    m = mlp()
+    other = copy.deepcopy(m)
+    with monitor(m, every=1) as mon:
+        other(torch.randn(3, 5))
+    assert mon.records == []
