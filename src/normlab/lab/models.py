@@ -80,19 +80,22 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """Small convolutional classifier: per stage Conv(k, stride) -> norm -> activation, then global
-    average pooling and a linear head. ``dim=2`` for images (N, C, H, W), ``dim=1`` for signals (N, C, L).
+    """Small convolutional classifier: per stage Conv(k, stride) -> norm -> activation, then a linear
+    head on the flattened features (when ``input_size`` is given) or on their global average.
+    ``dim=2`` for images (N, C, H, W), ``dim=1`` for signals (N, C, L).
 
     Args:
         in_channels, num_classes: input channels and outputs.
         dim: 1 or 2 spatial dims. channels: output channels per stage. strides: per stage.
         kernel_size: odd, padded to keep the size (before the stride). norm: spec for
         :func:`make_norm` with this ``dim`` (``"group:G"`` needs G to divide every stage's channels).
+        input_size: spatial size of the input (an int: H = W, or L). With it the head sees every
+        position (it learns faster on small images); without it, global average pooling.
     """
 
     def __init__(self, in_channels: int, num_classes: int, dim: int = 2, channels: Sequence[int] = (16, 32, 32),
                  strides: Sequence[int] = (1, 2, 2), kernel_size: int = 3, norm: str = "none",
-                 activation: str = "relu") -> None:
+                 activation: str = "relu", input_size: Optional[int] = None) -> None:
         super().__init__()
         if dim not in (1, 2):
             raise ValueError(f"CNN dim must be 1 or 2, got {dim}")
@@ -104,12 +107,19 @@ class CNN(nn.Module):
             nn.Sequential(conv(a, b, kernel_size, stride=s, padding=kernel_size // 2), make_norm(norm, b, dim=dim),
                           make_activation(activation))
             for a, b, s in zip(widths[:-1], widths[1:], strides))
-        self.head = nn.Linear(widths[-1], num_classes)
+        self.flatten = input_size is not None
+        features = widths[-1]
+        if self.flatten:
+            size = input_size
+            for s in strides:
+                size = (size + 2 * (kernel_size // 2) - kernel_size) // s + 1
+            features *= size ** dim
+        self.head = nn.Linear(features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)
-        return self.head(x.flatten(2).mean(-1))
+        return self.head(x.flatten(1) if self.flatten else x.flatten(2).mean(-1))
 
 
 class NormLSTMCell(nn.Module):

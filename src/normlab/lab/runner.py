@@ -293,11 +293,12 @@ def run_task(task: Task, out: str, progress: Optional[Callable[[float], None]] =
     random.seed(task.seed)
     np.random.seed(task.seed)
     torch.manual_seed(task.seed)
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     metrics = exp.module.run(config, task.seed, progress or (lambda f: None))
     seconds = time.time() - start
     env = environment()
-    env.update(seconds=round(seconds, 3), threads=torch.get_num_threads(),
+    env.update(seconds=round(seconds, 3), cpu_seconds=round(time.process_time() - cpu_start, 3),
+               threads=torch.get_num_threads(),
                finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seed=task.seed)
     write_run(task.path(Path(out)), {"config.json": {"experiment": task.experiment, "config_hash": task.config_hash,
                                                      "version": exp.version, "seed": task.seed,

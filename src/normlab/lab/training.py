@@ -65,11 +65,68 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: Optional[
     return correct / len(x), loss / len(x)
 
 
+class SGD:
+    """``torch.optim.SGD``'s update (momentum without dampening, L2 weight decay), in a few lines.
+
+    The lab's own optimizers exist for start-up time: the first ``torch.optim`` optimizer of a
+    process imports ``torch._dynamo``, about 5 s on a small CPU, paid again by every worker.
+    ``tests/lab/test_models.py`` checks both against ``torch.optim`` step by step.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.bufs: Optional[list] = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.weight_decay:
+            grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
+        if self.momentum:
+            if self.bufs is None:
+                self.bufs = [g.clone() for g in grads]
+            else:
+                torch._foreach_mul_(self.bufs, self.momentum)
+                torch._foreach_add_(self.bufs, grads)
+            grads = self.bufs
+        torch._foreach_add_(self.params, grads, alpha=-self.lr)
+
+
+class Adam(SGD):
+    """``torch.optim.Adam``'s update (betas 0.9, 0.999, eps 1e-8, L2 weight decay, bias correction)."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        super().__init__(params, lr, 0.0, weight_decay)
+        self.betas, self.eps, self.t = betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        for p, m, v in zip(self.params, self.m, self.v):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / (1 - b1 ** self.t))
+
+
 def make_optimizer(name: str, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        if momentum:
+            raise ValueError("adam takes no momentum (its betas are fixed at 0.9, 0.999)")
+        return Adam(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; known: sgd, adam")
 
 

@@ -41,7 +41,8 @@ class Verdict:
 def mean_sd(values: Iterable[float]) -> tuple:
     """Mean and sample standard deviation (0 for a single value); NaNs count as NaN."""
     v = np.asarray(list(values), dtype=float)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    with np.errstate(invalid="ignore"):  # inf (e.g. "never reached") gives a NaN spread
+        return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
 def fmt(values: Iterable[float], digits: int = 3, percent: bool = False, signed: bool = False) -> str:
