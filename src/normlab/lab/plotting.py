@@ -47,6 +47,15 @@ def band(ax, x: Sequence[float], runs: Sequence[Sequence[float]], label: str, co
     ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
+def log_x(ax, ticks: Sequence[float], invert: bool = False) -> None:
+    """A log-scale x axis labelled exactly at ``ticks`` (no minor-tick labels such as 3x10^0)."""
+    ax.set_xscale("log")
+    ax.set_xticks(list(ticks), [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    if invert:
+        ax.invert_xaxis()
+
+
 def save(fig, path: Path) -> None:
     """Write ``fig`` as a PNG atomically (temp file, then rename) and close it."""
     path = Path(path)

@@ -121,10 +121,9 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     for n in config.norms:
         plotting.band(ax, config.batch_sizes, [[100 * e for e in row] for row in summary[f"error_by_batch_{n}"]], n,
                       plotting.color(n), marker="o")
-    ax.set(xscale="log", xlabel="batch size (same epochs, lr scaled linearly)", ylabel="test error (%)",
+    ax.set(xlabel="batch size (same epochs, lr scaled linearly)", ylabel="test error (%)",
            title=f"{config.data}: error vs batch size per norm")
-    ax.set_xticks(config.batch_sizes, [str(b) for b in config.batch_sizes])
-    ax.invert_xaxis()
+    plotting.log_x(ax, config.batch_sizes, invert=True)
     ax.legend(fontsize=8)
     plotting.save(fig, out_dir / "batch_size.png")
     fig, ax = plotting.figure()
@@ -132,10 +131,8 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     for label, errs in paper.items():
         ax.plot([32, 16, 8, 4, 2], errs, marker="s", color=plotting.color("batch" if "BN" in label else "group"),
                 label=label)
-    ax.set(xscale="log", xlabel="batch size per GPU", ylabel="ImageNet val error (%)",
-           title="Wu & He 2018, Table 2 (ResNet-50)")
-    ax.set_xticks([2, 4, 8, 16, 32], ["2", "4", "8", "16", "32"])
-    ax.invert_xaxis()
+    ax.set(xlabel="batch size per GPU", ylabel="ImageNet val error (%)", title="Wu & He 2018, Table 2 (ResNet-50)")
+    plotting.log_x(ax, [2, 4, 8, 16, 32], invert=True)
     ax.legend()
     plotting.save(fig, out_dir / "paper.png")
     return [("batch_size.png", f"Test error vs batch size for each norm (mean ± sd over {len(runs)} seeds)."),

@@ -142,8 +142,8 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     for ax, (key, label) in zip(axes, (("plain", "(b) without BN"), ("bn", "(c) with BN"))):
         p = np.array(runs[0][key]["pct_unit0"], float)
         x = runs[0][key]["step"]
-        for j, q in enumerate((15, 50, 85)):
-            ax.plot(x, p[:, j], color=plotting.color(NORMS[key]), alpha=(0.5, 1.0, 0.5)[j], label=f"{q}th pct")
+        for j, (q, style) in enumerate(((15, "--"), (50, "-"), (85, ":"))):
+            ax.plot(x, p[:, j], color=plotting.color(NORMS[key]), ls=style, label=f"{q}th percentile")
         ax.set(xlabel="training step", ylabel="input of sigmoid unit 1, last hidden layer", title=label,
                ylim=(lo - 0.2, hi + 0.2))
         ax.legend(fontsize=8)

@@ -88,8 +88,9 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     fig, ax = plotting.figure()
     for key, label in (("plain", "without BN"), ("bn", "with BN")):
         plotting.band(ax, config.scales, summary[f"acc_by_scale_{key}"], label, plotting.color(NORMS[key]), marker="o")
-    ax.set(xscale="log", xlabel="weight initialization scale (std of every weight)", ylabel="final test accuracy",
+    ax.set(xlabel="weight initialization scale (std of every weight)", ylabel="final test accuracy",
            ylim=(0, 1), title=f"{len(config.hidden) + 1}-layer net after {config.steps} Adam steps")
+    plotting.log_x(ax, config.scales if len(config.scales) <= 8 else config.scales[::4])
     ax.legend()
     plotting.save(fig, out_dir / "init_scale.png")
     return [("init_scale.png", f"Final test accuracy vs initialization scale (mean ± sd over {len(runs)} seeds).")]

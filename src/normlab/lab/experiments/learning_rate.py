@@ -112,9 +112,9 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
                 if x["diverged"]:
                     ax.scatter([x["multiplier"]], [x["final_acc"]], marker="x", color=plotting.color(NORMS[key]),
                                zorder=3)
-    ax.set(xscale="log", xlabel=f"learning-rate multiplier (base {config.base_lr:g})", ylabel="final test accuracy",
+    ax.set(xlabel=f"learning-rate multiplier (base {config.base_lr:g})", ylabel="final test accuracy",
            ylim=(0, 1), title="accuracy vs learning rate (x = diverged run)")
-    ax.set_xticks(config.multipliers, [f"{m:g}" for m in config.multipliers])
+    plotting.log_x(ax, config.multipliers)
     ax.legend()
     plotting.save(fig, out_dir / "learning_rate.png")
     return [("learning_rate.png", f"Final test accuracy after {config.steps} steps at each learning-rate multiplier "
