@@ -94,8 +94,10 @@ def run(
     console.print(f"{len(outcome.ran)} run(s) done, {len(outcome.cached)} reused from the cache"
                   + (f", {len(outcome.failed)} failed" if outcome.failed else ""))
     for task, err in outcome.failed:
-        console.print(f"[red]failed[/red] {task.experiment} seed {task.seed}: {err.splitlines()[0]}")
-        (Path(out) / "errors.log").open("a").write(f"== {task.experiment} {task.name}\n{err}\n")
+        console.print(f"[red]failed[/red] {task.experiment} seed {task.seed}: {err.splitlines()[0]} "
+                      f"(traceback in {Path(out) / 'errors.log'})")
+        with (Path(out) / "errors.log").open("a") as log:
+            log.write(f"== {task.experiment} {task.name}\n{err}\n")
     if outcome.interrupted:
         console.print(f"interrupted: finished runs are kept in {out / 'runs'}; "
                       f"`normlab lab report {out}` builds the report from them")

@@ -38,9 +38,8 @@ class Section:
 
 
 def _latest_group(groups: dict) -> tuple:
-    def finished(runs):
-        return max(str(r.env.get("finished", "")) + str(r.path.stat().st_mtime) for r in runs)
-    h = max(groups, key=lambda k: finished(groups[k]))
+    """The config whose newest run finished last (run folders are renamed into place when complete)."""
+    h = max(groups, key=lambda k: max(r.path.stat().st_mtime for r in groups[k]))
     return h, groups[h]
 
 

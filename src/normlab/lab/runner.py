@@ -99,8 +99,7 @@ def plan(names: Sequence[str] = (), scale: str = "quick", seeds: int = 3, sets: 
             raise ConfigError(f"--set {exp_name}.{field}: {exp_name!r} is not among the experiments to run "
                               f"({', '.join(names)})")
         targets = [e for e in exps if exp_name in (None, e.name)]
-        if not any(field in e.field_docs() or field in {f.name for f in dataclasses.fields(e.module.Config)}
-                   for e in targets):
+        if not any(field in {f.name for f in dataclasses.fields(e.module.Config)} for e in targets):
             raise ConfigError(f"--set {field}=...: no field {field!r} in {', '.join(e.name for e in targets)}")
     tasks = []
     for e in exps:
