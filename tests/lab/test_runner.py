@@ -113,3 +113,22 @@ def test_jsonable_turns_non_finite_into_null():
 
     assert runner.jsonable({"a": [np.float32(1.5), float("nan"), np.inf], "b": np.arange(2), "c": np.bool_(True)}) == \
         {"a": [1.5, None, None], "b": [0, 1], "c": True}
+
+
+def test_ctrl_c_with_worker_processes_ends_them(out_dir, monkeypatch):
+    import multiprocessing
+
+    tasks = runner.plan(["convergence"], "smoke", 2)
+    real, calls = runner.cf.wait, {"n": 0}
+
+    def wait_then_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # 0.2 s in: the workers are still starting or running
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner.cf, "wait", wait_then_ctrl_c)
+    outcome = runner.execute(tasks, out_dir, jobs=2, show_progress=False)
+    assert outcome.interrupted and not outcome.ran
+    assert not multiprocessing.active_children(), "workers must not outlive an interrupt"
+    assert not any(t.path(out_dir).exists() for t in tasks)

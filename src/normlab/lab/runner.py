@@ -436,9 +436,12 @@ def _execute_pool(todo, out, data_dir, jobs, threads, display, outcome) -> None:
                 display.finish(t)
         pool.shutdown(wait=True)
     except BaseException:
+        workers = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
         pool.shutdown(wait=False, cancel_futures=True)
-        for p in list(getattr(pool, "_processes", {}).values()):  # end runs in progress now
+        for p in workers:  # end the runs in progress now; their temporary folders are cleaned next time
             p.terminate()
+        for p in workers:
+            p.join(timeout=5)
         raise
 
 
