@@ -108,6 +108,8 @@ def test_init_gaussian():
     m = models.init_gaussian_(models.MLP(100, 10, (200,)), 0.5)
     w = m.blocks[0][0].weight
     assert abs(w.std().item() - 0.5) < 0.02 and m.blocks[0][0].bias.abs().max() == 0
+    m = models.init_gaussian_(models.MLP(400, 10, (200,)), 2.0, fan_in=True)
+    assert abs(m.blocks[0][0].weight.std().item() - 0.1) < 0.005
 
 
 @pytest.mark.parametrize("name,kwargs", [("sgd", {}), ("sgd", {"momentum": 0.9, "weight_decay": 1e-3}),

@@ -310,11 +310,12 @@ class TransformerClassifier(nn.Module):
         return self.head((h * m).sum(1) / m.sum(1).clamp_min(1.0))
 
 
-def init_gaussian_(model: nn.Module, std: float) -> nn.Module:
-    """Every Linear/Conv weight ~ N(0, std^2) and bias = 0 (as cs231n's ``weight_scale``); norms keep theirs."""
+def init_gaussian_(model: nn.Module, std: float, fan_in: bool = False) -> nn.Module:
+    """Every Linear/Conv weight ~ N(0, std^2) (cs231n's ``weight_scale``), or N(0, std^2 / fan_in)
+    with ``fan_in=True``; biases = 0; norms keep theirs."""
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            nn.init.normal_(m.weight, 0.0, std)
+            nn.init.normal_(m.weight, 0.0, std / math.sqrt(m.weight[0].numel()) if fan_in else std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return model

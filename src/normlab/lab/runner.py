@@ -120,12 +120,15 @@ def plan(names: Sequence[str] = (), scale: str = "quick", seeds: int = 3, sets: 
 def prepare_output(out) -> Path:
     """Create ``out`` if needed and make sure files can be written there (ConfigError otherwise)."""
     out = Path(out)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
+        if created and out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)  # leave nothing behind on bad input
         raise ConfigError(f"cannot write to output folder {out}: {e.strerror or e}") from None
     return out
 

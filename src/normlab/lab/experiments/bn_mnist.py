@@ -56,13 +56,6 @@ SCALES = {"smoke": Config(data="digits", hidden=(32, 32), steps=60, evals=4, pro
 NORMS = {"plain": "none", "bn": "batch"}
 
 
-def _gaussian_init_(model, gain: float) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.normal_(m.weight, 0.0, gain / m.in_features ** 0.5)
-            torch.nn.init.zeros_(m.bias)
-
-
 def run(config: Config, seed: int, progress) -> dict:
     ds = lab_data.load(config.data).flat()
     tensors = training.Tensors.of(ds)
@@ -72,7 +65,7 @@ def run(config: Config, seed: int, progress) -> dict:
     for i, (key, norm) in enumerate(NORMS.items()):
         torch.manual_seed(seed)
         model = models.MLP(ds.input_shape[0], ds.num_classes, config.hidden, norm=norm, activation="sigmoid")
-        _gaussian_init_(model, config.init_gain)
+        models.init_gaussian_(model, config.init_gain, fan_in=True)
         seen = {}
         model.blocks[-1][1].register_forward_hook(lambda mod, inp, outp: seen.__setitem__("z", outp.detach()))
 
