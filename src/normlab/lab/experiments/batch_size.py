@@ -109,10 +109,10 @@ def verdict(s: dict):
     lo, hi = s["small"], s["large"]
     return combine([
         (paired(s["acc_small_gn"], s["acc_small_bn"]),
-         f"at batch {lo} GN beats BN: acc {fmt(s['acc_small_gn'])} > {fmt(s['acc_small_bn'])}"),
+         f"at batch {lo} GN beats BN: acc GN {fmt(s['acc_small_gn'])} > BN {fmt(s['acc_small_bn'])}"),
         (paired(s["drop_bn"], s["drop_gn"]),
-         f"BN loses more than GN from batch {hi} to {lo}: acc change {fmt(s['drop_bn'], signed=True)} > "
-         f"{fmt(s['drop_gn'], signed=True)}"),
+         f"BN loses more than GN from batch {hi} to {lo}: accuracy lost BN {fmt(s['drop_bn'], signed=True)} > "
+         f"GN {fmt(s['drop_gn'], signed=True)}"),
     ])
 
 
