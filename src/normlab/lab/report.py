@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from normlab.lab import experiments, runner
-from normlab.lab.verdict import INCONCLUSIVE, Verdict, too_few_seeds
+from normlab.lab.verdict import INCONCLUSIVE, Verdict, fmt, too_few_seeds
 
 
 @dataclass
@@ -165,11 +165,15 @@ def _section_html(s: Section) -> str:
     for fname, caption in s.plots:
         src = f"plots/{s.name}/{fname}"
         p.append(f'<figure><img src="{e(src)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>')
-    numbers = [(k, v) for k, v in s.summary.items() if k != "measured" and not isinstance(v, (dict, list))]
+    per_seed = lambda v: (isinstance(v, list) and len(v) == len(s.runs)  # noqa: E731
+                          and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
+    numbers = [(k, v) for k, v in s.summary.items() if k != "measured" and (per_seed(v) or
+                                                                            not isinstance(v, (dict, list)))]
     if numbers:
-        p.append("<h3>Numbers</h3><table>" + "".join(
-            f"<tr><th>{e(k)}</th><td>{e(_num(v))}</td></tr>" for k, v in numbers) + "</table>")
-    lists = [(k, v) for k, v in s.summary.items() if isinstance(v, (dict, list))]
+        p.append("<h3>Numbers</h3><table><tr><th>quantity</th><th>mean ± sd over seeds</th><th>per seed</th></tr>"
+                 + "".join(f"<tr><td>{e(k)}</td><td>{e(fmt(v, 4) if per_seed(v) else _num(v))}</td>"
+                           f"<td>{e(_num(v) if per_seed(v) else '')}</td></tr>" for k, v in numbers) + "</table>")
+    lists = [(k, v) for k, v in s.summary.items() if isinstance(v, (dict, list)) and not per_seed(v)]
     if lists:
         p.append("<details><summary>All summary numbers (per seed)</summary><pre>" + e("\n".join(
             f"{k}: {_num(v)}" for k, v in lists)) + "</pre></details>")
