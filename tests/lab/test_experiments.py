@@ -25,6 +25,7 @@ def test_contract(name):
 
 
 def test_every_experiment_runs_at_smoke_scale(smoke_report):
+    """Also the worker-process path of the runner: the fixture runs with one worker per core."""
     out, outcome = smoke_report
     assert not outcome.failed, outcome.failed[0][1] if outcome.failed else ""
     doc = json.loads((out / "results.json").read_text())

@@ -98,16 +98,6 @@ def test_report_skips_unreadable_runs(fake_experiment, out_dir):
     assert doc["experiments"]["fake"]["seeds"] == [0] and doc["problems"]
 
 
-def test_worker_processes_run_a_real_experiment(out_dir):
-    tasks = runner.plan(["activations"], "smoke", 2)
-    outcome = runner.execute(tasks, out_dir, jobs=2, show_progress=False)
-    assert len(outcome.ran) == 2 and not outcome.failed, outcome.failed
-    assert all(runner.is_done(t.path(out_dir)) for t in tasks)
-    html = report.build(out_dir).read_text()
-    assert 'id="activations"' in html
-    assert all((out_dir / "plots" / "activations" / f).is_file() for f in ("histograms.png", "variance_gradients.png"))
-
-
 def test_jsonable_turns_non_finite_into_null():
     import numpy as np
 
