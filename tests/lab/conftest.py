@@ -82,6 +82,6 @@ def smoke_report(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smoke") / "report"
     tasks = runner.plan([], "smoke", 2)
-    outcome = runner.execute(tasks, out, show_progress=False)
+    outcome = runner.execute(tasks, out, jobs=2, show_progress=False)  # always the worker-process path
     report.build(out)
     return out, outcome
