@@ -40,9 +40,9 @@ import importlib
 import inspect
 import json
 import textwrap
+import types
 import typing
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Optional
 
 REGISTRY = {
@@ -86,7 +86,7 @@ class Experiment:
     """An experiment module behind a uniform interface."""
 
     name: str
-    module: ModuleType
+    module: types.ModuleType
 
     @property
     def claim(self) -> str:
@@ -158,7 +158,7 @@ class Experiment:
 def parse_value(what: str, text: str, tp):
     """``text`` as a value of type ``tp`` (bool, int, float, str, ``tuple[T, ...]``, ``Optional[T]``)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union and type(None) in args:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
         if text.strip().lower() in ("none", "null", ""):
             return None
         return parse_value(what, text, next(a for a in args if a is not type(None)))
@@ -166,26 +166,23 @@ def parse_value(what: str, text: str, tp):
         item = args[0]
         parts = [p.strip() for p in text.split(",") if p.strip()]
         return tuple(parse_value(what, p, item) for p in parts)
-    try:
-        if tp is bool:
-            low = text.strip().lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if tp is int:
-            return int(text)
-        if tp is float:
-            return float(text)
-        if tp is str:
-            return text
-    except ValueError:
-        pass
-    else:
+    parsers = {bool: _parse_bool, int: int, float: float, str: str}
+    if tp not in parsers:
         raise ConfigError(f"--set {what}: unsupported field type {tp}")
-    kind = {bool: "a bool (true/false)", int: "an int", float: "a float"}.get(tp, str(tp))
-    raise ConfigError(f"--set {what}={text}: {what.split('.')[-1]} must be {kind}, got {text!r}")
+    try:
+        return parsers[tp](text)
+    except ValueError:
+        kind = {bool: "a bool (true/false)", int: "an int", float: "a float"}[tp]
+        raise ConfigError(f"--set {what}={text}: {what.split('.')[-1]} must be {kind}, got {text!r}") from None
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
 
 
 def field_docs(cls) -> dict:
