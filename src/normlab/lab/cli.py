@@ -1,0 +1,154 @@
+"""``normlab lab``: list, run and report the experiments.
+
+Bad input (an unknown experiment or data set, missing MNIST files, an unwritable output
+folder, a ``--set`` value of the wrong type) ends with one line on stderr and exit code 2,
+before anything is written.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(help="Run the claims about normalization as experiments and report them.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command("list")
+def list_() -> None:
+    """List the experiments: name, claim, source, data set and quick-scale size.
+
+    Example: normlab lab list
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from normlab.lab import experiments
+
+    table = Table(title="normlab lab experiments (normlab lab run NAME ...)", show_lines=True)
+    for col in ("experiment", "claim", "source", "data"):
+        table.add_column(col, overflow="fold")
+    for name in experiments.names():
+        e = experiments.get(name)
+        table.add_row(name, e.claim, e.source, str(getattr(e.config("quick"), "data", "generated")))
+    Console().print(table)
+
+
+@app.command()
+def run(
+    names: Optional[List[str]] = typer.Argument(None, metavar="[NAMES]...",
+                                                help="Experiments to run (default: all; see `normlab lab list`)."),
+    scale: str = typer.Option("quick", "--scale", help="quick (the default suite, minutes), full (closer to the "
+                                                       "sources, longer) or smoke (seconds, for tests)."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per experiment (0..N-1); a verdict needs at least 2."),
+    out: Path = typer.Option(Path("normlab-report"), "--out", help="Output folder: runs/, plots/, index.html, "
+                                                                   "results.json."),
+    force: bool = typer.Option(False, "--force", help="Redo finished runs instead of reusing them."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", metavar="[EXP.]KEY=VALUE",
+                                             help="Override a config field (type-checked); repeatable. "
+                                                  "KEY applies to every selected experiment that has it."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the full MNIST files (only for "
+                                                                     "data=mnist)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Worker processes (default: one per core)."),
+    no_report: bool = typer.Option(False, "--no-report", help="Only run; build the report later with `report`."),
+) -> None:
+    """Run experiments (cached by config hash) and build the report.
+
+    Examples:
+
+      normlab lab run                                  # every experiment, quick scale, 3 seeds
+
+      normlab lab run bn-mnist batch-size --seeds 5
+
+      normlab lab run bn-mnist --scale full --set steps=20000
+
+      normlab lab run bn-mnist --set data=mnist --data-dir ~/data/mnist
+
+    A second run reuses finished runs (--force redoes them). Ctrl-C keeps every finished run;
+    `normlab lab report DIR` then builds the report from what exists.
+    """
+    from rich.console import Console
+
+    from normlab.lab import report, runner
+    from normlab.lab.experiments import ConfigError
+
+    console = Console(stderr=True)
+    try:
+        tasks = runner.plan(names or [], scale, seeds, sets or [], str(data_dir) if data_dir else None)
+        runner.prepare_output(out)
+    except ConfigError as e:
+        _fail(str(e))
+    n_exp = len({t.experiment for t in tasks})
+    console.print(f"normlab lab: {n_exp} experiment(s) x {seeds} seed(s) at {scale} scale -> {out}")
+    outcome = runner.execute(tasks, out, force=force, jobs=jobs, data_dir=str(data_dir) if data_dir else None,
+                             console=console)
+    console.print(f"{len(outcome.ran)} run(s) done, {len(outcome.cached)} reused from the cache"
+                  + (f", {len(outcome.failed)} failed" if outcome.failed else ""))
+    for task, err in outcome.failed:
+        console.print(f"[red]failed[/red] {task.experiment} seed {task.seed}: {err.splitlines()[0]} "
+                      f"(traceback in {Path(out) / 'errors.log'})")
+        with (Path(out) / "errors.log").open("a") as log:
+            log.write(f"== {task.experiment} {task.name}\n{err}\n")
+    if outcome.interrupted:
+        console.print(f"interrupted: finished runs are kept in {out / 'runs'}; "
+                      f"`normlab lab report {out}` builds the report from them")
+        raise typer.Exit(130)
+    if no_report:
+        return
+    path = report.build(out)
+    _print_summary(out, console)
+    typer.echo(str(path.resolve()))
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+def _print_summary(out: Path, console) -> None:
+    import json
+
+    from rich.table import Table
+
+    doc = json.loads((Path(out) / "results.json").read_text())
+    table = Table(title="verdicts")
+    for col in ("experiment", "verdict", "measured"):
+        table.add_column(col, overflow="fold")
+    for name, e in doc["experiments"].items():
+        table.add_row(name, e["verdict"], e.get("measured") or "")
+    console.print(table)
+
+
+@app.command("report")
+def report_(out: Path = typer.Argument(Path("normlab-report"), help="The folder `run` wrote to.")) -> None:
+    """Build index.html and results.json from the finished runs in a folder.
+
+    Example: normlab lab report normlab-report
+    """
+    from normlab.lab import report, runner
+    from normlab.lab.experiments import ConfigError
+
+    if not (out / "runs").is_dir():
+        _fail(f"no runs folder in {out}; run `normlab lab run --out {out}` first")
+    try:
+        runner.prepare_output(out)
+        path = report.build(out)
+    except ConfigError as e:
+        _fail(str(e))
+    except FileNotFoundError as e:
+        _fail(str(e))
+    typer.echo(str(path.resolve()))
+
+
+def main() -> None:  # pragma: no cover - `python -m normlab.lab.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

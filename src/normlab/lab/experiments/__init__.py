@@ -1,0 +1,200 @@
+"""The lab's experiments: one module each, listed in :data:`REGISTRY`.
+
+How to add one (``normlab lab run my-claim`` then just works, cached, in parallel, reported):
+
+1. Write ``src/normlab/lab/experiments/my_claim.py`` with
+
+   - ``CLAIM`` (str): the claim, in one or two sentences, as its source states it.
+   - ``SOURCE`` (str): who claims it, where (paper, figure or table).
+   - ``Config``: a frozen ``@dataclass`` of JSON-able fields (int, float, bool, str or tuples
+     of them), each with a default and a docstring under it. A field ``data`` names a data
+     set of :mod:`normlab.lab.data`.
+   - ``SCALES``: ``{"smoke": Config(...), "quick": Config(...), "full": Config(...)}`` —
+     smoke runs in a few seconds (tests), quick in the default suite's budget, full as
+     close to the source as a CPU allows.
+   - ``run(config, seed, progress) -> dict``: one seed, JSON-able metrics; call
+     ``progress(fraction)`` now and then (it drives the progress bar).
+   - ``summarize(config, runs: list[dict]) -> dict``: numbers over seeds (per-seed lists and
+     aggregates), with ``"measured"``: one line for the report's summary table.
+   - ``verdict(summary) -> normlab.lab.verdict.Verdict``: the rule, as code, quoting mean ± sd.
+   - ``plots(config, runs, summary, out_dir) -> list[(filename, caption)]``: PNGs written
+     into ``out_dir`` (helpers in :mod:`normlab.lab.plotting`).
+
+   Optional: ``PUBLISHED`` (the source's numbers, shown beside the measurement), ``SCALE_NOTE``
+   (what the scale can and cannot show), ``VERSION`` (int, default 1: bump it when ``run``
+   changes meaning, so cached runs are not reused), ``validate(config)`` (raise ``ValueError``
+   with one clear line for a bad combination of fields).
+
+2. Add ``"my-claim": "normlab.lab.experiments.my_claim"`` to :data:`REGISTRY` (names use
+   dashes, modules underscores).
+
+``tests/lab/test_experiments.py`` then smoke-runs it and checks the contract.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import hashlib
+import importlib
+import inspect
+import json
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from typing import Optional
+
+REGISTRY = {
+    "activations": "normlab.lab.experiments.activations",
+    "bn-mnist": "normlab.lab.experiments.bn_mnist",
+    "convergence": "normlab.lab.experiments.convergence",
+    "learning-rate": "normlab.lab.experiments.learning_rate",
+    "init-scale": "normlab.lab.experiments.init_scale",
+    "batch-size": "normlab.lab.experiments.batch_size",
+}
+SCALES = ("smoke", "quick", "full")
+REQUIRED = ("CLAIM", "SOURCE", "Config", "SCALES", "run", "summarize", "verdict", "plots")
+
+
+class ConfigError(ValueError):
+    """Bad user input about experiments or their configs; the message is one line."""
+
+
+def names() -> list:
+    return list(REGISTRY)
+
+
+@functools.lru_cache(maxsize=None)
+def get(name: str) -> "Experiment":
+    """The experiment registered as ``name`` (its module imported and checked)."""
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown experiment {name!r}; known: {', '.join(REGISTRY)}")
+    module = importlib.import_module(REGISTRY[name])
+    missing = [a for a in REQUIRED if not hasattr(module, a)]
+    if missing:
+        raise TypeError(f"experiment module {module.__name__} lacks {', '.join(missing)} (see normlab.lab.experiments)")
+    if not (dataclasses.is_dataclass(module.Config) and module.Config.__dataclass_params__.frozen):
+        raise TypeError(f"{module.__name__}.Config must be a frozen dataclass")
+    if set(module.SCALES) != set(SCALES):
+        raise TypeError(f"{module.__name__}.SCALES must have exactly the scales {SCALES}")
+    return Experiment(name, module)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment module behind a uniform interface."""
+
+    name: str
+    module: types.ModuleType
+
+    @property
+    def claim(self) -> str:
+        return self.module.CLAIM
+
+    @property
+    def source(self) -> str:
+        return self.module.SOURCE
+
+    @property
+    def published(self) -> str:
+        return getattr(self.module, "PUBLISHED", "")
+
+    @property
+    def scale_note(self) -> str:
+        return getattr(self.module, "SCALE_NOTE", "")
+
+    @property
+    def version(self) -> int:
+        return int(getattr(self.module, "VERSION", 1))
+
+    def config(self, scale: str = "quick", overrides: Optional[dict] = None):
+        """The ``scale`` preset with ``overrides`` (field -> text from ``--set``) parsed and type-checked."""
+        if scale not in SCALES:
+            raise ConfigError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
+        base = self.module.SCALES[scale]
+        if not overrides:
+            return base
+        types = typing.get_type_hints(self.module.Config)
+        values = {}
+        for key, text in overrides.items():
+            if key not in types:
+                raise ConfigError(f"--set {key}=...: {self.name} has no field {key!r}; "
+                                  f"fields: {', '.join(types)}")
+            values[key] = parse_value(f"{self.name}.{key}", text, types[key])
+        return dataclasses.replace(base, **values)
+
+    def from_dict(self, d: dict):
+        """Rebuild a config from its ``config.json`` form (tuples come back as lists)."""
+        types = typing.get_type_hints(self.module.Config)
+        return self.module.Config(**{k: tuple(v) if isinstance(v, list) and typing.get_origin(types[k]) is tuple
+                                     else v for k, v in d.items()})
+
+    def validate(self, config) -> None:
+        """Check a config before any training: its data set, plus the module's own ``validate``."""
+        from normlab.lab import data
+
+        if hasattr(config, "data"):
+            try:
+                data.check_name(config.data)
+            except data.DataError as e:
+                raise ConfigError(f"{self.name}: {e}") from None
+        if hasattr(self.module, "validate"):
+            try:
+                self.module.validate(config)
+            except ValueError as e:
+                raise ConfigError(f"{self.name}: {e}") from None
+
+    def config_hash(self, config) -> str:
+        """12 hex digits of the SHA-256 of the experiment, its version and its config: the cache key."""
+        blob = json.dumps({"experiment": self.name, "version": self.version, "config": dataclasses.asdict(config)},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def field_docs(self) -> dict:
+        return field_docs(self.module.Config)
+
+
+def parse_value(what: str, text: str, tp):
+    """``text`` as a value of type ``tp`` (bool, int, float, str, ``tuple[T, ...]``, ``Optional[T]``)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if text.strip().lower() in ("none", "null", ""):
+            return None
+        return parse_value(what, text, next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        item = args[0]
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        return tuple(parse_value(what, p, item) for p in parts)
+    parsers = {bool: _parse_bool, int: int, float: float, str: str}
+    if tp not in parsers:
+        raise ConfigError(f"--set {what}: unsupported field type {tp}")
+    try:
+        return parsers[tp](text)
+    except ValueError:
+        kind = {bool: "a bool (true/false)", int: "an int", float: "a float"}[tp]
+        raise ConfigError(f"--set {what}={text}: {what.split('.')[-1]} must be {kind}, got {text!r}") from None
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def field_docs(cls) -> dict:
+    """The docstring under each field of a dataclass, read from its source (empty if none)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs

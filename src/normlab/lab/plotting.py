@@ -1,0 +1,72 @@
+"""Plot helpers shared by the experiments: one style, mean ± sd bands over seeds, atomic PNG writes."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display, ever
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLORS = {"none": "#d62728", "plain": "#d62728", "batch": "#1f77b4", "bn": "#1f77b4", "layer": "#2ca02c",
+          "group": "#9467bd", "instance": "#8c564b", "batch_renorm": "#ff7f0e", "rms": "#17becf"}
+
+
+def color(name: str):
+    """A fixed colour per norm name (``"group:4"`` -> group's), so plots agree with each other."""
+    return COLORS.get(str(name).split(":")[0])
+
+
+def figure(ncols: int = 1, width: float = 6.0, height: float = 3.6):
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols if ncols > 1 else width, height), squeeze=False)
+    for ax in axes[0]:
+        ax.grid(True, alpha=0.3)
+    return fig, (axes[0][0] if ncols == 1 else axes[0])
+
+
+def as_array(runs: Sequence[Sequence[float]]) -> np.ndarray:
+    """Per-seed series (None = missing) as a float array (seeds, points), NaN-padded to equal length."""
+    n = max(len(r) for r in runs)
+    out = np.full((len(runs), n), np.nan)
+    for i, r in enumerate(runs):
+        out[i, : len(r)] = np.array(r, dtype=float)
+    return out
+
+
+def band(ax, x: Sequence[float], runs: Sequence[Sequence[float]], label: str, col=None, **kw) -> None:
+    """Mean over seeds as a line, ± one sd as a shaded band."""
+    y = as_array(runs)
+    m = np.nanmean(y, axis=0)
+    s = np.nanstd(y, axis=0, ddof=1) if len(y) > 1 else np.zeros_like(m)
+    x = np.asarray(x, dtype=float)[: len(m)]
+    (line,) = ax.plot(x, m, label=label, color=col, **kw)
+    ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def log_x(ax, ticks: Sequence[float], invert: bool = False) -> None:
+    """A log-scale x axis labelled exactly at ``ticks`` (no minor-tick labels such as 3x10^0)."""
+    ax.set_xscale("log")
+    ax.set_xticks(list(ticks), [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    if invert:
+        ax.invert_xaxis()
+
+
+def save(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically (temp file, then rename) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

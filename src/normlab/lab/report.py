@@ -1,0 +1,204 @@
+"""The report: ``index.html`` (static, offline, no JavaScript) and ``results.json``, built only
+from the finished runs on disk.
+
+For each experiment found under ``<out>/runs`` the report takes the config with the most
+recently finished run (so after ``run --scale full`` it shows the full runs, and a run cut
+short shows the seeds that finished), summarizes its seeds, applies the verdict rule and
+draws the plots into ``<out>/plots/<experiment>/``.
+"""
+from __future__ import annotations
+
+import datetime
+import html
+import os
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from normlab.lab import experiments, runner
+from normlab.lab.verdict import INCONCLUSIVE, Verdict, fmt, too_few_seeds
+
+
+@dataclass
+class Section:
+    """What the report shows of one experiment."""
+
+    name: str
+    exp: Optional[experiments.Experiment]
+    runs: list
+    config: dict
+    config_hash: str
+    summary: dict = field(default_factory=dict)
+    verdict: Verdict = Verdict(INCONCLUSIVE, "no runs")
+    plots: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    other_configs: int = 0
+
+
+def _latest_group(groups: dict) -> tuple:
+    """The config whose newest run finished last (run folders are renamed into place when complete)."""
+    h = max(groups, key=lambda k: max(r.path.stat().st_mtime for r in groups[k]))
+    return h, groups[h]
+
+
+def _section(name: str, groups: dict, out: Path) -> Section:
+    h, runs = _latest_group(groups)
+    sec = Section(name, None, runs, runs[0].config.get("config", {}), h, other_configs=len(groups) - 1)
+    try:
+        sec.exp = experiments.get(name)
+    except experiments.ConfigError:
+        sec.errors.append(f"{name} is not a registered experiment; its runs are listed but not analysed")
+        return sec
+    try:
+        config = sec.exp.from_dict(sec.config)
+        metrics = [r.metrics for r in runs]
+        sec.summary = sec.exp.module.summarize(config, metrics)
+        v = sec.exp.module.verdict(sec.summary)
+        sec.verdict = Verdict(v.label, v.reason + too_few_seeds(len(runs)))
+        sec.plots = list(sec.exp.module.plots(config, metrics, sec.summary, out / "plots" / name))
+    except Exception as e:  # one broken experiment must not take the report down
+        sec.errors.append(f"{type(e).__name__}: {e}")
+        sec.errors.append(traceback.format_exc())
+        sec.verdict = Verdict(INCONCLUSIVE, f"could not analyse the runs: {type(e).__name__}: {e}")
+    return sec
+
+
+def build(out) -> Path:
+    """Build ``<out>/index.html`` and ``<out>/results.json`` from the runs on disk; returns the HTML path.
+
+    Raises ``FileNotFoundError`` when there is no finished run at all.
+    """
+    out = Path(out)
+    found, problems = runner.load_runs(out)
+    if not found:
+        raise FileNotFoundError(f"no finished runs in {out / 'runs'}; run `normlab lab run --out {out}` first")
+    order = [n for n in experiments.names() if n in found] + sorted(n for n in found if n not in experiments.REGISTRY)
+    sections = [_section(n, found[n], out) for n in order]
+    _write_text(out / "results.json", _results_json(sections, problems))
+    _write_text(out / "index.html", _html(sections, problems, out))
+    return out / "index.html"
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _results_json(sections, problems) -> str:
+    import json
+
+    doc = {"generated": datetime.datetime.now().isoformat(timespec="seconds"), "problems": problems,
+           "experiments": {}}
+    for s in sections:
+        doc["experiments"][s.name] = {
+            "claim": s.exp.claim if s.exp else None, "source": s.exp.source if s.exp else None,
+            "published": s.exp.published if s.exp else None,
+            "verdict": s.verdict.label, "reason": s.verdict.reason, "measured": s.summary.get("measured"),
+            "config_hash": s.config_hash, "config": s.config, "seeds": [r.seed for r in s.runs],
+            "summary": s.summary, "plots": [f"plots/{s.name}/{f}" for f, _ in s.plots], "errors": s.errors,
+            "runs": [{"seed": r.seed, "metrics": r.metrics, "env": r.env} for r in s.runs]}
+    return json.dumps(runner.jsonable(doc), indent=1, allow_nan=False) + "\n"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}td,th{border:1px solid #ccc;padding:.3em .5em;
+vertical-align:top;text-align:left}th{background:#f3f3f3}
+.v{font-weight:600;padding:.1em .45em;border-radius:.3em;white-space:nowrap}
+.reproduced{background:#d9f2d9;color:#135913}.not-reproduced{background:#f8d7d7;color:#8a1414}
+.inconclusive{background:#fff1c9;color:#6b5200}
+figure{display:inline-block;margin:.5em 1em .5em 0;max-width:100%}figure img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:.88em;color:#444;max-width:600px}
+.note{color:#555;font-size:.92em}pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.85em}
+section{border-top:2px solid #eee;margin-top:2em}
+"""
+
+
+def _badge(v: Verdict) -> str:
+    return f'<span class="v {v.label.replace(" ", "-")}">{html.escape(v.label)}</span>'
+
+
+def _html(sections, problems, out: Path) -> str:
+    e = html.escape
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    rows = "".join(
+        f'<tr><td><a href="#{e(s.name)}">{e(s.name)}</a></td><td>{e(s.exp.claim if s.exp else "")}</td>'
+        f'<td>{e(s.exp.source if s.exp else "")}</td><td>{e(str(s.summary.get("measured", "")))}</td>'
+        f"<td>{_badge(s.verdict)}</td></tr>" for s in sections)
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>normlab lab report</title>"
+             f"<style>{_CSS}</style></head><body>",
+             "<h1>normlab lab report</h1>",
+             f'<p class=note>Generated {e(now)} from the finished runs in <code>{e(str(out / "runs"))}</code>. '
+             "Each claim about normalization is run as an experiment on real data on a CPU; the verdict is decided "
+             "by a rule written in the experiment, over seeds (mean ± sample standard deviation). "
+             "<em>reproduced</em>: every seed supports the claim; <em>not reproduced</em>: the mean does not; "
+             "<em>inconclusive</em>: the mean does but some seed does not, or fewer than two seeds.</p>",
+             '<h2 id="summary">Summary</h2><table id="summary-table"><thead><tr><th>experiment</th><th>claim</th>'
+             f"<th>source</th><th>measured</th><th>verdict</th></tr></thead><tbody>{rows}</tbody></table>"]
+    if problems:
+        parts.append("<p class=note>Skipped: " + "; ".join(e(p) for p in problems) + "</p>")
+    for s in sections:
+        parts.append(_section_html(s))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _section_html(s: Section) -> str:
+    e = html.escape
+    p = [f'<section id="{e(s.name)}"><h2>{e(s.name)}</h2>']
+    if s.exp:
+        p.append(f"<p><b>Claim.</b> {e(s.exp.claim)}<br><b>Source.</b> {e(s.exp.source)}</p>")
+        if s.exp.published:
+            p.append(f"<p><b>Published.</b> {e(s.exp.published)}</p>")
+    p.append(f"<p><b>Verdict.</b> {_badge(s.verdict)} {e(s.verdict.reason)}</p>")
+    if s.exp and s.exp.scale_note:
+        p.append(f"<p class=note><b>What this scale can show.</b> {e(s.exp.scale_note)}</p>")
+    for fname, caption in s.plots:
+        src = f"plots/{s.name}/{fname}"
+        p.append(f'<figure><img src="{e(src)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>')
+    per_seed = lambda v: (isinstance(v, list) and len(v) == len(s.runs)  # noqa: E731
+                          and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
+    numbers = [(k, v) for k, v in s.summary.items() if k != "measured" and (per_seed(v) or
+                                                                            not isinstance(v, (dict, list)))]
+    if numbers:
+        p.append("<h3>Numbers</h3><table><tr><th>quantity</th><th>mean ± sd over seeds</th><th>per seed</th></tr>"
+                 + "".join(f"<tr><td>{e(k)}</td><td>{e(fmt(v, 4) if per_seed(v) else _num(v))}</td>"
+                           f"<td>{e(_num(v) if per_seed(v) else '')}</td></tr>" for k, v in numbers) + "</table>")
+    lists = [(k, v) for k, v in s.summary.items() if isinstance(v, (dict, list)) and not per_seed(v)]
+    if lists:
+        p.append("<details><summary>All summary numbers (per seed)</summary><pre>" + e("\n".join(
+            f"{k}: {_num(v)}" for k, v in lists)) + "</pre></details>")
+    docs = s.exp.field_docs() if s.exp else {}
+    seeds = ", ".join(str(r.seed) for r in s.runs)
+    seconds = ", ".join(f"{r.env.get('seconds') or 0:.1f}" for r in s.runs)
+    p.append(f"<h3>Config</h3><p class=note>hash <code>{e(s.config_hash)}</code>; seeds {e(seeds)}; "
+             f"seconds per run {e(seconds)}; "
+             f"torch {e(str(s.runs[0].env.get('torch')))}, git {e(str(s.runs[0].env.get('git_sha') or 'n/a')[:10])}"
+             + (f"; {s.other_configs} other config(s) of this experiment on disk are not shown" if s.other_configs
+                else "") + "</p>")
+    p.append("<table><tr><th>field</th><th>value</th><th>meaning</th></tr>" + "".join(
+        f"<tr><td><code>{e(k)}</code></td><td>{e(_num(v))}</td><td>{e(docs.get(k, ''))}</td></tr>"
+        for k, v in s.config.items()) + "</table>")
+    for err in s.errors:
+        p.append(f"<pre>{e(err)}</pre>")
+    p.append("</section>")
+    return "\n".join(p)
+
+
+def _num(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_num(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_num(x)}" for k, x in v.items()) + "}"
+    return str(v)

@@ -1,0 +1,105 @@
+"""``normlab lab`` through typer's CliRunner: bad input is one line on stderr, exit code 2, nothing written."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from normlab.lab.cli import app
+
+try:
+    runner = CliRunner(mix_stderr=False)
+except TypeError:  # click >= 8.2 always separates stderr
+    runner = CliRunner()
+
+
+def _bad(args, needle, out_dir):
+    result = runner.invoke(app, ["run", *args, "--out", str(out_dir)])
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert not out_dir.exists(), "nothing may be written on bad input"
+    return lines[0]
+
+
+def test_unknown_experiment(out_dir):
+    line = _bad(["no-such-claim"], "unknown experiment 'no-such-claim'", out_dir)
+    assert "bn-mnist" in line  # lists the known ones
+
+
+def test_unknown_data_set(out_dir):
+    _bad(["bn-mnist", "--set", "data=cifar"], "unknown data set 'cifar'", out_dir)
+
+
+def test_missing_mnist_files(out_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = _bad(["bn-mnist", "--set", "data=mnist", "--data-dir", str(empty)], "MNIST files missing", out_dir)
+    assert "train-images-idx3-ubyte" in line
+    _bad(["bn-mnist", "--set", "data=mnist"], "--data-dir", out_dir)
+
+
+@pytest.mark.parametrize("setting,needle", [("steps=many", "steps must be an int"),
+                                            ("lr=fast", "lr must be a float"),
+                                            ("bn-mnist.hidden=1,x", "hidden must be an int"),
+                                            ("no_such_field=1", "no field 'no_such_field'"),
+                                            ("steps", "expected KEY=VALUE")])
+def test_set_value_of_the_wrong_type_or_name(out_dir, setting, needle):
+    _bad(["bn-mnist", "--set", setting], needle, out_dir)
+
+
+def test_unknown_scale(out_dir):
+    _bad(["activations", "--scale", "huge"], "unknown scale 'huge'", out_dir)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere, so an unwritable folder cannot be made")
+def test_unwritable_output_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        _bad(["activations"], "cannot write to output folder", locked / "report")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_folder_that_is_a_file(tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    result = runner.invoke(app, ["run", "activations", "--out", str(f / "report")])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write to output folder" in lines[0]
+    assert f.read_text() == "x"
+
+
+def test_report_of_a_folder_without_runs(tmp_path):
+    result = runner.invoke(app, ["report", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "no runs folder" in result.stderr
+
+
+def test_list_shows_every_experiment():
+    from normlab.lab import experiments
+
+    result = runner.invoke(app, ["list"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for name in experiments.names():
+        assert name in result.stdout
+
+
+def test_help_has_examples():
+    result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "normlab lab run bn-mnist" in result.stdout
+
+
+def test_run_then_report_end_to_end(out_dir):
+    result = runner.invoke(app, ["run", "activations", "--scale", "smoke", "--seeds", "2", "--out", str(out_dir),
+                                 "--jobs", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].endswith("index.html")
+    again = runner.invoke(app, ["run", "activations", "--scale", "smoke", "--seeds", "2", "--out", str(out_dir),
+                                "--jobs", "1"])
+    assert "0 run(s) done, 2 reused" in again.stderr
+    rep = runner.invoke(app, ["report", str(out_dir)])
+    assert rep.exit_code == 0 and rep.stdout.strip().endswith("index.html")

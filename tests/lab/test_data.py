@@ -1,0 +1,100 @@
+"""Data loaders: shapes, dtypes, fixed splits, clear errors, and no network ever."""
+from __future__ import annotations
+
+import gzip
+import socket
+
+import numpy as np
+import pytest
+
+from normlab.lab import data
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the lab must never open a network connection")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.mark.parametrize("name,shape,n_train,n_test", [
+    ("digits", (1, 8, 8), 1437, 360),
+    ("mnist-subset", (1, 28, 28), 4000, 1000),
+    ("mnist1d", (1, 40), 4000, 1000),
+    ("padded-seq", (40, 8), 4000, 1000),
+])
+def test_offline_data_sets(no_network, name, shape, n_train, n_test):
+    ds = data.load(name)
+    assert ds.x_train.shape == (n_train, *shape) and ds.x_test.shape == (n_test, *shape)
+    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int64
+    assert set(np.unique(ds.y_train)) == set(range(ds.num_classes))
+    counts = np.bincount(ds.y_train)
+    assert counts.min() > 0.8 * counts.max(), "classes are roughly balanced"
+
+
+def test_generation_bypasses_the_cache(no_network, tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMLAB_CACHE_DIR", str(tmp_path))
+    data._digits.cache_clear()
+    try:
+        ds = data.load("digits")
+        assert (tmp_path / "digits-v1.npz").is_file()
+        np.testing.assert_array_equal(ds.x_train, data._digits.__wrapped__().x_train)
+        assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+    finally:
+        data._digits.cache_clear()
+
+
+def test_mnist_subset_is_shuffled_not_ordered_by_class():
+    y = data.load("mnist-subset").y_train
+    assert len(set(y[:50])) >= 8
+
+
+def test_padded_seq_padding_and_mask():
+    ds = data.make_padded_seq(n_train=200, n_test=50, min_len=5, max_len=12, num_features=3, num_classes=3)
+    assert ds.x_train.shape == (200, 12, 3) and ds.mask_train.shape == (200, 12)
+    lengths = data.lengths(ds.mask_train)
+    assert lengths.min() >= 5 and lengths.max() <= 12
+    assert np.all(ds.x_train[~ds.mask_train] == 0), "padding is zero"
+    assert np.all(ds.mask_train[:, 0]) and np.all(np.diff(ds.mask_train.astype(int), axis=1) <= 0), "padded at the end"
+    valid = ds.x_train[ds.mask_train]
+    assert abs(valid.mean() - 1.0) < 0.2, "real steps have mean `offset`, unlike the padding"
+    again = data.make_padded_seq(n_train=200, n_test=50, min_len=5, max_len=12, num_features=3, num_classes=3)
+    np.testing.assert_array_equal(ds.x_train, again.x_train)
+
+
+def test_unknown_data_set():
+    with pytest.raises(data.DataError, match="unknown data set 'cifar'.*digits"):
+        data.load("cifar")
+
+
+def test_mnist_without_files_says_which_files_go_where(tmp_path, monkeypatch):
+    monkeypatch.delenv("NORMLAB_DATA_DIR", raising=False)
+    with pytest.raises(data.DataError, match="--data-dir"):
+        data.load("mnist")
+    with pytest.raises(data.DataError, match="train-images-idx3-ubyte.*t10k-labels-idx1-ubyte"):
+        data.check_available("mnist", str(tmp_path))
+
+
+def _idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_from_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 6), ("t10k", 4)):
+        _idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    ds = data.load("mnist", str(tmp_path))
+    assert ds.x_train.shape == (6, 1, 28, 28) and ds.x_test.shape == (4, 1, 28, 28)
+    assert ds.x_train.max() <= 1.0 and list(ds.y_test) == [0, 1, 2, 3]
+
+
+def test_mnist_from_npz(tmp_path):
+    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((3, 28, 28), np.uint8), y_train=np.arange(3),
+             x_test=np.full((2, 28, 28), 255, np.uint8), y_test=np.arange(2))
+    ds = data.load("mnist", str(tmp_path))
+    assert ds.x_test.shape == (2, 1, 28, 28) and ds.x_test.max() == 1.0

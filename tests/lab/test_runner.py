@@ -1,0 +1,124 @@
+"""Caching, --force, atomic run folders, Ctrl-C and crash safety, and the report built from partial results."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from normlab.lab import report, runner
+
+
+def _run(out, name, seeds=2, force=False, sets=(), jobs=1):
+    tasks = runner.plan([name], "quick", seeds, list(sets))
+    return tasks, runner.execute(tasks, out, force=force, jobs=jobs, show_progress=False)
+
+
+def test_runs_are_stored_with_config_metrics_env(fake_experiment, out_dir):
+    tasks, outcome = _run(out_dir, fake_experiment)
+    assert len(outcome.ran) == 2 and not outcome.failed
+    for t in tasks:
+        d = t.path(out_dir)
+        assert d.name == f"{t.config_hash}-seed{t.seed}"
+        assert json.loads((d / "metrics.json").read_text())["value"] == pytest.approx(t.seed + 0.1)
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["config"] == {"steps": 3, "lr": 0.1, "fail_seed": -1, "interrupt_seed": -1}
+        env = json.loads((d / "env.json").read_text())
+        assert {"torch", "numpy", "python", "git_sha", "seconds"} <= set(env)
+
+
+def test_second_run_reuses_finished_runs_and_force_redoes_them(fake_experiment, out_dir):
+    tasks, _ = _run(out_dir, fake_experiment)
+    stamp = {t.name: (t.path(out_dir) / "metrics.json").stat().st_mtime_ns for t in tasks}
+    _, again = _run(out_dir, fake_experiment)
+    assert not again.ran and len(again.cached) == 2
+    assert {t.name: (t.path(out_dir) / "metrics.json").stat().st_mtime_ns for t in tasks} == stamp
+    _, forced = _run(out_dir, fake_experiment, force=True)
+    assert len(forced.ran) == 2 and not forced.cached
+    assert not [p for p in (out_dir / "runs" / fake_experiment).iterdir() if p.name.startswith(".")]
+
+
+def test_changed_config_is_a_new_cache_entry(fake_experiment, out_dir):
+    (a,), _ = _run(out_dir, fake_experiment, seeds=1)
+    (b,), outcome = _run(out_dir, fake_experiment, seeds=1, sets=["lr=0.2"])
+    assert a.config_hash != b.config_hash and len(outcome.ran) == 1
+
+
+def test_a_crash_mid_write_leaves_no_run_folder(fake_experiment, out_dir, monkeypatch):
+    _run(out_dir, fake_experiment, seeds=1)  # seed 0 finished before the crash
+    calls = {"n": 0}
+    real = runner.write_json
+
+    def crash_on_second_file(path, obj):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        real(path, obj)
+
+    monkeypatch.setattr(runner, "write_json", crash_on_second_file)
+    tasks, outcome = _run(out_dir, fake_experiment, seeds=2)
+    assert len(outcome.failed) == 1 and "disk full" in outcome.failed[0][1]
+    assert runner.is_done(tasks[0].path(out_dir)) and not tasks[1].path(out_dir).exists()
+    assert sorted(p.name for p in (out_dir / "runs" / fake_experiment).iterdir()) == [tasks[0].name]
+
+
+def test_a_failing_run_does_not_stop_the_others(fake_experiment, out_dir):
+    tasks, outcome = _run(out_dir, fake_experiment, seeds=3, sets=["fail_seed=1"])
+    assert [t.seed for t in outcome.ran] == [0, 2]
+    assert "boom on seed 1" in outcome.failed[0][1]
+
+
+def test_ctrl_c_keeps_finished_runs_and_report_builds_from_them(fake_experiment, out_dir):
+    tasks, outcome = _run(out_dir, fake_experiment, seeds=3, sets=["interrupt_seed=1"])
+    assert outcome.interrupted
+    assert runner.is_done(tasks[0].path(out_dir)) and not tasks[1].path(out_dir).exists()
+    assert not tasks[2].path(out_dir).exists()
+    html = report.build(out_dir).read_text()
+    assert "fake" in html and "only 1 seed" in html
+    doc = json.loads((out_dir / "results.json").read_text())
+    assert doc["experiments"]["fake"]["seeds"] == [0]
+    assert doc["experiments"]["fake"]["verdict"] == "inconclusive"
+
+
+def test_stale_temp_folders_are_ignored_and_cleaned(fake_experiment, out_dir):
+    tasks, _ = _run(out_dir, fake_experiment, seeds=1)
+    stale = out_dir / "runs" / fake_experiment / f".{tasks[0].name}.tmp-999999999-x"
+    stale.mkdir()
+    (stale / "config.json").write_text("{half")
+    found, problems = runner.load_runs(out_dir)
+    assert list(found) == [fake_experiment] and not problems
+    runner.remove_stale_temps(out_dir)
+    assert not stale.exists()
+
+
+def test_report_skips_unreadable_runs(fake_experiment, out_dir):
+    tasks, _ = _run(out_dir, fake_experiment, seeds=2)
+    (tasks[1].path(out_dir) / "metrics.json").write_text("{not json")
+    report.build(out_dir)
+    doc = json.loads((out_dir / "results.json").read_text())
+    assert doc["experiments"]["fake"]["seeds"] == [0] and doc["problems"]
+
+
+def test_jsonable_turns_non_finite_into_null():
+    import numpy as np
+
+    assert runner.jsonable({"a": [np.float32(1.5), float("nan"), np.inf], "b": np.arange(2), "c": np.bool_(True)}) == \
+        {"a": [1.5, None, None], "b": [0, 1], "c": True}
+
+
+def test_ctrl_c_with_worker_processes_ends_them(out_dir, monkeypatch):
+    import multiprocessing
+
+    tasks = runner.plan(["convergence"], "smoke", 2)
+    real, calls = runner.cf.wait, {"n": 0}
+
+    def wait_then_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # 0.2 s in: the workers are still starting or running
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner.cf, "wait", wait_then_ctrl_c)
+    outcome = runner.execute(tasks, out_dir, jobs=2, show_progress=False)
+    assert outcome.interrupted and not outcome.ran
+    assert not multiprocessing.active_children(), "workers must not outlive an interrupt"
+    assert not any(t.path(out_dir).exists() for t in tasks)

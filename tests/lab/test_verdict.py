@@ -1,0 +1,114 @@
+"""Verdict rules on synthetic metrics: each experiment's rule must say "reproduced" when the numbers
+support the claim and "not reproduced" when they contradict it."""
+from __future__ import annotations
+
+import pytest
+
+from normlab.lab import experiments
+from normlab.lab.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, check, combine, fmt, paired
+
+NOISE = (0.0, 0.01, -0.01)  # per-seed jitter
+
+
+def test_check_and_paired():
+    assert check([0.2, 0.3, 0.1], 0.0) == REPRODUCED
+    assert check([0.2, -0.1, 0.3], 0.0) == INCONCLUSIVE  # mean above, one seed below
+    assert check([-0.2, 0.1, -0.3], 0.0) == NOT_REPRODUCED
+    assert check([0.2], 0.0) == INCONCLUSIVE  # no spread from one seed
+    assert check([0.1, 0.2], 0.3, above=False) == REPRODUCED
+    assert check([float("inf")] * 3, 0.3, above=False) == NOT_REPRODUCED
+    assert paired([0.9, 0.91], [0.8, 0.82]) == REPRODUCED
+    assert paired([0.9, 0.91], [0.9, 0.91]) == NOT_REPRODUCED  # no effect at all is not the claim
+
+
+def test_combine_and_fmt():
+    assert combine([(REPRODUCED, "a"), (INCONCLUSIVE, "b")]).label == INCONCLUSIVE
+    assert combine([(REPRODUCED, "a"), (NOT_REPRODUCED, "b"), (INCONCLUSIVE, "c")]).label == NOT_REPRODUCED
+    v = combine([(REPRODUCED, "a"), (REPRODUCED, "b")])
+    assert v.label == REPRODUCED and "a [reproduced]; b [reproduced]" == v.reason
+    assert fmt([0.94, 0.95, 0.93]) == "0.940 ± 0.010"
+    assert fmt([0.5, 0.6], percent=True) == "55.0 ± 7.1%"
+
+
+def _decide(name, runs, **overrides):
+    e = experiments.get(name)
+    cfg = e.config("quick", {k: str(v) for k, v in overrides.items()})
+    return e.module.verdict(e.module.summarize(cfg, runs))
+
+
+def _activations(sat_plain, sat_bn, decay_plain, decay_bn):
+    def net(sat, first_over_last):
+        return {"saturated": [0.1, 0.1, 0.1, 0.1, sat], "grad_norm": [first_over_last, 1, 1, 1, 1.0],
+                "mean": [0.5] * 5, "var": [0.1] * 5, "hist": [[1] * 25] * 5}
+    return [{"plain": net(sat_plain + n, decay_plain), "bn": net(sat_bn, decay_bn)} for n in NOISE]
+
+
+def test_activations_rule():
+    assert _decide("activations", _activations(0.6, 0.01, 0.2, 1.0)).label == REPRODUCED
+    assert _decide("activations", _activations(0.05, 0.3, 1.0, 0.2)).label == NOT_REPRODUCED
+
+
+def _bn_mnist(early, final, drift):
+    steps = [0, 200, 1000, 2000]
+    return [{key: {"step": steps, "test_acc": [0.1, early[key] + n, 0.5, final[key] + n], "drift": [drift[key]] * 4}
+             for key in ("plain", "bn")} for n in NOISE]
+
+
+def test_bn_mnist_rule():
+    good = _bn_mnist({"plain": 0.5, "bn": 0.9}, {"plain": 0.9, "bn": 0.95}, {"plain": 0.3, "bn": 0.1})
+    assert _decide("bn-mnist", good).label == REPRODUCED
+    # faster and more stable but not higher at the end: the claim as a whole is not reproduced
+    flat = _bn_mnist({"plain": 0.5, "bn": 0.9}, {"plain": 0.95, "bn": 0.93}, {"plain": 0.3, "bn": 0.1})
+    v = _decide("bn-mnist", flat)
+    assert v.label == NOT_REPRODUCED and "higher" in v.reason
+
+
+def _convergence(bn_hits_at, epochs=40):
+    plain = [0.3 + 0.01 * e for e in range(epochs)]
+    target = plain[-1]
+    bn = [target - 0.1 if e + 1 < bn_hits_at else target + 0.01 for e in range(epochs)]
+    return [{"plain": {"test_acc": plain}, "bn": {"test_acc": bn}} for _ in NOISE]
+
+
+def test_convergence_rule():
+    assert _decide("convergence", _convergence(8)).label == REPRODUCED  # 8/40 = 0.2 of the epochs
+    assert _decide("convergence", _convergence(30)).label == NOT_REPRODUCED  # 0.75
+    never = [{"plain": {"test_acc": [0.5] * 40}, "bn": {"test_acc": [0.4] * 40}} for _ in NOISE]
+    assert _decide("convergence", never).label == NOT_REPRODUCED
+
+
+def _learning_rate(plain_ok_up_to, bn_ok_up_to, best_plain, best_bn):
+    def net(ok_up_to, best):
+        return [{"multiplier": m, "best_acc": best if m <= ok_up_to else 0.1, "final_acc": best if m <= ok_up_to
+                 else 0.1, "diverged": m > ok_up_to} for m in (1.0, 3.0, 10.0, 30.0)]
+    return [{"plain": net(plain_ok_up_to, best_plain + n), "bn": net(bn_ok_up_to, best_bn), "chance": 0.1}
+            for n in NOISE]
+
+
+def test_learning_rate_rule():
+    assert _decide("learning-rate", _learning_rate(3, 30, 0.6, 0.7)).label == REPRODUCED
+    assert _decide("learning-rate", _learning_rate(30, 3, 0.7, 0.6)).label == NOT_REPRODUCED
+
+
+def _init_scale(plain, bn):
+    return [{"plain": [{"scale": s, "final_acc": a + n} for s, a in zip((1e-4, 1e-3, 1e-2, 1e-1, 1), plain)],
+             "bn": [{"scale": s, "final_acc": a} for s, a in zip((1e-4, 1e-3, 1e-2, 1e-1, 1), bn)]} for n in NOISE]
+
+
+def test_init_scale_rule():
+    assert _decide("init-scale", _init_scale([0.1, 0.1, 0.5, 0.9, 0.2], [0.8, 0.9, 0.9, 0.9, 0.9])).label == REPRODUCED
+    assert _decide("init-scale", _init_scale([0.9] * 5, [0.1, 0.5, 0.9, 0.9, 0.9])).label == NOT_REPRODUCED
+
+
+def _batch_size(bn, gn):
+    norms = ("batch", "group:4", "layer", "instance", "batch_renorm")
+    return [{n: {str(b): {"final_acc": (bn if n == "batch" else gn)[i] + (d if n == "batch" else 0)}
+                 for i, b in enumerate((2, 4, 8, 16, 32))} for n in norms} for d in NOISE]
+
+
+@pytest.mark.parametrize("bn,gn,label", [
+    ([0.65, 0.7, 0.75, 0.76, 0.76], [0.75] * 5, REPRODUCED),          # Wu & He's picture
+    ([0.76] * 5, [0.7, 0.72, 0.74, 0.75, 0.75], NOT_REPRODUCED),      # BN flat, GN worse at batch 2
+])
+def test_batch_size_rule(bn, gn, label):
+    assert _decide("batch-size", _batch_size(bn, gn)).label == label
