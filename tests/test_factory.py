@@ -23,6 +23,7 @@ EXPECTED = {
     "masked_batch": {1: NN.MaskedBatchNorm1d},
     "lrn:3": {1: NN.LocalResponseNorm, 2: NN.LocalResponseNorm, 3: NN.LocalResponseNorm},
     "none": {d: nn.Identity for d in ALL_DIMS},
+    "sync_batch": {d: NN.SyncBatchNorm for d in ALL_DIMS},  # local batch norm without a process group
 }
 C = 8
 

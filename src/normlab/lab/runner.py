@@ -403,6 +403,7 @@ def _execute_here(todo, out, data_dir, threads, display, outcome) -> None:
             display.finish(t)
     finally:
         torch.set_num_threads(before)
+        torch.set_flush_denormal(False)  # torch's default; the setting is process-wide and has no getter
 
 
 def _prepare_data(todo, data_dir) -> None:

@@ -20,6 +20,8 @@ spec                      layer
 ``batch_renorm``          BatchRenorm1d/2d/3d (keyword arguments such as rmax, warmup_steps pass on)
 ``masked_batch``          MaskedBatchNorm1d (dim=1; call it with ``(x, mask)``)
 ``lrn:size``              LocalResponseNorm(size) (dim>=1)
+``sync_batch``            SyncBatchNorm: statistics over all processes of ``torch.distributed``
+                          (registered by :mod:`normlab.nn.sync_batch_norm`)
 ``none``                  nn.Identity
 ========================  ==============================================================
 
