@@ -53,6 +53,7 @@ REGISTRY = {
     "init-scale": "normlab.lab.experiments.init_scale",
     "batch-size": "normlab.lab.experiments.batch_size",
     "rnn": "normlab.lab.experiments.rnn",
+    "padding": "normlab.lab.experiments.padding",
 }
 SCALES = ("smoke", "quick", "full")
 REQUIRED = ("CLAIM", "SOURCE", "Config", "SCALES", "run", "summarize", "verdict", "plots")
