@@ -54,6 +54,7 @@ REGISTRY = {
     "batch-size": "normlab.lab.experiments.batch_size",
     "rnn": "normlab.lab.experiments.rnn",
     "padding": "normlab.lab.experiments.padding",
+    "transformer": "normlab.lab.experiments.transformer",
 }
 SCALES = ("smoke", "quick", "full")
 REQUIRED = ("CLAIM", "SOURCE", "Config", "SCALES", "run", "summarize", "verdict", "plots")
