@@ -117,3 +117,11 @@ def test_transformer_rule():
 def test_inconclusive_with_one_seed(name):
     runs = {"rnn": _rnn(60, 0.1), "padding": _padding(1.0), "transformer": _transformer(BASE, 2.0)}[name]
     assert _decide(name, runs[:1]).label == INCONCLUSIVE
+
+
+def test_padding_rule_needs_growth_with_padding():
+    runs = _padding(bn_error=1.0)
+    for r in runs:  # polluted, but no more at 92% padding than at 25%
+        r["probe"]["batch_mean"] = [0.0, 0.8, 0.8, 0.8, 0.8]
+    v = _decide("padding", runs)
+    assert v.label == NOT_REPRODUCED and "the more padding" in v.reason

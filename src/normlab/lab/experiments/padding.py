@@ -184,6 +184,10 @@ def summarize(config: Config, runs: list) -> dict:
          "max_fraction": probe[0]["fraction"][k], "norms": list(config.norms)}
     for key in ("batch_mean", "batch_var", "masked_mean", "masked_var", "sampling"):
         s[f"{key}_by_fraction"] = [p[key] for p in probe]
+    nonzero = [j for j, f in enumerate(probe[0]["fraction"]) if f > 0]
+    j = min(nonzero, key=lambda i: probe[0]["fraction"][i]) if nonzero else k
+    s["min_fraction"] = probe[0]["fraction"][j]
+    s["bn_mean_error_at_min"] = [p["batch_mean"][j] for p in probe]
     s["bn_mean_error_at_max"] = [p["batch_mean"][k] for p in probe]
     s["bn_var_error_at_max"] = [p["batch_var"][k] for p in probe]
     s["sampling_error_at_max"] = [p["sampling"][k] for p in probe]
@@ -206,6 +210,9 @@ def verdict(s: dict):
          f"BN's statistics are polluted: at padding fraction {p:.2f} its per-channel mean is off by "
          f"{fmt(s['bn_mean_error_at_max'], 2)} valid-token sd (variance off by {fmt(s['bn_var_error_at_max'], 2)} "
          f"relative), more than a batch's sampling error {fmt(s['sampling_error_at_max'], 2)}"),
+        (paired(s["bn_mean_error_at_max"], s["bn_mean_error_at_min"]),
+         f"the more padding, the larger: BN's mean error {fmt(s['bn_mean_error_at_min'], 2)} at p = "
+         f"{s['min_fraction']:.2f} < {fmt(s['bn_mean_error_at_max'], 2)} at p = {p:.2f}"),
         (check(s["masked_error_max"], 1e-4, above=False),
          f"masked BN's are not: its largest error over all fractions and seeds is {max(s['masked_error_max']):.1e} "
          f"(< 1e-4)"),
