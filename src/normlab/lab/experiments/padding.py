@@ -136,7 +136,7 @@ def _probe(config: Config, model, probe_x: torch.Tensor) -> dict:
     model.eval()
     try:
         for p in config.pad_fractions:
-            valid_len = max(2, int(round((1.0 - p) * L)))
+            valid_len = max(2, round((1.0 - p) * L))
             mask = (torch.arange(L)[None, :] < valid_len).expand(len(probe_x), L)
             x = probe_x * mask[..., None]
             with torch.no_grad():
@@ -251,7 +251,7 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     ax.set(xlabel="training step", ylabel="test accuracy", ylim=(0, 1), title="Transformer on padded sequences")
     ax.legend(loc="lower right", fontsize=8)
     plotting.save(fig, out_dir / "accuracy.png")
-    return [("statistics.png", f"Error of the statistics BN and masked BN compute at the first norm's input of the "
-                               f"trained BN transformer, against the valid tokens', vs the padding fraction (mean ± sd "
-                               f"over {len(runs)} seeds); the dashed line is a batch's sampling error."),
+    return [("statistics.png", "Error of the statistics BN and masked BN compute at the first norm's input of the "
+                               "trained BN transformer, against the valid tokens', vs the padding fraction (mean ± "
+                               f"sd over {len(runs)} seeds); the dashed line is a batch's sampling error."),
             ("accuracy.png", f"Test accuracy along training per norm (mean ± sd over {len(runs)} seeds).")]

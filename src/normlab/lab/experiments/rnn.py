@@ -172,10 +172,10 @@ def summarize(config: Config, runs: list) -> dict:
             s[f"batch_stats_acc_{c}_{n}"] = [r[c][n]["acc_batch_stats"] for r in runs]
             s[f"gap_{c}_{n}"] = [b - a for a, b in zip(s[f"final_acc_{c}_{n}"], s[f"batch_stats_acc_{c}_{n}"])]
         parts.append(f"{c.upper()}: steps to the plain cell's final acc {fmt(target)}: LN "
-                     f"{fmt_steps(s[f'steps_to_target_{c}_layer'])} vs plain {fmt_steps(s[f'steps_to_target_{c}_none'])}"
-                     f" of {config.steps}; final acc LN {fmt(s[f'final_acc_{c}_layer'])}, plain "
-                     f"{fmt(s[f'final_acc_{c}_none'])}, BN {fmt(s[f'final_acc_{c}_batch'])} (with batch statistics "
-                     f"{fmt(s[f'batch_stats_acc_{c}_batch'])})")
+                     f"{fmt_steps(s[f'steps_to_target_{c}_layer'])} vs plain "
+                     f"{fmt_steps(s[f'steps_to_target_{c}_none'])} of {config.steps}; final acc LN "
+                     f"{fmt(s[f'final_acc_{c}_layer'])}, plain {fmt(s[f'final_acc_{c}_none'])}, BN "
+                     f"{fmt(s[f'final_acc_{c}_batch'])} (with batch statistics {fmt(s[f'batch_stats_acc_{c}_batch'])})")
     s["measured"] = "; ".join(parts)
     return s
 
@@ -184,7 +184,8 @@ def verdict(s: dict):
     parts = []
     for c in s["cells"]:
         ln, plain = s[f"steps_to_target_{c}_layer"], s[f"steps_to_target_{c}_none"]
-        parts.append((paired(censored(plain, s["steps"], s["eval_interval"]), censored(ln, s["steps"], s["eval_interval"])),
+        late = lambda v: censored(v, s["steps"], s["eval_interval"])  # noqa: E731
+        parts.append((paired(late(plain), late(ln)),
                       f"{c.upper()}: LN reaches the plain cell's final test acc {fmt(s[f'target_{c}'])} sooner: "
                       f"{fmt_steps(ln)} < {fmt_steps(plain)} steps (never = one evaluation interval past the end)"))
     for c in s["cells"]:
@@ -192,7 +193,8 @@ def verdict(s: dict):
                       f"{c.upper()}: BN with running averages shared over time steps loses more than "
                       f"{100 * s['gap_margin']:.0f} points against per-step batch statistics: "
                       f"{fmt(s[f'final_acc_{c}_batch'])} vs {fmt(s[f'batch_stats_acc_{c}_batch'])} "
-                      f"(gap {fmt(s[f'gap_{c}_batch'], signed=True)}; LN's gap {fmt(s[f'gap_{c}_layer'], signed=True)})"))
+                      f"(gap {fmt(s[f'gap_{c}_batch'], signed=True)}; LN's gap "
+                      f"{fmt(s[f'gap_{c}_layer'], signed=True)})"))
     return combine(parts)
 
 

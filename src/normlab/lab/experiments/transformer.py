@@ -185,9 +185,9 @@ def summarize(config: Config, runs: list) -> dict:
     table = ", ".join(f"{k} {fmt(s[f'final_acc_{k}'])}" + (f" ({s[f'diverged_{k}']} diverged)"
                                                              if s[f"diverged_{k}"] else "") for k in s["variants"])
     s["measured"] = (f"final test acc at lr {config.lr}, no warm-up: {table}; last block's FFN gradient at init, "
-                     f"post-LN / pre-LN: {fmt(s['post_over_pre_lo'], 2)} at depth {lo}, {fmt(s['post_over_pre_hi'], 2)} "
-                     f"at depth {hi} (growth {fmt(s['ratio_growth'], 2)}; theory sqrt({hi}/{lo}) = "
-                     f"{s['expected_growth']:.2f})")
+                     f"post-LN / pre-LN: {fmt(s['post_over_pre_lo'], 2)} at depth {lo}, "
+                     f"{fmt(s['post_over_pre_hi'], 2)} at depth {hi} (growth {fmt(s['ratio_growth'], 2)}; theory "
+                     f"sqrt({hi}/{lo}) = {s['expected_growth']:.2f})")
     return s
 
 
