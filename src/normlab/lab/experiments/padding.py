@@ -43,7 +43,9 @@ SCALE_NOTE = ("The statistics part is exact at any scale: it measures what the l
               "features of a trained model. The accuracy part (a 2-layer, 32-wide transformer, 200 Adam steps on "
               "sequences of 6-24 valid steps padded to 24) is reported beside the verdict, not in its rule: the seed "
               "claims polluted statistics, not a given accuracy loss, and whether the pollution costs accuracy "
-              "depends on how much the padding fraction varies from batch to batch and between training and test.")
+              "depends on how much the padding fraction varies from batch to batch and between training and test. At "
+              "quick scale the LN model is still on its initial plateau at chance when training stops, so the "
+              "accuracy comparison speaks to BN vs masked BN only.")
 
 
 @dataclass(frozen=True)
