@@ -52,6 +52,9 @@ REGISTRY = {
     "learning-rate": "normlab.lab.experiments.learning_rate",
     "init-scale": "normlab.lab.experiments.init_scale",
     "batch-size": "normlab.lab.experiments.batch_size",
+    "rnn": "normlab.lab.experiments.rnn",
+    "padding": "normlab.lab.experiments.padding",
+    "transformer": "normlab.lab.experiments.transformer",
 }
 SCALES = ("smoke", "quick", "full")
 REQUIRED = ("CLAIM", "SOURCE", "Config", "SCALES", "run", "summarize", "verdict", "plots")

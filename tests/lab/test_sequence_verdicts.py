@@ -1,0 +1,127 @@
+"""The sequence experiments (rnn, padding, transformer): verdict rules on synthetic metrics, each with a
+case that must come out "reproduced" and one that must come out "not reproduced", and the padding
+experiment's statistic error measured on tensors whose answer is known."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from normlab.lab import experiments
+from normlab.lab.experiments import padding, rnn
+from normlab.lab.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+
+NOISE = (0.0, 0.01, -0.01)  # per-seed jitter
+
+
+def _decide(name, runs):
+    e = experiments.get(name)
+    cfg = e.config("quick")
+    return e.module.verdict(e.module.summarize(cfg, runs))
+
+
+# -- rnn ----------------------------------------------------------------------------------------
+
+def _rnn(ln_rise_at, bn_gap, plain_final=0.6):
+    """Curves on the quick grid: the plain cell rises linearly to ``plain_final``; LN jumps to 0.7 at step
+    ``ln_rise_at`` (never if None); BN's accuracy with batch statistics is ``bn_gap`` above its inference one."""
+    steps = [0, 15, 30, 45, 60, 75, 90, 105, 120, 135, 150]
+    plain = [0.2 + (plain_final - 0.2) * s / 150 for s in steps]
+    ln = [0.7 if ln_rise_at is not None and s >= ln_rise_at else 0.3 for s in steps]
+    out = []
+    for n in NOISE:
+        run = {}
+        for cell in ("gru", "lstm"):
+            run[cell] = {"none": {"step": steps, "test_acc": plain, "acc_batch_stats": plain[-1]},
+                         "layer": {"step": steps, "test_acc": ln, "acc_batch_stats": ln[-1]},
+                         "batch": {"step": steps, "test_acc": [0.5] * 11, "acc_batch_stats": 0.5 + bn_gap + n}}
+        out.append(run)
+    return out
+
+
+def test_rnn_rule():
+    assert _decide("rnn", _rnn(ln_rise_at=60, bn_gap=0.1)).label == REPRODUCED
+    v = _decide("rnn", _rnn(ln_rise_at=None, bn_gap=0.1))  # LN never reaches the plain cell's accuracy
+    assert v.label == NOT_REPRODUCED and "never" in v.reason
+    assert _decide("rnn", _rnn(ln_rise_at=60, bn_gap=0.0)).label == NOT_REPRODUCED  # BN loses nothing
+
+
+def test_steps_to_target_and_censoring():
+    assert rnn.steps_to([0, 10, 20], [0.1, 0.5, 0.9], 0.5) == 10
+    assert rnn.steps_to([0, 10, 20], [0.1, 0.5, 0.9], 0.95) == math.inf
+    assert rnn.censored([10.0, math.inf], 20, 5.0) == [10.0, 25.0]
+    assert rnn.fmt_steps([10.0, math.inf]) == "[10, never]"
+
+
+# -- padding ------------------------------------------------------------------------------------
+
+def test_stat_error_is_zero_for_masked_bn_and_positive_for_plain_bn():
+    torch.manual_seed(0)
+    x = torch.randn(16, 6, 20) + 1.0  # channels with mean 1, sd 1
+    lengths = torch.randint(4, 21, (16,))
+    mask = torch.arange(20)[None, :] < lengths[:, None]
+    x = x * mask[:, None, :]  # zero padding, as make_padded_seq writes it
+    e = padding.stat_errors(x, mask)
+    assert e["masked_batch"]["mean"] < 1e-5 and e["masked_batch"]["var"] < 1e-5
+    frac = 1 - mask.float().mean().item()
+    assert e["batch"]["mean"] > 0.5 * frac and e["batch"]["var"] > 0.05  # mean_BN ~ (1 - p) mean_valid
+    full = torch.ones(16, 20, dtype=torch.bool)  # no padding: both are exact
+    e0 = padding.stat_errors(torch.randn(16, 6, 20), full)
+    assert e0["batch"]["mean"] < 1e-5 and e0["batch"]["var"] < 1e-4 and e0["masked_batch"]["mean"] < 1e-5
+
+
+def _padding(bn_error, masked_error=1e-7):
+    fractions = [0.0, 0.25, 0.5, 0.75, 0.92]
+    return [{"train_pad_fraction": 0.4,
+             "probe": {"fraction": fractions, "batch_mean": [bn_error * f + n for f in fractions],
+                       "batch_var": [bn_error * f for f in fractions], "masked_mean": [masked_error] * 5,
+                       "masked_var": [masked_error] * 5, "sampling": [0.05] * 5},
+             **{norm: {"test_acc": [0.25, 0.7 + n]} for norm in ("batch", "masked_batch", "layer")}}
+            for n in NOISE]
+
+
+def test_padding_rule():
+    assert _decide("padding", _padding(bn_error=1.0)).label == REPRODUCED
+    assert _decide("padding", _padding(bn_error=0.0)).label == NOT_REPRODUCED  # no pollution beyond noise
+    assert _decide("padding", _padding(bn_error=1.0, masked_error=0.3)).label == NOT_REPRODUCED  # mask broken
+
+
+# -- transformer --------------------------------------------------------------------------------
+
+def _transformer(acc, post_over_pre_growth):
+    depths = (2, 4, 8, 12)
+    runs = []
+    for n in NOISE:
+        train = {k: {"test_acc": [0.1, a + n, a + n], "diverged": False} for k, a in acc.items()}
+        probe = {}
+        for d in depths:
+            pre = 0.3 / math.sqrt(d)
+            post = 0.2 * post_over_pre_growth ** (math.log(d / 2) / math.log(6)) / math.sqrt(d)
+            probe[f"pre-{d}"], probe[f"post-{d}"] = [pre] * d, [post] * d
+        runs.append({"train": train, "probe": probe})
+    return runs
+
+
+BASE = {"none-pre": 0.3, "layer-pre": 0.6, "layer-post": 0.5, "rms-pre": 0.6, "batch-pre": 0.5}
+
+
+def test_transformer_rule():
+    assert _decide("transformer", _transformer(BASE, 2.0)).label == REPRODUCED
+    assert _decide("transformer", _transformer({**BASE, "none-pre": 0.7}, 2.0)).label == NOT_REPRODUCED
+    v = _decide("transformer", _transformer(BASE, 0.8))  # post-LN's gradient shrinks relative to pre-LN's
+    assert v.label == NOT_REPRODUCED and "Theorem 1" in v.reason
+
+
+@pytest.mark.parametrize("name", ["rnn", "padding", "transformer"])
+def test_inconclusive_with_one_seed(name):
+    runs = {"rnn": _rnn(60, 0.1), "padding": _padding(1.0), "transformer": _transformer(BASE, 2.0)}[name]
+    assert _decide(name, runs[:1]).label == INCONCLUSIVE
+
+
+def test_padding_rule_needs_growth_with_padding():
+    runs = _padding(bn_error=1.0)
+    for r in runs:  # polluted, but no more at 92% padding than at 25%
+        r["probe"]["batch_mean"] = [0.0, 0.8, 0.8, 0.8, 0.8]
+    v = _decide("padding", runs)
+    assert v.label == NOT_REPRODUCED and "the more padding" in v.reason
