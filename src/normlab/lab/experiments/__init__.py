@@ -52,6 +52,7 @@ REGISTRY = {
     "learning-rate": "normlab.lab.experiments.learning_rate",
     "init-scale": "normlab.lab.experiments.init_scale",
     "batch-size": "normlab.lab.experiments.batch_size",
+    "regularization": "normlab.lab.experiments.regularization",
     "invariance": "normlab.lab.experiments.invariance",
 }
 SCALES = ("smoke", "quick", "full")
