@@ -53,6 +53,7 @@ REGISTRY = {
     "init-scale": "normlab.lab.experiments.init_scale",
     "batch-size": "normlab.lab.experiments.batch_size",
     "regularization": "normlab.lab.experiments.regularization",
+    "selu": "normlab.lab.experiments.selu",
     "invariance": "normlab.lab.experiments.invariance",
 }
 SCALES = ("smoke", "quick", "full")
