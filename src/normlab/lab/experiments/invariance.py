@@ -226,7 +226,7 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
                  f"(Inv: < {config.tolerance:.0e}); red = differs from Ba et al. Table 1", fontsize=9)
     fig.colorbar(ax.images[0], ax=ax, label="log10 relative change")
     plotting.save(fig, out_dir / "invariance_table.png")
-    return [("invariance_table.png", "Measured invariance table beside the paper's (Ba et al. 2016, Table 1): each "
-                                     "cell gives the measured verdict, the paper's, and below them the largest relative change "
-                                     "of the normalized summed inputs over seeds and backends (NumPy reference and "
-                                     "normlab.nn).")]
+    return [("invariance_table.png", "Measured invariance table beside the paper's (Ba et al. 2016, Table 1): "
+                                     "each cell gives the measured verdict, the paper's, and below them the largest "
+                                     "relative change of the normalized summed inputs over seeds and backends (NumPy "
+                                     "reference and normlab.nn).")]
