@@ -202,7 +202,7 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
               "bn_dropout": "#aec7e8"}
     ghosts = sorted(config.ghost_sizes, reverse=True)
     for j, g in enumerate(ghosts):
-        colors[f"ghost{g}"] = cmap(0.35 + 0.5 * j / max(1, len(ghosts) - 1))
+        colors[f"ghost{g}"] = cmap(0.5 + 0.4 * j / max(1, len(ghosts) - 1))
 
     fig, (ax1, ax2) = plotting.figure(ncols=2, width=5.2)
     x = np.arange(len(keys))
