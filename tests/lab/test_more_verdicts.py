@@ -11,6 +11,21 @@ from normlab.lab.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 NOISE = (0.0, 0.01, -0.01)  # per-seed jitter
 
 
+@pytest.mark.parametrize("name", ["regularization", "selu", "invariance", "spectral-gan"])
+def test_smoke_run_reports_progress_and_json_metrics(name):
+    import json
+
+    from normlab.lab import runner
+
+    e = experiments.get(name)
+    fractions = []
+    metrics = runner.jsonable(e.module.run(e.config("smoke"), 0, fractions.append))
+    json.dumps(metrics, allow_nan=False)
+    assert fractions and fractions[-1] == pytest.approx(1.0) and max(fractions) <= 1.0 + 1e-9
+    assert e.module.verdict(e.module.summarize(e.config("smoke"), [metrics, metrics])).label in (
+        REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)
+
+
 def _decide(name, runs, scale="quick"):
     e = experiments.get(name)
     cfg = e.config(scale)
@@ -62,7 +77,7 @@ def _regularization(gap, test):
         for k in gap:
             t = test[k] + n
             out[k] = {"step": [250, 500], "test_acc": [t - 0.05, t], "train_acc": [t + gap[k] - 0.05, t + gap[k]],
-                      "gap": gap[k], "diverged": False}
+                      "final_train_acc": t + gap[k], "gap": gap[k], "diverged": False}
         return out
     return [one(n) for n in NOISE]
 

@@ -150,8 +150,9 @@ def run(config: Config, seed: int, progress) -> dict:
         h = training.train(model, tensors, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                            momentum=config.momentum, seed=seed, eval_at=eval_at, on_eval=train_acc,
                            progress=lambda f, i=i: progress((i + f) / len(todo)))
+        final_train = training.evaluate(model, tensors.x_train, tensors.y_train)[0]  # also after a divergence
         out[key] = {"step": h["step"], "test_acc": h["test_acc"], "train_acc": h["train_acc"],
-                    "diverged": h["diverged"], "gap": h["train_acc"][-1] - h["test_acc"][-1]}
+                    "diverged": h["diverged"], "final_train_acc": final_train, "gap": final_train - h["final_acc"]}
     return out
 
 
@@ -161,7 +162,7 @@ def summarize(config: Config, runs: list) -> dict:
     s = {"smallest_ghost": min(config.ghost_sizes), "batch_size": config.batch_size,
          "ghost_axis": [config.batch_size] + sorted(config.ghost_sizes, reverse=True)}
     for k in keys:
-        s[f"train_acc_{k}"] = [r[k]["train_acc"][-1] for r in runs]
+        s[f"train_acc_{k}"] = [r[k]["final_train_acc"] for r in runs]
         s[f"test_acc_{k}"] = [r[k]["test_acc"][-1] for r in runs]
         s[f"gap_{k}"] = [r[k]["gap"] for r in runs]
     s["gap_by_ghost"] = [[r["bn"]["gap"]] + [r[f"ghost{g}"]["gap"] for g in s["ghost_axis"][1:]] for r in runs]
