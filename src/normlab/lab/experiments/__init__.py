@@ -55,6 +55,10 @@ REGISTRY = {
     "rnn": "normlab.lab.experiments.rnn",
     "padding": "normlab.lab.experiments.padding",
     "transformer": "normlab.lab.experiments.transformer",
+    "regularization": "normlab.lab.experiments.regularization",
+    "selu": "normlab.lab.experiments.selu",
+    "invariance": "normlab.lab.experiments.invariance",
+    "spectral-gan": "normlab.lab.experiments.spectral_gan",
 }
 SCALES = ("smoke", "quick", "full")
 REQUIRED = ("CLAIM", "SOURCE", "Config", "SCALES", "run", "summarize", "verdict", "plots")
