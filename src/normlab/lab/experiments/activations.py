@@ -19,7 +19,7 @@ from normlab.reference import batch_norm_backward, batch_norm_forward
 CLAIM = ("In a deep sigmoid net with N(0, 1) weights the activations saturate layer by layer (piling up at 0 and 1) "
          "and the gradients vanish towards the input; batch norm before each sigmoid keeps the activations spread "
          "and the gradients alive.")
-SOURCE = "Seed article (issue 3): NumPy histogram of activations through five sigmoid layers"
+SOURCE = "Seed article: NumPy histogram of activations through five sigmoid layers"
 PUBLISHED = "The article shows the histograms only (no numbers): plain layers pile up at 0 and 1, BN layers stay bell-shaped."
 SCALE_NOTE = ("Exact arithmetic on a 100-sample batch at initialization: no training is involved, so every scale shows "
               "the effect fully; seeds change X, W and the read-out.")

@@ -18,7 +18,7 @@ from normlab.lab.verdict import Verdict, check, fmt
 
 CLAIM = ("With batch normalization a fully connected network reaches the accuracy the plain network has after 100 "
          "epochs in 20-30 epochs.")
-SOURCE = "Seed article 001 (issue 3): FC vs FC+BN, 20-30 epochs vs 100"
+SOURCE = "Seed article 001: FC vs FC+BN, 20-30 epochs vs 100"
 PUBLISHED = "BN needs 20-30% of the baseline's epochs (20-30 vs 100)."
 SCALE_NOTE = ("Quick scale: 40 epochs of MNIST-1D (4000 training sequences, harder than MNIST: an MLP reaches ~68% "
               "in its paper) with SGD + momentum; the claim is read as a ratio (BN's epochs / the baseline's), so a "

@@ -35,7 +35,7 @@ from normlab.nn import make_norm
 CLAIM = ("On padded sequences, batch normalization's statistics are polluted by the <pad> tokens: the mean and "
          "variance it normalizes with are not those of the real tokens, the more so the more padding; masking the "
          "padding out of the statistics removes the error.")
-SOURCE = "Seed article 002 (issue 8): 'batch statistics polluted by <pad> tokens'; masked BN as in normlab.nn"
+SOURCE = "Seed article 002: 'batch statistics polluted by <pad> tokens'; masked BN as in normlab.nn"
 PUBLISHED = ("No numbers: the seed states the effect. For zero padding of a fraction p, arithmetic gives "
              "mean_BN = (1 - p) mean_valid and var_BN = (1 - p) var_valid + p (1 - p) mean_valid^2; in a model the "
              "padded positions carry the embedding bias and position vectors instead of zeros.")

@@ -33,7 +33,7 @@ from normlab.nn import BatchNorm1d
 CLAIM = ("The noise of mini-batch statistics regularizes: with batch norm the train/test gap is smaller, noisier "
          "statistics (smaller ghost batches) shrink it further, and batch norm reduces the need for dropout "
          "(dropout gains less on top of it).")
-SOURCE = ("Seed article 001 (issue 10); Ioffe & Szegedy 2015, Sec. 3.4 and 4.2.1 ('reduces the need for Dropout'); "
+SOURCE = ("Seed article 001; Ioffe & Szegedy 2015, Sec. 3.4 and 4.2.1 ('reduces the need for Dropout'); "
           "Hoffer, Hubara & Soudry 2017, 'Train longer, generalize better', ghost batch norm")
 PUBLISHED = ("No number for a net this size. Ioffe & Szegedy: removing dropout from BN-Inception 'speeds up "
              "training, without increasing overfitting' (Sec. 4.2.1); Hoffer et al.: ghost batch norm (statistics "
