@@ -36,7 +36,7 @@ from normlab.lab.verdict import check, combine, fmt, paired
 CLAIM = ("Without layer normalization the transformer trains poorly or is unstable; with it, pre-LN (norm inside "
          "the residual branch) is more stable than post-LN: post-LN's gradients near the output are large at "
          "initialization, so without learning-rate warm-up it trains worse than pre-LN.")
-SOURCE = ("Seed article : transformer with/without layer norm table; Xiong et al. 2020, On Layer "
+SOURCE = ("Seed article: transformer with/without layer norm table; Xiong et al. 2020, On Layer "
           "Normalization in the Transformer Architecture, Theorem 1, Fig. 3 and Sec. 4 (IWSLT14, WMT14, BERT)")
 PUBLISHED = ("Xiong et al.: at initialization the gradient of the last FFN weight is O(d sqrt(ln d)) for post-LN and "
              "O(d sqrt(ln d / L)) for pre-LN (Theorem 1), so at depth 12 vs 2 post-LN's is sqrt(6) = 2.4x larger "
