@@ -31,7 +31,20 @@ more than one thread after the parent used several) and ``spawn`` otherwise (a f
 interpreter, a few seconds). They meet through a ``FileStore`` in a temporary folder (no
 port to pick, so none to race for). Under ``torchrun`` the processes already exist and
 :func:`init_from_env` joins the group torchrun describes (``RANK``, ``WORLD_SIZE``,
-``MASTER_ADDR``, ``MASTER_PORT``).
+``MASTER_ADDR``, ``MASTER_PORT``)::
+
+    torchrun --nproc-per-node 2 -m normlab.cli lab run bn-mnist              # one machine
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \
+        --rdzv-endpoint HOST:29500 -m normlab.cli lab run bn-mnist            # on each of two
+
+Rank 0 writes the runs and the report on its own disk; every machine must be able to load
+the data sets (``--data-dir`` for full MNIST).
+
+Cost: every step adds one all-reduce, and each synchronized batch norm an all-gather forward
+and an all-reduce backward. On the lab's small models on a small CPU these collectives cost
+more than the compute they split (measured in the lab's history: ``--nproc 2`` ran bn-mnist
+about twice as long as one process on 2 cores); the split pays off when a step's compute
+outweighs them (bigger models, batches, more machines).
 """
 from __future__ import annotations
 
