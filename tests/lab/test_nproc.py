@@ -162,6 +162,18 @@ def test_a_failing_rank_fails_the_run_with_one_line_and_leaves_nothing(tiny, out
     assert not task.path(out_dir).exists() and not multiprocessing.active_children()
 
 
+def test_store_folders_are_removed_also_those_of_launchers_that_were_killed(tiny, out_dir):
+    import glob
+    import tempfile
+
+    stale = Path(tempfile.gettempdir()) / "normlab-ranks-999999999-x"  # above any pid_max: never alive
+    stale.mkdir(exist_ok=True)
+    (task,) = runner.plan([tiny], "smoke", 1, ["norm=none"], nproc=2)
+    assert runner.execute([task], out_dir, jobs=1, show_progress=False).ran == [task]
+    assert not stale.exists()
+    assert not glob.glob(str(Path(tempfile.gettempdir()) / f"normlab-ranks-{os.getpid()}-*"))
+
+
 def test_batch_statistics_without_a_synchronized_version_are_refused(tiny, out_dir):
     (task,) = runner.plan([tiny], "smoke", 1, ["norm=batch_renorm"], nproc=2)
     (_, err), = runner.execute([task], out_dir, jobs=1, show_progress=False).failed

@@ -51,6 +51,7 @@ step's compute outweighs its collectives (bigger models and batches, more machin
 from __future__ import annotations
 
 import contextlib
+import glob
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -233,7 +234,8 @@ def launch(nproc: int, target: Callable, args: tuple = (), *, threads: int = 1,
         raise ValueError(f"nproc must be at least 1, got {nproc}")
     method = "fork" if threads == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
-    folder = tempfile.mkdtemp(prefix="normlab-ranks-")
+    _remove_stale_stores()
+    folder = tempfile.mkdtemp(prefix=f"{_STORE_PREFIX}{os.getpid()}-")
     procs, conns = [], []
     try:
         for rank in range(nproc):
@@ -258,6 +260,24 @@ def launch(nproc: int, target: Callable, args: tuple = (), *, threads: int = 1,
         for c in conns:
             c.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+_STORE_PREFIX = "normlab-ranks-"
+
+
+def _remove_stale_stores() -> None:
+    """Remove the store folders of launching processes that ended without cleaning up (a pool
+    worker terminated on Ctrl-C): ``<tmp>/normlab-ranks-<pid>-*`` whose pid is gone."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{_STORE_PREFIX}*-*")):
+        try:
+            pid = int(os.path.basename(path)[len(_STORE_PREFIX):].split("-")[0])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # another user's, alive
+            continue
 
 
 def _collect(procs, conns, progress):
