@@ -1,8 +1,8 @@
 """``normlab lab``: list, run and report the experiments.
 
 Bad input (an unknown experiment or data set, missing MNIST files, an unwritable output
-folder, a ``--set`` value of the wrong type) ends with one line on stderr and exit code 2,
-before anything is written.
+folder, a ``--set`` value of the wrong type, ``--nproc`` below 1) ends with one line on
+stderr and exit code 2, before anything is written.
 """
 from __future__ import annotations
 
@@ -59,6 +59,10 @@ def run(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the full MNIST files (only for "
                                                                      "data=mnist)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Worker processes (default: one per core)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes per run (default 1): N trains each run "
+                                                              "data-parallel over N local processes with synchronized "
+                                                              "batch norm (experiments that cannot run in 1); under "
+                                                              "torchrun, its WORLD_SIZE."),
     no_report: bool = typer.Option(False, "--no-report", help="Only run; build the report later with `report`."),
 ) -> None:
     """Run experiments (cached by config hash) and build the report.
@@ -73,24 +77,41 @@ def run(
 
       normlab lab run bn-mnist --set data=mnist --data-dir ~/data/mnist
 
+      normlab lab run bn-mnist --nproc 2               # each run data-parallel over 2 processes
+
+      torchrun --nproc-per-node 2 -m normlab.cli lab run bn-mnist   # the same, processes from torchrun
+
     A second run reuses finished runs (--force redoes them). Ctrl-C keeps every finished run;
     `normlab lab report DIR` then builds the report from what exists.
     """
     from rich.console import Console
 
-    from normlab.lab import report, runner
+    from normlab.lab import parallel, report, runner
     from normlab.lab.experiments import ConfigError
 
-    console = Console(stderr=True)
+    world, rank = parallel.env_world(), parallel.env_rank()  # torchrun's, or 1 and 0
+    console = Console(stderr=True, quiet=rank != 0)
+    if world > 1 and nproc is not None and nproc >= 1 and nproc != world:
+        _fail(f"--nproc {nproc}: under torchrun the processes are torchrun's ({world}); leave --nproc out")
+    nproc = nproc if nproc is not None else world
+    data = str(data_dir) if data_dir else None
     try:
-        tasks = runner.plan(names or [], scale, seeds, sets or [], str(data_dir) if data_dir else None)
-        runner.prepare_output(out)
+        tasks = runner.plan(names or [], scale, seeds, sets or [], data, nproc=nproc)
+        if rank == 0:
+            runner.prepare_output(out)
     except ConfigError as e:
         _fail(str(e))
     n_exp = len({t.experiment for t in tasks})
-    console.print(f"normlab lab: {n_exp} experiment(s) x {seeds} seed(s) at {scale} scale -> {out}")
-    outcome = runner.execute(tasks, out, force=force, jobs=jobs, data_dir=str(data_dir) if data_dir else None,
-                             console=console)
+    console.print(f"normlab lab: {n_exp} experiment(s) x {seeds} seed(s) at {scale} scale"
+                  + (f", {nproc} processes per run" if nproc > 1 else "") + f" -> {out}")
+    for note in runner.serial_notes(tasks, nproc):
+        console.print(f"note: {note}")
+    if world > 1:
+        outcome = runner.execute_torchrun(tasks, out, force=force, data_dir=data, console=console)
+        if rank != 0:
+            return
+    else:
+        outcome = runner.execute(tasks, out, force=force, jobs=jobs, data_dir=data, console=console)
     console.print(f"{len(outcome.ran)} run(s) done, {len(outcome.cached)} reused from the cache"
                   + (f", {len(outcome.failed)} failed" if outcome.failed else ""))
     for task, err in outcome.failed:

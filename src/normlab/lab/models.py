@@ -14,7 +14,8 @@ models read sequences padded at the end; the RNN returns the state at the last v
 the transformer the mean over valid positions.
 
 Norm specs are those of :func:`normlab.nn.make_norm` (``"none"``, ``"batch"``, ``"layer"``,
-``"group:4"``, ``"batch_renorm"``, ``"masked_batch"`` ...). In the sequence models the
+``"group:4"``, ``"batch_renorm"``, ``"masked_batch"`` ...); during a data-parallel run
+(``--nproc N``) ``"batch"`` builds :class:`normlab.nn.SyncBatchNorm`. In the sequence models the
 token-wise norms (``"layer"``, ``"rms"``, ``"none"``) act on each position's features; the
 others see the sequence as (N, C, L), so ``"batch"`` pools its statistics over the batch and
 time, padding included, and ``"masked_batch"`` over valid positions only.
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.lab.parallel import sync_spec
 from normlab.nn import MaskedBatchNorm1d, make_norm
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "selu": nn.SELU, "gelu": nn.GELU,
@@ -68,7 +70,7 @@ class MLP(nn.Module):
         super().__init__()
         widths = [in_features, *hidden]
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(a, b), make_norm(norm, b, dim=0), make_activation(activation))
+            nn.Sequential(nn.Linear(a, b), make_norm(sync_spec(norm), b, dim=0), make_activation(activation))
             for a, b in zip(widths[:-1], widths[1:]))
         self.head = nn.Linear(widths[-1], num_classes)
 
@@ -104,8 +106,8 @@ class CNN(nn.Module):
         conv = nn.Conv1d if dim == 1 else nn.Conv2d
         widths = [in_channels, *channels]
         self.blocks = nn.ModuleList(
-            nn.Sequential(conv(a, b, kernel_size, stride=s, padding=kernel_size // 2), make_norm(norm, b, dim=dim),
-                          make_activation(activation))
+            nn.Sequential(conv(a, b, kernel_size, stride=s, padding=kernel_size // 2),
+                          make_norm(sync_spec(norm), b, dim=dim), make_activation(activation))
             for a, b, s in zip(widths[:-1], widths[1:], strides))
         self.flatten = input_size is not None
         features = widths[-1]
@@ -144,7 +146,7 @@ class NormLSTMCell(nn.Module):
         self.bias = nn.Parameter(torch.zeros(4 * h))
         with torch.no_grad():
             self.bias[:h].fill_(1.0)
-        self.norm_ih, self.norm_hh, self.norm_c = (make_norm(norm, n, dim=0) for n in (4 * h, 4 * h, h))
+        self.norm_ih, self.norm_hh, self.norm_c = (make_norm(sync_spec(norm), n, dim=0) for n in (4 * h, 4 * h, h))
 
     def init_state(self, x: torch.Tensor):
         z = x.new_zeros(x.shape[0], self.hidden_size)
@@ -178,7 +180,7 @@ class NormGRUCell(nn.Module):
         self.weight_ih = nn.Linear(input_size, 3 * h, bias=False)
         self.weight_hh = nn.Linear(h, 3 * h, bias=False)
         self.bias = nn.Parameter(torch.zeros(3 * h))
-        self.norm_ih, self.norm_hh = (make_norm(norm, 3 * h, dim=0) for _ in range(2))
+        self.norm_ih, self.norm_hh = (make_norm(sync_spec(norm), 3 * h, dim=0) for _ in range(2))
 
     def init_state(self, x: torch.Tensor):
         return x.new_zeros(x.shape[0], self.hidden_size)
@@ -236,7 +238,7 @@ class SequenceNorm(nn.Module):
     def __init__(self, spec: str, num_features: int) -> None:
         super().__init__()
         self.tokenwise = spec.split(":")[0].strip().lower() in TOKENWISE
-        self.norm = make_norm(spec, num_features, dim=0 if self.tokenwise else 1)
+        self.norm = make_norm(sync_spec(spec), num_features, dim=0 if self.tokenwise else 1)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.tokenwise:

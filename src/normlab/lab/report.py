@@ -4,7 +4,8 @@ from the finished runs on disk.
 For each experiment found under ``<out>/runs`` the report takes the config with the most
 recently finished run (so after ``run --scale full`` it shows the full runs, and a run cut
 short shows the seeds that finished), summarizes its seeds, applies the verdict rule and
-draws the plots into ``<out>/plots/<experiment>/``.
+draws the plots into ``<out>/plots/<experiment>/``. The summary table and each section say
+how many processes trained the runs shown (``--nproc``; 1 for runs stored before it existed).
 """
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ class Section:
     plots: list = field(default_factory=list)
     errors: list = field(default_factory=list)
     other_configs: int = 0
+
+    @property
+    def nproc(self) -> int:
+        """Processes that trained these runs (part of the cache key, so the same for all of them)."""
+        return max(int(r.env.get("nproc") or 1) for r in self.runs) if self.runs else 1
 
 
 def _latest_group(groups: dict) -> tuple:
@@ -102,7 +108,7 @@ def _results_json(sections, problems) -> str:
             "claim": s.exp.claim if s.exp else None, "source": s.exp.source if s.exp else None,
             "published": s.exp.published if s.exp else None,
             "verdict": s.verdict.label, "reason": s.verdict.reason, "measured": s.summary.get("measured"),
-            "config_hash": s.config_hash, "config": s.config, "seeds": [r.seed for r in s.runs],
+            "config_hash": s.config_hash, "config": s.config, "seeds": [r.seed for r in s.runs], "nproc": s.nproc,
             "summary": s.summary, "plots": [f"plots/{s.name}/{f}" for f, _ in s.plots], "errors": s.errors,
             "runs": [{"seed": r.seed, "metrics": r.metrics, "env": r.env} for r in s.runs]}
     return json.dumps(runner.jsonable(doc), indent=1, allow_nan=False) + "\n"
@@ -133,7 +139,7 @@ def _html(sections, problems, out: Path) -> str:
     rows = "".join(
         f'<tr><td><a href="#{e(s.name)}">{e(s.name)}</a></td><td>{e(s.exp.claim if s.exp else "")}</td>'
         f'<td>{e(s.exp.source if s.exp else "")}</td><td>{e(str(s.summary.get("measured", "")))}</td>'
-        f"<td>{_badge(s.verdict)}</td></tr>" for s in sections)
+        f"<td>{_badge(s.verdict)}</td><td>{s.nproc}</td></tr>" for s in sections)
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>normlab lab report</title>"
              f"<style>{_CSS}</style></head><body>",
              "<h1>normlab lab report</h1>",
@@ -143,7 +149,8 @@ def _html(sections, problems, out: Path) -> str:
              "<em>reproduced</em>: every seed supports the claim; <em>not reproduced</em>: the mean does not; "
              "<em>inconclusive</em>: the mean does but some seed does not, or fewer than two seeds.</p>",
              '<h2 id="summary">Summary</h2><table id="summary-table"><thead><tr><th>experiment</th><th>claim</th>'
-             f"<th>source</th><th>measured</th><th>verdict</th></tr></thead><tbody>{rows}</tbody></table>"]
+             f"<th>source</th><th>measured</th><th>verdict</th><th title=\"processes that trained each run "
+             f"(--nproc)\">processes</th></tr></thead><tbody>{rows}</tbody></table>"]
     if problems:
         parts.append("<p class=note>Skipped: " + "; ".join(e(p) for p in problems) + "</p>")
     for s in sections:
@@ -181,7 +188,7 @@ def _section_html(s: Section) -> str:
     seeds = ", ".join(str(r.seed) for r in s.runs)
     seconds = ", ".join(f"{r.env.get('seconds') or 0:.1f}" for r in s.runs)
     p.append(f"<h3>Config</h3><p class=note>hash <code>{e(s.config_hash)}</code>; seeds {e(seeds)}; "
-             f"seconds per run {e(seconds)}; "
+             f"{_processes(s.nproc)}; seconds per run {e(seconds)}; "
              f"torch {e(str(s.runs[0].env.get('torch')))}, git {e(str(s.runs[0].env.get('git_sha') or 'n/a')[:10])}"
              + (f"; {s.other_configs} other config(s) of this experiment on disk are not shown" if s.other_configs
                 else "") + "</p>")
@@ -192,6 +199,12 @@ def _section_html(s: Section) -> str:
         p.append(f"<pre>{e(err)}</pre>")
     p.append("</section>")
     return "\n".join(p)
+
+
+def _processes(n: int) -> str:
+    if n == 1:
+        return "1 process per run"
+    return f"{n} processes per run (data-parallel: each batch split across them, batch norm synchronized)"
 
 
 def _num(v) -> str:

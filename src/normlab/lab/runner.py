@@ -12,6 +12,16 @@ removes once its process is gone. A finished run is never redone unless ``force`
 Runs execute in worker processes (one per core by default, each with one thread: on a
 small CPU two single-threaded runs beat one run on two threads) or in this process with
 ``jobs=1``.
+
+Data-parallel runs (``nproc`` > 1, :mod:`normlab.lab.parallel`): each such run is trained
+by ``nproc`` local processes started for it (forked from the process that would have run
+it; rank 0 writes the run folder, atomically as above), and counts ``nproc`` cores against
+``jobs``. Its cache key includes ``nproc`` (a 2-process run never reuses or replaces a
+1-process one), and ``config.json`` and ``env.json`` record ``nproc``. Experiments that do not
+declare themselves data-parallel for a config run as ordinary 1-process runs (same key as
+without ``--nproc``). Under torchrun (``RANK``/``WORLD_SIZE`` set, :func:`execute_torchrun`)
+the processes are torchrun's: all of them train each data-parallel run, rank 0 alone runs
+the rest and writes everything.
 """
 from __future__ import annotations
 
@@ -36,18 +46,20 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from normlab.lab import experiments
+from normlab.lab import experiments, parallel
 from normlab.lab.experiments import ConfigError
 
 
 @dataclass(frozen=True)
 class Task:
-    """One run to do: an experiment, its config (as a dict), the config's hash and a seed."""
+    """One run to do: an experiment, its config (as a dict), the config's hash, a seed, and the
+    number of processes that train it (data-parallel when more than 1)."""
 
     experiment: str
     config: dict
     config_hash: str
     seed: int
+    nproc: int = 1
 
     @property
     def name(self) -> str:
@@ -81,16 +93,20 @@ def parse_sets(sets: Sequence[str]) -> list:
 
 
 def plan(names: Sequence[str] = (), scale: str = "quick", seeds: int = 3, sets: Sequence[str] = (),
-         data_dir: Optional[str] = None) -> list:
-    """The runs for ``names`` (all experiments if empty) at ``scale`` with seeds ``0..seeds-1``.
+         data_dir: Optional[str] = None, nproc: int = 1) -> list:
+    """The runs for ``names`` (all experiments if empty) at ``scale`` with seeds ``0..seeds-1``,
+    each trained by ``nproc`` processes where its experiment can run that config data-parallel
+    (:meth:`~normlab.lab.experiments.Experiment.data_parallel`), by one elsewhere.
 
     Raises :class:`ConfigError` (one line) for an unknown experiment, scale, field, data set,
-    a ``--set`` value of the wrong type, or a data set whose files are missing.
+    a ``--set`` value of the wrong type, a data set whose files are missing, or ``nproc`` < 1.
     """
     from normlab.lab import data
 
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
     names = list(dict.fromkeys(names)) or experiments.names()
     exps = [experiments.get(n) for n in names]
     overrides = parse_sets(sets)
@@ -112,9 +128,22 @@ def plan(names: Sequence[str] = (), scale: str = "quick", seeds: int = 3, sets: 
                 data.check_available(config.data, data_dir)
             except data.DataError as err:
                 raise ConfigError(f"{e.name}: {err}") from None
-        h = e.config_hash(config)
-        tasks += [Task(e.name, dataclasses.asdict(config), h, s) for s in range(seeds)]
+        n = nproc if nproc > 1 and e.data_parallel(config) is None else 1
+        h = e.config_hash(config, n)
+        tasks += [Task(e.name, dataclasses.asdict(config), h, s, n) for s in range(seeds)]
     return tasks
+
+
+def serial_notes(tasks: Sequence[Task], nproc: int) -> list:
+    """One line per experiment that runs in one process although ``nproc`` > 1 was asked for, saying why."""
+    if nproc <= 1:
+        return []
+    notes = {}
+    for t in tasks:
+        if t.nproc == 1 and t.experiment not in notes:
+            e = experiments.get(t.experiment)
+            notes[t.experiment] = f"{t.experiment} runs in 1 process: {e.data_parallel(e.from_dict(t.config))}"
+    return list(notes.values())
 
 
 def prepare_output(out) -> Path:
@@ -287,9 +316,33 @@ def _worker_init(threads: int, data_dir: Optional[str], q) -> None:
 
 
 def run_task(task: Task, out: str, progress: Optional[Callable[[float], None]] = None) -> float:
-    """Run one task and store it atomically; returns its seconds. Exceptions propagate."""
+    """Run one task and store it atomically; returns its seconds. Exceptions propagate.
+
+    A data-parallel task (``task.nproc`` > 1) starts its ``nproc`` processes here, with this
+    process's torch threads shared among them (:func:`normlab.lab.parallel.launch`); a rank
+    that fails raises :class:`~normlab.lab.parallel.RankError` here.
+    """
     import torch
 
+    if task.nproc > 1 and parallel.world()[1] == 1:
+        threads = max(1, torch.get_num_threads() // task.nproc)
+        _prepare_data([task], None)  # once here: the ranks inherit it (fork) or read its cache (spawn)
+        return parallel.launch(task.nproc, _run_rank, (task, str(out), threads), threads=threads, progress=progress)
+    return _run(task, out, progress)
+
+
+def _run_rank(task: Task, out: str, threads: int, progress: Callable[[float], None]) -> float:
+    _setup_process(threads, None)
+    return _run(task, out, progress)
+
+
+def _run(task: Task, out, progress: Optional[Callable[[float], None]]) -> float:
+    """The run itself, in this process (one rank of it in a data-parallel run: rank 0 stores it)."""
+    import torch
+
+    rank, size = parallel.world()
+    if size != task.nproc:
+        raise RuntimeError(f"{task.experiment} {task.name} is planned for {task.nproc} process(es) but runs in {size}")
     exp = experiments.get(task.experiment)
     config = exp.from_dict(task.config)
     random.seed(task.seed)
@@ -298,12 +351,15 @@ def run_task(task: Task, out: str, progress: Optional[Callable[[float], None]] =
     start, cpu_start = time.time(), time.process_time()
     metrics = exp.module.run(config, task.seed, progress or (lambda f: None))
     seconds = time.time() - start
+    cpu_seconds, = parallel.sum_over_ranks(time.process_time() - cpu_start)  # every rank's CPU time
+    if rank != 0:
+        return seconds
     env = environment()
-    env.update(seconds=round(seconds, 3), cpu_seconds=round(time.process_time() - cpu_start, 3),
+    env.update(seconds=round(seconds, 3), cpu_seconds=round(cpu_seconds, 3), nproc=size,
                threads=torch.get_num_threads(),
                finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seed=task.seed)
     write_run(task.path(Path(out)), {"config.json": {"experiment": task.experiment, "config_hash": task.config_hash,
-                                                     "version": exp.version, "seed": task.seed,
+                                                     "version": exp.version, "seed": task.seed, "nproc": size,
                                                      "config": task.config},
                                      "metrics.json": metrics, "env.json": env})
     return seconds
@@ -366,8 +422,9 @@ def execute(tasks: Sequence[Task], out, *, force: bool = False, jobs: Optional[i
             data_dir: Optional[str] = None, console=None, show_progress: bool = True) -> Outcome:
     """Run the tasks that are not finished yet (all of them with ``force``) and store them.
 
-    ``jobs``: worker processes (default: one per core, at most one per task); 1 runs in this
-    process. Ctrl-C stops the workers and returns with ``interrupted=True``; finished runs stay.
+    ``jobs``: runs at a time (default: one per core, or per ``nproc`` cores for data-parallel
+    tasks; at most one per task); 1 runs them from this process (a data-parallel run in its own
+    processes). Ctrl-C stops the workers and returns with ``interrupted=True``; finished runs stay.
     """
     out = Path(out)
     remove_stale_temps(out)
@@ -375,7 +432,8 @@ def execute(tasks: Sequence[Task], out, *, force: bool = False, jobs: Optional[i
     cached = [t for t in tasks if t not in todo]
     outcome = Outcome([], cached, [], {})
     cores = os.cpu_count() or 1
-    jobs = max(1, min(jobs or cores, len(todo) or 1))
+    width = max([t.nproc for t in todo] or [1])  # processes per run
+    jobs = max(1, min(jobs or max(1, cores // width), len(todo) or 1))
     with Display(tasks, cached, console, show_progress) as display:
         try:
             if jobs == 1 or len(todo) <= 1:
@@ -456,3 +514,57 @@ def _drain(q, display) -> None:
         except queue_mod.Empty:
             return
         display.update(name, experiment, fraction)
+
+
+def execute_torchrun(tasks: Sequence[Task], out, *, force: bool = False, data_dir: Optional[str] = None, console=None,
+                     show_progress: bool = True) -> Outcome:
+    """:func:`execute` in each process torchrun started (``RANK``, ``WORLD_SIZE`` ... set).
+
+    Every process calls it with the same tasks (planned with ``nproc`` = ``WORLD_SIZE``). Rank 0
+    decides what is left to do (its disk holds the runs) and tells the others; all ranks train
+    each data-parallel task together (first), then rank 0 alone runs the 1-process ones. Rank 0
+    writes every run and shows the progress. A data-parallel run that fails raises on its rank,
+    which ends the launch (torchrun stops the others; finished runs stay, a rerun resumes).
+    """
+    import torch.distributed as dist
+
+    parallel.init_from_env()
+    rank, size = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    _setup_process(max(1, (os.cpu_count() or 1) // local), data_dir)
+    out = Path(out)
+    todo_index = None
+    if rank == 0:
+        remove_stale_temps(out)
+        todo_index = [i for i, t in enumerate(tasks) if force or not is_done(t.path(out))]
+    box = [todo_index]
+    dist.broadcast_object_list(box, 0)
+    todo = sorted((tasks[i] for i in box[0]), key=lambda t: t.nproc == 1)  # data-parallel runs first
+    cached = [t for t in tasks if t not in todo]
+    outcome = Outcome([], cached, [], {})
+    try:
+        with Display(tasks, cached, console, show_progress and rank == 0) as display:
+            try:
+                for t in todo:
+                    if t.nproc == 1 and rank != 0:
+                        continue
+                    display.update(t.name, t.experiment, 0.0)
+                    progress = lambda f, t=t: display.update(t.name, t.experiment, f)  # noqa: E731
+                    try:
+                        if t.nproc > 1:
+                            with parallel.active():
+                                outcome.seconds[t.name] = _run(t, out, progress)
+                        else:
+                            outcome.seconds[t.name] = _run(t, out, progress)
+                        outcome.ran.append(t)
+                    except Exception as e:
+                        if t.nproc > 1:  # the other ranks are inside the same run: end the launch
+                            raise
+                        outcome.failed.append((t, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+                    display.finish(t)
+            except KeyboardInterrupt:
+                outcome.interrupted = True
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return outcome

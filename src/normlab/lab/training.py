@@ -3,6 +3,11 @@ test accuracy at chosen steps, divergence detection, progress reports.
 
 Kept small on purpose: on two CPU cores the cost of a step is mostly Python and small
 kernels, so the loop indexes tensors directly (no DataLoader) and evaluates rarely.
+
+During a data-parallel run (``normlab lab run --nproc N``, :mod:`normlab.lab.parallel`)
+:func:`train` and :func:`evaluate` split each global batch, and the test set, across the
+processes, synchronize batch norm and sum gradients, so they compute what one process
+would (up to float rounding) with no change to the experiment.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.lab import parallel
 from normlab.lab.data import Dataset
 
 
@@ -53,15 +59,22 @@ def _forward(model: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor]) ->
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor] = None,
              batch_size: int = 1000) -> tuple:
-    """``(accuracy, mean cross-entropy)`` in eval mode (running statistics); restores the mode."""
+    """``(accuracy, mean cross-entropy)`` in eval mode (running statistics); restores the mode.
+
+    In a data-parallel run each process evaluates its share of the rows and the sums are
+    added up, so every process returns the numbers for all of ``x``."""
     was_training = model.training
     model.eval()
+    rank, size = parallel.world()
+    lo, hi = rank * len(x) // size, (rank + 1) * len(x) // size
     correct, loss = 0, 0.0
-    for i in range(0, len(x), batch_size):
-        out = _forward(model, x[i: i + batch_size], None if mask is None else mask[i: i + batch_size])
-        loss += F.cross_entropy(out, y[i: i + batch_size], reduction="sum").item()
-        correct += (out.argmax(1) == y[i: i + batch_size]).sum().item()
+    for i in range(lo, hi, batch_size):
+        j = min(i + batch_size, hi)
+        out = _forward(model, x[i: j], None if mask is None else mask[i: j])
+        loss += F.cross_entropy(out, y[i: j], reduction="sum").item()
+        correct += (out.argmax(1) == y[i: j]).sum().item()
     model.train(was_training)
+    correct, loss = parallel.sum_over_ranks(correct, loss)
     return correct / len(x), loss / len(x)
 
 
@@ -148,7 +161,25 @@ def train(model: nn.Module, data: Tensors, *, steps: int, batch_size: int, lr: f
     Returns a dict of lists keyed ``step``, ``test_acc``, ``test_loss``, ``train_loss`` (the mean
     training loss since the previous point), plus whatever ``on_eval(step, model)`` returns,
     and ``diverged`` (bool), ``diverged_step`` (int or None), ``final_acc``, ``best_acc``.
+
+    Data-parallel (:mod:`normlab.lab.parallel`): every process draws the same global batch and
+    trains on its slice; batch norm is synchronized (:func:`~normlab.lab.parallel.prepare`:
+    other batch-statistics layers are refused); the loss is summed over the slice and divided
+    by the global batch size, and the gradients summed over the processes, which is the
+    1-process gradient whatever the slice sizes; the loss that is recorded and checked for
+    divergence is the global batch's, so every process stops at the same step.
     """
+    size = parallel.world()[1]
+    if size > 1:
+        model = parallel.prepare(model)
+    with parallel.rank_rng(seed):
+        return _train(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_at=eval_at,
+                      optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, diverge_loss=diverge_loss,
+                      on_eval=on_eval, progress=progress, data_parallel=size > 1)
+
+
+def _train(model, data, *, steps, batch_size, lr, seed, eval_at, optimizer, momentum, weight_decay, diverge_loss,
+           on_eval, progress, data_parallel) -> dict:
     gen = torch.Generator().manual_seed(seed)
     opt = make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     points = sorted(set(int(s) for s in eval_at) | {steps})
@@ -175,12 +206,15 @@ def train(model: nn.Module, data: Tensors, *, steps: int, batch_size: int, lr: f
     report_every = max(1, steps // 100)
     for step in range(1, steps + 1):
         idx = next(it)
-        mask = None if data.mask_train is None else data.mask_train[idx]
-        loss = F.cross_entropy(_forward(model, data.x_train[idx], mask), data.y_train[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if data_parallel:
+            value = _parallel_step(model, data, idx, opt)
+        else:
+            mask = None if data.mask_train is None else data.mask_train[idx]
+            loss = F.cross_entropy(_forward(model, data.x_train[idx], mask), data.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            value = loss.item()
         opt.step()
-        value = loss.item()
         if not math.isfinite(value) or value > diverge_loss:
             diverged_step = step
             break
@@ -203,3 +237,13 @@ def train(model: nn.Module, data: Tensors, *, steps: int, batch_size: int, lr: f
     hist["final_acc"] = hist["test_acc"][-1]
     hist["best_acc"] = max(hist["test_acc"])
     return hist
+
+
+def _parallel_step(model: nn.Module, data: Tensors, idx: torch.Tensor, opt) -> float:
+    """Gradients of the global batch ``idx`` from this process's slice of it; returns its mean loss."""
+    mine = parallel.shard(idx)
+    mask = None if data.mask_train is None else data.mask_train[mine]
+    loss_sum = F.cross_entropy(_forward(model, data.x_train[mine], mask), data.y_train[mine], reduction="sum")
+    opt.zero_grad(set_to_none=True)
+    (loss_sum / len(idx)).backward()
+    return parallel.all_reduce_grads(opt.params, loss_sum) / len(idx)

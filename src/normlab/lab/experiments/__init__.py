@@ -23,7 +23,12 @@ How to add one (``normlab lab run my-claim`` then just works, cached, in paralle
    Optional: ``PUBLISHED`` (the source's numbers, shown beside the measurement), ``SCALE_NOTE``
    (what the scale can and cannot show), ``VERSION`` (int, default 1: bump it when ``run``
    changes meaning, so cached runs are not reused), ``validate(config)`` (raise ``ValueError``
-   with one clear line for a bad combination of fields).
+   with one clear line for a bad combination of fields), and for ``--nproc N`` either
+   ``DATA_PARALLEL = True`` or ``data_parallel(config) -> None | str`` (None: this config can
+   run data-parallel; a string: the one-line reason it cannot). Declare it only when ``run``
+   trains through :func:`normlab.lab.training.train` and does the same calls on every
+   process (:mod:`normlab.lab.parallel`); experiments without it run in one process, as
+   1-process runs, whatever ``--nproc`` says.
 
 2. Add ``"my-claim": "normlab.lab.experiments.my_claim"`` to :data:`REGISTRY` (names use
    dashes, modules underscores).
@@ -152,10 +157,22 @@ class Experiment:
             except ValueError as e:
                 raise ConfigError(f"{self.name}: {e}") from None
 
-    def config_hash(self, config) -> str:
-        """12 hex digits of the SHA-256 of the experiment, its version and its config: the cache key."""
-        blob = json.dumps({"experiment": self.name, "version": self.version, "config": dataclasses.asdict(config)},
-                          sort_keys=True)
+    def data_parallel(self, config) -> Optional[str]:
+        """None if ``config`` can run data-parallel (``--nproc N``), else the one-line reason why not."""
+        check = getattr(self.module, "data_parallel", None)
+        if check is not None:
+            return check(config)
+        if getattr(self.module, "DATA_PARALLEL", False):
+            return None
+        return "not declared data-parallel (no DATA_PARALLEL in its module)"
+
+    def config_hash(self, config, nproc: int = 1) -> str:
+        """12 hex digits of the SHA-256 of the experiment, its version and its config: the cache key.
+        A data-parallel run (``nproc`` > 1) is a different entry, so it never replaces a 1-process run."""
+        key = {"experiment": self.name, "version": self.version, "config": dataclasses.asdict(config)}
+        if nproc > 1:
+            key["nproc"] = nproc
+        blob = json.dumps(key, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def field_docs(self) -> dict:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from normlab.lab import data as lab_data
-from normlab.lab import models, plotting, training
+from normlab.lab import models, parallel, plotting, training
 from normlab.lab.verdict import combine, fmt, paired
 
 CLAIM = ("Batch norm's error rises sharply as the batch shrinks (it needs batch statistics), while group norm's "
@@ -63,6 +63,11 @@ def validate(config: Config) -> None:
     for n in config.norms:
         for c in config.channels:
             models.CNN(1, 2, dim=2, channels=(c,), strides=(1,), norm=n)  # raises ValueError for a bad spec
+
+
+def data_parallel(config: Config):
+    """--nproc N: every norm in ``norms`` must be one that can be synchronized across processes."""
+    return parallel.check_norms(config.norms)
 
 
 def _group(config: Config) -> str:

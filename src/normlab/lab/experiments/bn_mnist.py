@@ -53,6 +53,7 @@ class Config:
 SCALES = {"smoke": Config(data="digits", hidden=(32, 32), steps=60, evals=4, probe=100),
           "quick": Config(),
           "full": Config(steps=50000, evals=50)}
+DATA_PARALLEL = True  # --nproc N: run() trains only through training.train, the same calls on every process
 NORMS = {"plain": "none", "bn": "batch"}
 
 

@@ -49,6 +49,7 @@ class Config:
 SCALES = {"smoke": Config(data="digits", hidden=(32,), epochs=3), "quick": Config(), "full": Config(epochs=100)}
 
 
+DATA_PARALLEL = True  # --nproc N: run() trains only through training.train, the same calls on every process
 def run(config: Config, seed: int, progress) -> dict:
     ds = lab_data.load(config.data).flat()
     tensors = training.Tensors.of(ds)

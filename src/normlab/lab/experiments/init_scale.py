@@ -44,6 +44,7 @@ class Config:
 
 SCALES = {"smoke": Config(hidden=(16, 16), scales=(1e-3, 1.0), steps=20, n_train=200), "quick": Config(),
           "full": Config(scales=tuple(float(x) for x in np.logspace(-4, 0, 20)), steps=1000)}
+DATA_PARALLEL = True  # --nproc N: run() trains only through training.train, the same calls on every process
 NORMS = {"plain": "none", "bn": "batch"}
 
 

@@ -50,6 +50,7 @@ class Config:
 SCALES = {"smoke": Config(data="digits", hidden=(32,), multipliers=(1.0, 30.0), steps=40, evals=2),
           "quick": Config(), "full": Config(multipliers=(1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0), steps=5000,
                                              evals=20)}
+DATA_PARALLEL = True  # --nproc N: run() trains only through training.train, the same calls on every process
 NORMS = {"plain": "none", "bn": "batch"}
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from normlab.lab import data as lab_data
-from normlab.lab import models, plotting, training
+from normlab.lab import models, parallel, plotting, training
 from normlab.lab.verdict import Verdict, check, combine, fmt, paired
 from normlab.nn import make_norm
 
@@ -100,6 +100,11 @@ def validate(config: Config) -> None:
         raise ValueError("pad_fractions must lie in [0, 1)")
     if config.batch_size < 2:
         raise ValueError("batch_size must be at least 2 (batch statistics)")
+
+
+def data_parallel(config: Config):
+    """--nproc N: every norm in ``norms`` must be one that can be synchronized across processes."""
+    return parallel.check_norms(config.norms)
 
 
 def _data(config: Config, n_train: int, n_test: int, min_len: int) -> lab_data.Dataset:

@@ -29,7 +29,7 @@ import torch
 from matplotlib.patches import Patch
 
 from normlab.lab import data as lab_data
-from normlab.lab import models, plotting, training
+from normlab.lab import models, parallel, plotting, training
 from normlab.lab.verdict import combine, fmt, paired
 
 CLAIM = ("Layer normalization speeds up the training of recurrent networks (LN-LSTM/GRU reach a given accuracy in "
@@ -98,6 +98,11 @@ def validate(config: Config) -> None:
             models.RNNClassifier(2, 2, 2, cell=c, norm=n)  # raises ValueError for a bad cell or norm
     if config.length < 2 or config.steps < 1 or config.evals < 1:
         raise ValueError("length must be at least 2, steps and evals at least 1")
+
+
+def data_parallel(config: Config):
+    """--nproc N: every norm in ``norms`` must be one that can be synchronized across processes."""
+    return parallel.check_norms(config.norms)
 
 
 def _data(config: Config) -> lab_data.Dataset:

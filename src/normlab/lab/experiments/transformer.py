@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab.lab import data as lab_data
-from normlab.lab import models, plotting, training
+from normlab.lab import models, parallel, plotting, training
 from normlab.lab.verdict import check, combine, fmt, paired
 
 CLAIM = ("Without layer normalization the transformer trains poorly or is unstable; with it, pre-LN (norm inside "
@@ -110,6 +110,11 @@ def validate(config: Config) -> None:
         raise ValueError("probe_depths needs at least two depths >= 1")
     if config.evals < 2:
         raise ValueError("evals must be at least 2 ('final' is the mean of the last two)")
+
+
+def data_parallel(config: Config):
+    """--nproc N: every norm in ``norms`` must be one that can be synchronized across processes."""
+    return parallel.check_norms(config.norms)
 
 
 def _tokens(ds: lab_data.Dataset, patch: int) -> lab_data.Dataset:
