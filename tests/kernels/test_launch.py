@@ -61,18 +61,48 @@ def test_first_call_through_jit_then_direct(fast):
     k = FakeKernel(["x_ptr", "n", "BLOCK"], {"BLOCK"})
     launch = Launch(k, (3,), 4, BLOCK=64)
     launch("x", 10)
-    assert k.jit_calls == [((3,), ("x", 10), {"BLOCK": 64, "num_warps": 4})] and not k.direct_calls
+    assert k.jit_calls == [((3, 1, 1), ("x", 10), {"BLOCK": 64, "num_warps": 4})] and not k.direct_calls
     launch("y", 10)
     launch("z", 10)
     assert len(k.jit_calls) == 1
-    assert k.direct_calls == [((3,), ("y", 10, 64)), ((3,), ("z", 10, 64))]  # constexprs appended
+    assert k.direct_calls == [((3, 1, 1), ("y", 10, 64)), ((3, 1, 1), ("z", 10, 64))]  # constexprs appended
+
+
+@pytest.mark.skipif(not _common._triton_at_least(3, 3), reason="no direct path before Triton 3.3")
+def test_direct_path_through_tritons_own_launcher_code(fast, monkeypatch):
+    """The runner of the installed Triton's ``CompiledKernel[grid]`` (driver and loaded kernel
+    stood in for): it gets a 3-D grid and every argument, constexprs last, as ``run`` passes."""
+    from triton import knobs
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.driver import driver
+
+    launched = []
+    monkeypatch.setattr(driver, "_active", SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda d: 7))
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", None)
+    compiled = object.__new__(CompiledKernel)
+    compiled.module, compiled.function, compiled.packed_metadata = object(), "fn", "meta"
+    compiled._run = lambda *a: launched.append(a)
+
+    class Kernel(FakeKernel):
+        def __getitem__(self, grid):
+            return lambda *args, **kw: compiled
+
+    launch = Launch(Kernel(["x_ptr", "n", "BLOCK"], {"BLOCK"}), (5,), 4, BLOCK=64)
+    try:
+        launch("x", 10)  # through the (stand-in) JIT
+        launch("y", 11)  # direct
+    finally:
+        compiled.module = None  # nothing to unload
+    ((gx, gy, gz, stream, fn, meta, _, _enter, _exit, *args),) = launched
+    assert (gx, gy, gz, stream, fn, meta, args) == (5, 1, 1, 7, "fn", "meta", ["y", 11, 64]) and Launch.fast
 
 
 def test_launcher_mismatch_falls_back_for_good(fast):
     k = FakeKernel(["x_ptr", "BLOCK"], {"BLOCK"}, launcher_fails=True)
     launch = Launch(k, (1,), 4, BLOCK=8)
     launch("a")
-    launch("b")  # the direct call raises TypeError: relaunched through the JIT, fast path off
+    with pytest.warns(UserWarning, match="direct Triton launches turned off"):
+        launch("b")  # the direct call raises TypeError: relaunched through the JIT, fast path off
     assert [c[1] for c in k.jit_calls] == [("a",), ("b",)] and not Launch.fast
     launch("c")
     assert len(k.jit_calls) == 3 and not k.direct_calls

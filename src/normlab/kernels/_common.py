@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -122,8 +123,9 @@ class Launch:
     compiles (or finds) the kernel through Triton's JIT; later calls go straight to the
     compiled kernel's launcher. Under the interpreter, with ``NORMLAB_FAST_LAUNCH=0``, or
     if this Triton's compiled-kernel launcher does not take the arguments this way (a
-    TypeError on the first direct call, which then turns the fast path off process-wide), every
-    call goes through ``kernel[grid]``.
+    TypeError, IndexError or AttributeError from it, raised before anything is launched),
+    every call goes through ``kernel[grid]``; the last case warns once and turns the direct
+    path off for the process.
     """
 
     __slots__ = ("consts", "grid", "kernel", "kw", "runner")
@@ -131,7 +133,8 @@ class Launch:
 
     def __init__(self, kernel, grid, num_warps: int, **constexprs):
         self.kernel = kernel
-        self.grid = tuple(int(g) for g in grid)
+        grid = tuple(int(g) for g in grid)
+        self.grid = grid + (1,) * (3 - len(grid))  # the compiled launcher indexes three dims
         self.consts = tuple(constexprs.values())
         self.kw = dict(constexprs, num_warps=int(num_warps))
         self.runner = None
@@ -141,7 +144,9 @@ class Launch:
         if runner is not None:
             try:
                 return runner(*args, *self.consts)
-            except TypeError:  # the launcher wants other arguments: Triton's API changed
+            except (TypeError, IndexError, AttributeError) as e:  # this Triton's launcher differs
+                if Launch.fast:
+                    warnings.warn(f"normlab: direct Triton launches turned off ({type(e).__name__}: {e})", stacklevel=2)
                 Launch.fast = False
                 self.runner = None
         compiled = self.kernel[self.grid](*args, **self.kw)
