@@ -57,6 +57,7 @@ from normlab.kernels._common import (
     cdiv,
     next_pow2,
     num_sms,
+    once_differentiable,
     spec,
 )
 
@@ -779,7 +780,7 @@ class ChannelNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, m, stats = ctx.saved_tensors
         need = ctx.needs_input_grad

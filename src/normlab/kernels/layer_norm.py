@@ -46,6 +46,7 @@ from normlab.kernels._common import (
     cdiv,
     next_pow2,
     num_sms,
+    once_differentiable,
     spec,
 )
 
@@ -411,7 +412,7 @@ class LayerNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, stats = ctx.saved_tensors
         need = ctx.needs_input_grad

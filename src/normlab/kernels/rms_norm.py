@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from normlab.kernels._common import once_differentiable
 from normlab.kernels.layer_norm import _backward, _forward, plan
 
 
@@ -30,7 +31,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         dx, dw, _ = _backward(ctx.plan, dy, x, weight, rstd, ctx.needs_input_grad[2])
