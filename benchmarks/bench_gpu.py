@@ -323,6 +323,24 @@ def print_table(report):
                 print(f"  missed: {x['case']}: {x['target']} (got {v:.2f})" if v is not None else f"  missed: {x['case']}: {x['target']}")
 
 
+def warm(args):
+    """Compile (or load from Triton's disk cache) every kernel the selected cases use: one
+    fwd+bwd of each, untimed. Run beside the GPU tests, in shards, so that the timed run
+    compiles nothing."""
+    todo = cases(args.quick, args.only, args.dtypes)
+    if args.shard:
+        i, n = (int(v) for v in args.shard.split("/"))
+        todo = todo[i::n]
+    t0 = time.time()
+    for case in todo:
+        a, leaves, dy = make_inputs(case)
+        torch.autograd.grad(functions(case)["normlab"](**a), leaves, dy)
+        torch.cuda.synchronize()
+        del a, leaves, dy
+    torch.cuda.empty_cache()
+    print(f"warmed {len(todo)} cases in {time.time() - t0:.0f} s", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a subset: fewer shapes, bfloat16 only")
@@ -331,10 +349,12 @@ def main(argv=None):
     ap.add_argument("--only", type=lambda s: set(s.split(",")), default=None, help="ops, e.g. ln,rms,gn,bn,in")
     ap.add_argument("--dtypes", type=lambda s: set(s.split(",")), default=None, help="e.g. bfloat16,float32")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
+    ap.add_argument("--warmup-only", action="store_true", help="compile the kernels of the selected cases; time nothing")
+    ap.add_argument("--shard", default=None, help="with --warmup-only: i/n, every n-th case from the i-th")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU")
-    run(args)
+    warm(args) if args.warmup_only else run(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One device-machine session: GPU tests, the tuning sweep, the benchmark; logs and JSON to $OUT.
-#   bash benchmarks/gpu_session.sh [tests] [tune] [bench|bench-quick|bench-nocompile]
+#   bash benchmarks/gpu_session.sh [tests|tests-warm] [tune] [bench|bench-quick|bench-nocompile] [host]
+# tests-warm: the GPU tests with the benchmark's kernels compiled beside them (3 processes),
+# so a bench step after it times without compiling. host: host time per call, this checkout
+# with and without the direct launches, and the one at $BEFORE_SRC (a src/ folder) if set.
 # Run from the repository root (PYTHONPATH is set to ./src). Each step has its own timeout so
 # one slow step cannot eat the others' time.
 set -u
@@ -16,6 +19,19 @@ for step in "$@"; do
   case $step in
     tests) timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests/kernels -m gpu -q -n 8 --maxfail=30 -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
            echo "tests rc=$?"; tail -n 25 "$OUT/gpu_tests.log" ;;
+    tests-warm) for i in 0 1 2; do timeout "${TESTS_TIMEOUT:-240}" python3 benchmarks/bench_gpu.py --warmup-only --shard $i/3 >"$OUT/warm$i.log" 2>&1 & done
+           [ -n "${BEFORE_SRC:-}" ] && timeout "${TESTS_TIMEOUT:-240}" python3 benchmarks/profile_gpu.py --host-only --n 1 \
+             --src "$BEFORE_SRC" --out /dev/null >"$OUT/warm_before.log" 2>&1 &
+           timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest tests/kernels -m gpu -q -n 8 --maxfail=30 -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1
+           echo "tests rc=$?"; wait; tail -n 25 "$OUT/gpu_tests.log"; cat "$OUT"/warm*.log | grep -v "^$" | tail -n 6 ;;
+    host) for v in after after_nofast before; do
+            src=$PWD/src; env=""
+            [ $v = after_nofast ] && env="NORMLAB_FAST_LAUNCH=0"
+            if [ $v = before ]; then [ -n "${BEFORE_SRC:-}" ] || continue; src=$BEFORE_SRC; fi
+            env $env timeout "${HOST_TIMEOUT:-60}" python3 benchmarks/profile_gpu.py --host-only --src "$src" \
+              --out "$OUT/host_$v.txt" --json "$OUT/host_$v.json" >"$OUT/host_$v.log" 2>&1
+            echo "host $v rc=$?"; grep -E "empty|fwd\+bwd" "$OUT/host_$v.log"
+          done ;;
     profile) timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_gpu.py --out "$OUT/profile.txt" >"$OUT/profile.log" 2>&1
           echo "profile rc=$?"; grep -E "launch|torch.empty|host|===|GB/s" "$OUT/profile.log" ;;
     tune) timeout "${TUNE_TIMEOUT:-200}" python3 benchmarks/tune_gpu.py "$OUT/tune.json" >"$OUT/tune.log" 2>&1

@@ -18,25 +18,30 @@ def fmt(v, spec=".3f"):
 def main(path=None):
     rep = json.loads(Path(path or ROOT / "benchmarks" / "results" / "gpu.json").read_text())
     rows = rep["results"]
+    comp = any("compile_ms" in r for r in rows)  # a run with --no-compile has no such columns
+    cc = " compile ms | vs compile |" if comp else ""
+    cs = "---:|---:|" if comp else ""
+
     print("Eager (host launch time included; what a training loop without CUDA graphs sees):\n")
-    print("| op | shape | dtype | layout | mode | ms | GB/s | % copy | torch ms | vs torch | compile ms | vs compile |")
-    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| op | shape | dtype | layout | mode | ms | GB/s | % copy | torch ms | vs torch |{cc}")
+    print(f"|---|---|---|---|---|---:|---:|---:|---:|---:|{cs}")
     for r in rows:
         print(
             f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['layout']} | {r['mode']} | "
             f"{fmt(r['normlab_ms'])} | {fmt(r['normlab_gbs'], '.0f')} | {fmt(r['pct_copy'], '.0f')}% | {fmt(r['torch_ms'])} | "
-            f"{fmt(r.get('vs_torch'), '.2f')} | {fmt(r.get('compile_ms'))} | {fmt(r.get('vs_compile'), '.2f')} |"
+            f"{fmt(r.get('vs_torch'), '.2f')} |" + (f" {fmt(r.get('compile_ms'))} | {fmt(r.get('vs_compile'), '.2f')} |" if comp else "")
         )
-    print("\nCUDA graph, fwd+bwd (one capture replayed: GPU time, no host overhead, for all three):\n")
-    print("| op | shape | dtype | layout | ms | GB/s | % copy | torch ms | vs torch | compile ms | vs compile |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\nCUDA graph, fwd+bwd (one capture replayed: GPU time, no host overhead, for all {'three' if comp else 'both'}):\n")
+    print(f"| op | shape | dtype | layout | ms | GB/s | % copy | torch ms | vs torch |{cc}")
+    print(f"|---|---|---|---|---:|---:|---:|---:|---:|{cs}")
     for r in rows:
         if "normlab_graph_ms" not in r:
             continue
         print(
             f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['layout']} | {fmt(r['normlab_graph_ms'])} | "
             f"{fmt(r['bytes'] / r['normlab_graph_ms'] / 1e6, '.0f')} | {fmt(r['graph_pct_copy'], '.0f')}% | {fmt(r['torch_graph_ms'])} | "
-            f"{fmt(r.get('graph_vs_torch'), '.2f')} | {fmt(r.get('compile_graph_ms'))} | {fmt(r.get('graph_vs_compile'), '.2f')} |"
+            f"{fmt(r.get('graph_vs_torch'), '.2f')} |"
+            + (f" {fmt(r.get('compile_graph_ms'))} | {fmt(r.get('graph_vs_compile'), '.2f')} |" if comp else "")
         )
     t = rep.get("targets", [])
     for timing in ("eager", "graph"):

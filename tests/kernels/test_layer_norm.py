@@ -180,3 +180,12 @@ def test_gpu_bitwise_deterministic(dtype):
     x, nshape, w, b, dy = _case((8192, 1024), 1024, dtype, "cuda")
     (y1, g1), (y2, g2) = [grads(lambda x, w, b: kernels.layer_norm(x, nshape, w, b), (x, w, b), dy) for _ in range(2)]
     assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@cpu
+def test_double_backward_refused():
+    """The backward is once-differentiable (normlab's cheaper wrapper keeps torch's refusal)."""
+    x, dy = leaf(torch.randn(3, 8, dtype=torch.float64)), leaf(torch.randn(3, 8, dtype=torch.float64))
+    (g,) = torch.autograd.grad(kernels.layer_norm(x, (8,)), (x,), dy, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()

@@ -49,7 +49,17 @@ import torch
 import triton
 import triton.language as tl
 
-from normlab.kernels._common import _ADD, acc_dtype, acc_torch, cdiv, next_pow2, num_sms
+from normlab.kernels._common import (
+    _ADD,
+    Launch,
+    acc_dtype,
+    acc_torch,
+    cdiv,
+    next_pow2,
+    num_sms,
+    once_differentiable,
+    spec,
+)
 
 TUNING = {
     "tile": 4096,  # elements per tile in the stats, apply and gradient kernels
@@ -68,9 +78,9 @@ TUNING = {
 def _stats_kernel(
     x_ptr,  # [N, C, S] input: NCHW strides (sn, S, 1), channels-last (sn, 1, C)
     mask_ptr,  # [N, S] uint8, 1 = valid position (only read if HAS_MASK)
-    pmean_ptr,  # [N, K, C] ACC: mean of each (sample, chunk, channel)
-    pm2_ptr,  # [N, K, C] ACC: sum of squared deviations from that mean
-    pcnt_ptr,  # [N, K] ACC: valid positions per (sample, chunk) (only if HAS_MASK)
+    part_ptr,  # ACC, out: [N, K, C] mean of each (sample, chunk, channel), then [N, K, C] sum of
+    #            squared deviations from that mean, then (only if HAS_MASK) [N, K] valid positions
+    N,
     C,
     S,
     sn,
@@ -83,6 +93,8 @@ def _stats_kernel(
     BS: tl.constexpr,
     BC: tl.constexpr,
 ):
+    pm2_ptr = part_ptr + N * K * C
+    pcnt_ptr = part_ptr + 2 * N * K * C
     pid = tl.program_id(0)
     # program -> (sample n, position block k, channel block cb), in memory order:
     # channels-last (n, k, cb), NCHW (n, cb, k). (Inlined: a jitted helper costs ms per
@@ -128,7 +140,7 @@ def _stats_kernel(
     d = lane_mean - mean[None, :]
     m2 = tl.reduce(lane_m2 + lane_n[:, None] * d * d, 0, _ADD)
     out = (n.to(tl.int64) * K + k) * C + c
-    tl.store(pmean_ptr + out, mean, mask=c_ok)
+    tl.store(part_ptr + out, mean, mask=c_ok)
     tl.store(pm2_ptr + out, m2, mask=c_ok)
     if HAS_MASK:
         if cb == 0:
@@ -137,12 +149,10 @@ def _stats_kernel(
 
 @triton.jit
 def _finalize_kernel(
-    pmean_ptr,  # [N, K, C] ACC partial means
-    pm2_ptr,  # [N, K, C] ACC partial M2
-    pcnt_ptr,  # [N * K] ACC partial counts (only read if HAS_MASK; else counts follow CHUNK)
-    smean_ptr,  # [NSTAT] ACC: mean of each statistic group
-    srstd_ptr,  # [NSTAT] ACC: 1 / sqrt(var + eps), biased variance
-    scnt_ptr,  # [NSTAT] ACC: element count of each statistic group
+    part_ptr,  # ACC partials of _stats_kernel: means, M2 ([N, K, C] each), counts ([N, K], if HAS_MASK;
+    #            else counts follow CHUNK)
+    stats_ptr,  # [3, NSTAT] ACC out: mean, 1 / sqrt(var + eps) (biased variance) and element count
+    #             of each statistic group; the grid is (NSTAT,)
     rmean_ptr,  # [C] running mean, updated in place (only if UPDATE_RUNNING)
     rvar_ptr,  # [C] running variance, updated in place with the unbiased variance
     N,
@@ -165,6 +175,10 @@ def _finalize_kernel(
     # channels c0 + j, j < CG. Batch norm: group o is channel o over all samples; group or
     # instance norm: group o is (n, g) = (o // G, o % G).
     o = tl.program_id(0)
+    NSTAT = tl.num_programs(0)
+    pmean_ptr = part_ptr
+    pm2_ptr = part_ptr + N * K * C
+    pcnt_ptr = part_ptr + 2 * N * K * C
     if REDUCE_N:
         i_lo = 0
         i_hi = N * K
@@ -208,9 +222,9 @@ def _finalize_kernel(
             d = m - mean
             acc_m2 += m2 + cnt * d * d
     var = tl.reduce(acc_m2, None, _ADD) / tl.maximum(count, 1.0)
-    tl.store(smean_ptr + o, mean)
-    tl.store(srstd_ptr + o, 1.0 / tl.sqrt(var + eps))
-    tl.store(scnt_ptr + o, count)
+    tl.store(stats_ptr + o, mean)
+    tl.store(stats_ptr + NSTAT + o, 1.0 / tl.sqrt(var + eps))
+    tl.store(stats_ptr + 2 * NSTAT + o, count)
     if UPDATE_RUNNING:
         rm = tl.load(rmean_ptr + o).to(ACC)
         rv = tl.load(rvar_ptr + o).to(ACC)
@@ -224,8 +238,7 @@ def _apply_kernel(
     x_ptr,  # [N, C, S] input (layout as in _stats_kernel)
     y_ptr,  # [N, C, S] output, same strides as x
     mask_ptr,  # [N, S] uint8 (only if HAS_MASK): y = 0 where 0
-    smean_ptr,  # [NSTAT] ACC
-    srstd_ptr,  # [NSTAT] ACC
+    stats_ptr,  # [2, NSTAT] ACC: mean, rstd (a count may follow)
     w_ptr,  # [C] (only if HAS_W)
     b_ptr,  # [C] (only if HAS_B)
     C,
@@ -235,6 +248,7 @@ def _apply_kernel(
     CB,
     STAT_SN,
     CG,
+    NSTAT,
     CL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -270,8 +284,8 @@ def _apply_kernel(
         offs = n.to(tl.int64) * sn + s[:, None] + c[None, :].to(tl.int64) * S
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC)
     stat = n * STAT_SN + c // CG
-    mean = tl.load(smean_ptr + stat, mask=c_ok, other=0.0)
-    scale = tl.load(srstd_ptr + stat, mask=c_ok, other=0.0)
+    mean = tl.load(stats_ptr + stat, mask=c_ok, other=0.0)
+    scale = tl.load(stats_ptr + NSTAT + stat, mask=c_ok, other=0.0)
     if HAS_W:
         scale = scale * tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)
     y = (x - mean[None, :]) * scale[None, :]
@@ -288,10 +302,9 @@ def _grad_partial_kernel(
     x_ptr,  # [N, C, S] input
     dy_ptr,  # [N, C, S] output gradient, same strides as x
     mask_ptr,  # [N, S] uint8 (only if HAS_MASK): dy counts only where 1
-    smean_ptr,  # [NSTAT] ACC
-    srstd_ptr,  # [NSTAT] ACC
-    psdy_ptr,  # [N, K, C] ACC: sum of dy per (sample, chunk, channel)
-    psdyx_ptr,  # [N, K, C] ACC: sum of dy * xhat
+    stats_ptr,  # [2, NSTAT] ACC: mean, rstd
+    gpart_ptr,  # ACC out: [N, K, C] sums of dy per (sample, chunk, channel), then [N, K, C] of dy * xhat
+    N,
     C,
     S,
     sn,
@@ -300,12 +313,14 @@ def _grad_partial_kernel(
     CHUNK,
     STAT_SN,
     CG,
+    NSTAT,
     CL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     ACC: tl.constexpr,
     BS: tl.constexpr,
     BC: tl.constexpr,
 ):
+    psdyx_ptr = gpart_ptr + N * K * C
     pid = tl.program_id(0)
     # program -> (sample n, position block k, channel block cb), in memory order:
     # channels-last (n, k, cb), NCHW (n, cb, k). (Inlined: a jitted helper costs ms per
@@ -321,8 +336,8 @@ def _grad_partial_kernel(
     c = cb * BC + tl.arange(0, BC)
     c_ok = c < C
     stat = n * STAT_SN + c // CG
-    mean = tl.load(smean_ptr + stat, mask=c_ok, other=0.0)
-    rstd = tl.load(srstd_ptr + stat, mask=c_ok, other=0.0)
+    mean = tl.load(stats_ptr + stat, mask=c_ok, other=0.0)
+    rstd = tl.load(stats_ptr + NSTAT + stat, mask=c_ok, other=0.0)
     base = n.to(tl.int64) * sn
     acc_dy = tl.full([BS, BC], 0.0, ACC)
     acc_dyx = tl.full([BS, BC], 0.0, ACC)
@@ -343,18 +358,16 @@ def _grad_partial_kernel(
         acc_dy += dy
         acc_dyx += dy * ((x - mean[None, :]) * rstd[None, :])
     out = (n.to(tl.int64) * K + k) * C + c
-    tl.store(psdy_ptr + out, tl.reduce(acc_dy, 0, _ADD), mask=c_ok)
+    tl.store(gpart_ptr + out, tl.reduce(acc_dy, 0, _ADD), mask=c_ok)
     tl.store(psdyx_ptr + out, tl.reduce(acc_dyx, 0, _ADD), mask=c_ok)
 
 
 @triton.jit
 def _finalize_grad_kernel(
-    psdy_ptr,  # [N, K, C] ACC partial sums of dy
-    psdyx_ptr,  # [N, K, C] ACC partial sums of dy * xhat
+    gpart_ptr,  # ACC: [N, K, C] partial sums of dy, [N, K, C] of dy * xhat, then (out, only if
+    #             STAT_GRAD) [2, NSTAT]: the group means of w * dy and of w * dy * xhat
     w_ptr,  # [C] weight (only if HAS_W)
-    scnt_ptr,  # [NSTAT] ACC element count per statistic group
-    c1_ptr,  # [NSTAT] ACC out: mean over the group of w * dy
-    c2_ptr,  # [NSTAT] ACC out: mean over the group of w * dy * xhat
+    stats_ptr,  # [3, NSTAT] ACC: mean, rstd, element count per statistic group (count read if STAT_GRAD)
     dw_ptr,  # [C] out, weight's dtype: sum of dy * xhat (only if DW)
     db_ptr,  # [C] out, bias's dtype: sum of dy (only if DB)
     N,
@@ -376,6 +389,8 @@ def _finalize_grad_kernel(
     # Programs [0, NSTAT) take role 1 (only when STAT_GRAD; NSTAT is 0 otherwise), the next C
     # programs role 2 (only when DW or DB).
     pid = tl.program_id(0)
+    psdy_ptr = gpart_ptr
+    psdyx_ptr = gpart_ptr + N * K * C
     if pid >= NSTAT:  # role 2: dw, db of channel c, over all samples and chunks
         c = pid - NSTAT
         acc_dy = tl.full([BI], 0.0, ACC)
@@ -415,9 +430,10 @@ def _finalize_grad_kernel(
                     offs = ii[:, None] * C + (c0 + jj)[None, :]
                     acc1 += w[None, :] * tl.load(psdy_ptr + offs, mask=ok, other=0.0)
                     acc2 += w[None, :] * tl.load(psdyx_ptr + offs, mask=ok, other=0.0)
-            inv = 1.0 / tl.maximum(tl.load(scnt_ptr + o), 1.0)
-            tl.store(c1_ptr + o, tl.reduce(acc1, None, _ADD) * inv)
-            tl.store(c2_ptr + o, tl.reduce(acc2, None, _ADD) * inv)
+            inv = 1.0 / tl.maximum(tl.load(stats_ptr + 2 * NSTAT + o), 1.0)
+            c_ptr = gpart_ptr + 2 * N * K * C
+            tl.store(c_ptr + o, tl.reduce(acc1, None, _ADD) * inv)
+            tl.store(c_ptr + NSTAT + o, tl.reduce(acc2, None, _ADD) * inv)
 
 
 @triton.jit
@@ -426,10 +442,8 @@ def _apply_grad_kernel(
     dy_ptr,  # [N, C, S] output gradient, same strides as x
     dx_ptr,  # [N, C, S] input gradient, same strides as x
     mask_ptr,  # [N, S] uint8 (only if HAS_MASK): dx = 0 where 0
-    smean_ptr,  # [NSTAT] ACC
-    srstd_ptr,  # [NSTAT] ACC
-    c1_ptr,  # [NSTAT] ACC (only if STAT_GRAD)
-    c2_ptr,  # [NSTAT] ACC (only if STAT_GRAD)
+    stats_ptr,  # [2, NSTAT] ACC: mean, rstd
+    gpart_ptr,  # ACC: at C_OFF, [2, NSTAT] the group means of w * dy and w * dy * xhat (if STAT_GRAD)
     w_ptr,  # [C] (only if HAS_W)
     C,
     S,
@@ -438,6 +452,8 @@ def _apply_grad_kernel(
     CB,
     STAT_SN,
     CG,
+    NSTAT,
+    C_OFF,
     CL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -473,16 +489,17 @@ def _apply_grad_kernel(
         offs = n.to(tl.int64) * sn + s[:, None] + c[None, :].to(tl.int64) * S
     dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(ACC)
     stat = n * STAT_SN + c // CG
-    rstd = tl.load(srstd_ptr + stat, mask=c_ok, other=0.0)
+    rstd = tl.load(stats_ptr + NSTAT + stat, mask=c_ok, other=0.0)
     if HAS_W:
         g = dy * tl.load(w_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
     else:
         g = dy
     if STAT_GRAD:
         x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC)
-        mean = tl.load(smean_ptr + stat, mask=c_ok, other=0.0)
-        c1 = tl.load(c1_ptr + stat, mask=c_ok, other=0.0)
-        c2 = tl.load(c2_ptr + stat, mask=c_ok, other=0.0)
+        mean = tl.load(stats_ptr + stat, mask=c_ok, other=0.0)
+        c_ptr = gpart_ptr + C_OFF
+        c1 = tl.load(c_ptr + stat, mask=c_ok, other=0.0)
+        c2 = tl.load(c_ptr + NSTAT + stat, mask=c_ok, other=0.0)
         xhat = (x - mean[None, :]) * rstd[None, :]
         dx = (g - c1[None, :] - xhat * c2[None, :]) * rstd[None, :]
     else:
@@ -587,6 +604,10 @@ def _item_blocks(items: int, CG: int):
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
+# What a call launches depends only on (shape, strides, dtypes, pointer alignment, device,
+# flags, TUNING): a ``Forward`` holds it, built once per such key, and holds the ``Backward``s
+# of its calls (keyed by what the backward adds: dy's alignment and which gradients are
+# needed). A call then costs its allocations and its launches.
 @dataclass(frozen=True)
 class Stats:
     """Which (n, c) pairs share statistics: group ``n * STAT_SN + c // CG`` of ``NSTAT``."""
@@ -608,81 +629,133 @@ def group_stats(g: Geometry, num_groups: int) -> Stats:
     return Stats(NSTAT=g.N * num_groups, STAT_SN=num_groups, CG=g.C // num_groups, G=num_groups, reduce_n=False)
 
 
-def compute_stats(x, g: Geometry, p: Plan, st: Stats, mask, eps, running_mean=None, running_var=None, momentum=0.0):
-    """Launches 1 and 2 of the forward: ``(mean, rstd, count)`` per statistic group (ACC)."""
-    dev, acc = x.device, acc_torch(x.dtype)
-    pmean = torch.empty((g.N, p.K, g.C), dtype=acc, device=dev)
-    pm2 = torch.empty_like(pmean)
-    pcnt = torch.empty((g.N, p.K), dtype=acc, device=dev) if mask is not None else None
-    _stats_kernel[(g.N * p.K * p.CB,)](
-        x, mask, pmean, pm2, pcnt, g.C, g.S, g.sn, p.K, p.CB, p.CHUNK,
-        CL=g.cl, HAS_MASK=mask is not None, ACC=acc_dtype(x.dtype), BS=p.BS, BC=p.BC,
-        num_warps=TUNING["num_warps"],
-    )
-    mean = torch.empty(st.NSTAT, dtype=acc, device=dev)
-    rstd = torch.empty_like(mean)
-    count = torch.empty_like(mean)
-    update = running_mean is not None
-    BK, BJ = _item_blocks(p.K * (g.N if st.reduce_n else 1), st.CG)
-    _finalize_kernel[(st.NSTAT,)](
-        pmean, pm2, pcnt, mean, rstd, count, running_mean, running_var,
-        g.N, g.C, p.K, g.S, p.CHUNK, st.G, st.CG, eps, momentum,
-        REDUCE_N=st.reduce_n, HAS_MASK=mask is not None, UPDATE_RUNNING=update, ACC=acc_dtype(x.dtype),
-        BK=BK, BJ=BJ, num_warps=4,
-    )
-    return mean, rstd, count
+class Forward:
+    """The launches of one forward configuration (see ``_forward_plan``) and its backwards."""
+
+    def __init__(self, shape, stride, dtype, num_groups, batch, batch_stats_, mask, w, b, update, device):
+        g = self.g = _geometry(shape, stride, batch)
+        p = self.p = plan(g, device)
+        st = self.st = batch_stats(g) if batch else group_stats(g, num_groups)
+        self.acc = acc_torch(dtype)
+        self.ACC = acc_dtype(dtype)
+        self.dtype, self.mask, self.w, self.b, self.device, self.update = dtype, mask, w, b, device, update
+        self.batch_stats = batch_stats_  # statistics from the batch (else running stats: BN eval)
+        has_mask = mask is not None
+        if batch_stats_:
+            self.n_part = 2 * g.N * p.K * g.C + (g.N * p.K if has_mask else 0)
+            self.stats = Launch(
+                _stats_kernel, (g.N * p.K * p.CB,), TUNING["num_warps"],
+                CL=g.cl, HAS_MASK=has_mask, ACC=self.ACC, BS=p.BS, BC=p.BC,
+            )
+            self.stats_ints = (g.N, g.C, g.S, g.sn, p.K, p.CB, p.CHUNK)
+            BK, BJ = _item_blocks(p.K * (g.N if st.reduce_n else 1), st.CG)
+            self.finalize = Launch(
+                _finalize_kernel, (st.NSTAT,), 4,
+                REDUCE_N=st.reduce_n, HAS_MASK=has_mask, UPDATE_RUNNING=update, ACC=self.ACC, BK=BK, BJ=BJ,
+            )
+            self.finalize_ints = (g.N, g.C, p.K, g.S, p.CHUNK, st.G, st.CG)
+        self.apply = Launch(
+            _apply_kernel, (g.N * p.CB * p.ST,), TUNING["num_warps"],
+            CL=g.cl, HAS_MASK=has_mask, HAS_W=w is not None, HAS_B=b is not None, REVERSE=bool(TUNING["reverse"]),
+            ACC=self.ACC, BS=p.BS, BC=p.BC,
+        )
+        self.apply_ints = (g.C, g.S, g.sn, p.ST, p.CB, st.STAT_SN, st.CG, st.NSTAT)
+        self.backwards = {}
+
+    def backward(self, dy_aligned: bool, need_dw: bool, need_db: bool) -> Backward:
+        key = (dy_aligned, need_dw, need_db)
+        bwd = self.backwards.get(key)
+        if bwd is None:
+            bwd = self.backwards[key] = Backward(self, need_dw, need_db)
+        return bwd
 
 
-def apply(x, g: Geometry, p: Plan, st: Stats, mask, mean, rstd, weight, bias):
-    """Launch 3 of the forward: ``y`` with ``x``'s strides."""
+class Backward:
+    """The launches of one backward: gradient partials, their reduction, the elementwise dx."""
+
+    def __init__(self, f: Forward, need_dw: bool, need_db: bool):
+        g, p, st = f.g, f.p, f.st
+        stat_grad = f.batch_stats  # with running statistics (BN eval) mean and rstd are constants
+        self.need_dw, self.need_db = need_dw, need_db
+        has_mask = f.mask is not None
+        self.partial = self.finalize = None
+        self.n_work = 0
+        c_off = 2 * g.N * p.K * g.C
+        if stat_grad or need_dw or need_db:
+            self.n_work = c_off + (2 * st.NSTAT if stat_grad else 0)
+            self.partial = Launch(
+                _grad_partial_kernel, (g.N * p.K * p.CB,), TUNING["num_warps"],
+                CL=g.cl, HAS_MASK=has_mask, ACC=f.ACC, BS=p.BS, BC=p.BC,
+            )
+            self.partial_ints = (g.N, g.C, g.S, g.sn, p.K, p.CB, p.CHUNK, st.STAT_SN, st.CG, st.NSTAT)
+            nstat = st.NSTAT if stat_grad else 0
+            BK, BJ = _item_blocks(p.K * (g.N if st.reduce_n else 1), st.CG)
+            self.finalize = Launch(
+                _finalize_grad_kernel, (nstat + (g.C if (need_dw or need_db) else 0),), 4,
+                REDUCE_N=st.reduce_n, HAS_W=f.w is not None, STAT_GRAD=stat_grad, DW=need_dw, DB=need_db,
+                ACC=f.ACC, BK=BK, BJ=BJ, BI=256,
+            )
+            self.finalize_ints = (g.N, g.C, p.K, st.G, st.CG, nstat)
+        self.apply = Launch(
+            _apply_grad_kernel, (g.N * p.CB * p.ST,), TUNING["num_warps"],
+            CL=g.cl, HAS_MASK=has_mask, HAS_W=f.w is not None, STAT_GRAD=stat_grad,
+            REVERSE=bool(TUNING["reverse"]), ACC=f.ACC, BS=p.BS, BC=p.BC,
+        )
+        self.apply_ints = (g.C, g.S, g.sn, p.ST, p.CB, st.STAT_SN, st.CG, st.NSTAT, c_off)
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(shape, stride, dtype, num_groups, batch, batch_stats_, mask, w, b, update, device,
+                  _x_aligned, _running, _tuning) -> Forward:
+    # _x_aligned, _running (the running statistics' specs) and _tuning only key the cache
+    return Forward(shape, stride, dtype, num_groups, batch, batch_stats_, mask, w, b, update, device)
+
+
+def forward_plan(x, num_groups, batch, training, mask, weight, bias, running_mean, running_var) -> Forward:
+    """The cached ``Forward`` for this call (``mask``: the uint8 view the kernels read)."""
+    update = batch and training and running_mean is not None
+    return _forward_plan(
+        x.shape, x.stride(), x.dtype, num_groups, batch, not (batch and not training),
+        None if mask is None else mask.data_ptr() % 16 == 0, spec(weight), spec(bias), update, x.device,
+        x.data_ptr() % 16 == 0, (spec(running_mean), spec(running_var)) if update else None, tuple(TUNING.values()),
+    )
+
+
+def forward(f: Forward, x, mask, weight, bias, running_mean, running_var, momentum, eps):
+    """``(y, stats)``: ``y`` with ``x``'s strides; ``stats`` the per-group mean, rstd and count
+    (``[3, NSTAT]`` flat, ACC); with running statistics (``f.batch_stats`` false) mean and rstd
+    come from them. Updates the running statistics in place when ``f`` says so."""
+    if f.batch_stats:
+        part = x.new_empty(f.n_part, dtype=f.acc)
+        stats = x.new_empty(3 * f.st.NSTAT, dtype=f.acc)
+        f.stats(x, mask, part, *f.stats_ints)
+        rm, rv = (running_mean, running_var) if f.update else (None, None)
+        f.finalize(part, stats, rm, rv, *f.finalize_ints, eps, momentum)
+    else:
+        stats = torch.cat([running_mean.to(f.acc), torch.rsqrt(running_var.to(f.acc) + eps)])
     y = torch.empty_like(x)
-    _apply_kernel[(g.N * p.CB * p.ST,)](
-        x, y, mask, mean, rstd, weight, bias, g.C, g.S, g.sn, p.ST, p.CB, st.STAT_SN, st.CG,
-        CL=g.cl, HAS_MASK=mask is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        REVERSE=TUNING["reverse"], ACC=acc_dtype(x.dtype), BS=p.BS, BC=p.BC, num_warps=TUNING["num_warps"],
-    )
-    return y
+    f.apply(x, y, mask, stats, weight, bias, *f.apply_ints)
+    return y, stats
 
 
-def backward(dy, x, g: Geometry, p: Plan, st: Stats, mask, mean, rstd, count, weight, bias, need_dw, need_db, stat_grad=True):
-    """``(dx, dw, db)``; ``stat_grad=False`` when mean/rstd are constants (batch norm in eval).
-
-    ``dw`` (``db``) is computed only when ``need_dw`` (``need_db``) and the weight (bias)
-    exists, and comes back in the weight's (bias's) dtype.
-    """
-    dev, acc = x.device, acc_torch(x.dtype)
+def backward(f: Forward, dy, x, mask, stats, weight, need_dw: bool, need_db: bool):
+    """``(dx, dw, db)``: ``dx`` with ``x``'s strides, ``dw`` (``db``) in the weight's (bias's)
+    dtype when ``need_dw`` (``need_db``) and the parameter exists, else ``None``."""
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)
-    need_dw = bool(need_dw) and weight is not None
-    need_db = bool(need_db) and bias is not None
-    c1 = c2 = dw = db = None
-    if stat_grad or need_dw or need_db:
-        psdy = torch.empty((g.N, p.K, g.C), dtype=acc, device=dev)
-        psdyx = torch.empty_like(psdy)
-        _grad_partial_kernel[(g.N * p.K * p.CB,)](
-            x, dy, mask, mean, rstd, psdy, psdyx, g.C, g.S, g.sn, p.K, p.CB, p.CHUNK, st.STAT_SN, st.CG,
-            CL=g.cl, HAS_MASK=mask is not None, ACC=acc_dtype(x.dtype), BS=p.BS, BC=p.BC,
-            num_warps=TUNING["num_warps"],
-        )
-        nstat = st.NSTAT if stat_grad else 0
-        if stat_grad:
-            c1 = torch.empty(st.NSTAT, dtype=acc, device=dev)
-            c2 = torch.empty_like(c1)
-        dw = torch.empty(g.C, dtype=weight.dtype, device=dev) if need_dw else None
-        db = torch.empty(g.C, dtype=bias.dtype, device=dev) if need_db else None
-        BK, BJ = _item_blocks(p.K * (g.N if st.reduce_n else 1), st.CG)
-        channel_programs = g.C if (need_dw or need_db) else 0
-        _finalize_grad_kernel[(nstat + channel_programs,)](
-            psdy, psdyx, weight, count, c1, c2, dw, db, g.N, g.C, p.K, st.G, st.CG, nstat,
-            REDUCE_N=st.reduce_n, HAS_W=weight is not None, STAT_GRAD=stat_grad, DW=need_dw, DB=need_db,
-            ACC=acc_dtype(x.dtype), BK=BK, BJ=BJ, BI=256, num_warps=4,
-        )
+    need_dw = bool(need_dw) and f.w is not None
+    need_db = bool(need_db) and f.b is not None
+    b = f.backward(dy.data_ptr() % 16 == 0, need_dw, need_db)
+    work = x.new_empty(b.n_work, dtype=f.acc) if b.n_work else None
+    dw = db = None
+    if b.partial is not None:
+        b.partial(x, dy, mask, stats, work, *b.partial_ints)
+        C = f.g.C
+        dw = x.new_empty(C, dtype=f.w[0]) if need_dw else None
+        db = x.new_empty(C, dtype=f.b[0]) if need_db else None
+        b.finalize(work, weight, stats, dw, db, *b.finalize_ints)
     dx = torch.empty_like(x)
-    _apply_grad_kernel[(g.N * p.CB * p.ST,)](
-        x, dy, dx, mask, mean, rstd, c1, c2, weight, g.C, g.S, g.sn, p.ST, p.CB, st.STAT_SN, st.CG,
-        CL=g.cl, HAS_MASK=mask is not None, HAS_W=weight is not None, STAT_GRAD=stat_grad,
-        REVERSE=TUNING["reverse"], ACC=acc_dtype(x.dtype), BS=p.BS, BC=p.BC, num_warps=TUNING["num_warps"],
-    )
+    b.apply(x, dy, dx, mask, stats, work, weight, *b.apply_ints)
     return dx, dw, db
 
 
@@ -699,33 +772,17 @@ class ChannelNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask, running_mean, running_var, num_groups, batch, training, momentum, eps):
-        g = geometry(x, fold_batch=batch)
-        p = plan(g, x.device)
-        st = batch_stats(g) if batch else group_stats(g, num_groups)
         m = None if mask is None else mask.contiguous().view(torch.uint8)
-        if batch and not training:
-            acc = acc_torch(x.dtype)
-            mean = running_mean.to(acc)
-            rstd = torch.rsqrt(running_var.to(acc) + eps)
-            count = None
-        else:
-            update = batch and training and running_mean is not None
-            mean, rstd, count = compute_stats(
-                x, g, p, st, m, eps,
-                running_mean if update else None, running_var if update else None, float(momentum or 0.0),
-            )
-        y = apply(x, g, p, st, m, mean, rstd, weight, bias)
-        ctx.save_for_backward(x, weight, bias, m, mean, rstd, count)
-        ctx.spec = (g, p, st, not (batch and not training))
+        f = forward_plan(x, num_groups, batch, training, m, weight, bias, running_mean, running_var)
+        y, stats = forward(f, x, m, weight, bias, running_mean, running_var, float(momentum or 0.0), eps)
+        ctx.save_for_backward(x, weight, m, stats)
+        ctx.plan = f
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, dy):
-        x, weight, bias, m, mean, rstd, count = ctx.saved_tensors
-        g, p, st, stat_grad = ctx.spec
-        dx, dw, db = backward(
-            dy, x, g, p, st, m, mean, rstd, count, weight, bias,
-            ctx.needs_input_grad[1], ctx.needs_input_grad[2], stat_grad,
-        )
+        x, weight, m, stats = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, db = backward(ctx.plan, dy, x, m, stats, weight, need[1], need[2])
         return dx, dw, db, None, None, None, None, None, None, None, None

@@ -8,6 +8,8 @@ what the kernels do not handle. Nothing here imports Triton unless it is availab
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
 import math
 import os
@@ -20,10 +22,42 @@ OPS = ("layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "m
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+@functools.cache
 def _signature(op):
     import normlab.kernels as k
 
     return inspect.signature(getattr(k, op))
+
+
+@functools.cache
+def _params(op):
+    """``(names, name set, defaults)`` of the kernel function ``op``, read once per op; ``None``
+    unless every parameter is a plain positional-or-keyword one (then ``bind`` does it all)."""
+    sig = _signature(op)
+    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in sig.parameters.values()):
+        return None  # pragma: no cover - our signatures are plain
+    names = tuple(sig.parameters)
+    defaults = {n: p.default for n, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+    return names, frozenset(names), defaults
+
+
+def _bind(op, x, args, kwargs):
+    """The call's arguments by name, defaults applied (what ``Signature.bind`` and
+    ``apply_defaults`` give), or the TypeError ``bind`` raises. A well-formed call is bound
+    by hand; ``inspect`` runs only for one that is not, to say what is wrong with it."""
+    spec = _params(op)
+    if spec is not None:
+        names, known, defaults = spec
+        n = len(args) + 1  # parameters filled positionally, x included
+        if n <= len(names) and kwargs.keys() <= known and not kwargs.keys() & names[:n]:
+            a = dict(defaults)
+            a.update(zip(names, (x, *args)))
+            a.update(kwargs)
+            if len(a) == len(names):  # every parameter without a default was given
+                return a
+    b = _signature(op).bind(x, *args, **kwargs)
+    b.apply_defaults()
+    return dict(b.arguments)
 
 
 def _param(t, name, x, numel):
@@ -43,6 +77,12 @@ def _param(t, name, x, numel):
     return ""
 
 
+# Triton decides interpreter or compiled when the kernels are defined, i.e. when
+# normlab.kernels is imported, which imports this module first: read the variable once for
+# CUDA inputs. CPU inputs (the interpreter's, tests and CI) read it on every call.
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _common(x):
     if not _backend.triton_available():
         return "triton cannot be imported"
@@ -50,31 +90,44 @@ def _common(x):
         return "input is not a tensor"
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} not supported (float16, bfloat16, float32, float64 are)"
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if x.device.type != "cuda" and not interpret:
+    if x.is_cuda:
+        if _INTERPRET_AT_IMPORT:
+            return "TRITON_INTERPRET=1 with a CUDA input: the interpreter runs CPU tensors"
+    elif os.environ.get("TRITON_INTERPRET", "0") != "1":
         return f"input on {x.device}: the kernels need CUDA (or TRITON_INTERPRET=1 for the interpreter)"
-    if x.device.type == "cuda" and interpret:
-        return "TRITON_INTERPRET=1 with a CUDA input: the interpreter runs CPU tensors"
-    if x.numel() == 0:
+    n = x.numel()
+    if n == 0:
         return "empty input"
-    if x.numel() >= 2**31:
+    if n >= 2**31:
         return "input has 2**31 elements or more"
     return ""
 
 
-def _rows_op(a, op):
-    from normlab.kernels.layer_norm import as_rows, max_n
+_modules = {}
 
+
+def _module(name):
+    """``normlab.kernels.<name>``, imported on first use (it imports Triton)."""
+    m = _modules.get(name)
+    if m is None:
+        m = _modules[name] = importlib.import_module(f"normlab.kernels.{name}")
+    return m
+
+
+def _rows_op(a, op):
+    ln = _module("layer_norm")
     x, shape = a["x"], a["normalized_shape"]
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     N = math.prod(shape)
-    if tuple(x.shape[x.dim() - len(shape):]) != shape or len(shape) > x.dim():
-        return f"normalized_shape {shape} does not end the input shape {tuple(x.shape)}"
-    if N > max_n(x.dtype):
-        return f"normalized size {N} > {max_n(x.dtype)}: one row must fit one program's registers"
-    if as_rows(x, N) is None:
+    xs = x.shape
+    if len(shape) > len(xs) or tuple(xs[len(xs) - len(shape):]) != shape:
+        return f"normalized_shape {shape} does not end the input shape {tuple(xs)}"
+    if N > ln.max_n(x.dtype):
+        return f"normalized size {N} > {ln.max_n(x.dtype)}: one row must fit one program's registers"
+    if ln.row_stride(xs, x.stride(), N) is None:
         return "the trailing dims cannot be viewed as rows with unit stride (non-contiguous input)"
-    if a.get("eps") is not None and not isinstance(a["eps"], (int, float)):
+    eps = a["eps"]
+    if eps is not None and not isinstance(eps, (int, float)):
         return "eps is not a number"
     for name in ("weight", "bias"):
         if name in a and (why := _param(a[name], name, x, N)):
@@ -83,8 +136,7 @@ def _rows_op(a, op):
 
 
 def _channel_op(a, op):
-    from normlab.kernels import _channel_norm as core
-
+    core = _module("_channel_norm")
     x = a["x"]
     if x.dim() < 2:
         return f"input of rank {x.dim()}, need (N, C, *)"
@@ -136,14 +188,21 @@ def supports(op: str, x, *args, **kwargs):
     why = _common(x)
     if why:
         return False, why
-    extra = {k: kwargs.pop(k) for k in ("running_mean", "running_var", "use_input_stats") if op == "instance_norm" and k in kwargs}
+    extra = None
+    if op == "instance_norm":
+        extra = {k: kwargs.pop(k) for k in ("running_mean", "running_var", "use_input_stats") if k in kwargs}
     try:
-        a = _signature(op).bind(x, *args, **kwargs)
+        a = _bind(op, x, args, kwargs)
     except TypeError as e:
         return False, f"arguments do not fit {op}: {e}"
-    a.apply_defaults()
-    a = dict(a.arguments, **extra)
+    if extra:
+        a.update(extra)
     why = _rows_op(a, op) if op in ("layer_norm", "rms_norm") else _channel_op(a, op)
     if why:
         return False, why
-    return True, f"triton kernel for {op} ({x.dtype}, {tuple(x.shape)})"
+    return True, _ok(op, x.dtype, x.shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ok(op, dtype, shape):
+    return f"triton kernel for {op} ({dtype}, {tuple(shape)})"

@@ -31,13 +31,24 @@ The forward saves ``(mean, rstd)`` per row, the contract of ``torch.native_layer
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from normlab.kernels._common import _ADD, acc_dtype, acc_torch, cdiv, next_pow2, num_sms
+from normlab.kernels._common import (
+    _ADD,
+    Launch,
+    acc_dtype,
+    acc_torch,
+    cdiv,
+    next_pow2,
+    num_sms,
+    once_differentiable,
+    spec,
+)
 
 # Largest row a program holds in registers (elements). Past this, ``supports`` says no and
 # torch runs the op: the backward would spill registers.
@@ -68,8 +79,7 @@ def _fwd_kernel(
     y_ptr,  # [M, N] output, contiguous, x's dtype
     w_ptr,  # [N] weight (only read if HAS_W)
     b_ptr,  # [N] bias (only read if HAS_B)
-    mean_ptr,  # [M] ACC: row mean (not written when RMS)
-    rstd_ptr,  # [M] ACC: 1 / sqrt(var + eps)
+    stats_ptr,  # [2, M] ACC: row mean, then 1 / sqrt(var + eps); RMS: [M], rstd only
     M,
     N,
     stride_x,
@@ -89,10 +99,12 @@ def _fwd_kernel(
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(ACC)
     if RMS:
         xc = x
+        rstd_ptr = stats_ptr
     else:
         mean = tl.reduce(x, 1, _ADD) / N
         xc = tl.where(ok, x - mean[:, None], 0.0)
-        tl.store(mean_ptr + rows, mean, mask=row_ok)
+        tl.store(stats_ptr + rows, mean, mask=row_ok)
+        rstd_ptr = stats_ptr + M
     var = tl.reduce(xc * xc, 1, _ADD) / N
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
@@ -240,6 +252,9 @@ def _sum_partials_kernel(
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
+# Everything a launch needs besides the tensors themselves depends only on (shape, strides,
+# dtypes, pointer alignment, device, TUNING): it is computed once per such key, with the
+# kernels' ``Launch`` objects, and a call then costs the allocations and the launches.
 def max_n(dtype: torch.dtype) -> int:
     return MAX_N_FLOAT64 if dtype == torch.float64 else MAX_N
 
@@ -255,6 +270,14 @@ def as_rows(x: torch.Tensor, N: int):
     return x2
 
 
+@functools.lru_cache(maxsize=4096)
+def row_stride(shape, stride, N: int):
+    """The row stride of ``as_rows`` for a tensor of this shape and strides, or ``None``
+    (worked out once on a meta tensor: no memory, no view of the real one per call)."""
+    x2 = as_rows(torch.empty_strided(tuple(shape), tuple(stride), device="meta"), N)
+    return None if x2 is None else int(x2.stride(0))
+
+
 def _warps(tile: int, fixed=None, per_thread=None) -> int:
     if fixed:
         return int(fixed)
@@ -265,80 +288,139 @@ def _rows_per_step(block_n: int, tile: int, M: int) -> int:
     return int(max(1, min(tile // block_n, next_pow2(M))))
 
 
+class Rows:
+    """The launches of one forward configuration (see ``_plan``) and of its backwards."""
+
+    def __init__(self, shape, stride, N, dtype, w, b, rms, device):
+        M = self.M = math.prod(shape) // N
+        self.N, self.w, self.rms, self.device = N, w, rms, device
+        self.acc = acc_torch(dtype)
+        self.ACC = acc_dtype(dtype)
+        self.stride_x = row_stride(shape, stride, N)
+        block_n = next_pow2(N)
+        rows = _rows_per_step(block_n, TUNING["fwd_tile_short" if block_n <= 512 else "fwd_tile"], M)
+        self.fwd = Launch(
+            _fwd_kernel, (cdiv(M, rows),), _warps(rows * block_n, TUNING["fwd_warps"], TUNING["fwd_elems_per_thread"]),
+            RMS=rms, HAS_W=w is not None, HAS_B=b is not None, ACC=self.ACC, ROWS=rows, BLOCK_N=block_n,
+        )
+        self.fwd_ints = (M, N, self.stride_x)
+        self.n_stats = M if rms else 2 * M
+        self.backwards = {}
+
+    def backward(self, dy_aligned: bool, has_w: bool, has_b: bool):
+        """``(bwd launch, its ints, partial-sum launch or None, its ints, partial buffer size)``."""
+        key = (dy_aligned, has_w, has_b)
+        b = self.backwards.get(key)
+        if b is None:
+            b = self.backwards[key] = self._backward(has_w, has_b)
+        return b
+
+    def _backward(self, has_w, has_b):
+        M, N = self.M, self.N
+        block_n = next_pow2(N)
+        own = min(block_n, next_pow2(TUNING["bwd_max_own"]))
+        split = block_n // own
+        rows = _rows_per_step(own, TUNING["bwd_tile"], M)
+        steps = cdiv(M, rows)
+        blocks = max(1, min(steps, num_sms(self.device) * TUNING["bwd_programs_per_sm"] // split))
+        rows_per_program = cdiv(steps, blocks) * rows
+        blocks = cdiv(M, rows_per_program)
+        bwd = Launch(
+            _bwd_kernel, (blocks * split,), _warps(rows * own, TUNING["bwd_warps"]),
+            RMS=self.rms, HAS_W=self.w is not None, DW=has_w, DB=has_b, ACC=self.ACC, ROWS=rows, OWN=own, SPLIT=split,
+            PREFETCH=bool(TUNING["bwd_prefetch"]) and rows * own <= 4096,
+        )
+        total = None
+        if has_w or has_b:
+            block_c = min(64, next_pow2(N))
+            total = Launch(_sum_partials_kernel, (cdiv(N, block_c), 2), 4, DW=has_w, DB=has_b, BLOCK_P=32, BLOCK_C=block_c)
+        return bwd, (M, N, self.stride_x, rows_per_program), total, (blocks, N), (2 * blocks * N if total else 0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(shape, stride, N, dtype, w, b, rms, device, _x_aligned, _tuning) -> Rows:
+    return Rows(shape, stride, N, dtype, w, b, rms, device)
+
+
+def plan(x, N: int, weight, bias, rms: bool) -> Rows:
+    """The cached ``Rows`` of a call: keyed by everything Triton specializes the kernels on."""
+    return _plan(x.shape, x.stride(), N, x.dtype, spec(weight), spec(bias), rms, x.device,
+                 x.data_ptr() % 16 == 0, tuple(TUNING.values()))
+
+
+def _forward(r: Rows, x, weight, bias, eps: float):
+    """``(y, stats)``: ``y`` in ``x``'s shape (contiguous), ``stats`` as the kernels keep them
+    (``[2 * M]``: means, then rstds; RMS: ``[M]`` rstds)."""
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    stats = x.new_empty(r.n_stats, dtype=r.acc)
+    r.fwd(x, y, weight, bias, stats, *r.fwd_ints, eps)
+    return y, stats
+
+
+def _backward(r: Rows, dy, x, weight, stats, need_dw: bool, db_like=None):
+    """``(dx, dw, db)``: ``dx`` in ``x``'s shape, ``dw`` like ``weight`` (when ``need_dw``), ``db``
+    of ``db_like = (dtype, shape)`` (when given); ``None`` where not needed."""
+    if not dy.is_contiguous():
+        dy = dy.contiguous()
+    has_w = weight is not None and bool(need_dw)
+    has_b = db_like is not None
+    bwd, ints, total, sums, n_part = r.backward(dy.data_ptr() % 16 == 0, has_w, has_b)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    part = x.new_empty(n_part, dtype=r.acc) if n_part else None
+    # The backward kernel takes mean, rstd and the db partials as pointers of their own: a
+    # version that offset one pointer per buffer in the kernel ran 5-20% slower on some LN
+    # shapes on the H100 (bf16 32768x1024, fp32 32768x16384; RMS and the forward unchanged).
+    mean, rstd = (stats, stats) if r.rms else (stats[: r.M], stats[r.M:])
+    bwd(x, dy, dx, weight, mean, rstd, part, part[n_part // 2:] if has_b else None, *ints)
+    dw = torch.empty_like(weight) if has_w else None
+    db = x.new_empty(db_like[1], dtype=db_like[0]) if has_b else None
+    if total is not None:
+        total(part, dw, db, *sums)
+    return dx, dw, db
+
+
 def forward(x2: torch.Tensor, weight, bias, eps: float, rms: bool):
-    """``(y, mean, rstd)`` for ``x2`` of shape ``[M, N]`` (``mean`` is ``None`` when ``rms``)."""
+    """``(y, mean, rstd)`` for ``x2`` of shape ``[M, N]`` (``mean`` is ``None`` when ``rms``):
+    the ``torch.native_layer_norm`` contract, for tests and callers outside autograd."""
     M, N = x2.shape
-    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    acc = acc_torch(x2.dtype)
-    mean = None if rms else torch.empty(M, dtype=acc, device=x2.device)
-    rstd = torch.empty(M, dtype=acc, device=x2.device)
-    block_n = next_pow2(N)
-    rows = _rows_per_step(block_n, TUNING["fwd_tile_short" if block_n <= 512 else "fwd_tile"], M)
-    _fwd_kernel[(cdiv(M, rows),)](
-        x2, y, weight, bias, rstd if rms else mean, rstd, M, N, x2.stride(0), eps,
-        RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc_dtype(x2.dtype),
-        ROWS=rows, BLOCK_N=block_n, num_warps=_warps(rows * block_n, TUNING["fwd_warps"], TUNING["fwd_elems_per_thread"]),
-    )
-    return y, mean, rstd
+    y, stats = _forward(plan(x2, N, weight, bias, rms), x2, weight, bias, eps)
+    return (y, None, stats) if rms else (y, stats[:M], stats[M:])
 
 
 def backward(dy2, x2, weight, bias, mean, rstd, rms: bool, need_dw: bool, need_db: bool):
     """``(dx, dw, db)`` for ``[M, N]`` views; ``dw``/``db`` are ``None`` where not needed."""
-    M, N = x2.shape
-    dy2 = dy2.contiguous()
-    dx = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    block_n = next_pow2(N)
-    own = min(block_n, next_pow2(TUNING["bwd_max_own"]))
-    split = block_n // own
-    rows = _rows_per_step(own, TUNING["bwd_tile"], M)
-    steps = cdiv(M, rows)
-    blocks = max(1, min(steps, num_sms(x2.device) * TUNING["bwd_programs_per_sm"] // split))
-    rows_per_program = cdiv(steps, blocks) * rows
-    blocks = cdiv(M, rows_per_program)
-    has_w = weight is not None and need_dw
-    has_b = bias is not None and need_db
-    # partial sums of dy * xhat ([0]) and dy ([1]) per row block, one allocation
-    part = torch.empty((2, blocks, N), dtype=acc_torch(x2.dtype), device=x2.device) if (has_w or has_b) else None
-    _bwd_kernel[(blocks * split,)](
-        x2, dy2, dx, weight, rstd if rms else mean, rstd, part, part[1] if has_b else None, M, N, x2.stride(0),
-        rows_per_program, RMS=rms, HAS_W=weight is not None, DW=has_w, DB=has_b, ACC=acc_dtype(x2.dtype),
-        ROWS=rows, OWN=own, SPLIT=split, PREFETCH=TUNING["bwd_prefetch"] and rows * own <= 4096, num_warps=_warps(rows * own, TUNING["bwd_warps"]),
-    )
-    dw = torch.empty(N, dtype=weight.dtype, device=x2.device) if has_w else None
-    db = torch.empty(N, dtype=bias.dtype, device=x2.device) if has_b else None
-    if has_w or has_b:
-        block_c = min(64, next_pow2(N))
-        _sum_partials_kernel[(cdiv(N, block_c), 2)](part, dw, db, blocks, N, DW=has_w, DB=has_b, BLOCK_P=32, BLOCK_C=block_c, num_warps=4)
-    return dx, dw, db
+    stats = rstd if rms else torch.cat([mean, rstd])
+    db_like = (bias.dtype, bias.shape) if need_db and bias is not None else None
+    r = plan(x2, x2.shape[1], weight, bias, rms)
+    return _backward(r, dy2, x2, weight, stats, need_dw, db_like)
 
 
 # ----------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------
 class LayerNormFunction(torch.autograd.Function):
-    """Differentiable through x, weight and bias; saves ``(x, weight, bias, mean, rstd)``."""
+    """Differentiable through x, weight and bias; saves ``(x, weight, stats)`` (``stats``:
+    the row means then the row rstds, float32 (float64 for float64 input))."""
 
     @staticmethod
-    def forward(ctx, x, normalized_shape, weight, bias, eps):
-        N = math.prod(normalized_shape)
-        x2 = as_rows(x, N)
-        y, mean, rstd = forward(x2, weight, bias, eps, rms=False)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.N = N
-        return y.view(x.shape)
+    def forward(ctx, x, N, weight, bias, eps):
+        r = plan(x, N, weight, bias, False)
+        y, stats = _forward(r, x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, stats)
+        ctx.plan = r
+        ctx.bias_like = None if bias is None else (bias.dtype, bias.shape)
+        return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, dy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        need_dw = weight is not None and ctx.needs_input_grad[2]
-        need_db = bias is not None and ctx.needs_input_grad[3]
-        dx, dw, db = backward(dy.reshape(-1, ctx.N), as_rows(x, ctx.N), weight, bias, mean, rstd, False, need_dw, need_db)
-        return dx.view(x.shape), None, (dw.view(weight.shape) if dw is not None else None), (db.view(bias.shape) if db is not None else None), None
+        x, weight, stats = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, db = _backward(ctx.plan, dy, x, weight, stats, need[2], ctx.bias_like if need[3] else None)
+        return dx, None, dw, db, None
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     """``torch.nn.functional.layer_norm`` on Triton kernels (see ``supports`` for what it takes)."""
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    return LayerNormFunction.apply(x, tuple(normalized_shape), weight, bias, eps)
+    N = normalized_shape if isinstance(normalized_shape, int) else math.prod(normalized_shape)
+    return LayerNormFunction.apply(x, N, weight, bias, eps)

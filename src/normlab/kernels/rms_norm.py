@@ -15,33 +15,32 @@ import math
 
 import torch
 
-from normlab.kernels.layer_norm import as_rows, backward, forward
+from normlab.kernels._common import once_differentiable
+from normlab.kernels.layer_norm import _backward, _forward, plan
 
 
 class RMSNormFunction(torch.autograd.Function):
     """Differentiable through x and weight; saves ``(x, weight, rstd)``."""
 
     @staticmethod
-    def forward(ctx, x, normalized_shape, weight, eps):
-        N = math.prod(normalized_shape)
-        y, _, rstd = forward(as_rows(x, N), weight, None, eps, rms=True)
+    def forward(ctx, x, N, weight, eps):
+        r = plan(x, N, weight, None, True)
+        y, rstd = _forward(r, x, weight, None, eps)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.N = N
-        return y.view(x.shape)
+        ctx.plan = r
+        return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        need_dw = weight is not None and ctx.needs_input_grad[2]
-        dx, dw, _ = backward(dy.reshape(-1, ctx.N), as_rows(x, ctx.N), weight, None, None, rstd, True, need_dw, False)
-        return dx.view(x.shape), None, (dw.view(weight.shape) if dw is not None else None), None
+        dx, dw, _ = _backward(ctx.plan, dy, x, weight, rstd, ctx.needs_input_grad[2])
+        return dx, None, dw, None
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None):
     """``torch.nn.functional.rms_norm`` on Triton kernels (see ``supports`` for what it takes)."""
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
+    N = normalized_shape if isinstance(normalized_shape, int) else math.prod(normalized_shape)
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    return RMSNormFunction.apply(x, tuple(normalized_shape), weight, float(eps))
+    return RMSNormFunction.apply(x, N, weight, float(eps))
