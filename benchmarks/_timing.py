@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 
 def interleaved(fns: dict, rounds: int = 15, inner: int = 3, warmup: int = 2, sync=None) -> dict:
-    """Median seconds per call of each function, timed in interleaved rounds (A B C A B C ...)
+    """Median seconds per call of each function, timed in interleaved rounds (A B C, C A B, ..., shuffled)
     so that slow phases of a noisy machine hit every candidate alike."""
     sync = sync or (lambda: None)
     for f in fns.values():
@@ -21,8 +22,14 @@ def interleaved(fns: dict, rounds: int = 15, inner: int = 3, warmup: int = 2, sy
             f()
     sync()
     times = {k: [] for k in fns}
+    keys = list(fns)
+    order = random.Random(0)
     for _ in range(rounds):
-        for k, f in fns.items():
+        # a fresh order every round: whichever candidate runs right after another one's big
+        # allocations (a cold cache, page faults) is a different one each time
+        order.shuffle(keys)
+        for k in keys:
+            f = fns[k]
             t = time.perf_counter()
             for _ in range(inner):
                 f()

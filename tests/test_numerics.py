@@ -143,3 +143,34 @@ def test_tolerance_rejects_torch_native_cpu_half(fn):
     name = "batch_norm" if "batch" in repr(fn.__code__.co_names) else "instance_norm"
     ours = NF.batch_norm(x, None, None, training=True) if name == "batch_norm" else NF.instance_norm(x)
     assert_lowp_close(ours, y64, torch.float16, f"normlab {name}")
+
+
+def _float32_forwards():
+    import normlab.reference as R
+
+    x4 = np.random.default_rng(0).standard_normal((4, 6, 3, 5)).astype(np.float32)
+    x3 = x4[:, :, 0]
+    mask = np.ones((4, 5), bool)
+    mask[1, 3:] = False
+    run = R.RunningStats(np.zeros(6, np.float32), np.ones(6, np.float32))
+    g, b = np.ones(6, np.float32), np.zeros(6, np.float32)
+    return {
+        "batch_norm": lambda: R.batch_norm_forward(x4, g, b, run)[:2],
+        "layer_norm": lambda: R.layer_norm_forward(x4, (3, 5)),
+        "rms_norm": lambda: R.rms_norm_forward(x4, 5),
+        "instance_norm": lambda: R.instance_norm_forward(x4, g, b)[:2],
+        "group_norm": lambda: R.group_norm_forward(x4, 3, g, b),
+        "masked_batch_norm": lambda: R.masked_batch_norm_forward(x3, mask, g, b, run)[:2],
+        "batch_renorm": lambda: R.batch_renorm_forward(x4, g, b, run)[:2],
+        "switchable_norm": lambda: R.switchable_norm_forward(x4, g, b, np.ones(3), np.ones(3), run)[:2],
+    }
+
+
+@pytest.mark.parametrize("name", list(_float32_forwards()))
+def test_reference_float32_stays_float32(name):
+    """No silent float64 promotion inside the NumPy tier (a Python float or a float64 count in
+    the statistics would double the memory traffic of every later pass)."""
+    y, cache = _float32_forwards()[name]()
+    assert y.dtype == np.float32
+    xhat = cache.xhat if hasattr(cache, "xhat") else cache["xhat"]
+    assert xhat.dtype == np.float32

@@ -1,9 +1,8 @@
 """``batch_renorm``: batch renormalization (see :mod:`normlab.reference.batch_renorm`).
 
-Computed as torch's native batch norm without affine (one kernel gives ``xhat`` with the exact
-backward through the batch statistics, the batch mean and ``1/sigma_B``, and the running
-update), then ``y = xhat * (gamma r) + (gamma d + beta)`` with ``r`` and ``d`` computed without
-gradient from the batch statistics and the running statistics before the update."""
+With ``r`` and ``d`` held constant, ``y = gamma (r xhat + d) + beta`` is batch norm with weight
+``gamma r`` and bias ``gamma d + beta``: after one statistics pass for ``r`` and ``d`` (no
+gradient), a single batch-norm call does the rest, forward, backward and running update."""
 from __future__ import annotations
 
 from typing import Optional
@@ -51,18 +50,22 @@ def batch_renorm(
             running_var.copy_(rv)
         return y.to(input.dtype)
     acc = acc_dtype(input.dtype)
-    with torch.no_grad():  # r and d compare with the running statistics *before* this step's update
-        mu_old = running_mean.to(acc, copy=True)
-        sigma = (running_var.to(acc) + eps).sqrt_()
-    # native batch norm without affine: xhat (differentiable through the batch statistics),
-    # the batch mean and 1/sigma_B (not differentiable), and the running update, in one kernel
-    xhat, mean, invstd = torch.native_batch_norm(input, None, None, running_mean, running_var, True, momentum, eps)
     with torch.no_grad():
-        r = (invstd.reciprocal() / sigma).clamp_(1.0 / rmax, rmax)
-        d = ((mean - mu_old) / sigma).clamp_(-dmax, dmax)
-    scale = r if weight is None else weight.to(acc) * r
-    shift = d if weight is None else weight.to(acc) * d
+        # r and d from the batch statistics (two-pass; no gradient) and the running statistics
+        # *before* this step's update
+        xa = input.to(acc)
+        mean = xa.mean(dim=dims, keepdim=True)
+        var = (xa - mean).square_().mean(dim=dims)
+        mean = mean.view(c)
+        sigma = (running_var.to(acc) + eps).sqrt()
+        r = ((var + eps).sqrt_() / sigma).clamp_(1.0 / rmax, rmax)
+        d = ((mean - running_mean.to(acc)) / sigma).clamp_(-dmax, dmax)
+    # y = gamma (r xhat + d) + beta is batch norm with weight gamma r and bias gamma d + beta, and
+    # r, d are constants: one native batch-norm call gives the output, the exact backward through
+    # the batch statistics (dx, and dgamma = r sum(dy xhat) + d sum(dy) through autograd) and the
+    # running update
+    w = r if weight is None else weight * r.to(weight.dtype)
+    b = d if weight is None else weight * d.to(weight.dtype)
     if bias is not None:
-        shift = shift + bias.to(acc)
-    view = (1, c) + (1,) * (input.dim() - 2)
-    return torch.addcmul(shift.view(view).to(xhat.dtype), xhat, scale.view(view).to(xhat.dtype))
+        b = b + bias
+    return batch_norm(input, running_mean, running_var, w, b, True, momentum, eps)

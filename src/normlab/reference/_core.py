@@ -25,6 +25,7 @@ squared deviations), which stays accurate when the mean is large against the spr
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
@@ -66,7 +67,10 @@ def centered_moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.nd
         d = xa - mean if center else xa.copy()
     else:
         m = mask.astype(xa.dtype, copy=False)
-        count = reduce_sum(np.broadcast_to(m, x.shape), axes)
+        # count on the mask itself (not on its broadcast to x's shape): the mask's own reduced
+        # axes, times x's extent along the reduced axes the mask is broadcast over (an int, so
+        # the statistics keep their dtype)
+        count = reduce_sum(m, axes) * math.prod(x.shape[a] for a in axes if m.shape[a] == 1)
         mean = reduce_sum(xa, axes, m) / count if center else np.zeros((), xa.dtype)
         d = xa - mean
         d *= m
@@ -120,6 +124,7 @@ def normalize_forward(
     batch_stats: bool = True,
     scale: Optional[np.ndarray] = None,
     shift: Optional[np.ndarray] = None,
+    centered: Optional[np.ndarray] = None,
 ):
     """``y = gamma * (scale * (x - mean) * rstd + shift) + beta`` and its cache.
 
@@ -127,7 +132,9 @@ def normalize_forward(
     Statistics come from ``x`` over ``axes`` unless ``stats=(mean, var, count)`` passes them in:
     precomputed batch statistics (``batch_stats=True``: the gradient flows through them) or
     fixed ones such as running estimates in evaluation (``batch_stats=False``: it does not).
-    ``scale``/``shift`` are batch renorm's r and d (constants for the backward pass). Returns
+    ``scale``/``shift`` are batch renorm's r and d (constants for the backward pass).
+    ``centered`` (with ``stats``) is ``(x - mean) * mask`` already computed, e.g. by
+    :func:`centered_moments`; it is overwritten with ``xhat`` (saves a pass). Returns
     ``(y, cache, (mean, var, count))``; with a mask, masked-out elements of ``y`` are 0.
     """
     axes = tuple(axes)
@@ -138,10 +145,13 @@ def normalize_forward(
     else:
         mean, var, count = stats
         mean, var = (np.asarray(t, dtype=acc) for t in (mean, var))
-        xa = x.astype(acc, copy=False)
-        xhat = xa - mean if center else xa.copy()
-        if m is not None:
-            xhat *= m
+        if centered is not None:
+            xhat = centered
+        else:
+            xa = x.astype(acc, copy=False)
+            xhat = xa - mean if center else xa.copy()
+            if m is not None:
+                xhat *= m
     rstd = 1.0 / np.sqrt(var + eps)
     xhat *= rstd  # in place: the centred input becomes xhat
     renorm = scale is not None
@@ -173,39 +183,48 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
     broadcast shape of the weight, ``None`` when there was none).
 
     ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = dy * weight * r`` and the
-    means over the reduced (valid) elements; when the weight is constant along the reduced
-    axes (batch and instance norm) it is factored out, saving a full-size product.
+    means over the reduced (valid) elements. When the weight is constant along the reduced
+    axes (batch, instance and masked norm) it factors out, and the two sums ``sum(dy)`` and
+    ``sum(dy * xhat)`` serve both ``dx`` and the parameter gradients: two reads of ``dy``.
     """
     c = cache
     dy = dy.astype(c.rstd.dtype, copy=False)
     if c.mask is not None:
         dy = dy * c.mask
     xhat, axes = c.xhat, c.axes
-    dweight = dbias = None
-    if c.bias_shape is not None:
-        dbias = sum_to_shape(dy, c.bias_shape)
-    if c.weight is not None:
-        dweight = sum_to_shape(dy, c.param_shape, xhat)
-        if c.scale is not None:  # z = r * xhat + d with per-channel r, d: sum(dy z) = r sum(dy xhat) + d sum(dy)
-            dweight = dweight * c.scale.reshape(c.param_shape) + sum_to_shape(dy, c.param_shape) * c.shift.reshape(c.param_shape)
+
+    def constant_along_axes(shape) -> bool:  # a parameter of this (broadcast) shape is one value per group
+        lead = xhat.ndim - len(shape)
+        return all(shape[a - lead] == 1 for a in axes if a >= lead)
+
     factor = c.rstd if c.scale is None else c.rstd * c.scale  # per-group factors of dx
-    w_const = c.weight is None or all(c.weight.shape[a - (xhat.ndim - c.weight.ndim)] == 1
-                                      for a in axes if a >= xhat.ndim - c.weight.ndim)
+    w_const = c.weight is None or constant_along_axes(c.weight.shape)
     if w_const:
+        s_dy, s_dyx = reduce_sum(dy, axes), reduce_sum(dy, axes, xhat)
         if c.weight is not None:
             factor = factor * c.weight
-        g = dy
+    dweight = dbias = None
+    if c.bias_shape is not None:
+        dbias = sum_to_shape(s_dy, c.bias_shape) if w_const and constant_along_axes(c.bias_shape) else \
+            sum_to_shape(dy, c.bias_shape)
+    if c.weight is not None:
+        if w_const:  # with batch renorm, z = r * xhat + d (r, d per group): sum(dy z) = r sum(dy xhat) + d sum(dy)
+            dweight = sum_to_shape(s_dyx if c.scale is None else s_dyx * c.scale + s_dy * c.shift, c.param_shape)
+        else:
+            dweight = sum_to_shape(dy, c.param_shape, c.z())
+    if not c.batch_stats:
+        return (dy * (factor if w_const else factor * c.weight)).astype(c.dtype, copy=False), dweight, dbias
+    n = c.count
+    if w_const:
+        g, mean_g, mean_gx = dy, s_dy / n, s_dyx / n
     else:
         g = dy * c.weight
-    if not c.batch_stats:
-        dx = g * factor
-    else:
-        n = c.count
-        t = xhat * (reduce_sum(g, axes, xhat) / n)
-        if c.center:
-            t += reduce_sum(g, axes) / n  # g is 0 where masked out
-        dx = np.subtract(g, t, out=t)
-        dx *= factor
+        mean_g, mean_gx = reduce_sum(g, axes) / n, reduce_sum(g, axes, xhat) / n  # g is 0 where masked out
+    t = xhat * mean_gx
+    if c.center:
+        t += mean_g
+    dx = np.subtract(g, t, out=t)
+    dx *= factor
     if c.mask is not None:
         dx *= c.mask
     return dx.astype(c.dtype, copy=False), dweight, dbias

@@ -24,8 +24,8 @@ import numpy as np
 from normlab import _checks
 from normlab.reference._core import (
     RunningStats,
+    centered_moments,
     flat,
-    moments,
     normalize_backward,
     normalize_forward,
     per_channel,
@@ -69,11 +69,11 @@ def batch_renorm_forward(
         y, cache, _ = normalize_forward(x, axes, w, b, eps, stats=(rm, rv, None), batch_stats=False)
         return y, cache, running
     _checks.check_enough_values(x.shape, axes, op)
-    mean, var, n = moments(x, axes)
+    mean, var, n, centered = centered_moments(x, axes)
     sigma = np.sqrt(rv.astype(mean.dtype) + eps)
     r = np.clip(np.sqrt(var + eps) / sigma, 1.0 / rmax, rmax)
     d = np.clip((mean - rm) / sigma, -dmax, dmax)
-    y, cache, _ = normalize_forward(x, axes, w, b, eps, stats=(mean, var, n), scale=r, shift=d)
+    y, cache, _ = normalize_forward(x, axes, w, b, eps, stats=(mean, var, n), scale=r, shift=d, centered=centered)
     return y, cache, update_running(running, mean, var, n, momentum)
 
 

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import RunningStats, acc_dtype, moments, per_channel, reduce_sum, update_running
+from normlab.reference._core import RunningStats, acc_dtype, centered_moments, per_channel, reduce_sum, update_running
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -64,9 +64,10 @@ def switchable_norm_forward(
     nd = x.ndim
     spatial = tuple(range(2, nd))
     if nd > 2:
-        mu_in, var_in, n_in = moments(x, spatial)
+        mu_in, var_in, n_in, centered = centered_moments(x, spatial)
     else:  # (N, C): each "instance" is a single value
         mu_in, var_in, n_in = x.astype(acc_dtype(x.dtype)), np.zeros(x.shape, acc_dtype(x.dtype)), 1
+        centered = np.zeros(x.shape, acc_dtype(x.dtype))
     c = x.shape[1]
     mu_ln = mu_in.mean(axis=1, keepdims=True)
     var_ln = (var_in + (mu_in - mu_ln) ** 2).mean(axis=1, keepdims=True)
@@ -84,7 +85,8 @@ def switchable_norm_forward(
     mean = wm[0] * mu_in + wm[1] * mu_ln + wm[2] * mu_bn
     var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
     rstd = 1.0 / np.sqrt(var + eps)
-    xhat = x.astype(mean.dtype, copy=False) - mean
+    xhat = centered  # x - mu_in, overwritten: xhat = (x - mu_in + mu_in - mean) * rstd
+    xhat += mu_in - mean
     xhat *= rstd
     y = xhat * per_channel(gamma, nd) if gamma is not None else xhat.copy()
     if beta is not None:
