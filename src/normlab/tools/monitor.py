@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -43,8 +43,14 @@ class Monitor:
 
     Use :func:`monitor` to make one. A *step* is one forward of the model in training mode
     (forwards in evaluation mode are neither counted nor recorded); steps 0, every,
-    2·every, ... are recorded. A record is written once the next step starts (so the
+    2·every, ... are recorded. A recorded step is complete once the next step starts (so the
     backward pass of the recorded step has run) or when the monitor closes.
+
+    What a recorded step captured is reduced to records (and written to ``path``) in batches:
+    every ``flush_every`` completed recorded steps, when the captures held reach ``flush_bytes``,
+    when the monitor closes, and whenever :attr:`records` is read, so what you read there is
+    never behind the steps completed so far (the file may be, by up to ``flush_every`` recorded
+    steps, until the monitor closes).
 
     One record (one JSON line) per recorded layer and step::
 
@@ -60,9 +66,13 @@ class Monitor:
 
     def __init__(self, model: nn.Module, every: int = 10, path: Optional[str] = None, modules: Selection = None,
                  sample: int = 2048, percentiles: Sequence[float] = (1, 15, 50, 85, 99), bins: int = 50,
-                 saturation: float = 0.98, seed: int = 0, exact_limit: int = 1 << 16) -> None:
+                 saturation: float = 0.98, seed: int = 0, exact_limit: int = 1 << 16, flush_every: int = 8,
+                 flush_bytes: int = 32 << 20) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"monitor: every must be a positive int (record every N steps), got {every!r}")
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"monitor: flush_every must be a positive int (recorded steps per batch), "
+                             f"got {flush_every!r}")
         if sample < 2 or bins < 1:
             raise ValueError(f"monitor: sample must be >= 2 and bins >= 1, got sample={sample}, bins={bins}")
         if not all(0 <= p <= 100 for p in percentiles):
@@ -71,6 +81,7 @@ class Monitor:
             raise ValueError(f"monitor: saturation is a fraction of the output range in (0, 1), got {saturation}")
         self.model, self.every, self.path = model, every, path
         self.sample, self.bins, self.saturation = sample, bins, saturation
+        self.flush_every, self.flush_bytes = flush_every, flush_bytes
         self.percentiles = tuple(sorted(float(p) for p in percentiles))
         self._percentile_keys = tuple(_fmt(p) for p in self.percentiles)
         self.layers = self._select(model, modules)
@@ -78,13 +89,17 @@ class Monitor:
             raise ValueError("monitor: no layer to watch (the selection matched no module)")
         self._watch = {id(m): (name, _activation(m), type(m).__name__) for name, m in self.layers.items()}
         self.step = 0
-        self.records: List[dict] = []
+        self._records: List[dict] = []
         self.exact_limit = exact_limit
         self._gen = torch.Generator().manual_seed(seed)
         self._probe: Dict[tuple, object] = {}
         self._pending: Dict[str, dict] = {}
         self._pending_step: Optional[int] = None
+        self._pending_bytes = 0
+        self._captured: List[Tuple[int, Dict[str, dict]]] = []  # completed recorded steps, not yet reduced
+        self._captured_bytes = 0
         self._transient: list = []
+        self._own: List[Tuple[str, list]] = []
         self._root = None
         self._file = None
 
@@ -102,12 +117,21 @@ class Monitor:
                              f"{[n for n in named if n][:6]}")
         return {n: named[n] for n in names}
 
+    @property
+    def records(self) -> List[dict]:
+        """The records of every recorded step completed so far (reading this reduces the steps
+        captured since the last batch; the step in progress joins once the next step starts)."""
+        if self._captured:
+            self._reduce()
+        return self._records
+
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "Monitor":
         if self._root is not None:
             raise RuntimeError("monitor: this Monitor is already active")
         if self.path is not None:
             self._file = open(self.path, "w")
+        self._own = [(name, ps) for name, m in self.layers.items() if (ps := list(m.parameters(recurse=False)))]
         self._root = self.model.register_forward_pre_hook(self._on_forward)
         return self
 
@@ -115,11 +139,12 @@ class Monitor:
         self.close()
 
     def close(self) -> None:
-        """Write the last recorded step and remove every hook (also done on leaving the ``with``)."""
+        """Reduce and write every recorded step and remove every hook (also done on leaving the ``with``)."""
         if self._root is not None:
             self._root.remove()
             self._root = None
-        self._flush()
+        self._retire()
+        self._reduce()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -141,18 +166,22 @@ class Monitor:
         if not model.training:
             return
         if self._pending_step is not None:
-            self._flush()
+            self._retire()
         step = self.step
         self.step += 1
         if step % self.every == 0:
             self._pending_step = step
-            # one process-wide forward hook for all watched layers (cheaper than one per layer), only for
-            # this step; parameter-gradient hooks likewise
-            self._transient.append(nn.modules.module.register_module_forward_hook(self._on_output))
-            for name, m in self.layers.items():
-                own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-                for p in own:
-                    self._transient.append(p.register_post_accumulate_grad_hook(self._param_hook(name, len(own))))
+            # one process-wide forward hook for all watched layers (cheaper than one per layer, and
+            # registered only for this step, so the steps in between pay nothing); parameter-gradient
+            # hooks likewise
+            transient = self._transient
+            transient.append(nn.modules.module.register_module_forward_hook(self._on_output))
+            for name, params in self._own:
+                own = [p for p in params if p.requires_grad]
+                if own:
+                    hook = self._param_hook(name, len(own))
+                    for p in own:
+                        transient.append(p.register_post_accumulate_grad_hook(hook))
 
     def _on_output(self, module, args, output) -> None:
         watched = self._watch.get(id(module))
@@ -177,22 +206,28 @@ class Monitor:
                     norms.append(torch.linalg.vector_norm(p.grad))
         return hook
 
-    @torch.no_grad()
     def _stats(self, y: torch.Tensor, kind: Optional[str]) -> dict:
         """What the record needs from one output, taken now (the output may be changed in place later,
-        e.g. by ReLU(inplace=True)) and left on the device until the step is flushed.
+        e.g. by ReLU(inplace=True)) and left on the device until the step is reduced.
 
-        An output of at most ``exact_limit`` values is copied whole and reduced in NumPy at the
-        flush (a NumPy call costs a fraction of a torch op on small arrays). A larger one is
-        reduced here with sums and dot products, several times
-        faster on the CPU than torch.std_mean or boolean counts: with d = y - shift (shift = the
+        An output of at most ``exact_limit`` values is copied whole and reduced in NumPy later, with
+        the same layer's copies from the other steps of the batch (a NumPy call costs a fraction of a
+        torch op on small arrays). A larger one is reduced here with sums and dot products, several
+        times faster on the CPU than torch.std_mean or boolean counts: with d = y - shift (shift = the
         sample's mean, so no cancellation), mean = shift + sum(d)/n and var = d.d/n - (sum(d)/n)^2;
         saturated and dead counts from sign(); plus a random sample for percentiles and histogram."""
-        flat = y.reshape(-1)
-        n = flat.numel()
+        n = y.numel()
         if n <= self.exact_limit:
-            return {"numel": n, "_copy": flat.clone(), "_shape": tuple(y.shape), "_kind": kind}
+            copy = y.clone()
+            self._pending_bytes += n * copy.element_size()
+            return {"numel": n, "_copy": copy, "_kind": kind}
+        with torch.no_grad():
+            return self._sums(y, n, kind)
+
+    def _sums(self, y: torch.Tensor, n: int, kind: Optional[str]) -> dict:
+        flat = y.reshape(-1)
         sample = flat[self._positions(n, flat.device)]
+        self._pending_bytes += sample.numel() * sample.element_size()
         acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
         shift = sample.to(acc).mean()
         d = flat.to(acc) - shift
@@ -213,58 +248,91 @@ class Monitor:
         return {"numel": n, "_sample": sample, "_raw": torch.stack([r.to(dt) for r in raw]), "_keys": keys,
                 "_units": y.shape[1] if y.dim() >= 2 else 0}
 
-    def _flush(self) -> None:
+    def _retire(self) -> None:
+        """The recorded step is complete: drop its hooks and queue what it captured; reduce the
+        queue once it holds ``flush_every`` steps or ``flush_bytes`` of captures."""
         for h in self._transient:
             h.remove()
         self._transient = []
-        step, pending = self._pending_step, self._pending
-        self._pending, self._pending_step = {}, None
+        step, pending, held = self._pending_step, self._pending, self._pending_bytes
+        self._pending, self._pending_step, self._pending_bytes = {}, None, 0
         if step is None or not pending:
+            return
+        self._captured.append((step, pending))
+        self._captured_bytes += held
+        if len(self._captured) >= self.flush_every or self._captured_bytes >= self.flush_bytes:
+            self._reduce()
+
+    def _reduce(self) -> None:
+        """Records from every queued step at once: the same layer's outputs over the batch's steps
+        are reduced in one NumPy call, all samples sorted in one, all scalars and gradient norms
+        brought to the host in one transfer per device."""
+        captured = self._captured
+        self._captured, self._captured_bytes = [], 0
+        if not captured:
             return
         import numpy as np
 
-        layout = list(pending.items())
-        scalars, samples = [None] * len(layout), [None] * len(layout)
-        copies: Dict[int, List[int]] = {}  # whole outputs, grouped by size so NumPy works on a group at once
-        for i, (name, e) in enumerate(layout):
+        layout = [(step, name, e) for step, pending in captured for name, e in pending.items()]
+        scalars: list = [None] * len(layout)
+        blocks = []  # (record indices, 2-D array of samples, one row each)
+        # large outputs: the sums taken on the device, one transfer per device and dtype
+        sums: Dict[tuple, List[int]] = {}
+        copies: Dict[tuple, List[int]] = {}  # whole outputs, grouped by shape: one layer over the steps
+        for i, (_, _, e) in enumerate(layout):
             if "_copy" in e:
-                copies.setdefault(e["numel"], []).append(i)
+                c = e["_copy"]
+                copies.setdefault((tuple(c.shape), c.dtype, c.device), []).append(i)
             else:
-                raw = dict(zip(e["_keys"], e["_raw"].cpu().tolist()))
-                scalars[i] = _from_sums(raw, e["numel"], e["_units"])
-                samples[i] = _to_numpy(e["_sample"])
-        for rows in copies.values():
-            es = [layout[i][1] for i in rows]
-            a = np.stack([_to_numpy(e["_copy"]) for e in es])
-            outs = _exact(a, [e["_shape"] for e in es], [e["_kind"] for e in es], self.saturation)
-            sample = a[:, self._positions(a.shape[1], None)] if a.shape[1] > self.sample else a
+                r = e["_raw"]
+                sums.setdefault((r.dtype, r.device), []).append(i)
+        for rows in sums.values():
+            es = [layout[i][2] for i in rows]
+            flat = torch.cat([e["_raw"] for e in es]).cpu().tolist()
+            at = 0
+            for i, e in zip(rows, es):
+                k = len(e["_keys"])
+                scalars[i] = _from_sums(dict(zip(e["_keys"], flat[at:at + k])), e["numel"], e["_units"])
+                at += k
+            by_len: Dict[tuple, List[int]] = {}
+            for i, e in zip(rows, es):
+                s = e["_sample"]
+                by_len.setdefault((s.numel(), s.dtype, s.device), []).append(i)
+            for sub in by_len.values():
+                blocks.append((sub, _to_numpy(torch.stack([layout[i][2]["_sample"] for i in sub]))))
+        for (shape, _, _), rows in copies.items():
+            a = _to_numpy(torch.stack([layout[i][2]["_copy"] for i in rows])).reshape(len(rows), -1)
+            outs = _exact(a, shape, [layout[i][2]["_kind"] for i in rows], self.saturation)
             for j, i in enumerate(rows):
-                scalars[i], samples[i] = outs[j], sample[j]
-        # every gradient norm of the step in one transfer
-        norms, owners = [], []
-        for i, (name, e) in enumerate(layout):
-            if "_grad" in e:
-                norms.append(e["_grad"].float())
-                owners.append((i, "grad_norm"))
-            for t in e.get("_param_grads", []):
-                norms.append(t.float())
-                owners.append((i, "_param"))
-        if norms:
-            for (i, key), v in zip(owners, torch.stack(norms).cpu().tolist()):
-                if key == "grad_norm":
+                scalars[i] = outs[j]
+            blocks.append((rows, a[:, self._positions(a.shape[1], None)] if a.shape[1] > self.sample else a))
+        # every gradient norm of the batch in one transfer per device
+        norms: Dict[object, list] = {}
+        for i, (_, _, e) in enumerate(layout):
+            g = e.get("_grad")
+            if g is not None:
+                norms.setdefault(g.device, []).append((i, True, g))
+            for t in e.get("_param_grads", ()):
+                norms.setdefault(t.device, []).append((i, False, t))
+        for group in norms.values():
+            values = torch.stack([t.float() for _, _, t in group]).cpu().tolist()
+            for (i, is_output, _), v in zip(group, values):
+                if is_output:
                     scalars[i]["grad_norm"] = v
                 else:
                     scalars[i]["weight_grad_norm"] = math.hypot(scalars[i].get("weight_grad_norm", 0.0), v)
-        q, hists = _percentiles_and_histograms(samples, self.percentiles, self.bins)
+        q, hists = _percentiles_and_histograms(blocks, len(layout), self.percentiles, self.bins)
+        keys, records, encode = self._percentile_keys, self._records, _ENCODER.encode
         lines = []
-        for (name, e), scal, qs, hist in zip(layout, scalars, q, hists):
+        for (step, name, e), scal, qs, hist in zip(layout, scalars, q, hists):
             rec = {"step": step, "layer": name, "type": e["type"], "numel": e["numel"],
                    "mean": scal.pop("mean"), "std": scal.pop("std"), "min": scal.pop("min"), "max": scal.pop("max"),
-                   "percentiles": dict(zip(self._percentile_keys, qs)), "hist": hist}
+                   "percentiles": dict(zip(keys, qs)), "hist": hist}
             rec.update(scal)
-            self.records.append(rec)
-            lines.append(json.dumps(rec, separators=(",", ":")))
-        if self._file is not None:
+            records.append(rec)
+            if self._file is not None:
+                lines.append(encode(rec))
+        if lines:
             self._file.write("\n".join(lines) + "\n")
             self._file.flush()
 
@@ -275,27 +343,38 @@ class Monitor:
         return plot_records(self.records, out_png, layers=layers, title=title, **kwargs)
 
 
-def _exact(a, shapes: list, kinds: list, saturation: float) -> list:
-    """Scalars of whole outputs of one size, a: (L, n), all rows at once (sums accumulate in float64)."""
+# the output of json.dumps(rec, separators=(",", ":")), without building an encoder per record
+_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+
+
+def _exact(a, shape: tuple, kinds: list, saturation: float) -> list:
+    """Scalars of whole outputs of one shape, a: (R, n), all rows at once (sums accumulate in float64)."""
     import numpy as np
 
-    n = a.shape[1]
+    rows, n = a.shape
     mean = a.mean(axis=1, dtype=np.float64)
     d = a - mean[:, None].astype(a.dtype)
     std = np.sqrt(np.square(d).sum(axis=1, dtype=np.float64) / n)
-    lo, hi = a.min(axis=1), a.max(axis=1)
-    outs = [{"mean": float(mean[j]), "std": float(std[j]), "min": float(lo[j]), "max": float(hi[j])}
-            for j in range(len(a))]
-    for j, (kind, shape) in enumerate(zip(kinds, shapes)):
+    outs = [{"mean": m, "std": s, "min": lo, "max": hi}
+            for m, s, lo, hi in zip(mean.tolist(), std.tolist(), a.min(axis=1).tolist(), a.max(axis=1).tolist())]
+    by_kind: Dict[str, List[int]] = {}
+    for j, kind in enumerate(kinds):
+        if kind is not None:
+            by_kind.setdefault(kind, []).append(j)
+    for kind, js in by_kind.items():
+        b = a if len(js) == rows else a[js]
         if kind == "sigmoid":
-            outs[j]["saturated"] = np.count_nonzero(np.abs(a[j] - 0.5) > 0.5 * saturation) / n
+            found = {"saturated": (np.count_nonzero(np.abs(b - 0.5) > 0.5 * saturation, axis=1) / n).tolist()}
         elif kind == "tanh":
-            outs[j]["saturated"] = np.count_nonzero(np.abs(a[j]) > saturation) / n
-        elif kind == "relu":
-            outs[j]["zero"] = 1.0 - np.count_nonzero(a[j]) / n
-            if len(shape) >= 2:
-                units = np.moveaxis(a[j].reshape(shape), 1, 0).reshape(shape[1], -1)
-                outs[j]["dead"] = np.count_nonzero(units.max(axis=1) <= 0) / shape[1]
+            found = {"saturated": (np.count_nonzero(np.abs(b) > saturation, axis=1) / n).tolist()}
+        else:  # relu
+            found = {"zero": (1.0 - np.count_nonzero(b, axis=1) / n).tolist()}
+            if len(shape) >= 2:  # per unit (dim 1): the largest value over the batch and positions
+                top = b.reshape((len(js),) + tuple(shape)).max(axis=(1,) + tuple(range(3, len(shape) + 1)))
+                found["dead"] = (np.count_nonzero(top <= 0, axis=1) / shape[1]).tolist()
+        for key, values in found.items():
+            for j, v in zip(js, values):
+                outs[j][key] = v
     return outs
 
 
@@ -313,18 +392,21 @@ def _from_sums(raw: dict, n: int, units: int) -> dict:
     return out
 
 
-def _percentiles_and_histograms(samples: list, percentiles: tuple, bins: int):
+def _percentiles_and_histograms(blocks: list, count: int, percentiles: tuple, bins: int):
     """Percentiles (linear interpolation, as numpy.percentile) and equal-width histograms of each
-    sample; samples of the same length are done together in one sort."""
+    sample; blocks = [(record indices, 2-D array with one sample per row)]; samples of the same
+    length are done together in one sort."""
     import numpy as np
 
-    q_out, h_out = [None] * len(samples), [None] * len(samples)
-    by_len: Dict[int, List[int]] = {}
-    for i, s in enumerate(samples):
-        by_len.setdefault(len(s), []).append(i)
+    q_out, h_out = [None] * count, [None] * count
+    by_len: Dict[int, list] = {}
+    for rows, a in blocks:
+        by_len.setdefault(a.shape[1], []).append((rows, a))
     p = np.asarray(percentiles, dtype=np.float64) / 100
-    for length, rows in by_len.items():
-        a = np.sort(np.stack([samples[i] for i in rows]), axis=1)  # (R, length)
+    for length, group in by_len.items():
+        rows = [i for r, _ in group for i in r]
+        a = group[0][1] if len(group) == 1 else np.concatenate([b for _, b in group])
+        a = np.sort(a, axis=1)  # (R, length)
         pos = p * (length - 1)
         lo_i = np.floor(pos).astype(np.int64)
         hi_i = np.minimum(lo_i + 1, length - 1)
@@ -339,10 +421,11 @@ def _percentiles_and_histograms(samples: list, percentiles: tuple, bins: int):
         edges = np.linspace(0.0, 1.0, bins + 1)[None, :] + shift
         idx = np.concatenate([np.searchsorted(t, edges[:, :-1].ravel(), side="left").reshape(len(rows), bins),
                               np.searchsorted(t, edges[:, -1], side="right")[:, None]], axis=1)
-        counts = np.diff(idx, axis=1)
+        counts = np.diff(idx, axis=1).tolist()
+        qs, los, his = q.tolist(), lo.tolist(), hi.tolist()
         for j, i in enumerate(rows):
-            q_out[i] = q[j].tolist()
-            h_out[i] = {"lo": float(lo[j]), "hi": float(hi[j]), "counts": counts[j].tolist()}
+            q_out[i] = qs[j]
+            h_out[i] = {"lo": los[j], "hi": his[j], "counts": counts[j]}
     return q_out, h_out
 
 
