@@ -9,10 +9,18 @@ sigmoid or tanh, the fraction of dead units after a ReLU, and the gradient norms
 Lines; :meth:`Monitor.plot` draws per-layer histograms over time with the percentile lines.
 
 Cost: on the steps in between, one Python call (a pre-hook on the model); the other hooks
-exist only during recorded steps. Percentiles and histograms use a fixed-size random sample
-of each output (the same random positions at every step); mean, std and the saturated and
-dead fractions use all of it (reduced on the device for outputs of more than 65536 values,
-in NumPy from a copy for smaller ones).
+exist only during recorded steps, which only capture what the records need (a copy of a
+small output, sums taken on the device for a large one, gradient norms). The statistics,
+percentiles, histograms and JSON lines of ``flush_every`` recorded steps are computed
+together, so their fixed per-call cost is shared by the batch. Percentiles and histograms
+use a fixed-size random sample of each output (the same random positions at every step);
+mean, std and the saturated and dead fractions use all of it (reduced on the device for
+outputs of more than 65536 values, in NumPy from a copy for smaller ones).
+
+Memory: the captures of up to ``flush_every`` recorded steps wait to be reduced: per
+watched layer and step, a copy of its output when it has at most ``exact_limit`` values,
+else ``sample`` values and a few sums; a batch is reduced early once they reach
+``flush_bytes``.
 """
 from __future__ import annotations
 
@@ -456,7 +464,10 @@ def monitor(model: nn.Module, every: int = 10, path: Optional[str] = None, modul
             ``percentiles`` (default (1, 15, 50, 85, 99)), ``bins`` (50), ``saturation``
             (0.98: a sigmoid output below 0.01 or above 0.99, a tanh output beyond ±0.98, is
             saturated), ``seed``, ``exact_limit`` (outputs up to this many values, default
-            65536, are copied and reduced in NumPy; larger ones are reduced on their device).
+            65536, are copied and reduced in NumPy; larger ones are reduced on their device),
+            ``flush_every`` (reduce and write recorded steps this many at a time, default 8;
+            ``.records`` is always up to date, the file at the latest when the ``with`` ends),
+            ``flush_bytes`` (reduce earlier once the captures held reach this size, 32 MiB).
 
     Examples::
 
