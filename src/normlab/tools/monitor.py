@@ -106,6 +106,8 @@ class Monitor:
         self._pending_bytes = 0
         self._captured: List[Tuple[int, Dict[str, dict]]] = []  # completed recorded steps, not yet reduced
         self._captured_bytes = 0
+        self._rows: Dict[tuple, _Rows] = {}  # small outputs' copies, by shape, dtype, device and kind
+        self._scratch: Dict[tuple, object] = {}  # NumPy work arrays, kept between batches
         self._transient: list = []
         self._own: List[Tuple[str, list]] = []
         self._root = None
@@ -153,6 +155,7 @@ class Monitor:
             self._root = None
         self._retire()
         self._reduce()
+        self._rows, self._scratch = {}, {}
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -168,6 +171,18 @@ class Monitor:
             idx = idx.numpy() if device is None else idx.to(device)
             self._probe[key] = idx
         return idx
+
+    def _work(self, name: str, shape: tuple, dtype):
+        """A NumPy work array, kept from one batch to the next: fresh large temporaries would cost
+        page faults on every batch (the C allocator gives them back to the system)."""
+        import numpy as np
+
+        size = math.prod(shape)
+        key = (name, np.dtype(dtype))
+        buf = self._scratch.get(key)
+        if buf is None or buf.size < size:
+            buf = self._scratch[key] = np.empty(size, dtype)
+        return buf[:size].reshape(shape)
 
     # -- hooks -----------------------------------------------------------------------------
     def _on_forward(self, model, args) -> None:
@@ -226,9 +241,12 @@ class Monitor:
         saturated and dead counts from sign(); plus a random sample for percentiles and histogram."""
         n = y.numel()
         if n <= self.exact_limit:
-            copy = y.clone()
-            self._pending_bytes += n * copy.element_size()
-            return {"numel": n, "_copy": copy, "_kind": kind}
+            key = (y.shape, y.dtype, y.device, kind)
+            rows = self._rows.get(key)
+            if rows is None:
+                rows = self._rows[key] = _Rows(y, kind, min(self.flush_every, 16) + 1)  # grows as needed
+            self._pending_bytes += n * y.element_size()
+            return {"numel": n, "_rows": rows, "_row": rows.put(y)}
         with torch.no_grad():
             return self._sums(y, n, kind)
 
@@ -283,37 +301,35 @@ class Monitor:
 
         layout = [(step, name, e) for step, pending in captured for name, e in pending.items()]
         scalars: list = [None] * len(layout)
-        blocks = []  # (record indices, 2-D array of samples, one row each)
-        # large outputs: the sums taken on the device, one transfer per device and dtype
-        sums: Dict[tuple, List[int]] = {}
-        copies: Dict[tuple, List[int]] = {}  # whole outputs, grouped by shape: one layer over the steps
+        blocks = []  # (record indices, 2-D array, one row each, and the sample's positions in a row or None: all)
+        sums: Dict[tuple, List[int]] = {}  # large outputs: the sums taken on the device
+        copies: Dict[_Rows, List[int]] = {}  # small outputs: rows 0, 1, ... of their buffer, in order
         for i, (_, _, e) in enumerate(layout):
-            if "_copy" in e:
-                c = e["_copy"]
-                copies.setdefault((tuple(c.shape), c.dtype, c.device), []).append(i)
+            rows = e.get("_rows")
+            if rows is not None:
+                copies.setdefault(rows, []).append(i)
             else:
                 r = e["_raw"]
                 sums.setdefault((r.dtype, r.device), []).append(i)
-        for rows in sums.values():
-            es = [layout[i][2] for i in rows]
+        for idx in sums.values():  # one transfer per device and dtype
+            es = [layout[i][2] for i in idx]
             flat = torch.cat([e["_raw"] for e in es]).cpu().tolist()
             at = 0
-            for i, e in zip(rows, es):
+            for i, e in zip(idx, es):
                 k = len(e["_keys"])
                 scalars[i] = _from_sums(dict(zip(e["_keys"], flat[at:at + k])), e["numel"], e["_units"])
                 at += k
             by_len: Dict[tuple, List[int]] = {}
-            for i, e in zip(rows, es):
-                s = e["_sample"]
-                by_len.setdefault((s.numel(), s.dtype, s.device), []).append(i)
+            for i, e in zip(idx, es):
+                t = e["_sample"]
+                by_len.setdefault((t.numel(), t.dtype, t.device), []).append(i)
             for sub in by_len.values():
-                blocks.append((sub, _to_numpy(torch.stack([layout[i][2]["_sample"] for i in sub]))))
-        for (shape, _, _), rows in copies.items():
-            a = _to_numpy(torch.stack([layout[i][2]["_copy"] for i in rows])).reshape(len(rows), -1)
-            outs = _exact(a, shape, [layout[i][2]["_kind"] for i in rows], self.saturation)
-            for j, i in enumerate(rows):
-                scalars[i] = outs[j]
-            blocks.append((rows, a[:, self._positions(a.shape[1], None)] if a.shape[1] > self.sample else a))
+                blocks.append((sub, _to_numpy(torch.stack([layout[i][2]["_sample"] for i in sub])), None))
+        for rows, idx in copies.items():  # one layer, or layers alike, over the batch's steps: one NumPy call
+            a = _to_numpy(rows.buf[:len(idx)]).reshape(len(idx), -1)
+            for i, out in zip(idx, _exact(a, rows.shape, rows.kind, self.saturation, self._work)):
+                scalars[i] = out
+            blocks.append((idx, a, self._positions(a.shape[1], None) if a.shape[1] > self.sample else None))
         # every gradient norm of the batch in one transfer per device
         norms: Dict[object, list] = {}
         for i, (_, _, e) in enumerate(layout):
@@ -329,7 +345,10 @@ class Monitor:
                     scalars[i]["grad_norm"] = v
                 else:
                     scalars[i]["weight_grad_norm"] = math.hypot(scalars[i].get("weight_grad_norm", 0.0), v)
-        q, hists = _percentiles_and_histograms(blocks, len(layout), self.percentiles, self.bins)
+        q, hists = _percentiles_and_histograms(blocks, len(layout), self.percentiles, self.bins, self._work)
+        # the step in progress (if any) keeps its copies: move them to the front of their buffers
+        for rows, idx in copies.items():
+            rows.drop(len(idx), self._pending.values())
         keys, records, encode = self._percentile_keys, self._records, _ENCODER.encode
         lines = []
         for (step, name, e), scal, qs, hist in zip(layout, scalars, q, hists):
@@ -355,35 +374,64 @@ class Monitor:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
-def _exact(a, shape: tuple, kinds: list, saturation: float) -> list:
-    """Scalars of whole outputs of one shape, a: (R, n), all rows at once (sums accumulate in float64)."""
+def _exact(a, shape: tuple, kind: Optional[str], saturation: float, work) -> list:
+    """Scalars of whole outputs of one shape and kind, a: (R, n), all rows at once (sums accumulate
+    in float64; temporaries in ``work`` arrays)."""
     import numpy as np
 
     rows, n = a.shape
     mean = a.mean(axis=1, dtype=np.float64)
-    d = a - mean[:, None].astype(a.dtype)
-    std = np.sqrt(np.square(d).sum(axis=1, dtype=np.float64) / n)
+    d = np.subtract(a, mean[:, None].astype(a.dtype), out=work("d", a.shape, a.dtype))
+    std = np.sqrt(np.square(d, out=d).sum(axis=1, dtype=np.float64) / n)
     outs = [{"mean": m, "std": s, "min": lo, "max": hi}
             for m, s, lo, hi in zip(mean.tolist(), std.tolist(), a.min(axis=1).tolist(), a.max(axis=1).tolist())]
-    by_kind: Dict[str, List[int]] = {}
-    for j, kind in enumerate(kinds):
-        if kind is not None:
-            by_kind.setdefault(kind, []).append(j)
-    for kind, js in by_kind.items():
-        b = a if len(js) == rows else a[js]
+    found = {}
+    if kind in ("sigmoid", "tanh"):
         if kind == "sigmoid":
-            found = {"saturated": (np.count_nonzero(np.abs(b - 0.5) > 0.5 * saturation, axis=1) / n).tolist()}
-        elif kind == "tanh":
-            found = {"saturated": (np.count_nonzero(np.abs(b) > saturation, axis=1) / n).tolist()}
-        else:  # relu
-            found = {"zero": (1.0 - np.count_nonzero(b, axis=1) / n).tolist()}
-            if len(shape) >= 2:  # per unit (dim 1): the largest value over the batch and positions
-                top = b.reshape((len(js),) + tuple(shape)).max(axis=(1,) + tuple(range(3, len(shape) + 1)))
-                found["dead"] = (np.count_nonzero(top <= 0, axis=1) / shape[1]).tolist()
-        for key, values in found.items():
-            for j, v in zip(js, values):
-                outs[j][key] = v
+            dev, half = np.abs(np.subtract(a, 0.5, out=d), out=d), 0.5 * saturation
+        else:
+            dev, half = np.abs(a, out=d), saturation
+        mask = np.greater(dev, half, out=work("mask", a.shape, np.bool_))
+        found["saturated"] = (np.count_nonzero(mask, axis=1) / n).tolist()
+    elif kind == "relu":
+        found["zero"] = (1.0 - np.count_nonzero(np.not_equal(a, 0, out=work("mask", a.shape, np.bool_)), axis=1)
+                         / n).tolist()
+        if len(shape) >= 2:  # per unit (dim 1): the largest value over the batch and positions
+            top = a.reshape((rows,) + tuple(shape)).max(axis=(1,) + tuple(range(3, len(shape) + 1)))
+            found["dead"] = (np.count_nonzero(top <= 0, axis=1) / shape[1]).tolist()
+    for key, values in found.items():
+        for out, v in zip(outs, values):
+            out[key] = v
     return outs
+
+
+class _Rows:
+    """Copies of small outputs of one shape, dtype, device and activation kind, one per row of a
+    buffer kept from batch to batch (no allocation per capture, one array to reduce)."""
+
+    def __init__(self, y: torch.Tensor, kind: Optional[str], capacity: int) -> None:
+        self.shape, self.kind, self.used = tuple(y.shape), kind, 0
+        self.buf = torch.empty((capacity,) + self.shape, dtype=y.dtype, device=y.device)
+
+    def put(self, y: torch.Tensor) -> int:
+        k = self.used
+        if k == self.buf.shape[0]:
+            grown = self.buf.new_empty((2 * k,) + self.shape)
+            grown[:k].copy_(self.buf)
+            self.buf = grown
+        self.buf[k].copy_(y)
+        self.used = k + 1
+        return k
+
+    def drop(self, count: int, pending: Iterable[dict]) -> None:
+        """Rows [0, count) are reduced; move what is left (the step in progress) to the front."""
+        left = self.used - count
+        if left:
+            self.buf[:left].copy_(self.buf[count:self.used].clone())
+            for e in pending:
+                if e.get("_rows") is self:
+                    e["_row"] -= count
+        self.used = left
 
 
 def _from_sums(raw: dict, n: int, units: int) -> dict:
@@ -400,21 +448,29 @@ def _from_sums(raw: dict, n: int, units: int) -> dict:
     return out
 
 
-def _percentiles_and_histograms(blocks: list, count: int, percentiles: tuple, bins: int):
+def _percentiles_and_histograms(blocks: list, count: int, percentiles: tuple, bins: int, work):
     """Percentiles (linear interpolation, as numpy.percentile) and equal-width histograms of each
-    sample; blocks = [(record indices, 2-D array with one sample per row)]; samples of the same
-    length are done together in one sort."""
+    sample; blocks = [(record indices, 2-D array, positions)]: row j of the array holds record
+    j's values, its sample those at ``positions`` (None: all). Samples of the same length are
+    done together in one sort."""
     import numpy as np
 
     q_out, h_out = [None] * count, [None] * count
     by_len: Dict[int, list] = {}
-    for rows, a in blocks:
-        by_len.setdefault(a.shape[1], []).append((rows, a))
+    for rows, a, at in blocks:
+        by_len.setdefault(a.shape[1] if at is None else len(at), []).append((rows, a, at))
     p = np.asarray(percentiles, dtype=np.float64) / 100
     for length, group in by_len.items():
-        rows = [i for r, _ in group for i in r]
-        a = group[0][1] if len(group) == 1 else np.concatenate([b for _, b in group])
-        a = np.sort(a, axis=1)  # (R, length)
+        rows = [i for r, _, _ in group for i in r]
+        a = work("sorted", (len(rows), length), np.result_type(*[b for _, b, _ in group]))
+        start = 0
+        for _, b, at in group:
+            if at is None:
+                a[start:start + len(b)] = b
+            else:
+                np.take(b, at, axis=1, out=a[start:start + len(b)], mode="clip")  # in range: clip = raise, unbuffered
+            start += len(b)
+        a.sort(axis=1)  # (R, length)
         pos = p * (length - 1)
         lo_i = np.floor(pos).astype(np.int64)
         hi_i = np.minimum(lo_i + 1, length - 1)
@@ -425,7 +481,8 @@ def _percentiles_and_histograms(blocks: list, count: int, percentiles: tuple, bi
         # histogram of sorted rows: rescale row j to [2j, 2j + 1], so all rows and their bin edges
         # form one sorted sequence, and count with one searchsorted
         shift = 2.0 * np.arange(len(rows))[:, None]
-        t = ((a - lo[:, None]) / (hi - lo)[:, None] + shift).ravel()
+        t = np.subtract(a, lo[:, None], out=work("t", a.shape, np.float64))
+        t = np.add(np.divide(t, (hi - lo)[:, None], out=t), shift, out=t).ravel()
         edges = np.linspace(0.0, 1.0, bins + 1)[None, :] + shift
         idx = np.concatenate([np.searchsorted(t, edges[:, :-1].ravel(), side="left").reshape(len(rows), bins),
                               np.searchsorted(t, edges[:, -1], side="right")[:, None]], axis=1)
