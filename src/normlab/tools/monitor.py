@@ -109,7 +109,8 @@ class Monitor:
         self._rows: Dict[tuple, _Rows] = {}  # small outputs' copies, by shape, dtype, device and kind
         self._scratch: Dict[tuple, object] = {}  # NumPy work arrays, kept between batches
         self._transient: list = []
-        self._own: List[Tuple[str, list]] = []
+        self._params: List[Tuple[str, torch.Tensor]] = []  # (layer, parameter) of every watched layer
+        self._backward: Optional[_Backward] = None  # the recorded step's gradient bookkeeping
         self._root = None
         self._file = None
 
@@ -141,7 +142,7 @@ class Monitor:
             raise RuntimeError("monitor: this Monitor is already active")
         if self.path is not None:
             self._file = open(self.path, "w")
-        self._own = [(name, ps) for name, m in self.layers.items() if (ps := list(m.parameters(recurse=False)))]
+        self._params = [(name, p) for name, m in self.layers.items() for p in m.parameters(recurse=False)]
         self._root = self.model.register_forward_pre_hook(self._on_forward)
         return self
 
@@ -195,16 +196,10 @@ class Monitor:
         if step % self.every == 0:
             self._pending_step = step
             # one process-wide forward hook for all watched layers (cheaper than one per layer, and
-            # registered only for this step, so the steps in between pay nothing); parameter-gradient
-            # hooks likewise
-            transient = self._transient
-            transient.append(nn.modules.module.register_module_forward_hook(self._on_output))
-            for name, params in self._own:
-                own = [p for p in params if p.requires_grad]
-                if own:
-                    hook = self._param_hook(name, len(own))
-                    for p in own:
-                        transient.append(p.register_post_accumulate_grad_hook(hook))
+            # registered only for this step, so the steps in between pay nothing); gradients are
+            # taken by hooks on this step's outputs and read at the end of its backward pass
+            self._transient.append(nn.modules.module.register_module_forward_hook(self._on_output))
+            self._backward = _Backward(self._pending, self._params)
 
     def _on_output(self, module, args, output) -> None:
         watched = self._watch.get(id(module))
@@ -218,16 +213,7 @@ class Monitor:
         entry["type"] = type_name
         self._pending[name] = entry
         if y.requires_grad:
-            y.register_hook(lambda g: entry.__setitem__("_grad", torch.linalg.vector_norm(g)) or None)
-
-    def _param_hook(self, name: str, n_params: int):
-        def hook(p):
-            entry = self._pending.get(name)
-            if entry is not None and p.grad is not None:
-                norms = entry.setdefault("_param_grads", [])
-                if len(norms) < n_params:
-                    norms.append(torch.linalg.vector_norm(p.grad))
-        return hook
+            self._backward.watch(y, entry, large=entry["numel"] > self.exact_limit)
 
     def _stats(self, y: torch.Tensor, kind: Optional[str]) -> dict:
         """What the record needs from one output, taken now (the output may be changed in place later,
@@ -281,7 +267,7 @@ class Monitor:
             h.remove()
         self._transient = []
         step, pending, held = self._pending_step, self._pending, self._pending_bytes
-        self._pending, self._pending_step, self._pending_bytes = {}, None, 0
+        self._pending, self._pending_step, self._pending_bytes, self._backward = {}, None, 0, None
         if step is None or not pending:
             return
         self._captured.append((step, pending))
@@ -403,6 +389,57 @@ def _exact(a, shape: tuple, kind: Optional[str], saturation: float, work) -> lis
         for out, v in zip(outs, values):
             out[key] = v
     return outs
+
+
+class _Backward:
+    """The gradient norms of one recorded step: ||dL/dy|| of each watched output, from a hook on the
+    autograd node that made it, and ||dL/dθ|| of the watched layers' parameters, read once the
+    backward pass has ended (one callback, queued by the first output hook to run, instead of a
+    hook per parameter to register, call and remove). All the norms of one backward pass are
+    taken in one ``torch._foreach_norm``."""
+
+    def __init__(self, entries: Dict[str, dict], params: List[Tuple[str, torch.Tensor]]) -> None:
+        self.entries, self.waiting, self.queued, self.params_done = entries, [], False, False
+        # a parameter's gradient counts if this step's backward wrote it: it was None before, or
+        # another tensor, or the same one changed in place (accumulated)
+        self.before = [(name, p, g, None if g is None else g._version) for name, p in params
+                       if p.requires_grad for g in (p.grad,)]
+
+    def watch(self, y: torch.Tensor, entry: dict, large: bool) -> None:
+        fn = y.grad_fn
+        if fn is None:  # a leaf: only a tensor hook sees its gradient
+            y.register_hook(lambda g: self._got(entry, g, large))
+        else:  # the node's pre-hook sees the gradients of all its outputs (cheaper than a tensor hook)
+            nr = y.output_nr
+            fn.register_prehook(lambda grads: self._got(entry, grads[nr], large))
+
+    def _got(self, entry: dict, g: Optional[torch.Tensor], large: bool) -> None:
+        if g is not None:
+            if large:  # norm now: keeping a large gradient to the end would raise peak memory
+                entry["_grad"] = torch.linalg.vector_norm(g)
+            else:
+                self.waiting.append((entry, g))
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._ended)
+
+    def _ended(self) -> None:
+        self.queued = False
+        tensors, owners = [g for _, g in self.waiting], [(e, "_grad") for e, _ in self.waiting]
+        self.waiting = []
+        if not self.params_done:  # the first backward pass of the step gives the parameter gradients
+            self.params_done = True
+            for name, p, g0, v0 in self.before:
+                entry, g = self.entries.get(name), p.grad
+                if entry is not None and g is not None and (g is not g0 or g._version != v0):
+                    tensors.append(g)
+                    owners.append((entry, None))
+        if tensors:
+            for (entry, key), norm in zip(owners, torch._foreach_norm(tensors)):
+                if key is None:
+                    entry.setdefault("_param_grads", []).append(norm)
+                else:
+                    entry[key] = norm
 
 
 class _Rows:
