@@ -162,3 +162,36 @@ def test_a_copy_of_the_model_is_not_affected():
     with monitor(m, every=1) as mon:
         other(torch.randn(3, 5))
     assert mon.records == []
+
+
+def test_records_are_reduced_in_batches_but_never_stale(tmp_path):
+    """Recorded steps are reduced (and written) flush_every at a time; reading .records reduces
+    what is queued, the file catches up on exit, and the numbers do not depend on the batching."""
+    m, twin = mlp(), mlp()
+    path = tmp_path / "b.jsonl"
+    with monitor(m, every=2, path=str(path), flush_every=3) as mon:
+        train(m, 5)  # steps 0 and 2 complete, step 4 in progress
+        assert load_records(str(path)) == []  # 2 completed steps < flush_every: not reduced yet
+        assert sorted({r["step"] for r in mon.records}) == [0, 2]  # the property reduces them
+        assert sorted({r["step"] for r in load_records(str(path))}) == [0, 2]
+        train(m, 2)  # step 6 starts: step 4 completes (1 queued)
+        assert sorted({r["step"] for r in mon.records}) == [0, 2, 4]
+        train(m, 8)  # steps 6, 8, 10, 12 complete: 3 reduced on their own when step 11 started
+        assert sorted({r["step"] for r in load_records(str(path))}) == [0, 2, 4, 6, 8, 10]
+    assert sorted({r["step"] for r in mon.records}) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert load_records(str(path)) == json.loads(json.dumps(mon.records))
+    with monitor(twin, every=2, flush_every=1) as one_by_one:
+        train(twin, 5)
+        train(twin, 2)
+        train(twin, 8)
+    assert one_by_one.records == mon.records
+
+
+def test_records_are_there_after_the_block_without_reading_them_inside(tmp_path):
+    m = mlp()
+    with monitor(m, every=1, flush_every=100) as mon:
+        train(m, 3)
+    assert [r["step"] for r in mon.records if r["layer"] == "0"] == [0, 1, 2]
+    assert all("grad_norm" in r for r in mon.records)
+    with pytest.raises(ValueError, match="flush_every must be a positive int"):
+        monitor(m, flush_every=0)

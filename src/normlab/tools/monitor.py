@@ -9,16 +9,24 @@ sigmoid or tanh, the fraction of dead units after a ReLU, and the gradient norms
 Lines; :meth:`Monitor.plot` draws per-layer histograms over time with the percentile lines.
 
 Cost: on the steps in between, one Python call (a pre-hook on the model); the other hooks
-exist only during recorded steps. Percentiles and histograms use a fixed-size random sample
-of each output (the same random positions at every step); mean, std and the saturated and
-dead fractions use all of it (reduced on the device for outputs of more than 65536 values,
-in NumPy from a copy for smaller ones).
+exist only during recorded steps, which only capture what the records need (a copy of a
+small output, sums taken on the device for a large one, gradient norms). The statistics,
+percentiles, histograms and JSON lines of ``flush_every`` recorded steps are computed
+together, so their fixed per-call cost is shared by the batch. Percentiles and histograms
+use a fixed-size random sample of each output (the same random positions at every step);
+mean, std and the saturated and dead fractions use all of it (reduced on the device for
+outputs of more than 65536 values, in NumPy from a copy for smaller ones).
+
+Memory: the captures of up to ``flush_every`` recorded steps wait to be reduced: per
+watched layer and step, a copy of its output when it has at most ``exact_limit`` values,
+else ``sample`` values and a few sums; a batch is reduced early once they reach
+``flush_bytes``.
 """
 from __future__ import annotations
 
 import json
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -43,8 +51,14 @@ class Monitor:
 
     Use :func:`monitor` to make one. A *step* is one forward of the model in training mode
     (forwards in evaluation mode are neither counted nor recorded); steps 0, every,
-    2·every, ... are recorded. A record is written once the next step starts (so the
+    2·every, ... are recorded. A recorded step is complete once the next step starts (so the
     backward pass of the recorded step has run) or when the monitor closes.
+
+    What a recorded step captured is reduced to records (and written to ``path``) in batches:
+    every ``flush_every`` completed recorded steps, when the captures held reach ``flush_bytes``,
+    when the monitor closes, and whenever :attr:`records` is read, so what you read there is
+    never behind the steps completed so far (the file may be, by up to ``flush_every`` recorded
+    steps, until the monitor closes).
 
     One record (one JSON line) per recorded layer and step::
 
@@ -60,9 +74,13 @@ class Monitor:
 
     def __init__(self, model: nn.Module, every: int = 10, path: Optional[str] = None, modules: Selection = None,
                  sample: int = 2048, percentiles: Sequence[float] = (1, 15, 50, 85, 99), bins: int = 50,
-                 saturation: float = 0.98, seed: int = 0, exact_limit: int = 1 << 16) -> None:
+                 saturation: float = 0.98, seed: int = 0, exact_limit: int = 1 << 16, flush_every: int = 8,
+                 flush_bytes: int = 32 << 20) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"monitor: every must be a positive int (record every N steps), got {every!r}")
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"monitor: flush_every must be a positive int (recorded steps per batch), "
+                             f"got {flush_every!r}")
         if sample < 2 or bins < 1:
             raise ValueError(f"monitor: sample must be >= 2 and bins >= 1, got sample={sample}, bins={bins}")
         if not all(0 <= p <= 100 for p in percentiles):
@@ -71,6 +89,7 @@ class Monitor:
             raise ValueError(f"monitor: saturation is a fraction of the output range in (0, 1), got {saturation}")
         self.model, self.every, self.path = model, every, path
         self.sample, self.bins, self.saturation = sample, bins, saturation
+        self.flush_every, self.flush_bytes = flush_every, flush_bytes
         self.percentiles = tuple(sorted(float(p) for p in percentiles))
         self._percentile_keys = tuple(_fmt(p) for p in self.percentiles)
         self.layers = self._select(model, modules)
@@ -78,13 +97,20 @@ class Monitor:
             raise ValueError("monitor: no layer to watch (the selection matched no module)")
         self._watch = {id(m): (name, _activation(m), type(m).__name__) for name, m in self.layers.items()}
         self.step = 0
-        self.records: List[dict] = []
+        self._records: List[dict] = []
         self.exact_limit = exact_limit
         self._gen = torch.Generator().manual_seed(seed)
         self._probe: Dict[tuple, object] = {}
         self._pending: Dict[str, dict] = {}
         self._pending_step: Optional[int] = None
+        self._pending_bytes = 0
+        self._captured: List[Tuple[int, Dict[str, dict]]] = []  # completed recorded steps, not yet reduced
+        self._captured_bytes = 0
+        self._rows: Dict[tuple, _Rows] = {}  # small outputs' copies, by shape, dtype, device and kind
+        self._scratch: Dict[tuple, object] = {}  # NumPy work arrays, kept between batches
         self._transient: list = []
+        self._params: List[Tuple[str, torch.Tensor]] = []  # (layer, parameter) of every watched layer
+        self._backward: Optional[_Backward] = None  # the recorded step's gradient bookkeeping
         self._root = None
         self._file = None
 
@@ -102,12 +128,21 @@ class Monitor:
                              f"{[n for n in named if n][:6]}")
         return {n: named[n] for n in names}
 
+    @property
+    def records(self) -> List[dict]:
+        """The records of every recorded step completed so far (reading this reduces the steps
+        captured since the last batch; the step in progress joins once the next step starts)."""
+        if self._captured:
+            self._reduce()
+        return self._records
+
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "Monitor":
         if self._root is not None:
             raise RuntimeError("monitor: this Monitor is already active")
         if self.path is not None:
             self._file = open(self.path, "w")
+        self._params = [(name, p) for name, m in self.layers.items() for p in m.parameters(recurse=False)]
         self._root = self.model.register_forward_pre_hook(self._on_forward)
         return self
 
@@ -115,11 +150,13 @@ class Monitor:
         self.close()
 
     def close(self) -> None:
-        """Write the last recorded step and remove every hook (also done on leaving the ``with``)."""
+        """Reduce and write every recorded step and remove every hook (also done on leaving the ``with``)."""
         if self._root is not None:
             self._root.remove()
             self._root = None
-        self._flush()
+        self._retire()
+        self._reduce()
+        self._rows, self._scratch = {}, {}
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -136,23 +173,33 @@ class Monitor:
             self._probe[key] = idx
         return idx
 
+    def _work(self, name: str, shape: tuple, dtype):
+        """A NumPy work array, kept from one batch to the next: fresh large temporaries would cost
+        page faults on every batch (the C allocator gives them back to the system)."""
+        import numpy as np
+
+        size = math.prod(shape)
+        key = (name, np.dtype(dtype))
+        buf = self._scratch.get(key)
+        if buf is None or buf.size < size:
+            buf = self._scratch[key] = np.empty(size, dtype)
+        return buf[:size].reshape(shape)
+
     # -- hooks -----------------------------------------------------------------------------
     def _on_forward(self, model, args) -> None:
         if not model.training:
             return
         if self._pending_step is not None:
-            self._flush()
+            self._retire()
         step = self.step
         self.step += 1
         if step % self.every == 0:
             self._pending_step = step
-            # one process-wide forward hook for all watched layers (cheaper than one per layer), only for
-            # this step; parameter-gradient hooks likewise
+            # one process-wide forward hook for all watched layers (cheaper than one per layer, and
+            # registered only for this step, so the steps in between pay nothing); gradients are
+            # taken by hooks on this step's outputs and read at the end of its backward pass
             self._transient.append(nn.modules.module.register_module_forward_hook(self._on_output))
-            for name, m in self.layers.items():
-                own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-                for p in own:
-                    self._transient.append(p.register_post_accumulate_grad_hook(self._param_hook(name, len(own))))
+            self._backward = _Backward(self._pending, self._params)
 
     def _on_output(self, module, args, output) -> None:
         watched = self._watch.get(id(module))
@@ -166,33 +213,33 @@ class Monitor:
         entry["type"] = type_name
         self._pending[name] = entry
         if y.requires_grad:
-            y.register_hook(lambda g: entry.__setitem__("_grad", torch.linalg.vector_norm(g)) or None)
+            self._backward.watch(y, entry, large=entry["numel"] > self.exact_limit)
 
-    def _param_hook(self, name: str, n_params: int):
-        def hook(p):
-            entry = self._pending.get(name)
-            if entry is not None and p.grad is not None:
-                norms = entry.setdefault("_param_grads", [])
-                if len(norms) < n_params:
-                    norms.append(torch.linalg.vector_norm(p.grad))
-        return hook
-
-    @torch.no_grad()
     def _stats(self, y: torch.Tensor, kind: Optional[str]) -> dict:
         """What the record needs from one output, taken now (the output may be changed in place later,
-        e.g. by ReLU(inplace=True)) and left on the device until the step is flushed.
+        e.g. by ReLU(inplace=True)) and left on the device until the step is reduced.
 
-        An output of at most ``exact_limit`` values is copied whole and reduced in NumPy at the
-        flush (a NumPy call costs a fraction of a torch op on small arrays). A larger one is
-        reduced here with sums and dot products, several times
-        faster on the CPU than torch.std_mean or boolean counts: with d = y - shift (shift = the
+        An output of at most ``exact_limit`` values is copied whole and reduced in NumPy later, with
+        the same layer's copies from the other steps of the batch (a NumPy call costs a fraction of a
+        torch op on small arrays). A larger one is reduced here with sums and dot products, several
+        times faster on the CPU than torch.std_mean or boolean counts: with d = y - shift (shift = the
         sample's mean, so no cancellation), mean = shift + sum(d)/n and var = d.d/n - (sum(d)/n)^2;
         saturated and dead counts from sign(); plus a random sample for percentiles and histogram."""
-        flat = y.reshape(-1)
-        n = flat.numel()
+        n = y.numel()
         if n <= self.exact_limit:
-            return {"numel": n, "_copy": flat.clone(), "_shape": tuple(y.shape), "_kind": kind}
+            key = (y.shape, y.dtype, y.device, kind)
+            rows = self._rows.get(key)
+            if rows is None:
+                rows = self._rows[key] = _Rows(y, kind, min(self.flush_every, 16) + 1)  # grows as needed
+            self._pending_bytes += n * y.element_size()
+            return {"numel": n, "_rows": rows, "_row": rows.put(y)}
+        with torch.no_grad():
+            return self._sums(y, n, kind)
+
+    def _sums(self, y: torch.Tensor, n: int, kind: Optional[str]) -> dict:
+        flat = y.reshape(-1)
         sample = flat[self._positions(n, flat.device)]
+        self._pending_bytes += sample.numel() * sample.element_size()
         acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
         shift = sample.to(acc).mean()
         d = flat.to(acc) - shift
@@ -213,58 +260,92 @@ class Monitor:
         return {"numel": n, "_sample": sample, "_raw": torch.stack([r.to(dt) for r in raw]), "_keys": keys,
                 "_units": y.shape[1] if y.dim() >= 2 else 0}
 
-    def _flush(self) -> None:
+    def _retire(self) -> None:
+        """The recorded step is complete: drop its hooks and queue what it captured; reduce the
+        queue once it holds ``flush_every`` steps or ``flush_bytes`` of captures."""
         for h in self._transient:
             h.remove()
         self._transient = []
-        step, pending = self._pending_step, self._pending
-        self._pending, self._pending_step = {}, None
+        step, pending, held = self._pending_step, self._pending, self._pending_bytes
+        self._pending, self._pending_step, self._pending_bytes, self._backward = {}, None, 0, None
         if step is None or not pending:
+            return
+        self._captured.append((step, pending))
+        self._captured_bytes += held
+        if len(self._captured) >= self.flush_every or self._captured_bytes >= self.flush_bytes:
+            self._reduce()
+
+    def _reduce(self) -> None:
+        """Records from every queued step at once: the same layer's outputs over the batch's steps
+        are reduced in one NumPy call, all samples sorted in one, all scalars and gradient norms
+        brought to the host in one transfer per device."""
+        captured = self._captured
+        self._captured, self._captured_bytes = [], 0
+        if not captured:
             return
         import numpy as np
 
-        layout = list(pending.items())
-        scalars, samples = [None] * len(layout), [None] * len(layout)
-        copies: Dict[int, List[int]] = {}  # whole outputs, grouped by size so NumPy works on a group at once
-        for i, (name, e) in enumerate(layout):
-            if "_copy" in e:
-                copies.setdefault(e["numel"], []).append(i)
+        layout = [(step, name, e) for step, pending in captured for name, e in pending.items()]
+        scalars: list = [None] * len(layout)
+        blocks = []  # (record indices, 2-D array, one row each, and the sample's positions in a row or None: all)
+        sums: Dict[tuple, List[int]] = {}  # large outputs: the sums taken on the device
+        copies: Dict[_Rows, List[int]] = {}  # small outputs: rows 0, 1, ... of their buffer, in order
+        for i, (_, _, e) in enumerate(layout):
+            rows = e.get("_rows")
+            if rows is not None:
+                copies.setdefault(rows, []).append(i)
             else:
-                raw = dict(zip(e["_keys"], e["_raw"].cpu().tolist()))
-                scalars[i] = _from_sums(raw, e["numel"], e["_units"])
-                samples[i] = _to_numpy(e["_sample"])
-        for rows in copies.values():
-            es = [layout[i][1] for i in rows]
-            a = np.stack([_to_numpy(e["_copy"]) for e in es])
-            outs = _exact(a, [e["_shape"] for e in es], [e["_kind"] for e in es], self.saturation)
-            sample = a[:, self._positions(a.shape[1], None)] if a.shape[1] > self.sample else a
-            for j, i in enumerate(rows):
-                scalars[i], samples[i] = outs[j], sample[j]
-        # every gradient norm of the step in one transfer
-        norms, owners = [], []
-        for i, (name, e) in enumerate(layout):
-            if "_grad" in e:
-                norms.append(e["_grad"].float())
-                owners.append((i, "grad_norm"))
-            for t in e.get("_param_grads", []):
-                norms.append(t.float())
-                owners.append((i, "_param"))
-        if norms:
-            for (i, key), v in zip(owners, torch.stack(norms).cpu().tolist()):
-                if key == "grad_norm":
+                r = e["_raw"]
+                sums.setdefault((r.dtype, r.device), []).append(i)
+        for idx in sums.values():  # one transfer per device and dtype
+            es = [layout[i][2] for i in idx]
+            flat = torch.cat([e["_raw"] for e in es]).cpu().tolist()
+            at = 0
+            for i, e in zip(idx, es):
+                k = len(e["_keys"])
+                scalars[i] = _from_sums(dict(zip(e["_keys"], flat[at:at + k])), e["numel"], e["_units"])
+                at += k
+            by_len: Dict[tuple, List[int]] = {}
+            for i, e in zip(idx, es):
+                t = e["_sample"]
+                by_len.setdefault((t.numel(), t.dtype, t.device), []).append(i)
+            for sub in by_len.values():
+                blocks.append((sub, _to_numpy(torch.stack([layout[i][2]["_sample"] for i in sub])), None))
+        for rows, idx in copies.items():  # one layer, or layers alike, over the batch's steps: one NumPy call
+            a = _to_numpy(rows.buf[:len(idx)]).reshape(len(idx), -1)
+            for i, out in zip(idx, _exact(a, rows.shape, rows.kind, self.saturation, self._work)):
+                scalars[i] = out
+            blocks.append((idx, a, self._positions(a.shape[1], None) if a.shape[1] > self.sample else None))
+        # every gradient norm of the batch in one transfer per device
+        norms: Dict[object, list] = {}
+        for i, (_, _, e) in enumerate(layout):
+            g = e.get("_grad")
+            if g is not None:
+                norms.setdefault(g.device, []).append((i, True, g))
+            for t in e.get("_param_grads", ()):
+                norms.setdefault(t.device, []).append((i, False, t))
+        for group in norms.values():
+            values = torch.stack([t.float() for _, _, t in group]).cpu().tolist()
+            for (i, is_output, _), v in zip(group, values):
+                if is_output:
                     scalars[i]["grad_norm"] = v
                 else:
                     scalars[i]["weight_grad_norm"] = math.hypot(scalars[i].get("weight_grad_norm", 0.0), v)
-        q, hists = _percentiles_and_histograms(samples, self.percentiles, self.bins)
+        q, hists = _percentiles_and_histograms(blocks, len(layout), self.percentiles, self.bins, self._work)
+        # the step in progress (if any) keeps its copies: move them to the front of their buffers
+        for rows, idx in copies.items():
+            rows.drop(len(idx), self._pending.values())
+        keys, records, encode = self._percentile_keys, self._records, _ENCODER.encode
         lines = []
-        for (name, e), scal, qs, hist in zip(layout, scalars, q, hists):
+        for (step, name, e), scal, qs, hist in zip(layout, scalars, q, hists):
             rec = {"step": step, "layer": name, "type": e["type"], "numel": e["numel"],
                    "mean": scal.pop("mean"), "std": scal.pop("std"), "min": scal.pop("min"), "max": scal.pop("max"),
-                   "percentiles": dict(zip(self._percentile_keys, qs)), "hist": hist}
+                   "percentiles": dict(zip(keys, qs)), "hist": hist}
             rec.update(scal)
-            self.records.append(rec)
-            lines.append(json.dumps(rec, separators=(",", ":")))
-        if self._file is not None:
+            records.append(rec)
+            if self._file is not None:
+                lines.append(encode(rec))
+        if lines:
             self._file.write("\n".join(lines) + "\n")
             self._file.flush()
 
@@ -275,28 +356,119 @@ class Monitor:
         return plot_records(self.records, out_png, layers=layers, title=title, **kwargs)
 
 
-def _exact(a, shapes: list, kinds: list, saturation: float) -> list:
-    """Scalars of whole outputs of one size, a: (L, n), all rows at once (sums accumulate in float64)."""
+# the output of json.dumps(rec, separators=(",", ":")), without building an encoder per record
+_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+
+
+def _exact(a, shape: tuple, kind: Optional[str], saturation: float, work) -> list:
+    """Scalars of whole outputs of one shape and kind, a: (R, n), all rows at once (sums accumulate
+    in float64; temporaries in ``work`` arrays)."""
     import numpy as np
 
-    n = a.shape[1]
+    rows, n = a.shape
     mean = a.mean(axis=1, dtype=np.float64)
-    d = a - mean[:, None].astype(a.dtype)
-    std = np.sqrt(np.square(d).sum(axis=1, dtype=np.float64) / n)
-    lo, hi = a.min(axis=1), a.max(axis=1)
-    outs = [{"mean": float(mean[j]), "std": float(std[j]), "min": float(lo[j]), "max": float(hi[j])}
-            for j in range(len(a))]
-    for j, (kind, shape) in enumerate(zip(kinds, shapes)):
+    d = np.subtract(a, mean[:, None].astype(a.dtype), out=work("d", a.shape, a.dtype))
+    std = np.sqrt(np.square(d, out=d).sum(axis=1, dtype=np.float64) / n)
+    outs = [{"mean": m, "std": s, "min": lo, "max": hi}
+            for m, s, lo, hi in zip(mean.tolist(), std.tolist(), a.min(axis=1).tolist(), a.max(axis=1).tolist())]
+    found = {}
+    if kind in ("sigmoid", "tanh"):
         if kind == "sigmoid":
-            outs[j]["saturated"] = np.count_nonzero(np.abs(a[j] - 0.5) > 0.5 * saturation) / n
-        elif kind == "tanh":
-            outs[j]["saturated"] = np.count_nonzero(np.abs(a[j]) > saturation) / n
-        elif kind == "relu":
-            outs[j]["zero"] = 1.0 - np.count_nonzero(a[j]) / n
-            if len(shape) >= 2:
-                units = np.moveaxis(a[j].reshape(shape), 1, 0).reshape(shape[1], -1)
-                outs[j]["dead"] = np.count_nonzero(units.max(axis=1) <= 0) / shape[1]
+            dev, half = np.abs(np.subtract(a, 0.5, out=d), out=d), 0.5 * saturation
+        else:
+            dev, half = np.abs(a, out=d), saturation
+        mask = np.greater(dev, half, out=work("mask", a.shape, np.bool_))
+        found["saturated"] = (np.count_nonzero(mask, axis=1) / n).tolist()
+    elif kind == "relu":
+        found["zero"] = (1.0 - np.count_nonzero(np.not_equal(a, 0, out=work("mask", a.shape, np.bool_)), axis=1)
+                         / n).tolist()
+        if len(shape) >= 2:  # per unit (dim 1): the largest value over the batch and positions
+            top = a.reshape((rows,) + tuple(shape)).max(axis=(1,) + tuple(range(3, len(shape) + 1)))
+            found["dead"] = (np.count_nonzero(top <= 0, axis=1) / shape[1]).tolist()
+    for key, values in found.items():
+        for out, v in zip(outs, values):
+            out[key] = v
     return outs
+
+
+class _Backward:
+    """The gradient norms of one recorded step: ||dL/dy|| of each watched output, from a hook on the
+    autograd node that made it, and ||dL/dθ|| of the watched layers' parameters, read once the
+    backward pass has ended (one callback, queued by the first output hook to run, instead of a
+    hook per parameter to register, call and remove). All the norms of one backward pass are
+    taken in one ``torch._foreach_norm``."""
+
+    def __init__(self, entries: Dict[str, dict], params: List[Tuple[str, torch.Tensor]]) -> None:
+        self.entries, self.waiting, self.queued, self.params_done = entries, [], False, False
+        # a parameter's gradient counts if this step's backward wrote it: it was None before, or
+        # another tensor, or the same one changed in place (accumulated)
+        self.before = [(name, p, g, None if g is None else g._version) for name, p in params
+                       if p.requires_grad for g in (p.grad,)]
+
+    def watch(self, y: torch.Tensor, entry: dict, large: bool) -> None:
+        fn = y.grad_fn
+        if fn is None:  # a leaf: only a tensor hook sees its gradient
+            y.register_hook(lambda g: self._got(entry, g, large))
+        else:  # the node's pre-hook sees the gradients of all its outputs (cheaper than a tensor hook)
+            nr = y.output_nr
+            fn.register_prehook(lambda grads: self._got(entry, grads[nr], large))
+
+    def _got(self, entry: dict, g: Optional[torch.Tensor], large: bool) -> None:
+        if g is not None:
+            if large:  # norm now: keeping a large gradient to the end would raise peak memory
+                entry["_grad"] = torch.linalg.vector_norm(g)
+            else:
+                self.waiting.append((entry, g))
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._ended)
+
+    def _ended(self) -> None:
+        self.queued = False
+        tensors, owners = [g for _, g in self.waiting], [(e, "_grad") for e, _ in self.waiting]
+        self.waiting = []
+        if not self.params_done:  # the first backward pass of the step gives the parameter gradients
+            self.params_done = True
+            for name, p, g0, v0 in self.before:
+                entry, g = self.entries.get(name), p.grad
+                if entry is not None and g is not None and (g is not g0 or g._version != v0):
+                    tensors.append(g)
+                    owners.append((entry, None))
+        if tensors:
+            for (entry, key), norm in zip(owners, torch._foreach_norm(tensors)):
+                if key is None:
+                    entry.setdefault("_param_grads", []).append(norm)
+                else:
+                    entry[key] = norm
+
+
+class _Rows:
+    """Copies of small outputs of one shape, dtype, device and activation kind, one per row of a
+    buffer kept from batch to batch (no allocation per capture, one array to reduce)."""
+
+    def __init__(self, y: torch.Tensor, kind: Optional[str], capacity: int) -> None:
+        self.shape, self.kind, self.used = tuple(y.shape), kind, 0
+        self.buf = torch.empty((capacity,) + self.shape, dtype=y.dtype, device=y.device)
+
+    def put(self, y: torch.Tensor) -> int:
+        k = self.used
+        if k == self.buf.shape[0]:
+            grown = self.buf.new_empty((2 * k,) + self.shape)
+            grown[:k].copy_(self.buf)
+            self.buf = grown
+        self.buf[k].copy_(y)
+        self.used = k + 1
+        return k
+
+    def drop(self, count: int, pending: Iterable[dict]) -> None:
+        """Rows [0, count) are reduced; move what is left (the step in progress) to the front."""
+        left = self.used - count
+        if left:
+            self.buf[:left].copy_(self.buf[count:self.used].clone())
+            for e in pending:
+                if e.get("_rows") is self:
+                    e["_row"] -= count
+        self.used = left
 
 
 def _from_sums(raw: dict, n: int, units: int) -> dict:
@@ -313,18 +485,29 @@ def _from_sums(raw: dict, n: int, units: int) -> dict:
     return out
 
 
-def _percentiles_and_histograms(samples: list, percentiles: tuple, bins: int):
+def _percentiles_and_histograms(blocks: list, count: int, percentiles: tuple, bins: int, work):
     """Percentiles (linear interpolation, as numpy.percentile) and equal-width histograms of each
-    sample; samples of the same length are done together in one sort."""
+    sample; blocks = [(record indices, 2-D array, positions)]: row j of the array holds record
+    j's values, its sample those at ``positions`` (None: all). Samples of the same length are
+    done together in one sort."""
     import numpy as np
 
-    q_out, h_out = [None] * len(samples), [None] * len(samples)
-    by_len: Dict[int, List[int]] = {}
-    for i, s in enumerate(samples):
-        by_len.setdefault(len(s), []).append(i)
+    q_out, h_out = [None] * count, [None] * count
+    by_len: Dict[int, list] = {}
+    for rows, a, at in blocks:
+        by_len.setdefault(a.shape[1] if at is None else len(at), []).append((rows, a, at))
     p = np.asarray(percentiles, dtype=np.float64) / 100
-    for length, rows in by_len.items():
-        a = np.sort(np.stack([samples[i] for i in rows]), axis=1)  # (R, length)
+    for length, group in by_len.items():
+        rows = [i for r, _, _ in group for i in r]
+        a = work("sorted", (len(rows), length), np.result_type(*[b for _, b, _ in group]))
+        start = 0
+        for _, b, at in group:
+            if at is None:
+                a[start:start + len(b)] = b
+            else:
+                np.take(b, at, axis=1, out=a[start:start + len(b)], mode="clip")  # in range: clip = raise, unbuffered
+            start += len(b)
+        a.sort(axis=1)  # (R, length)
         pos = p * (length - 1)
         lo_i = np.floor(pos).astype(np.int64)
         hi_i = np.minimum(lo_i + 1, length - 1)
@@ -335,14 +518,16 @@ def _percentiles_and_histograms(samples: list, percentiles: tuple, bins: int):
         # histogram of sorted rows: rescale row j to [2j, 2j + 1], so all rows and their bin edges
         # form one sorted sequence, and count with one searchsorted
         shift = 2.0 * np.arange(len(rows))[:, None]
-        t = ((a - lo[:, None]) / (hi - lo)[:, None] + shift).ravel()
+        t = np.subtract(a, lo[:, None], out=work("t", a.shape, np.float64))
+        t = np.add(np.divide(t, (hi - lo)[:, None], out=t), shift, out=t).ravel()
         edges = np.linspace(0.0, 1.0, bins + 1)[None, :] + shift
         idx = np.concatenate([np.searchsorted(t, edges[:, :-1].ravel(), side="left").reshape(len(rows), bins),
                               np.searchsorted(t, edges[:, -1], side="right")[:, None]], axis=1)
-        counts = np.diff(idx, axis=1)
+        counts = np.diff(idx, axis=1).tolist()
+        qs, los, his = q.tolist(), lo.tolist(), hi.tolist()
         for j, i in enumerate(rows):
-            q_out[i] = q[j].tolist()
-            h_out[i] = {"lo": float(lo[j]), "hi": float(hi[j]), "counts": counts[j].tolist()}
+            q_out[i] = qs[j]
+            h_out[i] = {"lo": los[j], "hi": his[j], "counts": counts[j]}
     return q_out, h_out
 
 
@@ -373,7 +558,10 @@ def monitor(model: nn.Module, every: int = 10, path: Optional[str] = None, modul
             ``percentiles`` (default (1, 15, 50, 85, 99)), ``bins`` (50), ``saturation``
             (0.98: a sigmoid output below 0.01 or above 0.99, a tanh output beyond ±0.98, is
             saturated), ``seed``, ``exact_limit`` (outputs up to this many values, default
-            65536, are copied and reduced in NumPy; larger ones are reduced on their device).
+            65536, are copied and reduced in NumPy; larger ones are reduced on their device),
+            ``flush_every`` (reduce and write recorded steps this many at a time, default 8;
+            ``.records`` is always up to date, the file at the latest when the ``with`` ends),
+            ``flush_bytes`` (reduce earlier once the captures held reach this size, 32 MiB).
 
     Examples::
 
