@@ -10,10 +10,10 @@ existed). Not a test; takes a few minutes.
     K="not gpu" PYTHONPATH=src python benchmarks/compile_check_record.py
     PYTHONPATH=src python benchmarks/compile_check_sm90.py
 """
-import os, sys, warnings, inspect, re, subprocess, tempfile
+import os, sys, warnings, inspect
 os.environ["TRITON_INTERPRET"] = "1"
 warnings.filterwarnings("ignore")
-import torch, triton, triton.language as tl
+import torch, triton.language as tl
 from triton.runtime import interpreter as I
 calls = {}
 orig = I.GridExecutor.__call__

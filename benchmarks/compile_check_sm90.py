@@ -1,6 +1,6 @@
 """Step 2 of the offline compile check (see compile_check_record.py): compile every recorded
 launch for sm_90, report failures and register spills (STACK > 0)."""
-import json, importlib, os, re, subprocess, tempfile, warnings, sys
+import json, importlib, os, re, subprocess, tempfile, warnings
 warnings.filterwarnings("ignore")
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget

@@ -283,7 +283,6 @@ class Monitor:
         self._captured, self._captured_bytes = [], 0
         if not captured:
             return
-        import numpy as np
 
         layout = [(step, name, e) for step, pending in captured for name, e in pending.items()]
         scalars: list = [None] * len(layout)
