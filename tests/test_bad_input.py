@@ -126,6 +126,11 @@ CASES = [
      r"rmax must be >= 1.*got rmax=0.5"),
     ("ref-brn-no-running", lambda: R.batch_renorm_forward(np.ones((2, 3)), None, None, None),
      ValueError, r"running=None"),
+    # eps: torch accepts a negative eps and returns NaN; normlab's per-channel layers refuse it
+    ("bn-eps", lambda: NN.BatchNorm2d(3, eps=-1e-5), ValueError, r"BatchNorm2d: eps must be a number >= 0.*eps=-1e-05"),
+    ("sn-eps", lambda: NN.SwitchableNorm2d(3, eps=float("nan")), ValueError, r"SwitchableNorm2d: eps .*eps=nan"),
+    ("brn-eps", lambda: NN.BatchRenorm1d(3, eps=-1.0), ValueError, r"BatchRenorm1d: eps .*eps=-1.0"),
+    ("mbn-eps", lambda: NN.MaskedBatchNorm1d(3, eps=-1.0), ValueError, r"MaskedBatchNorm1d: eps .*eps=-1.0"),
     # other arguments
     ("F-sn-logits", lambda: NF.switchable_norm(x3, None, None, None, None, torch.ones(2), torch.ones(3)), ValueError,
      r"mean_weight must hold 3 logits.*got shape \(2,\)"),

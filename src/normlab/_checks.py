@@ -64,6 +64,13 @@ def check_normalized_shape(shape, normalized_shape: Sequence[int], op: str) -> t
     return ns
 
 
+def check_eps(eps, op: str) -> None:
+    """eps >= 0 (a negative or NaN eps turns a small variance into NaN outputs; torch accepts it
+    silently, normlab's layers refuse it at construction)."""
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"{op}: eps must be a number >= 0 (added to the variance), got eps={eps!r}")
+
+
 def check_groups(num_channels: int, num_groups: int, op: str) -> None:
     if num_groups <= 0 or num_channels % num_groups != 0:
         raise ValueError(

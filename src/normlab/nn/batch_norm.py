@@ -26,6 +26,7 @@ class _NormBase(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True) -> None:
         super().__init__()
+        _checks.check_eps(eps, type(self).__name__)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
