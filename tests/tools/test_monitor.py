@@ -136,7 +136,14 @@ def test_large_outputs_are_sampled_and_plot_draws_a_figure(tmp_path):
     r = mon.records[-1]
     assert r["numel"] == 8 * 4 * 256 and sum(r["hist"]["counts"]) == 500
     assert -0.25 < r["percentiles"]["50"] < 0.25 and r["layer"] == "2"  # BN output's median is about 0
-    out = mon.plot(str(tmp_path / "m.png"))
+    import matplotlib
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # the caller's backend (a notebook's, say) must survive plotting
+    try:
+        out = mon.plot(str(tmp_path / "m.png"))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
     assert (tmp_path / "m.png").stat().st_size > 10_000
     plot_records(str(tmp_path / "c.jsonl"), str(tmp_path / "c.png"), layers=["1"], title="one layer")
     assert out.endswith("m.png") and (tmp_path / "c.png").exists()

@@ -593,10 +593,11 @@ def plot_records(records: Union[str, List[dict]], out_png: str, layers: Optional
         max_layers: draw at most this many layers when ``layers`` is not given.
         dpi: resolution of the PNG.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    try:  # a Figure without pyplot: draws off-screen and leaves the caller's backend alone
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("monitor plots need matplotlib: pip install matplotlib "
+                          "(or normlab[lab], which brings it)") from e
     import numpy as np
 
     if isinstance(records, str):
@@ -613,7 +614,8 @@ def plot_records(records: Union[str, List[dict]], out_png: str, layers: Optional
     n_panels = len(names) + 1
     ncols = min(4, n_panels)
     nrows = math.ceil(n_panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
+    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, name in zip(axes.flat, names):
         recs = sorted(by_layer[name], key=lambda r: r["step"])
         steps = np.array([r["step"] for r in recs], dtype=float)
@@ -664,5 +666,4 @@ def plot_records(records: Union[str, List[dict]], out_png: str, layers: Optional
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(out_png, dpi=dpi)
-    plt.close(fig)
     return out_png
