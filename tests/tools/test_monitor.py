@@ -202,3 +202,17 @@ def test_records_are_there_after_the_block_without_reading_them_inside(tmp_path)
     assert all("grad_norm" in r for r in mon.records)
     with pytest.raises(ValueError, match="flush_every must be a positive int"):
         monitor(m, flush_every=0)
+
+
+def test_variable_shapes_do_not_accumulate_buffers():
+    # sequences of a new length at every step: the copies of small outputs must not keep one
+    # buffer per length ever seen
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ReLU())
+    with monitor(m, every=1, flush_every=2) as mon:
+        for length in range(5, 45):
+            m(torch.randn(4, 2, length)).sum().backward()
+        # (conv, relu) x (the last batch's 2 lengths, 1 queued step, the step in progress);
+        # one buffer per length ever seen would be 2 x 40
+        assert len(mon._rows) <= 2 * 4
+    assert [r["numel"] for r in mon.records if r["layer"] == "0"] == [4 * 3 * n for n in range(5, 45)]

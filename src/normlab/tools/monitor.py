@@ -334,6 +334,9 @@ class Monitor:
         # the step in progress (if any) keeps its copies: move them to the front of their buffers
         for rows, idx in copies.items():
             rows.drop(len(idx), self._pending.values())
+        # keep the buffers of the shapes this batch saw (or the step in progress holds): with
+        # variable-length inputs, one buffer per shape ever seen would grow without bound
+        self._rows = {k: r for k, r in self._rows.items() if r in copies or r.used}
         keys, records, encode = self._percentile_keys, self._records, _ENCODER.encode
         lines = []
         for (step, name, e), scal, qs, hist in zip(layout, scalars, q, hists):
