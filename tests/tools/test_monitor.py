@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -216,3 +217,119 @@ def test_variable_shapes_do_not_accumulate_buffers():
         # one buffer per length ever seen would be 2 x 40
         assert len(mon._rows) <= 2 * 4
     assert [r["numel"] for r in mon.records if r["layer"] == "0"] == [4 * 3 * n for n in range(5, 45)]
+
+
+# -- training patterns beyond one forward and one backward per step ------------------------------
+
+@pytest.mark.parametrize("flush_every", [1, 3, 8])
+def test_two_forwards_before_one_backward_keep_their_gradients(flush_every):
+    # a GAN discriminator on real and fake data, the two views of a contrastive loss: the
+    # recorded forward is followed by another forward before the backward pass
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    expected = []
+    with monitor(m, every=2, flush_every=flush_every) as mon:
+        for _ in range(6):
+            a = m(torch.randn(8, 3))
+            a.retain_grad()
+            b = m(torch.randn(8, 3))
+            m.zero_grad()
+            (a - b).pow(2).sum().backward()
+            expected.append((a.grad.norm().item(),
+                             torch.cat([m[1].weight.grad.flatten(), m[1].bias.grad]).norm().item()))
+    out = [r for r in mon.records if r["layer"] == "1"]
+    assert [r["step"] for r in out] == [0, 2, 4, 6, 8, 10]
+    for r, (g, w) in zip(out, expected):
+        assert r["grad_norm"] == pytest.approx(g, rel=1e-5) and r["weight_grad_norm"] == pytest.approx(w, rel=1e-5)
+
+
+def test_autograd_grad_before_backward_is_not_the_loss_pass():
+    # a gradient penalty or a PINN: torch.autograd.grad first, then loss.backward()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(16, 2, requires_grad=True)
+    with monitor(m, every=1) as mon:
+        u = m(x)
+        (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+        ((du ** 2).mean() + (u ** 2).mean()).backward()
+    r = next(r for r in mon.records if r["layer"] == "0")
+    assert r["weight_grad_norm"] == pytest.approx(
+        torch.cat([m[0].weight.grad.flatten(), m[0].bias.grad]).norm().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("exact_limit", [1 << 16, 0])  # norms at the end of the pass / in the hook
+def test_half_precision_gradient_norms_do_not_overflow(exact_limit):
+    # under a loss scale of 2**16 a float16 gradient's norm passes float16's 65504
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 64)).half()
+    with monitor(m, every=1, exact_limit=exact_limit) as mon:
+        (m(torch.randn(32, 4).half()).float().sum() * 2000.0).backward()
+    r = mon.records[0]
+    assert r["grad_norm"] == pytest.approx(2000 * (32 * 64) ** 0.5, rel=1e-3)
+    w = torch.cat([m[0].weight.grad.float().flatten(), m[0].bias.grad.float()]).norm().item()
+    assert math.isfinite(r["weight_grad_norm"]) and r["weight_grad_norm"] == pytest.approx(w, rel=1e-3)
+
+
+def test_sparse_gradients_and_leaf_outputs():
+    class Query(nn.Module):  # returns its own parameter: the output is a leaf
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Parameter(torch.ones(4, 3))
+
+        def forward(self):
+            return self.q
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.query, self.lin = nn.Embedding(10, 3, sparse=True), Query(), nn.Linear(3, 2)
+
+        def forward(self, idx):
+            return self.lin(self.emb(idx)).sum() + self.query().sum()
+
+    m = M()
+    with monitor(m, every=2) as mon:
+        for step in range(3):
+            m.zero_grad()
+            (m(torch.tensor([[1, 2], [3, 4]])) * (step + 1)).backward()
+            if step == 0:
+                emb, q = m.emb.weight.grad.coalesce().values().norm().item(), m.query.q.grad.norm().item()
+    by = {r["layer"]: r for r in mon.records if r["step"] == 0}
+    assert by["emb"]["weight_grad_norm"] == pytest.approx(emb, rel=1e-5)
+    assert by["query"]["grad_norm"] == pytest.approx(q, rel=1e-6)  # not overwritten by steps 1, 2
+    assert not m.query.q._backward_hooks  # the leaf's hook is gone
+
+
+def test_only_the_models_own_training_forward_is_recorded():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.train_head, self.eval_head = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.body(x)
+            return self.train_head(h) if self.training else self.eval_head(h)
+
+    m = M()
+    with monitor(m, every=10) as mon:
+        m.train()
+        m(torch.randn(8, 3)).sum().backward()
+        m.eval()
+        with torch.no_grad():
+            m(torch.randn(100, 3))
+            m.eval_head(torch.randn(5, 4))
+    assert [(r["layer"], r["numel"]) for r in mon.records] == [("body", 32), ("train_head", 16)]
+
+
+def test_inference_mode_steps_and_reuse(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    mon = monitor(m, every=1, path=str(tmp_path / "m.jsonl"))
+    with mon:
+        with torch.inference_mode():  # a quick check in training mode: step 0
+            m(torch.randn(8, 3))
+        m(torch.randn(8, 3)).sum().backward()  # writes the copy buffer made in inference mode
+    with mon:  # a Monitor used again appends to its file
+        m(torch.randn(8, 3)).sum().backward()
+    steps = [r["step"] for r in mon.records]
+    assert steps == [0, 0, 1, 1, 2, 2] and [r["step"] for r in load_records(str(tmp_path / "m.jsonl"))] == steps

@@ -70,6 +70,14 @@ class Monitor:
          "zero": .., "dead": ..,  # ReLU outputs: fraction of zeros; fraction of units (dim 1) never > 0
          "grad_norm": ..,   # ||dL/dy|| of the layer's output, when it got a gradient
          "weight_grad_norm": ..}  # ||dL/dθ|| over the layer's own parameters, when it has any
+
+    Only layers run inside the model's own forward are recorded (not an evaluation forward or a
+    layer called on its own before the next step). Gradients: a step's backward pass may come
+    after the next forward (two forwards, one loss); ``weight_grad_norm`` is the norm of the
+    parameters' ``.grad`` after it, so it includes what earlier steps accumulated when ``.grad``
+    was not zeroed; with several backward passes in one step the last pass that wrote a watched
+    parameter's gradient counts, and ``torch.autograd.grad`` passes are ignored (see ``_Backward``).
+    Norms of float16/bfloat16 gradients are taken in float32.
     """
 
     def __init__(self, model: nn.Module, every: int = 10, path: Optional[str] = None, modules: Selection = None,
@@ -104,8 +112,8 @@ class Monitor:
         self._pending: Dict[str, dict] = {}
         self._pending_step: Optional[int] = None
         self._pending_bytes = 0
-        self._captured: List[Tuple[int, Dict[str, dict]]] = []  # completed recorded steps, not yet reduced
-        self._captured_bytes = 0
+        # completed recorded steps, not yet reduced: (step, captures, gradient bookkeeping, bytes held)
+        self._captured: List[Tuple[int, Dict[str, dict], Optional[_Backward], int]] = []
         self._rows: Dict[tuple, _Rows] = {}  # small outputs' copies, by shape, dtype, device and kind
         self._scratch: Dict[tuple, object] = {}  # NumPy work arrays, kept between batches
         self._transient: list = []
@@ -131,17 +139,18 @@ class Monitor:
     @property
     def records(self) -> List[dict]:
         """The records of every recorded step completed so far (reading this reduces the steps
-        captured since the last batch; the step in progress joins once the next step starts)."""
+        captured since the last batch; the step in progress joins once the next step starts, or
+        once its backward pass has run if another forward came first)."""
         if self._captured:
-            self._reduce()
+            self._reduce(hold_late=True)
         return self._records
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "Monitor":
         if self._root is not None:
             raise RuntimeError("monitor: this Monitor is already active")
-        if self.path is not None:
-            self._file = open(self.path, "w")
+        if self.path is not None:  # a Monitor used again goes on writing where it stopped
+            self._file = open(self.path, "a" if self.step or self._records else "w")
         self._params = [(name, p) for name, m in self.layers.items() for p in m.parameters(recurse=False)]
         self._root = self.model.register_forward_pre_hook(self._on_forward)
         return self
@@ -199,7 +208,15 @@ class Monitor:
             # registered only for this step, so the steps in between pay nothing); gradients are
             # taken by hooks on this step's outputs and read at the end of its backward pass
             self._transient.append(nn.modules.module.register_module_forward_hook(self._on_output))
+            # ... and only for the model's own forward: later forwards (an evaluation, a layer called
+            # on its own) before the next step are not part of this step
+            self._transient.append(model.register_forward_hook(self._forward_done, always_call=True))
             self._backward = _Backward(self._pending, self._params)
+
+    def _forward_done(self, model, args, output) -> None:
+        for h in self._transient:
+            h.remove()
+        self._transient = []
 
     def _on_output(self, module, args, output) -> None:
         watched = self._watch.get(id(module))
@@ -261,30 +278,43 @@ class Monitor:
                 "_units": y.shape[1] if y.dim() >= 2 else 0}
 
     def _retire(self) -> None:
-        """The recorded step is complete: drop its hooks and queue what it captured; reduce the
-        queue once it holds ``flush_every`` steps or ``flush_bytes`` of captures."""
-        for h in self._transient:
-            h.remove()
-        self._transient = []
-        step, pending, held = self._pending_step, self._pending, self._pending_bytes
+        """The recorded step's forward is over (the next step started, or the monitor closes): queue
+        what it captured; reduce the queue once it holds ``flush_every`` steps or ``flush_bytes`` of
+        captures."""
+        self._forward_done(None, None, None)
+        step, pending, held, backward = self._pending_step, self._pending, self._pending_bytes, self._backward
         self._pending, self._pending_step, self._pending_bytes, self._backward = {}, None, 0, None
         if step is None or not pending:
+            if backward is not None:
+                backward.release()
             return
-        self._captured.append((step, pending))
-        self._captured_bytes += held
-        if len(self._captured) >= self.flush_every or self._captured_bytes >= self.flush_bytes:
-            self._reduce()
+        self._captured.append((step, pending, backward, held))
+        late = _late(self._captured[-1])
+        if backward is not None:
+            backward.retired = True
+            if not late:  # its backward has run: later passes (a leaf output, a kept graph) belong to later steps
+                backward.release()
+        if len(self._captured) - late >= self.flush_every or sum(c[3] for c in self._captured) >= self.flush_bytes:
+            self._reduce(hold_late=True)
 
-    def _reduce(self) -> None:
+    def _reduce(self, hold_late: bool = False) -> None:
         """Records from every queued step at once: the same layer's outputs over the batch's steps
         are reduced in one NumPy call, all samples sorted in one, all scalars and gradient norms
-        brought to the host in one transfer per device."""
+        brought to the host in one transfer per device.
+
+        ``hold_late``: keep the last queued step back if its backward pass has not run yet (two
+        forwards before one backward: a GAN's discriminator on real and fake data, the two views
+        of a contrastive loss), so its gradient norms are not lost."""
         captured = self._captured
-        self._captured, self._captured_bytes = [], 0
+        held = [captured.pop()] if hold_late and captured and _late(captured[-1]) else []
+        self._captured = held
         if not captured:
             return
+        for _, _, backward, _ in captured:
+            if backward is not None:
+                backward.release()
 
-        layout = [(step, name, e) for step, pending in captured for name, e in pending.items()]
+        layout = [(step, name, e) for step, pending, _, _ in captured for name, e in pending.items()]
         scalars: list = [None] * len(layout)
         blocks = []  # (record indices, 2-D array, one row each, and the sample's positions in a row or None: all)
         sums: Dict[tuple, List[int]] = {}  # large outputs: the sums taken on the device
@@ -333,7 +363,7 @@ class Monitor:
         q, hists = _percentiles_and_histograms(blocks, len(layout), self.percentiles, self.bins, self._work)
         # the step in progress (if any) keeps its copies: move them to the front of their buffers
         for rows, idx in copies.items():
-            rows.drop(len(idx), self._pending.values())
+            rows.drop(len(idx), [e for pending in [self._pending] + [c[1] for c in held] for e in pending.values()])
         # keep the buffers of the shapes this batch saw (or the step in progress holds): with
         # variable-length inputs, one buffer per shape ever seen would grow without bound
         self._rows = {k: r for k, r in self._rows.items() if r in copies or r.used}
@@ -393,51 +423,105 @@ def _exact(a, shape: tuple, kind: Optional[str], saturation: float, work) -> lis
     return outs
 
 
+def _late(captured: tuple) -> bool:
+    """A queued step whose outputs wait for a gradient that no backward pass has given yet."""
+    backward = captured[2]
+    return backward is not None and backward.watched and not backward.ended
+
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _norms(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """2-norms, one ``torch._foreach_norm`` per kind; float32 for half types (a float16 norm
+    overflows past 65504, routine under a loss scale); sparse gradients by their values."""
+    tensors = [t.coalesce()._values() if t.is_sparse else t for t in tensors]
+    out: List[Optional[torch.Tensor]] = [None] * len(tensors)
+    for low in (False, True):
+        idx = [i for i, t in enumerate(tensors) if (t.dtype in _LOW) == low]
+        if idx:
+            group = [tensors[i].float() if low else tensors[i] for i in idx]
+            for i, n in zip(idx, torch._foreach_norm(group)):
+                out[i] = n
+    return out
+
+
 class _Backward:
     """The gradient norms of one recorded step: ||dL/dy|| of each watched output, from a hook on the
-    autograd node that made it, and ||dL/dθ|| of the watched layers' parameters, read once the
+    autograd node that made it, and ||dL/dθ|| of the watched layers' parameters, read once a
     backward pass has ended (one callback, queued by the first output hook to run, instead of a
-    hook per parameter to register, call and remove). All the norms of one backward pass are
-    taken in one ``torch._foreach_norm``."""
+    hook per parameter to register, call and remove).
+
+    Several backward passes in one step (``retain_graph=True``, one loss after another): each
+    pass that writes a watched parameter's ``.grad`` replaces the step's norms, so the record
+    holds the output gradients of the last such pass and the parameters' ``.grad`` after it (as
+    the optimizer will see it, including what earlier micro-batches accumulated). A pass that
+    writes no watched parameter's gradient (``torch.autograd.grad``, a gradient penalty's inner
+    pass) is ignored, unless the watched layers have no parameters at all."""
 
     def __init__(self, entries: Dict[str, dict], params: List[Tuple[str, torch.Tensor]]) -> None:
-        self.entries, self.waiting, self.queued, self.params_done = entries, [], False, False
-        # a parameter's gradient counts if this step's backward wrote it: it was None before, or
-        # another tensor, or the same one changed in place (accumulated)
-        self.before = [(name, p, g, None if g is None else g._version) for name, p in params
-                       if p.requires_grad for g in (p.grad,)]
+        self.entries, self.waiting, self.queued, self.handles = entries, [], False, []
+        self.watched, self.ended, self.retired = False, False, False
+        self.params = [(name, p) for name, p in params if p.requires_grad]
+        self.start = self.before = self._grads()
+
+    def _grads(self) -> list:
+        # a parameter's gradient was written by a pass if it was None before, or is another tensor,
+        # or the same one changed in place (accumulated)
+        return [(g, None if g is None else g._version) for _, p in self.params for g in (p.grad,)]
+
+    @staticmethod
+    def _changed(before, now) -> list:
+        return [g is not None and (g is not g0 or g._version != v0) for (g0, v0), (g, _) in zip(before, now)]
 
     def watch(self, y: torch.Tensor, entry: dict, large: bool) -> None:
+        self.watched = True
         fn = y.grad_fn
         if fn is None:  # a leaf: only a tensor hook sees its gradient
-            y.register_hook(lambda g: self._got(entry, g, large))
+            self.handles.append(y.register_hook(lambda g: self._got(entry, g, large)))
         else:  # the node's pre-hook sees the gradients of all its outputs (cheaper than a tensor hook)
             nr = y.output_nr
-            fn.register_prehook(lambda grads: self._got(entry, grads[nr], large))
+            self.handles.append(fn.register_prehook(lambda grads: self._got(entry, grads[nr], large)))
+
+    def release(self) -> None:
+        """Remove the hooks (once the step is reduced: its backward may run after the next forward)."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
     def _got(self, entry: dict, g: Optional[torch.Tensor], large: bool) -> None:
         if g is not None:
-            if large:  # norm now: keeping a large gradient to the end would raise peak memory
-                entry["_grad"] = torch.linalg.vector_norm(g)
-            else:
-                self.waiting.append((entry, g))
+            # a large gradient is reduced now: keeping it to the end would raise peak memory
+            self.waiting.append((entry, _norms([g])[0] if large else g, large))
         if not self.queued:
             self.queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._ended)
 
     def _ended(self) -> None:
         self.queued = False
-        tensors, owners = [g for _, g in self.waiting], [(e, "_grad") for e, _ in self.waiting]
-        self.waiting = []
-        if not self.params_done:  # the first backward pass of the step gives the parameter gradients
-            self.params_done = True
-            for name, p, g0, v0 in self.before:
-                entry, g = self.entries.get(name), p.grad
-                if entry is not None and g is not None and (g is not g0 or g._version != v0):
-                    tensors.append(g)
-                    owners.append((entry, None))
+        waiting, self.waiting = self.waiting, []
+        now = self._grads()
+        wrote = any(self._changed(self.before, now))
+        self.before = now
+        if self.params and not wrote:  # not the loss's backward pass (see the class docstring)
+            return
+        self.ended = True
+        if self.retired:  # a late backward (after the next forward): the step is over now
+            self.release()
+        for entry, g, is_norm in waiting:
+            if is_norm:
+                entry["_grad"] = g
+        small = [(entry, g) for entry, g, is_norm in waiting if not is_norm]
+        tensors, owners = [g for _, g in small], [(entry, "_grad") for entry, _ in small]
+        for entry in self.entries.values():
+            entry.pop("_param_grads", None)
+        for (name, _), (g, _), changed in zip(self.params, now, self._changed(self.start, now)):
+            entry = self.entries.get(name)
+            if entry is not None and changed:
+                tensors.append(g)
+                owners.append((entry, None))
         if tensors:
-            for (entry, key), norm in zip(owners, torch._foreach_norm(tensors)):
+            for (entry, key), norm in zip(owners, _norms(tensors)):
                 if key is None:
                     entry.setdefault("_param_grads", []).append(norm)
                 else:
@@ -448,10 +532,12 @@ class _Rows:
     """Copies of small outputs of one shape, dtype, device and activation kind, one per row of a
     buffer kept from batch to batch (no allocation per capture, one array to reduce)."""
 
+    @torch.inference_mode(False)  # a buffer made or written in inference mode could not be written later
     def __init__(self, y: torch.Tensor, kind: Optional[str], capacity: int) -> None:
         self.shape, self.kind, self.used = tuple(y.shape), kind, 0
         self.buf = torch.empty((capacity,) + self.shape, dtype=y.dtype, device=y.device)
 
+    @torch.inference_mode(False)
     def put(self, y: torch.Tensor) -> int:
         k = self.used
         if k == self.buf.shape[0]:
@@ -462,6 +548,7 @@ class _Rows:
         self.used = k + 1
         return k
 
+    @torch.inference_mode(False)
     def drop(self, count: int, pending: Iterable[dict]) -> None:
         """Rows [0, count) are reduced; move what is left (the step in progress) to the front."""
         left = self.used - count
