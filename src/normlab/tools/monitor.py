@@ -532,13 +532,18 @@ class _Rows:
     """Copies of small outputs of one shape, dtype, device and activation kind, one per row of a
     buffer kept from batch to batch (no allocation per capture, one array to reduce)."""
 
-    @torch.inference_mode(False)  # a buffer made or written in inference mode could not be written later
     def __init__(self, y: torch.Tensor, kind: Optional[str], capacity: int) -> None:
         self.shape, self.kind, self.used = tuple(y.shape), kind, 0
-        self.buf = torch.empty((capacity,) + self.shape, dtype=y.dtype, device=y.device)
+        with torch.inference_mode(False):  # a buffer made in inference mode could not be written outside it
+            self.buf = torch.empty((capacity,) + self.shape, dtype=y.dtype, device=y.device)
 
-    @torch.inference_mode(False)
     def put(self, y: torch.Tensor) -> int:
+        if torch.is_inference_mode_enabled():  # (checked first: entering the mode costs more than a copy)
+            with torch.inference_mode(False):
+                return self._put(y)
+        return self._put(y)
+
+    def _put(self, y: torch.Tensor) -> int:
         k = self.used
         if k == self.buf.shape[0]:
             grown = self.buf.new_empty((2 * k,) + self.shape)
