@@ -82,7 +82,7 @@ class Monitor:
 
     def __init__(self, model: nn.Module, every: int = 10, path: Optional[str] = None, modules: Selection = None,
                  sample: int = 2048, percentiles: Sequence[float] = (1, 15, 50, 85, 99), bins: int = 50,
-                 saturation: float = 0.98, seed: int = 0, exact_limit: int = 1 << 16, flush_every: int = 8,
+                 saturation: float = 0.98, seed: int = 0, exact_limit: int = 1 << 16, flush_every: int = 16,
                  flush_bytes: int = 32 << 20) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"monitor: every must be a positive int (record every N steps), got {every!r}")
@@ -247,7 +247,7 @@ class Monitor:
             key = (y.shape, y.dtype, y.device, kind)
             rows = self._rows.get(key)
             if rows is None:
-                rows = self._rows[key] = _Rows(y, kind, min(self.flush_every, 16) + 1)  # grows as needed
+                rows = self._rows[key] = _Rows(y, kind, min(self.flush_every, 16) + 2)  # grows as needed
             self._pending_bytes += n * y.element_size()
             return {"numel": n, "_rows": rows, "_row": rows.put(y)}
         with torch.no_grad():
@@ -653,7 +653,7 @@ def monitor(model: nn.Module, every: int = 10, path: Optional[str] = None, modul
             (0.98: a sigmoid output below 0.01 or above 0.99, a tanh output beyond ±0.98, is
             saturated), ``seed``, ``exact_limit`` (outputs up to this many values, default
             65536, are copied and reduced in NumPy; larger ones are reduced on their device),
-            ``flush_every`` (reduce and write recorded steps this many at a time, default 8;
+            ``flush_every`` (reduce and write recorded steps this many at a time, default 16;
             ``.records`` is always up to date, the file at the latest when the ``with`` ends),
             ``flush_bytes`` (reduce earlier once the captures held reach this size, 32 MiB).
 
