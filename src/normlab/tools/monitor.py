@@ -361,7 +361,7 @@ class Monitor:
                 else:
                     scalars[i]["weight_grad_norm"] = math.hypot(scalars[i].get("weight_grad_norm", 0.0), v)
         q, hists = _percentiles_and_histograms(blocks, len(layout), self.percentiles, self.bins, self._work)
-        # the step in progress (if any) keeps its copies: move them to the front of their buffers
+        # the step in progress and a held step keep their copies: move them to the front of their buffers
         for rows, idx in copies.items():
             rows.drop(len(idx), [e for pending in [self._pending] + [c[1] for c in held] for e in pending.values()])
         # keep the buffers of the shapes this batch saw (or the step in progress holds): with
