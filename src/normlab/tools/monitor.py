@@ -163,12 +163,18 @@ class Monitor:
         if self._root is not None:
             self._root.remove()
             self._root = None
-        self._retire()
-        self._reduce()
-        self._rows, self._scratch = {}, {}
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        try:
+            self._retire()
+            self._reduce()
+        finally:  # hooks and the file are let go even if the last reduction fails
+            for _, _, backward, _ in self._captured:
+                if backward is not None:
+                    backward.release()
+            self._captured = []
+            self._rows, self._scratch = {}, {}
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def _positions(self, n: int, device):
         """``sample`` random positions in an output of ``n`` values (with replacement), drawn once per
