@@ -475,6 +475,7 @@ def _prepare_data(todo, data_dir) -> None:
 
 def _execute_pool(todo, out, data_dir, jobs, threads, display, outcome) -> None:
     _prepare_data(todo, data_dir)
+    others = set(multiprocessing.active_children())
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     q = ctx.Queue()
     pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads, data_dir, q))
@@ -498,13 +499,31 @@ def _execute_pool(todo, out, data_dir, jobs, threads, display, outcome) -> None:
                 display.finish(t)
         pool.shutdown(wait=True)
     except BaseException:
-        workers = list((getattr(pool, "_processes", None) or {}).values())  # shutdown() forgets them
-        pool.shutdown(wait=False, cancel_futures=True)
-        for p in workers:  # end the runs in progress now; their temporary folders are cleaned next time
-            p.terminate()
-        for p in workers:
-            p.join(timeout=5)
+        _end_pool(pool, others)  # end the runs in progress now; their temporary folders are cleaned next time
         raise
+
+
+def _end_pool(pool, others) -> None:
+    """Shut ``pool`` down at once and end its worker processes, including any that its manager
+    thread starts while shutting down (CPython's pool replaces a worker that exits, even then, and
+    after ``shutdown`` it no longer lists them): every child process started since ``others``
+    (the children that existed before the pool) is terminated until none is left and the
+    manager thread has ended."""
+    manager = getattr(pool, "_executor_manager_thread", None)
+    pool.shutdown(wait=False, cancel_futures=True)
+
+    def workers():
+        return [p for p in multiprocessing.active_children() if p not in others]
+
+    for _ in range(5):
+        for p in workers():
+            p.terminate()
+        for p in workers():
+            p.join(timeout=5)
+        if manager is not None:
+            manager.join(timeout=5)
+        if not workers() and (manager is None or not manager.is_alive()):
+            return
 
 
 def _drain(q, display) -> None:
