@@ -190,3 +190,11 @@ def test_make_norm_bad_arguments():
         kw = {"num_channels": 4, **kw}
         with pytest.raises(ValueError, match=pattern):
             NN.make_norm(spec, **kw)
+
+
+def test_eps_of_any_real_scalar_type_is_accepted():
+    # the eps check must not refuse what torch takes: a NumPy float32, an int 0
+    assert NN.BatchNorm2d(3, eps=np.float32(1e-5)).eps == np.float32(1e-5)
+    assert NN.MaskedBatchNorm1d(3, eps=0).eps == 0
+    with pytest.raises(ValueError, match=r"eps must be a number >= 0.*eps='small'"):
+        NN.BatchNorm1d(3, eps="small")

@@ -67,7 +67,11 @@ def check_normalized_shape(shape, normalized_shape: Sequence[int], op: str) -> t
 def check_eps(eps, op: str) -> None:
     """eps >= 0 (a negative or NaN eps turns a small variance into NaN outputs; torch accepts it
     silently, normlab's layers refuse it at construction)."""
-    if not isinstance(eps, (int, float)) or not eps >= 0:
+    try:
+        ok = float(eps) >= 0  # NumPy and 0-d tensor scalars are numbers too
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError(f"{op}: eps must be a number >= 0 (added to the variance), got eps={eps!r}")
 
 
