@@ -61,6 +61,18 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     assert rel <= tol_norm and mx <= tol_max, f"{what}: relative error {rel:.3g} (tol {tol_norm:.3g}), max error {mx:.3g} of max|ref| (tol {tol_max:.3g})"
 
 
+def assert_grads_close(g, gr, dtype, names=("dx", "dw", "db"), tag="", baselines=None, check_dtype=False):
+    """Each gradient in ``g`` against ``gr`` (:func:`assert_close`): the same ones are None; with
+    ``check_dtype`` each is in ``dtype``; ``baselines`` as in :func:`assert_close`, one per gradient."""
+    for i, (name, a, r) in enumerate(zip(names, g, gr)):
+        assert (a is None) == (r is None), name
+        if a is not None:
+            if check_dtype:
+                assert a.dtype == dtype
+            assert_close(a, r, dtype, f"{tag} {name}" if tag else name,
+                         baseline=None if baselines is None else baselines[i])
+
+
 def grads(fn, inputs, dy):
     """``(y, [d input for each tensor in inputs that requires grad, None otherwise])``."""
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
