@@ -1,4 +1,9 @@
-"""Plot helpers shared by the experiments: one style, mean ± sd bands over seeds, atomic PNG writes."""
+"""Plot helpers shared by the experiments: one style, mean ± sd bands over seeds, atomic PNG writes.
+
+Figures are ``matplotlib.figure.Figure`` objects made without pyplot: they draw off-screen
+whatever the process's backend, and importing the lab never switches a notebook's or a
+script's backend (an earlier version called ``matplotlib.use("Agg")`` at import).
+"""
 from __future__ import annotations
 
 import os
@@ -7,10 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")  # no display, ever
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 COLORS = {"none": "#d62728", "plain": "#d62728", "batch": "#1f77b4", "bn": "#1f77b4", "layer": "#2ca02c",
           "group": "#9467bd", "instance": "#8c564b", "batch_renorm": "#ff7f0e", "rms": "#17becf"}
@@ -21,8 +24,19 @@ def color(name: str):
     return COLORS.get(str(name).split(":")[0])
 
 
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize=(6.0, 3.6), **kw):
+    """``pyplot.subplots`` without pyplot: ``(fig, axes)`` on a fresh off-screen Figure."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
+def cmap(name: str):
+    """A registered colormap by name (``pyplot.get_cmap`` without pyplot)."""
+    return matplotlib.colormaps[name]
+
+
 def figure(ncols: int = 1, width: float = 6.0, height: float = 3.6):
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols if ncols > 1 else width, height), squeeze=False)
+    fig, axes = subplots(1, ncols, figsize=(width * ncols if ncols > 1 else width, height), squeeze=False)
     for ax in axes[0]:
         ax.grid(True, alpha=0.3)
     return fig, (axes[0][0] if ncols == 1 else axes[0])
@@ -57,7 +71,7 @@ def log_x(ax, ticks: Sequence[float], invert: bool = False) -> None:
 
 
 def save(fig, path: Path) -> None:
-    """Write ``fig`` as a PNG atomically (temp file, then rename) and close it."""
+    """Write ``fig`` as a PNG atomically (temp file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
@@ -67,6 +81,5 @@ def save(fig, path: Path) -> None:
         fig.savefig(tmp, dpi=100)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)

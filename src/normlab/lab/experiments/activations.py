@@ -120,10 +120,8 @@ def verdict(summary: dict):
 
 
 def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
-    import matplotlib.pyplot as plt
-
     edges = np.linspace(0, 1, config.bins + 1)
-    fig, axes = plt.subplots(2, config.layers, figsize=(2.1 * config.layers + 1, 4.4), sharex=True, squeeze=False)
+    fig, axes = plotting.subplots(2, config.layers, figsize=(2.1 * config.layers + 1, 4.4), sharex=True, squeeze=False)
     for row, (key, label) in enumerate((("plain", "plain"), ("bn", "with BN"))):
         for i in range(config.layers):
             counts = np.mean([r[key]["hist"][i] for r in runs], axis=0)

@@ -206,11 +206,9 @@ def verdict(s: dict) -> Verdict:
 
 
 def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
-    import matplotlib.pyplot as plt
-
     table = measured_table(config, runs)
     worst = np.array([summary["max_change"][k] for k in METHODS])
-    fig, ax = plt.subplots(figsize=(11.5, 3.6))
+    fig, ax = plotting.subplots(figsize=(11.5, 3.6))
     logc = np.log10(np.maximum(worst, 1e-17))
     ax.imshow(logc, cmap="viridis", vmin=-17, vmax=1, aspect="auto")
     for r, k in enumerate(METHODS):

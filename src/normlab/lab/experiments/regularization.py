@@ -195,10 +195,8 @@ LABELS = {"plain": "no norm", "plain_dropout": "no norm + dropout", "bn": "BN", 
 
 
 def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
-    import matplotlib.pyplot as plt
-
     keys = list(variants(config))
-    cmap = plt.get_cmap("viridis")
+    cmap = plotting.cmap("viridis")
     colors = {"plain": plotting.color("none"), "plain_dropout": "#ff9896", "bn": plotting.color("batch"),
               "bn_dropout": "#aec7e8"}
     ghosts = sorted(config.ghost_sizes, reverse=True)

@@ -273,6 +273,4 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
 
 
 def plt_color(j: int, n: int):
-    import matplotlib.pyplot as plt
-
-    return plt.get_cmap("plasma")(0.1 + 0.7 * j / max(1, n - 1))
+    return plotting.cmap("plasma")(0.1 + 0.7 * j / max(1, n - 1))

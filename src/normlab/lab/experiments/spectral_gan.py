@@ -200,11 +200,9 @@ def verdict(s: dict):
 
 
 def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
-    import matplotlib.pyplot as plt
-
     mu = centers(config).numpy()
     ns = len(config.settings)
-    fig, axes = plt.subplots(2, ns, figsize=(3.6 * ns, 7.0), squeeze=False)
+    fig, axes = plotting.subplots(2, ns, figsize=(3.6 * ns, 7.0), squeeze=False)
     lim = config.radius * 1.6
     for c, st in enumerate(config.settings):
         for r, k in enumerate(("plain", "sn")):
