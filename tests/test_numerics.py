@@ -174,3 +174,50 @@ def test_reference_float32_stays_float32(name):
     assert y.dtype == np.float32
     xhat = cache.xhat if hasattr(cache, "xhat") else cache["xhat"]
     assert xhat.dtype == np.float32
+
+
+def _reference_calls():
+    """(forward(x), backward) pairs over every path of the shared core: with and without a
+    weight, training and evaluation statistics, a mask, renorm's r and d."""
+    import normlab.reference as R
+
+    g, b = np.full(6, 1.5), np.full(6, 0.25)
+    run = R.RunningStats(np.full(6, 0.1), np.full(6, 2.0))
+    mask = np.ones((4, 5), bool)
+    mask[1, 3:] = False
+    return {
+        "batch_norm": (lambda x: R.batch_norm_forward(x, g, b, run)[:2], R.batch_norm_backward),
+        "batch_norm_eval": (lambda x: R.batch_norm_forward(x, g, b, run, training=False)[:2], R.batch_norm_backward),
+        "batch_norm_no_affine": (lambda x: R.batch_norm_forward(x)[:2], R.batch_norm_backward),
+        "layer_norm": (lambda x: R.layer_norm_forward(x, (3, 5), np.full((3, 5), 1.5), np.full((3, 5), 0.25)),
+                       R.layer_norm_backward),
+        "rms_norm": (lambda x: R.rms_norm_forward(x, 5, np.full(5, 1.5)), R.rms_norm_backward),
+        "rms_norm_no_weight": (lambda x: R.rms_norm_forward(x, 5), R.rms_norm_backward),
+        "instance_norm": (lambda x: R.instance_norm_forward(x, g, b)[:2], R.instance_norm_backward),
+        "group_norm": (lambda x: R.group_norm_forward(x, 3, g, b), R.group_norm_backward),
+        "masked_batch_norm": (lambda x: R.masked_batch_norm_forward(x[:, :, 0], mask, g, b, run)[:2],
+                              R.masked_batch_norm_backward),
+        "batch_renorm": (lambda x: R.batch_renorm_forward(x, g, b, run, rmax=1.5, dmax=0.5)[:2],
+                         R.batch_renorm_backward),
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(_reference_calls()))
+def test_reference_never_writes_into_its_inputs(name, dtype):
+    """The core works in place on its own buffers only: x (which the cache may keep, for RMS
+    norm without a weight) and dy come out of the forward and backward bit for bit unchanged,
+    and a second backward from the same cache gives the same gradients."""
+    forward, backward = _reference_calls()[name]
+    x = (np.random.default_rng(1).standard_normal((4, 6, 3, 5)) * 3 + 2).astype(dtype)
+    x0 = x.copy()
+    y, cache = forward(x)
+    dy = np.random.default_rng(2).standard_normal(y.shape).astype(dtype)
+    dy0 = dy.copy()
+    first = backward(dy, cache)
+    second = backward(dy, cache)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(dy, dy0)
+    for a, b in zip(first, second):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)

@@ -56,15 +56,17 @@ def reduce_sum(a: np.ndarray, axes: Sequence[int], b: Optional[np.ndarray] = Non
     return np.asarray(r).reshape([1 if i in axes else n for i, n in enumerate(a.shape)])
 
 
-def centered_moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.ndarray] = None, center: bool = True):
+def centered_moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.ndarray] = None, center: bool = True,
+                     copy: bool = True):
     """``(mean, var, count, d)``: :func:`moments` plus the centred input ``d = (x - mean) * mask``
-    (a fresh array in the accumulation dtype that callers may overwrite)."""
+    (a fresh array in the accumulation dtype that callers may overwrite). With ``center=False``,
+    no mask and ``copy=False``, ``d`` may be ``x`` itself (read-only to the caller): no copy pass."""
     axes = tuple(axes)
     xa = x.astype(acc_dtype(x.dtype), copy=False)
     if mask is None:
         count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
         mean = reduce_sum(xa, axes) / count if center else np.zeros((), xa.dtype)
-        d = xa - mean if center else xa.copy()
+        d = xa - mean if center else xa.copy() if copy else xa
     else:
         m = mask.astype(xa.dtype, copy=False)
         # count on the mask itself (not on its broadcast to x's shape): the mask's own reduced
@@ -90,9 +92,21 @@ def moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.ndarray] = 
 
 @dataclass
 class NormCache:
-    """What the backward pass needs: ``xhat``, ``rstd``, the broadcast ``weight``, the reduced axes."""
+    """What the backward pass needs: ``xhat`` (as ``u * xfactor``), ``rstd``, the broadcast
+    ``weight``, the reduced axes.
 
-    xhat: np.ndarray
+    ``u`` is the centred input ``(x - mean) * mask`` with ``xfactor = rstd`` when the forward
+    never had to form ``xhat`` (a weight constant along the reduced axes folds ``rstd`` into one
+    multiply, ``y = u * (rstd * gamma) + beta``: one pass over the tensor saved), or ``xhat``
+    itself with ``xfactor = 1``. Either way ``xfactor`` is one number per normalized group, so
+    sums such as ``sum(dy * xhat) = xfactor * sum(dy * u)`` cost no extra pass. For RMS norm
+    without a weight ``u`` is the input array itself (read, never written): change ``x`` in
+    place between the forward and the backward and the gradients are wrong, as with any cache
+    that keeps the input.
+    """
+
+    u: np.ndarray
+    xfactor: object
     rstd: np.ndarray
     weight: Optional[np.ndarray]
     axes: tuple
@@ -106,9 +120,21 @@ class NormCache:
     shift: Optional[np.ndarray] = None
     bias_shape: Optional[tuple] = None  # None: there was no bias (and no gradient for one)
 
+    @property
+    def xhat(self) -> np.ndarray:
+        """The normalized input ``(x - mean) * rstd`` (formed on demand when only ``u`` was kept)."""
+        return self.u if isinstance(self.xfactor, float) else self.u * self.xfactor
+
     def z(self) -> np.ndarray:
         """What the affine transform acts on: ``xhat``, or ``r * xhat + d`` in batch renorm."""
         return self.xhat if self.scale is None else self.xhat * self.scale + self.shift
+
+
+def constant_along(shape: tuple, ndim: int, axes: Sequence[int]) -> bool:
+    """Whether a tensor of (broadcast) ``shape`` holds one value per normalized group of an
+    ``ndim``-D input reduced over ``axes``: size 1 along every reduced axis."""
+    lead = ndim - len(shape)
+    return all(shape[a - lead] == 1 for a in axes if a >= lead)
 
 
 def normalize_forward(
@@ -134,37 +160,51 @@ def normalize_forward(
     fixed ones such as running estimates in evaluation (``batch_stats=False``: it does not).
     ``scale``/``shift`` are batch renorm's r and d (constants for the backward pass).
     ``centered`` (with ``stats``) is ``(x - mean) * mask`` already computed, e.g. by
-    :func:`centered_moments`; it is overwritten with ``xhat`` (saves a pass). Returns
+    :func:`centered_moments`; the cache keeps it, and may overwrite it with ``xhat`` (saves a pass). Returns
     ``(y, cache, (mean, var, count))``; with a mask, masked-out elements of ``y`` are 0.
     """
     axes = tuple(axes)
     acc = acc_dtype(x.dtype)
     m = None if mask is None else mask.astype(acc, copy=False)
     if stats is None:
-        mean, var, count, xhat = centered_moments(x, axes, mask=m, center=center)
+        mean, var, count, u = centered_moments(x, axes, mask=m, center=center, copy=False)
     else:
         mean, var, count = stats
         mean, var = (np.asarray(t, dtype=acc) for t in (mean, var))
         if centered is not None:
-            xhat = centered
+            u = centered
         else:
-            xa = x.astype(acc, copy=False)
-            xhat = xa - mean if center else xa.copy()
+            u = x.astype(acc, copy=False)
+            if center:
+                u = u - mean
             if m is not None:
-                xhat *= m
+                u = u * m
     rstd = 1.0 / np.sqrt(var + eps)
-    xhat *= rstd  # in place: the centred input becomes xhat
     renorm = scale is not None
-    z = xhat * scale + shift if renorm else xhat
-    if weight is not None:
+    if weight is None or constant_along(weight.shape, x.ndim, axes):
+        # y = gamma * (r * (u * rstd) + d) + beta = u * (rstd * r * gamma) + (gamma * d + beta):
+        # every factor is one number per group, so one multiply and one add over the tensor
+        a, offset = rstd, bias
+        if renorm:
+            a = a * scale
+            offset = shift if weight is None else shift * weight
+            offset = offset if bias is None else offset + bias
+        if weight is not None:
+            a = a * weight
+        y = u * a
+        if offset is not None:
+            y += offset
+        xfactor = rstd
+    else:  # gamma varies inside a group (layer, group, RMS norm): xhat itself is needed
+        xhat = u * rstd if u is x else np.multiply(u, rstd, out=u)  # never write into the caller's x
+        z = xhat * scale + shift if renorm else xhat
         y = z * weight
-    else:
-        y = z if renorm else z.copy()
-    if bias is not None:
-        y += bias
+        if bias is not None:
+            y += bias
+        u, xfactor = xhat, 1.0
     if m is not None and (bias is not None or renorm):
         y *= m
-    cache = NormCache(xhat, rstd, weight, axes, None if weight is None else weight.shape, center, batch_stats,
+    cache = NormCache(u, xfactor, rstd, weight, axes, None if weight is None else weight.shape, center, batch_stats,
                       m, count, x.dtype, scale, shift, None if bias is None else bias.shape)
     return y.astype(x.dtype, copy=False), cache, (mean, var, count)
 
@@ -191,16 +231,15 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
     dy = dy.astype(c.rstd.dtype, copy=False)
     if c.mask is not None:
         dy = dy * c.mask
-    xhat, axes = c.xhat, c.axes
+    u, f, axes = c.u, c.xfactor, c.axes  # xhat = u * f, f one number per group (see NormCache)
 
     def constant_along_axes(shape) -> bool:  # a parameter of this (broadcast) shape is one value per group
-        lead = xhat.ndim - len(shape)
-        return all(shape[a - lead] == 1 for a in axes if a >= lead)
+        return constant_along(shape, u.ndim, axes)
 
     factor = c.rstd if c.scale is None else c.rstd * c.scale  # per-group factors of dx
     w_const = c.weight is None or constant_along_axes(c.weight.shape)
     if w_const:
-        s_dy, s_dyx = reduce_sum(dy, axes), reduce_sum(dy, axes, xhat)
+        s_dy, s_dyx = reduce_sum(dy, axes), reduce_sum(dy, axes, u) * f
         if c.weight is not None:
             factor = factor * c.weight
     dweight = dbias = None
@@ -219,8 +258,8 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
         g, mean_g, mean_gx = dy, s_dy / n, s_dyx / n
     else:
         g = dy * c.weight
-        mean_g, mean_gx = reduce_sum(g, axes) / n, reduce_sum(g, axes, xhat) / n  # g is 0 where masked out
-    t = xhat * mean_gx
+        mean_g, mean_gx = reduce_sum(g, axes) / n, reduce_sum(g, axes, u) * f / n  # g is 0 where masked out
+    t = u * (mean_gx * f)
     if c.center:
         t += mean_g
     dx = np.subtract(g, t, out=t)

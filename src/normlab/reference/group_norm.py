@@ -43,5 +43,5 @@ def group_norm_forward(
 
 def group_norm_backward(dy: np.ndarray, cache):
     """Backward pass: ``(dx, dgamma, dbeta)``."""
-    dx, dw, db = normalize_backward(dy.reshape(cache.xhat.shape), cache)
+    dx, dw, db = normalize_backward(dy.reshape(cache.u.shape), cache)
     return dx.reshape(cache.shape), flat(dw), flat(db)
