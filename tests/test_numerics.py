@@ -172,8 +172,8 @@ def test_reference_float32_stays_float32(name):
     the statistics would double the memory traffic of every later pass)."""
     y, cache = _float32_forwards()[name]()
     assert y.dtype == np.float32
-    xhat = cache.xhat if hasattr(cache, "xhat") else cache["xhat"]
-    assert xhat.dtype == np.float32
+    kept = cache.u if hasattr(cache, "u") else cache["centered"]  # what the backward reads
+    assert kept.dtype == np.float32
 
 
 def _reference_calls():
@@ -199,6 +199,9 @@ def _reference_calls():
                               R.masked_batch_norm_backward),
         "batch_renorm": (lambda x: R.batch_renorm_forward(x, g, b, run, rmax=1.5, dmax=0.5)[:2],
                          R.batch_renorm_backward),
+        "switchable_norm": (lambda x: R.switchable_norm_forward(x, g, b, np.array([0.2, -0.1, 0.3]),
+                                                                np.array([-0.3, 0.1, 0.2]), run)[:2],
+                            lambda dy, cache: R.switchable_norm_backward(dy, cache)),
     }
 
 

@@ -229,8 +229,6 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
     """
     c = cache
     dy = dy.astype(c.rstd.dtype, copy=False)
-    if c.mask is not None:
-        dy = dy * c.mask
     u, f, axes = c.u, c.xfactor, c.axes  # xhat = u * f, f one number per group (see NormCache)
 
     def constant_along_axes(shape) -> bool:  # a parameter of this (broadcast) shape is one value per group
@@ -238,8 +236,17 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
 
     factor = c.rstd if c.scale is None else c.rstd * c.scale  # per-group factors of dx
     w_const = c.weight is None or constant_along_axes(c.weight.shape)
+    # Masked-out entries of dy must not count. With gamma and beta one number per group (masked
+    # batch norm) every sum below reads dy against u (0 where masked out) or the mask itself and
+    # dx is masked at the end, so dy needs no masked copy (one pass saved); otherwise it gets one.
+    sum_mask = None
+    if c.mask is not None:
+        if w_const and (c.bias_shape is None or constant_along_axes(c.bias_shape)):
+            sum_mask = c.mask
+        else:
+            dy = dy * c.mask
     if w_const:
-        s_dy, s_dyx = reduce_sum(dy, axes), reduce_sum(dy, axes, u) * f
+        s_dy, s_dyx = reduce_sum(dy, axes, sum_mask), reduce_sum(dy, axes, u) * f
         if c.weight is not None:
             factor = factor * c.weight
     dweight = dbias = None
@@ -252,7 +259,10 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
         else:
             dweight = sum_to_shape(dy, c.param_shape, c.z())
     if not c.batch_stats:
-        return (dy * (factor if w_const else factor * c.weight)).astype(c.dtype, copy=False), dweight, dbias
+        dx = dy * (factor if w_const else factor * c.weight)
+        if sum_mask is not None:
+            dx *= sum_mask
+        return dx.astype(c.dtype, copy=False), dweight, dbias
     n = c.count
     if w_const:
         g, mean_g, mean_gx = dy, s_dy / n, s_dyx / n

@@ -85,14 +85,17 @@ def switchable_norm_forward(
     mean = wm[0] * mu_in + wm[1] * mu_ln + wm[2] * mu_bn
     var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
     rstd = 1.0 / np.sqrt(var + eps)
-    xhat = centered  # x - mu_in, overwritten: xhat = (x - mu_in + mu_in - mean) * rstd
-    xhat += mu_in - mean
-    xhat *= rstd
-    y = xhat * per_channel(gamma, nd) if gamma is not None else xhat.copy()
-    if beta is not None:
-        y += per_channel(beta, nd)
-    cache = dict(x=x, xhat=xhat, rstd=rstd, gamma=gamma, wm=wm, wv=wv, use_batch=use_batch, n_in=n_in,
-                 stats=((mu_in, var_in), (mu_ln, var_ln), (mu_bn, var_bn)), c=c)
+    # xhat = (x - mean) * rstd = (centered + shift) * rstd, with centered = x - mu_in and
+    # shift = mu_in - mean one number per (sample, channel); y = gamma * xhat + beta is then
+    # one multiply and one add over the tensor, and xhat is never formed (the backward needs
+    # only sums of dy * xhat, which it gets from centered and shift)
+    shift = mu_in - mean
+    a = rstd if gamma is None else rstd * per_channel(gamma, nd)
+    offset = shift * a if beta is None else shift * a + per_channel(beta, nd)
+    y = centered * a
+    y += offset
+    cache = dict(x=x, centered=centered, shift=shift, rstd=rstd, gamma=gamma, wm=wm, wv=wv, use_batch=use_batch,
+                 n_in=n_in, stats=((mu_in, var_in), (mu_ln, var_ln), (mu_bn, var_bn)), c=c)
     return y.astype(x.dtype, copy=False), cache, running
 
 
@@ -108,20 +111,22 @@ def switchable_norm_backward(dy: np.ndarray, cache):
     ``g_k = sum(dL/dmu * mu_k)`` (and likewise for the variance).
     """
     c = cache
-    x, xhat, rstd = c["x"], c["xhat"], c["rstd"]
+    x, rstd = c["x"], c["rstd"]
     nd = x.ndim
     spatial = tuple(range(2, nd))
     dy = dy.astype(rstd.dtype, copy=False)
+    # per (sample, channel): sum(dy) and sum(dy * xhat), with xhat = (centered + shift) * rstd
+    s_dy = reduce_sum(dy, spatial) if spatial else dy
+    s_dyx = (reduce_sum(dy, spatial, c["centered"]) if spatial else dy * c["centered"]) + c["shift"] * s_dy
+    s_dyx *= rstd
     if c["gamma"] is not None:
-        dbeta = reduce_sum(dy, (0,) + spatial).reshape(-1)
-        dgamma = reduce_sum(dy, (0,) + spatial, xhat).reshape(-1)
+        dbeta = s_dy.sum(axis=0).reshape(-1)
+        dgamma = s_dyx.sum(axis=0).reshape(-1)
         gscale = rstd * per_channel(c["gamma"], nd)  # dL/dxhat * dxhat/dx, the direct path
     else:
         dgamma = dbeta = None
         gscale = rstd
     # y depends on x directly and through (mean, var) of shape (N, C, 1, ...)
-    s_dy = reduce_sum(dy, spatial) if spatial else dy
-    s_dyx = reduce_sum(dy, spatial, xhat) if spatial else dy * xhat
     dmean = -gscale * s_dy
     dvar = -0.5 * gscale * rstd * s_dyx  # sum(g (x - mu)) (-1/2) rstd^3, with x - mu = xhat / rstd
     (mu_in, var_in), (mu_ln, var_ln), (mu_bn, var_bn) = c["stats"]
