@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.tools import load_records, monitor, plot_records
+from normlab.tools.monitor import Monitor
 
 
 def mlp():
@@ -217,6 +218,18 @@ def test_variable_shapes_do_not_accumulate_buffers():
         # one buffer per length ever seen would be 2 x 40
         assert len(mon._rows) <= 2 * 4
     assert [r["numel"] for r in mon.records if r["layer"] == "0"] == [4 * 3 * n for n in range(5, 45)]
+
+
+@pytest.mark.parametrize("exact_limit", [8, 1 << 16])  # sampled on the device / in the NumPy reduction
+def test_variable_shapes_do_not_accumulate_sample_positions(monkeypatch, exact_limit):
+    monkeypatch.setattr(Monitor, "PROBES", 5)
+    m = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.ReLU())
+    with monitor(m, every=1, sample=4, exact_limit=exact_limit) as mon:
+        for length in range(5, 45):
+            m(torch.randn(4, 2, length)).sum().backward()
+            assert len(mon._probe) <= 5
+    records = [r for r in mon.records if r["layer"] == "0"]
+    assert len(records) == 40 and all(sum(r["hist"]["counts"]) == 4 for r in records)  # each from a 4-value sample
 
 
 # -- training patterns beyond one forward and one backward per step ------------------------------

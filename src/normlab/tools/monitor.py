@@ -80,6 +80,8 @@ class Monitor:
     Norms of float16/bfloat16 gradients are taken in float32.
     """
 
+    PROBES = 64  # sizes whose sample positions are kept (see _positions)
+
     def __init__(self, model: nn.Module, every: int = 10, path: Optional[str] = None, modules: Selection = None,
                  sample: int = 2048, percentiles: Sequence[float] = (1, 15, 50, 85, 99), bins: int = 50,
                  saturation: float = 0.98, seed: int = 0, exact_limit: int = 1 << 16, flush_every: int = 16,
@@ -179,12 +181,15 @@ class Monitor:
     def _positions(self, n: int, device):
         """``sample`` random positions in an output of ``n`` values (with replacement), drawn once per
         size and device and then reused: a fixed random probe, so steps are compared on the same
-        positions and no step pays for drawing them."""
+        positions and no step pays for drawing them. At most ``PROBES`` sizes are kept, the oldest
+        dropped first: variable-length inputs (a new length every batch) would grow it without end."""
         key = (n, device)
         idx = self._probe.get(key)
         if idx is None:
             idx = torch.randint(n, (self.sample,), generator=self._gen)
             idx = idx.numpy() if device is None else idx.to(device)
+            if len(self._probe) >= self.PROBES:
+                del self._probe[next(iter(self._probe))]
             self._probe[key] = idx
         return idx
 
