@@ -346,3 +346,27 @@ def test_inference_mode_steps_and_reuse(tmp_path):
         m(torch.randn(8, 3)).sum().backward()
     steps = [r["step"] for r in mon.records]
     assert steps == [0, 0, 1, 1, 2, 2] and [r["step"] for r in load_records(str(tmp_path / "m.jsonl"))] == steps
+
+
+def test_a_module_called_twice_is_recorded_at_its_first_call():
+    # the documented rule for a shared module: the record (statistics and gradient norm) is the first call's
+    torch.manual_seed(0)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = nn.Linear(3, 5), nn.Linear(5, 2), nn.Tanh()
+
+        def forward(self, x):
+            return self.act(self.b(self.act(self.a(x))))
+
+    m = Twice()
+    x = torch.randn(4, 3)
+    first = torch.tanh(m.a(x)).detach().requires_grad_()
+    (torch.tanh(m.b(first)) ** 2).sum().backward()  # the same loss, with the first call's output as a leaf
+    with monitor(m, every=1, modules=["act"]) as mon:
+        (m(x) ** 2).sum().backward()
+    (r,) = mon.records
+    assert r["numel"] == 4 * 5
+    assert r["mean"] == pytest.approx(torch.tanh(m.a(x)).mean().item(), rel=1e-5)
+    assert r["grad_norm"] == pytest.approx(first.grad.norm().item(), rel=1e-5)

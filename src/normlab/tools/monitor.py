@@ -17,6 +17,10 @@ use a fixed-size random sample of each output (the same random positions at ever
 mean, std and the saturated and dead fractions use all of it (reduced on the device for
 outputs of more than 65536 values, in NumPy from a copy for smaller ones).
 
+A module called several times in one forward (one ReLU object used in two places, a cell
+stepped over time) is recorded at its first call of the step, gradient norm included: give
+each use its own module to see every one.
+
 Memory: the captures of up to ``flush_every`` recorded steps wait to be reduced: per
 watched layer and step, a copy of its output when it has at most ``exact_limit`` values,
 else ``sample`` values and a few sums; a batch is reduced early once they reach
