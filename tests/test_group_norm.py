@@ -45,3 +45,19 @@ def test_module_matches_torch_twin(shape, groups, kw):
 def test_functional_matches_torch():
     x, w, b = randn((3, 4, 5), 0), randn(4, 1), randn(4, 2)
     assert_close(NF.group_norm(t(x), 2, t(w), t(b), 1e-4), F.group_norm(t(x), 2, t(w), t(b), 1e-4))
+
+
+def test_functional_sends_tensor_subclasses_through_torchs_wrapper():
+    # the fast path calls torch.group_norm itself; a __torch_function__ subclass must still see F.group_norm
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x = torch.randn(2, 4, 3).as_subclass(Logged)
+    y = NF.group_norm(x, 2)
+    assert F.group_norm in seen
+    assert_close(y.as_subclass(torch.Tensor), F.group_norm(x.as_subclass(torch.Tensor), 2))
