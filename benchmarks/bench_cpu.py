@@ -1,8 +1,12 @@
 """CPU benchmark of the core: normlab.nn against its torch twin (or torch BatchNorm on the same
 shape, for the layers torch lacks) and the NumPy reference, forward and forward+backward.
 
-Run:  python benchmarks/bench_cpu.py [--rounds 15] [--quick]
+Run:  python benchmarks/bench_cpu.py [--rounds 15] [--repeat 3] [--quick]
 Writes benchmarks/results/cpu.json and prints medians (ms) and ratios measured in this run.
+With ``--repeat K`` every case is measured K times (each time interleaved over all its
+candidates); the times are the medians over the K measurements, each ratio the median of the
+K ratios, and its range (min-max over the K) is printed beside it and kept in the JSON: on a
+noisy machine one measurement moves a ratio by 10% and more.
 
 Targets (issue 2): normlab.nn <= 1.05x its torch twin; our own layers <= 2x torch BatchNorm on
 the same shape; the NumPy reference forward+backward <= 2x torch.
@@ -10,6 +14,7 @@ the same shape; the NumPy reference forward+backward <= 2x torch.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -89,6 +94,7 @@ def cases(quick: bool):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--repeat", type=int, default=1, help="measure each case this many times; report medians")
     ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -107,25 +113,34 @@ def main(argv=None) -> dict:
             y, cache = ref_fwd(xn)
             ref_bwd(dyn, cache)
 
-        t = interleaved({
+        fns = {
             "fwd_normlab": fwd(ours, x, *extra), "fwd_torch": fwd(baseline, x), "fwd_numpy": lambda: ref_fwd(xn),
             "fb_normlab": fwd_bwd(ours, x, dy, *extra), "fb_torch": fwd_bwd(baseline, x, dy),
             "fb_numpy": ref_fb,
-        }, rounds=args.rounds)
+        }
+        runs = [interleaved(fns, rounds=args.rounds) for _ in range(args.repeat)]
         for pas in ("fwd", "fb"):
             row = {
                 "layer": name, "shape": list(x.shape), "pass": "forward" if pas == "fwd" else "forward+backward",
                 "baseline": base_label,
-                "normlab_ms": t[f"{pas}_normlab"] * 1e3, "torch_ms": t[f"{pas}_torch"] * 1e3,
-                "numpy_ms": t[f"{pas}_numpy"] * 1e3,
+                **{f"{who}_ms": statistics.median(r[f"{pas}_{who}"] for r in runs) * 1e3
+                   for who in ("normlab", "torch", "numpy")},
             }
-            row["normlab_over_torch"] = row["normlab_ms"] / row["torch_ms"]
-            row["numpy_over_torch"] = row["numpy_ms"] / row["torch_ms"]
+            for who in ("normlab", "numpy"):
+                ratios = [r[f"{pas}_{who}"] / r[f"{pas}_torch"] for r in runs]
+                row[f"{who}_over_torch"] = statistics.median(ratios)
+                row[f"{who}_over_torch_runs"] = ratios
             results.append(row)
+
+            def spread(who):
+                r = row[f"{who}_over_torch_runs"]
+                return f" ({min(r):.2f}-{max(r):.2f})" if len(r) > 1 else ""
             print(f"{name:<18} {'x'.join(map(str, x.shape)):<18} {pas:<8} {row['normlab_ms']:>9.2f} {row['torch_ms']:>9.2f} "
-                  f"{row['numpy_ms']:>9.2f} {row['normlab_over_torch']:>9.2f} {row['numpy_over_torch']:>9.2f}"
+                  f"{row['numpy_ms']:>9.2f} {row['normlab_over_torch']:>9.2f}{spread('normlab')} "
+                  f"{row['numpy_over_torch']:>9.2f}{spread('numpy')}"
                   + ("" if twin is not None else "  (vs torch BatchNorm)"))
-    payload = {"environment": environment(), "rounds": args.rounds, "quick": args.quick, "results": results}
+    payload = {"environment": environment(), "rounds": args.rounds, "repeat": args.repeat, "quick": args.quick,
+               "results": results}
     write_json(args.out, payload)
     print(f"\nwrote {args.out}")
     return payload
