@@ -181,3 +181,92 @@ def test_training_mode_and_strict_errors_name_the_layers():
         fold(model, strict=True)
     with pytest.raises(ValueError, match="method must be"):
         fold(model, method="graph")
+
+
+# -- pairs that look foldable but are not: left in place, and the numbers stay right -------------
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+        self.b = nn.Conv2d(3, 3, 1)
+        self.b.weight = self.a[0].weight  # tied: folding would rescale b too
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class _SkipSequential(nn.Sequential):  # a Sequential with its own forward uses the conv output twice
+    def forward(self, x):
+        y = self[0](x)
+        return self[1](y) + y
+
+
+class _DirectCall(nn.Module):  # the Sequential's conv is also called on its own
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        return self.f(x) + self.f[0](x)
+
+
+class _ReadsWeight(nn.Module):  # the forward also reads the conv's weight
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv.weight.sum()
+
+
+UNFOLDABLE = {
+    "tied weight": (_Tied, "weight is shared with another module"),
+    "torch spectral_norm": (lambda: nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 3)),
+                                                  nn.BatchNorm1d(3)), "weight is computed"),
+    "normlab weight_norm": (lambda: nn.Sequential(nlnn.weight_norm(nn.Conv2d(3, 3, 1)), nn.BatchNorm2d(3)),
+                            "weight is computed"),
+    "Sequential with its own forward": (lambda: nn.Sequential(_SkipSequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))),
+                                        "also used by add"),
+    "conv called directly": (_DirectCall, "applied at more than one place"),
+    "weight read in forward": (_ReadsWeight, "reads the parameters of conv"),
+}
+
+
+@pytest.mark.parametrize("method", ["auto", "fx"])
+@pytest.mark.parametrize("case", list(UNFOLDABLE))
+def test_pairs_that_cannot_fold_are_left_with_the_reason(case, method):
+    make, why = UNFOLDABLE[case]
+    torch.manual_seed(0)
+    model = randomize_bn_(make()).double().eval()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)[:, :, 0, 0] if "spectral" in case else \
+        torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    folded, report = fold(model, method=method)
+    assert not report.folded and len(report.left) == 1 and why in report.left[0][1], report
+    assert_same_outputs(model, folded, x, rel=1e-12)
+
+
+def test_inplace_fold_through_fx_leaves_the_model_itself_correct():
+    class Block(nn.Module):  # no Sequential: only the graph finds the pair
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+    torch.manual_seed(0)
+    model = randomize_bn_(Block()).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+    folded, report = fold(model, inplace=True)
+    assert report.method == "fx" and report.folded == [("bn", "conv")]
+    assert_same_outputs(model, folded, x, rel=1e-12)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # not half folded: conv's weights as they were, bn still applied
+
+
+def test_a_model_that_is_one_batch_norm_is_reported_once():
+    _, report = fold(nn.BatchNorm1d(3).eval())
+    assert [bn for bn, _ in report.left] == ["<root>"]

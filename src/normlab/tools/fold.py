@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from normlab.tools.convert import norm_kind
 
@@ -92,12 +93,21 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
-def _pair_problem(layer: nn.Module, bn: nn.Module) -> Optional[str]:
+def _pair_problem(layer: nn.Module, bn: nn.Module, owners: Dict[int, int]) -> Optional[str]:
+    """Why ``bn`` cannot fold into ``layer`` (None: it can). ``owners`` counts, per parameter, the
+    modules that hold it (:func:`_owner_counts`)."""
     if not isinstance(layer, FOLDABLE_INTO):
         return None
     if _out_channels(layer) != bn.num_features:
         return (f"{type(layer).__name__} has {_out_channels(layer)} output channels but the batch norm has "
                 f"{bn.num_features}")
+    if parametrize.is_parametrized(layer) or not isinstance(layer._parameters.get("weight"), nn.Parameter):
+        return ("its layer's weight is computed (a parametrization such as weight_norm or spectral_norm, or a hook): "
+                "remove it first (torch.nn.utils.parametrize.remove_parametrizations)")
+    for name in ("weight", "bias"):
+        p = layer._parameters.get(name)
+        if p is not None and owners.get(id(p), 0) > 1:
+            return f"its layer's {name} is shared with another module (tied weights)"
     return _why_not_foldable_bn(bn)
 
 
@@ -117,13 +127,29 @@ def _use_counts(model: nn.Module) -> Dict[int, int]:
     return counts
 
 
-def _fold_sequential(model: nn.Module, report: FoldReport) -> None:
+def _owner_counts(model: nn.Module) -> Dict[int, int]:
+    """Per parameter (by id), how many distinct modules hold it: more than one means tied weights."""
+    owners: Dict[int, set] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(m))
+    return {k: len(v) for k, v in owners.items()}
+
+
+def _fold_sequential(model: nn.Module, report: FoldReport, graph: Optional[FoldReport] = None) -> None:
     """Fold [..., layer, (Identity ...,) bn, ...] inside every nn.Sequential; each folded bn becomes Identity.
 
-    Identity (a batch norm folded already) passes the layer on, so consecutive batch norms all fold."""
-    uses = _use_counts(model)
+    Identity (a batch norm folded already) passes the layer on, so consecutive batch norms all fold.
+    Only containers that run ``nn.Sequential.forward`` itself count (a subclass with its own
+    ``forward`` may use its layers any way). ``graph`` (a dry run of :func:`_fold_fx` on the
+    model, when it can be traced) vets each pair: the walk sees one container, the graph sees
+    the whole model (a layer also called directly, its output used twice, its weight read)."""
+    uses, owners = _use_counts(model), _owner_counts(model)
+    vetted = None if graph is None else set(graph.folded)
+    why_not = {} if graph is None else dict(graph.left)
     for name, seq in list(model.named_modules()):
-        if not isinstance(seq, nn.Sequential):
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
         last = None  # key of the Conv/Linear whose output reaches this position unchanged
         for key, m in list(seq._modules.items()):
@@ -136,9 +162,12 @@ def _fold_sequential(model: nn.Module, report: FoldReport) -> None:
                 last = None
                 continue
             layer, bn_name, layer_name = seq._modules[last], _join(name, key), _join(name, last)
-            problem = _pair_problem(layer, m)
+            problem = _pair_problem(layer, m, owners)
             if problem is None and (uses.get(id(layer), 0) > 1 or uses.get(id(m), 0) > 1):
                 problem = f"{layer_name} or the batch norm is shared with another place in the model"
+            if problem is None and vetted is not None and (bn_name, layer_name) not in vetted:
+                problem = why_not.get(bn_name, f"the traced model does not apply it to the output of {layer_name} "
+                                               f"alone")
             if problem is not None:
                 report.left.append((bn_name, problem))
                 last = None
@@ -155,24 +184,30 @@ class _LeafTracer(fx.Tracer):
         return type(m).__module__.startswith("normlab.") or super().is_leaf_module(m, qualname)
 
 
-def _fold_fx(model: nn.Module, report: FoldReport) -> nn.Module:
-    """Trace the graph and fold each batch norm whose input is the single-use output of a Conv/Linear."""
+def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Optional[nn.Module]:
+    """Trace the graph and fold each batch norm whose input is the single-use output of a Conv/Linear.
+
+    With ``apply=False`` nothing changes: ``report`` gets the pairs that would fold and why the
+    rest would not (the vetting for :func:`_fold_sequential`), and None is returned."""
     tracer = _LeafTracer()
     graph = tracer.trace(model)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    modules = dict(gm.named_modules())
+    modules = dict(tracer.root.named_modules())
     calls: Dict[str, int] = {}
-    for node in gm.graph.nodes:
+    read: set = set()  # modules whose parameters the forward reads directly (self.conv.weight)
+    for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-    uses = _use_counts(gm)
-    for node in list(gm.graph.nodes):
+        elif node.op == "get_attr":
+            read.add(node.target.rpartition(".")[0])
+    uses, owners = _use_counts(model), _owner_counts(model)
+    passed: set = set()  # batch norms a dry run would fold: later ones see through them
+    for node in list(graph.nodes):
         if node.op != "call_module" or not _is_bn(modules[node.target]):
             continue
         bn = modules[node.target]
         src = node.args[0] if node.args else None
-        while (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(modules[src.target], nn.Identity)
-               and len(src.users) == 1 and src.args):
+        while (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1 and src.args
+               and (src in passed or isinstance(modules[src.target], nn.Identity))):
             src = src.args[0]  # through batch norms folded already
         fed_by_layer = isinstance(src, fx.Node) and src.op == "call_module"
         if not (fed_by_layer and isinstance(modules[src.target], FOLDABLE_INTO)):
@@ -180,21 +215,29 @@ def _fold_fx(model: nn.Module, report: FoldReport) -> nn.Module:
             report.left.append((node.target, f"its input comes from {what}, not from a Conv, ConvTranspose or Linear"))
             continue
         layer = modules[src.target]
-        problem = _pair_problem(layer, bn)
+        problem = _pair_problem(layer, bn, owners)
         if problem is None and len(src.users) > 1:
             others = ", ".join(str(u) for u in src.users if u is not node)
             problem = f"the output of {src.target} is also used by {others}"
         if problem is None and (calls[src.target] > 1 or uses.get(id(layer), 0) > 1):
             problem = f"{src.target} is applied at more than one place"
+        if problem is None and src.target in read:
+            problem = f"the forward also reads the parameters of {src.target} directly"
         if problem is None and (node.kwargs or len(node.args) > 1):
             problem = "it is called with extra arguments"
         if problem is not None:
             report.left.append((node.target, problem))
             continue
+        report.folded.append((node.target, src.target))
+        if not apply:
+            passed.add(node)
+            continue
         fold_pair_(layer, bn)
         node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
-        report.folded.append((node.target, src.target))
+        graph.erase_node(node)
+    if not apply:
+        return None
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
@@ -231,12 +274,19 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
     Two ways to find the pairs:
 
     - ``"modules"``: neighbours inside ``nn.Sequential`` containers; the model keeps its class.
+      It trusts that the layers of a plain ``nn.Sequential`` are used only through it.
     - ``"fx"``: trace the model with ``torch.fx`` and fold every batch norm whose input is the
       output of a Conv/Linear used nowhere else, in any graph (residual blocks, custom
       ``forward``); the result is a ``torch.fx.GraphModule``.
-    - ``"auto"`` (default): ``"modules"`` first; if batch norms remain, ``"fx"`` on the rest;
-      if the model cannot be traced (data-dependent control flow), the Sequential folds stand
-      and the rest is reported as left.
+    - ``"auto"`` (default): ``"modules"`` first, each pair vetted against the traced graph
+      (a Conv also called on its own, or whose output or weight is used elsewhere, is not
+      folded); if batch norms remain, ``"fx"`` on the rest. If the model cannot be traced
+      (data-dependent control flow), the Sequential folds stand, trusting that the layers in
+      a plain ``nn.Sequential`` are used only through it, and the rest is reported as left.
+
+    Never folded (left in place, with the reason in the report): a layer whose weight is a
+    parametrization (weight_norm, spectral_norm) or is tied to another module's, a batch
+    norm without running statistics, a layer or batch norm used at several places.
 
     Note: a ``Linear`` is folded with the ``BatchNorm1d`` after it when the norm's channels are
     the Linear's output features, i.e. for (N, features) activations; a model that applies
@@ -245,7 +295,10 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
 
     Args:
         model: a model in evaluation mode (``model.eval()``).
-        inplace: change ``model`` itself instead of a deep copy. Default False.
+        inplace: change ``model`` itself instead of a deep copy. Default False. ``model`` then
+            holds the folds found in its Sequential containers (their batch norms become
+            ``Identity``); pairs only the fx graph finds are folded in the returned
+            ``GraphModule`` alone, so ``model`` stays correct either way.
         method: ``"auto"``, ``"modules"`` or ``"fx"``.
         strict: raise if any batch norm is left unfolded. Default False (left in place and
             reported).
@@ -275,13 +328,23 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
         report.left.append(("<root>", "the model is a single batch norm layer; nothing feeds it"))
         method = "modules"
     if method in ("auto", "modules"):
-        _fold_sequential(out, report)
-    remaining = [name for name, m in out.named_modules() if _is_bn(m)]
+        graph = None
+        if method == "auto" and not _is_bn(out):  # vet the walk's pairs against the whole traced model
+            graph = FoldReport()
+            try:
+                _fold_fx(out, graph, apply=False)
+            except Exception:  # cannot be traced: the walk trusts the Sequential containers
+                graph = None
+        _fold_sequential(out, report, graph)
+    remaining = [name or "<root>" for name, m in out.named_modules() if _is_bn(m)]
     if method == "fx" or (method == "auto" and remaining):
         by_walk = report.folded
         fx_report = FoldReport(folded=list(by_walk), method="fx")
         try:
-            traced = _fold_fx(out, fx_report)
+            # with inplace, ``model`` keeps only the walk's folds (each batch norm became Identity):
+            # folding the graph's pairs in it too would change its layers' weights while its own
+            # forward still applied those batch norms
+            traced = _fold_fx(copy.deepcopy(out) if inplace else out, fx_report)
         except Exception as e:  # torch.fx raises many kinds on untraceable code
             if method == "fx":
                 raise ValueError(f"fold: torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}; "
