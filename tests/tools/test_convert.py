@@ -203,3 +203,12 @@ def test_same_kind_keeps_its_own_settings():
     assert (brn[0].rmax, brn[0].dmax, brn[0].warmup_steps, brn[0].momentum) == (2.0, 1.0, 50, 0.2)
     ln, _ = convert(nn.Sequential(nn.LayerNorm(6, bias=False)), "layer")
     assert type(ln[0]) is nlnn.LayerNorm and ln[0].bias is None
+
+
+def test_untracked_batch_norm_to_a_layer_with_running_statistics_says_evaluation_changes():
+    model = nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False))
+    _, changes = convert(model, "batch_renorm")
+    assert changes[0].copied == ("weight", "bias")
+    assert any("normalized with batch statistics in evaluation" in s for s in changes[0].not_copied), changes[0]
+    _, changes = convert(nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False)), "batch")
+    assert changes[0].not_copied == ()  # the same behaviour: nothing to say

@@ -148,3 +148,11 @@ def test_layers_without_running_statistics_are_skipped_and_errors_are_clear():
         precise_bn(bn, [torch.randn(4, 3), "oops"])
     assert bn[0].momentum == 0.5 and bn[0].training  # restored after the failure
     torch.testing.assert_close(bn[0].running_mean, torch.zeros(3))  # and untouched
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm1d(3), nlnn.BatchNorm1d(3)], ids=["torch", "normlab"])
+def test_a_batch_with_the_wrong_channel_count_names_the_layer(bn):
+    model = nn.Sequential(nn.Identity(), bn)
+    with pytest.raises(ValueError, match=r"precise_bn: 1 \(BatchNorm1d\) was built for 3 channels.*shape \(4, 5\)"):
+        precise_bn(model, [torch.randn(4, 3), torch.randn(4, 5)])
+    torch.testing.assert_close(bn.running_mean, torch.zeros(3))  # untouched

@@ -279,6 +279,10 @@ def _copy(source: nn.Module, kind: str, seen: _Seen, target: nn.Module) -> Tuple
                 dropped.append(f"running statistics: {type(target).__name__} keeps none")
             else:
                 dropped.append(f"running statistics: {kind} and {target_kind} average different statistics")
+        elif tgt_stats and kind in BATCH_STATS:
+            dropped.append(f"running statistics: {type(source).__name__} kept none and normalized with batch statistics "
+                           f"in evaluation too; {type(target).__name__} evaluates with its own, which start at mean 0, "
+                           f"var 1 (train it, or run normlab.tools.precise_bn, before evaluating)")
     return tuple(copied), tuple(dropped)
 
 

@@ -126,6 +126,10 @@ def precise_bn(model: nn.Module, batches: Batches, num_batches: int = 200,
     def hook_for(name):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs.get("input")
+            c = getattr(module, "num_features", None)
+            if isinstance(x, torch.Tensor) and c is not None and (x.dim() < 2 or x.shape[1] != c):
+                raise ValueError(f"precise_bn: {name or '<root>'} ({type(module).__name__}) was built for {c} channels (dim 1) "
+                                 f"but gets an input of shape {tuple(x.shape)}")
             mask = args[1] if len(args) > 1 else kwargs.get("mask")
             moments[name].add(x, mask if norm_kind(module) == "masked_batch" else None)
         return hook
