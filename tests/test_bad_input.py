@@ -31,9 +31,9 @@ CASES = [
     ("brn2d-rank", lambda: NN.BatchRenorm2d(3)(x3), ValueError, r"4-D.*got a 3-D"),
     ("mbn-rank", lambda: NN.MaskedBatchNorm1d(3)(torch.randn(2, 3)), ValueError, r"3-D input \(N, C, L\), got a 2-D"),
     ("gn-rank", lambda: NN.GroupNorm(1, 4)(torch.randn(4)),
-     ValueError, r"\(N, C, \*\), got a 1-D input of shape \(4\)"),
+     ValueError, r"\(N, C, \*\) \(at least 2-D\), got a 1-D input of shape \(4\)"),
     ("lrn-rank", lambda: NN.LocalResponseNorm(3)(torch.randn(2, 3)), ValueError, r"3 or more dims.*got a 2-D"),
-    ("F-in-rank", lambda: NF.instance_norm(torch.randn(2, 3)), ValueError, r"3-D or 4-D or 5-D.*got a 2-D"),
+    ("F-in-rank", lambda: NF.instance_norm(torch.randn(2, 3)), ValueError, r"\(N, C, \*spatial\) \(at least 3-D\), got a 2-D"),
     ("ref-bn-rank", lambda: R.batch_norm_forward(np.ones(3)), ValueError, r"2-D or 3-D or 4-D or 5-D.*got a 1-D"),
     ("ref-lrn-rank", lambda: R.local_response_norm_forward(np.ones((2, 3)), 3), ValueError, r"3 or more.*2-D"),
     # wrong channel count

@@ -93,9 +93,14 @@ def use_triton(op: str, x: torch.Tensor, supported) -> bool:
         ok, reason = supported()
         choice, why = ("triton", reason) if ok else ("torch", reason)
     _state["last"] = (op, choice, why)
-    if _log.isEnabledFor(logging.DEBUG):
+    if not _compiling() and _log.isEnabledFor(logging.DEBUG):  # torch.compile cannot trace a logger call
         _log.debug("%s on %s %s %s: %s (%s)", op, x.device, x.dtype, tuple(x.shape), choice, why)
     return choice == "triton"
+
+
+def _compiling() -> bool:
+    """True while torch.compile (dynamo) traces the call."""
+    return torch.compiler.is_compiling()
 
 
 def last_choice():

@@ -35,21 +35,33 @@ def check_rank(shape, ranks: Sequence[int], op: str, layout: str) -> None:
         raise ValueError(f"{op} expects a {want} input {layout}, got a {len(shape)}-D input of shape {shape_str(shape)}")
 
 
-def check_channels(shape, num_features: int, op: str, axis: int = 1) -> None:
+def check_channels(shape, num_features: int, op: str, axis: int = 1, arg: str = "num_features") -> None:
     if shape[axis] != num_features:
         raise ValueError(
-            f"{op} was built for {num_features} channels (num_features={num_features}) but the input has "
+            f"{op} was built for {num_features} channels ({arg}={num_features}) but the input has "
             f"{shape[axis]} along dim {axis}: input shape {shape_str(shape)}"
         )
 
 
-def check_enough_values(shape, reduce_axes: Sequence[int], op: str, what: str = "per channel") -> None:
-    """Training statistics need more than one value per statistic (else the variance is 0/undefined)."""
-    count = math.prod(shape[a] for a in reduce_axes)
+def check_enough_values(shape, reduce_axes: Sequence[int], op: str, what: str = "per channel", *,
+                        allow_empty: bool = False, running_stats: bool = True) -> None:
+    """Training statistics need more than one value per statistic (else the variance is 0/undefined).
+
+    ``allow_empty``: an input with no values at all passes (torch's batch norm returns an empty
+    output for it). ``running_stats=False``: the layer has no running statistics, so it uses
+    batch statistics in evaluation too, and the message says that instead of "use eval mode"."""
+    count = 1
+    for a in reduce_axes:
+        count *= shape[a]
+    if count == 0 and allow_empty:
+        return
     if count <= 1:
+        when, hint = ("in training", "use eval mode or a larger batch") if running_stats else (
+            "without running statistics (track_running_stats=False: batch statistics in evaluation too)",
+            "use a larger batch")
         raise ValueError(
-            f"{op} in training needs more than 1 value {what} to compute its statistics, got input of shape "
-            f"{shape_str(shape)} ({count} value {what}); use eval mode or a larger batch"
+            f"{op} {when} needs more than 1 value {what} to compute its statistics, got input of shape "
+            f"{shape_str(shape)} ({count} value {what}); {hint}"
         )
 
 

@@ -33,15 +33,16 @@ def per_channel(p: Optional[torch.Tensor], ndim: int) -> Optional[torch.Tensor]:
     return None if p is None else p.view((1, -1) + (1,) * (ndim - 2))
 
 
-def check_channel_input(input: torch.Tensor, op: str, ranks=None, layout: str = "(N, C, *)", **per_channel) -> int:
+def check_channel_input(input: torch.Tensor, op: str, ranks=None, layout: str = "(N, C, *)", *, min_dim: int = 2,
+                        **per_channel) -> int:
     """The checks every per-channel norm makes: a floating input of an allowed rank (``ranks``,
-    or at least 2-D), and each named per-channel tensor (weight, bias, running stats) holding
-    one value per channel. Returns C."""
+    or at least ``min_dim``-D), and each named per-channel tensor (weight, bias, running stats)
+    holding one value per channel. Returns C."""
     _checks.check_floating(input, op)
     if ranks is not None:
         _checks.check_rank(input.shape, ranks, op, layout)
-    elif input.dim() < 2:
-        raise ValueError(f"{op} expects an input of shape {layout}, got a {input.dim()}-D input of shape "
+    elif input.dim() < min_dim:
+        raise ValueError(f"{op} expects an input of shape {layout} (at least {min_dim}-D), got a {input.dim()}-D input of shape "
                          f"{_checks.shape_str(input.shape)}")
     c = input.shape[1]
     for name, p in per_channel.items():

@@ -14,8 +14,9 @@ from normlab.functional._core import HALF, check_channel_input, kernels, use_ker
 
 def _check_batch_norm(input, running_mean, running_var, weight, bias, training, op):
     check_channel_input(input, op, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    if training:
-        _checks.check_enough_values(input.shape, (0,) + tuple(range(2, input.dim())), op)
+    if training:  # torch's rule: an empty batch passes (empty output), one value per channel does not
+        _checks.check_enough_values(input.shape, (0,) + tuple(range(2, input.dim())), op, allow_empty=True,
+                                    running_stats=running_mean is not None)
 
 
 def batch_norm(

@@ -23,8 +23,8 @@ def instance_norm(
 ) -> torch.Tensor:
     """Instance normalization of an (N, C, *spatial) input, exactly ``torch.nn.functional.instance_norm``."""
     op = "instance_norm"
-    check_channel_input(input, op, (3, 4, 5), "(N, C, *spatial)", running_mean=running_mean, running_var=running_var,
-                        weight=weight, bias=bias)
+    check_channel_input(input, op, None, "(N, C, *spatial)", min_dim=3, running_mean=running_mean,
+                        running_var=running_var, weight=weight, bias=bias)
     if use_input_stats:
         _checks.check_enough_values(input.shape, tuple(range(2, input.dim())), op, "per instance (spatial positions)")
         if running_mean is None and running_var is None and use_kernel("instance_norm", input, weight, bias):

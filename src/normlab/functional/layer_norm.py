@@ -1,6 +1,7 @@
 """``layer_norm`` with torch's signature (see :mod:`normlab.reference.layer_norm`)."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -11,7 +12,10 @@ from normlab.functional._core import kernels, use_kernel
 
 
 def _shape_tuple(normalized_shape) -> tuple:
-    return (int(normalized_shape),) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
+    """``normalized_shape`` as a tuple of ints: an int (any integral type, e.g. np.int64) or a sequence."""
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    return tuple(int(s) for s in normalized_shape)
 
 
 def check_trailing(input, normalized_shape, weight, op, params=("weight", "bias"), bias=None) -> tuple:

@@ -48,7 +48,7 @@ class GroupNorm(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() >= 2:
-            _checks.check_channels(input.shape, self.num_channels, "GroupNorm")
+            _checks.check_channels(input.shape, self.num_channels, "GroupNorm", arg="num_channels")
         return NF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:

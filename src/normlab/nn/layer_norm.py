@@ -7,11 +7,8 @@ import torch
 from torch import nn
 
 from normlab import functional as NF
+from normlab.functional.layer_norm import _shape_tuple as _as_shape
 from normlab.nn._affine import register_affine, reset_affine
-
-
-def _as_shape(normalized_shape) -> tuple:
-    return (int(normalized_shape),) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
 
 
 class LayerNorm(nn.Module):

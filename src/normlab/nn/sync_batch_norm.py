@@ -170,8 +170,9 @@ class SyncBatchNorm(_BatchNorm):
     _layout = "(N, C, *)"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.process_group = process_group
         # spatial dims of the layer this one replaced (set by normlab.tools.convert), so converting back
         # can rebuild BatchNorm1d/2d/3d; None when unknown

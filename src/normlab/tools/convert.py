@@ -176,9 +176,8 @@ def _carried(source: nn.Module, kind: str, target_cls, target_kind: Optional[str
         for name in ("momentum", "track_running_stats"):
             if name in accepts and hasattr(source, name):
                 out[name] = getattr(source, name)
-    if kind in TRAILING and getattr(source, "elementwise_affine", False) and getattr(source, "bias", 0) is None:
-        if "bias" in accepts:
-            out["bias"] = False  # LayerNorm(bias=False)
+    if getattr(source, "weight", None) is not None and getattr(source, "bias", 0) is None and "bias" in accepts:
+        out["bias"] = False  # a γ without β (LayerNorm, BatchNorm, GroupNorm with bias=False) stays so
     if kind == target_kind:  # the same kind (torch's -> normlab's, or new settings): keep its own settings too
         for name in accepts - _SHAPE_ARGS - set(out):
             value = getattr(source, name, None)

@@ -1,0 +1,93 @@
+"""Drop-in behaviour beyond the numbers of one layer: what torch accepts, normlab accepts too
+(empty batches, NumPy integers, more spatial dims, bias=False through conversions,
+torch.compile), and the errors torch's twins would not give say what is wrong."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normlab.functional as NF
+import normlab.nn as NN
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda m: m.BatchNorm1d(3), (0, 3)),
+    (lambda m: m.BatchNorm2d(3), (0, 3, 4, 4)),
+    (lambda m: m.BatchNorm1d(3), (2, 3, 0)),
+    (lambda m: m.BatchNorm1d(3, track_running_stats=False).eval(), (0, 3)),
+    (lambda m: m.SyncBatchNorm(3), (0, 3, 5)),  # no process group: a local batch norm
+], ids=["bn1d-N0", "bn2d-N0", "bn1d-L0", "bn1d-untracked-eval", "syncbn-N0"])
+def test_an_empty_batch_passes_as_in_torch(make, shape):
+    ours, theirs = make(NN), make(torch.nn)
+    x = torch.randn(shape)
+    y, want = ours(x), theirs(x)
+    assert y.shape == want.shape == x.shape
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+
+
+def test_one_value_per_channel_without_running_statistics_says_why_eval_does_not_help():
+    bn = NN.BatchNorm1d(3, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match=r"without running statistics.*got input of shape \(1, 3\).*use a larger batch"):
+        bn(torch.randn(1, 3))
+    with pytest.raises(ValueError, match=r"in training needs more than 1 value.*use eval mode"):
+        NN.BatchNorm1d(3)(torch.randn(1, 3))
+
+
+@pytest.mark.parametrize("cls", ["LayerNorm", "RMSNorm"])
+def test_normalized_shape_may_be_any_integer(cls):
+    ours, theirs = getattr(NN, cls)(np.int64(8)), getattr(torch.nn, cls)(np.int64(8))
+    assert ours.normalized_shape == theirs.normalized_shape == (8,)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_instance_norm_takes_any_number_of_spatial_dims():
+    x, w, b = torch.randn(2, 3, 2, 2, 2, 3), torch.rand(3) + 0.5, torch.randn(3)
+    torch.testing.assert_close(NF.instance_norm(x, weight=w, bias=b), F.instance_norm(x, weight=w, bias=b))
+
+
+def test_bias_false_survives_sync_conversion_and_loads_into_torchs():
+    ours = NN.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(4, bias=False)))
+    theirs = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(4, bias=False)))
+    assert ours[0].bias is None and ours[0].extra_repr() == theirs[0].extra_repr()
+    theirs.load_state_dict(ours.state_dict())  # strict: the same keys
+    assert NN.SyncBatchNorm(4, bias=False).bias is None
+
+
+def test_group_norm_channel_error_names_its_own_argument():
+    with pytest.raises(ValueError, match=r"built for 4 channels \(num_channels=4\).*has 6 along dim 1"):
+        NN.GroupNorm(2, 4)(torch.randn(2, 6))
+
+
+COMPILED = {
+    "BatchNorm1d": (lambda: NN.BatchNorm1d(3), (4, 3, 5)),
+    "BatchNorm2d": (lambda: NN.BatchNorm2d(3), (4, 3, 5, 5)),  # momentum=None reads a count: torch too breaks
+    "LayerNorm": (lambda: NN.LayerNorm(5), (4, 3, 5)),
+    "RMSNorm": (lambda: NN.RMSNorm(5), (4, 3, 5)),
+    "GroupNorm": (lambda: NN.GroupNorm(1, 3), (4, 3, 5)),
+    "InstanceNorm2d": (lambda: NN.InstanceNorm2d(3, affine=True, track_running_stats=True), (4, 3, 5, 5)),
+    "LocalResponseNorm": (lambda: NN.LocalResponseNorm(2), (4, 3, 5)),
+    "BatchRenorm2d": (lambda: NN.BatchRenorm2d(3), (4, 3, 5, 5)),
+    "SyncBatchNorm": (lambda: NN.SyncBatchNorm(3), (4, 3, 5)),
+    "weight_norm": (lambda: NN.weight_norm(torch.nn.Linear(3, 3)), (4, 3)),
+    "spectral_norm": (lambda: NN.spectral_norm(torch.nn.Linear(3, 3)), (4, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_torch_compile_fullgraph_gives_the_eager_results(name):
+    # dynamo's tracing is what fullgraph tests; the eager backend spares the C++ compile
+    make, shape = COMPILED[name]
+    torch.manual_seed(0)
+    eager = make()
+    compiled_module = make()
+    compiled_module.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="eager")
+    for step in range(2):
+        x = torch.randn(shape)
+        torch.testing.assert_close(compiled(x), eager(x))
+    torch.testing.assert_close(compiled_module.state_dict(), eager.state_dict())
