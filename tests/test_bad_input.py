@@ -114,6 +114,8 @@ CASES = [
     ("gn-single-values", lambda: NN.GroupNorm(3, 3)(torch.randn(1, 3)), ValueError,
      r"each of the 3 groups holds a single value in input of shape \(1, 3\)"),
     # make_norm and renorm limits
+    ("make-bool-channels", lambda: NN.make_norm("batch", True), ValueError, r"num_channels must be a positive int, got True"),
+    ("make-bool-dim", lambda: NN.make_norm("batch", 4, dim=True), ValueError, r"must be 0, 1, 2 or 3, got True"),
     ("make-unknown", lambda: NN.make_norm("batchy", 3),
      ValueError, r"unknown norm spec 'batchy'; known: batch, batch_renorm"),
     ("brn-rmax", lambda: NN.BatchRenorm1d(3, rmax=0.5), ValueError, r"rmax >= 1.*got rmax=0.5"),

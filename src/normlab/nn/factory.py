@@ -29,6 +29,7 @@ Extra keyword arguments go to the layer's constructor. :func:`register_norm` add
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Dict, Optional
 
 from torch import nn
@@ -118,10 +119,12 @@ def make_norm(spec: str, num_channels: int, dim: int = 0, **kwargs) -> nn.Module
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"norm spec must be a non-empty string such as 'batch' or 'group:8', got {spec!r}")
-    if dim not in (0, 1, 2, 3):
+    # bool is an int to Python (True == 1): refused, it is a mistake here, never a count
+    if isinstance(dim, bool) or dim not in (0, 1, 2, 3):
         raise ValueError(f"dim is the number of spatial dims after (N, C) and must be 0, 1, 2 or 3, got {dim!r}")
-    if not isinstance(num_channels, int) or num_channels <= 0:
+    if isinstance(num_channels, bool) or not isinstance(num_channels, numbers.Integral) or num_channels <= 0:
         raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+    num_channels = int(num_channels)
     name, _, arg = spec.strip().lower().partition(":")
     if name not in _REGISTRY:
         raise ValueError(f"unknown norm spec {spec!r}; known: {', '.join(norm_specs())} "
