@@ -46,3 +46,26 @@ def test_module_matches_torch_twin(kw):
 def test_functional_matches_torch():
     x = randn((2, 5, 3), 0, 5.0)
     assert_close(NF.local_response_norm(t(x), 3, 0.1, 0.6, 1.2), F.local_response_norm(t(x), 3, 0.1, 0.6, 1.2))
+
+
+def test_reference_window_sums_stay_accurate_after_large_channels():
+    # a running-total difference loses small channels after large ones (float32), and its totals
+    # overflow float16; the window sums must only depend on each window's own channels
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 64, 3))
+    a[:, :32] *= 1000.0
+    dy = rng.standard_normal(a.shape)
+    kw = dict(alpha=1.0, beta=0.75, k=1.0)
+    ty, (tdx,) = torch_grads(lambda x_: F.local_response_norm(x_, 5, **kw), (a,), dy)
+    want_y, want_dx = ty.numpy(), tdx.numpy()
+    y, cache = R.local_response_norm_forward(a.astype(np.float32), 5, **kw)
+    dx = R.local_response_norm_backward(dy.astype(np.float32), cache)
+    assert y.dtype == dx.dtype == np.float32
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-6 * np.abs(want_y).max())
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-5 * np.abs(want_dx).max())
+    h = (rng.standard_normal((2, 256, 3)) * 20).astype(np.float16)  # total of a*a over channels >> 65504
+    y16, cache16 = R.local_response_norm_forward(h, 5)
+    dx16 = R.local_response_norm_backward(np.ones_like(h), cache16)
+    y64 = F.local_response_norm(torch.from_numpy(h.astype(np.float64)), 5).numpy()
+    assert y16.dtype == np.float16 and np.isfinite(y16).all() and np.isfinite(dx16).all()
+    np.testing.assert_allclose(y16.astype(np.float64), y64, rtol=2e-3, atol=2e-3 * np.abs(y64).max())

@@ -191,6 +191,8 @@ def _reference_calls():
         "batch_norm_no_affine": (lambda x: R.batch_norm_forward(x)[:2], R.batch_norm_backward),
         "layer_norm": (lambda x: R.layer_norm_forward(x, (3, 5), np.full((3, 5), 1.5), np.full((3, 5), 0.25)),
                        R.layer_norm_backward),
+        "layer_norm_all_dims": (lambda x: R.layer_norm_forward(x, x.shape, None, np.full(x.shape, 0.25)),
+                                R.layer_norm_backward),  # nothing to sum for dbeta: it must still be a copy
         "rms_norm": (lambda x: R.rms_norm_forward(x, 5, np.full(5, 1.5)), R.rms_norm_backward),
         "rms_norm_no_weight": (lambda x: R.rms_norm_forward(x, 5), R.rms_norm_backward),
         "instance_norm": (lambda x: R.instance_norm_forward(x, g, b)[:2], R.instance_norm_backward),
@@ -224,3 +226,14 @@ def test_reference_never_writes_into_its_inputs(name, dtype):
     for a, b in zip(first, second):
         if a is not None:
             np.testing.assert_array_equal(a, b)
+            assert not np.shares_memory(a, dy) and not np.shares_memory(a, x)  # gradients are fresh arrays
+
+
+def test_reference_renorm_gradients_keep_the_input_dtype_with_float64_running_stats():
+    import normlab.reference as R
+
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    run = R.RunningStats(np.full(3, 0.1), np.full(3, 2.0))  # NumPy's default float64
+    y, cache, _ = R.batch_renorm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32), run, rmax=1.5, dmax=0.5)
+    grads = R.batch_renorm_backward(np.ones_like(x), cache)
+    assert y.dtype == np.float32 and all(g.dtype == np.float32 for g in grads)

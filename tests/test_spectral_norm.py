@@ -19,8 +19,8 @@ def _unit(a):
     return a / np.linalg.norm(a)
 
 
-@pytest.mark.parametrize("shape,dim", [((4, 3), 0), ((3, 5, 2), 0), ((3, 5, 2), 1), ((2, 3, 2, 2), 2), ((1, 6), 0)],
-                         ids=str)
+@pytest.mark.parametrize("shape,dim", [((4, 3), 0), ((3, 5, 2), 0), ((3, 5, 2), 1), ((2, 3, 2, 2), 2), ((1, 6), 0),
+                                       ((3, 5, 2), -1)], ids=str)
 @pytest.mark.parametrize("training", [True, False])
 def test_reference_matches_torch(shape, dim, training):
     w, dwsn = randn(shape, 0), randn(shape, 1)
@@ -35,8 +35,9 @@ def test_reference_matches_torch(shape, dim, training):
     assert_close(v, tv, what="v")
     twsn, (tdw,) = torch_grads(lambda w_: NF.spectral_norm(w_, tu, tv, dim), (w,), dwsn)
     # an independent torch expression: sigma = u^T W v with W the dim-first matrix
-    perm = (dim,) + tuple(i for i in range(len(shape)) if i != dim)
-    sigma = torch.dot(tu, t(w).permute(perm).reshape(shape[dim], -1) @ tv)
+    d = dim % len(shape)
+    perm = (d,) + tuple(i for i in range(len(shape)) if i != d)
+    sigma = torch.dot(tu, t(w).permute(perm).reshape(shape[d], -1) @ tv)
     assert_close(twsn, t(w) / sigma)
     assert_close(wsn, twsn, what="w_sn")
     assert_close(dw, tdw, what="dw")

@@ -128,3 +128,17 @@ def test_functional_matches_module_and_mixture():
     assert torch.equal(rm, m.running_mean) and torch.equal(rv, m.running_var)
     mix = m.mixture()
     assert set(mix) == {"mean", "var"} and all(abs(v - 1 / 3) < 1e-7 for v in mix["mean"].values())
+
+
+@pytest.mark.parametrize("affine", ["gamma only", "beta only"])
+def test_reference_gradients_follow_which_of_gamma_and_beta_were_given(affine):
+    x, g, b, mw, vw = _inputs((3, 2, 4), 3)
+    g, b = (g, None) if affine == "gamma only" else (None, b)
+    dy = randn(x.shape, 9)
+    _, cache, _ = R.switchable_norm_forward(x, g, b, mw, vw, eps=EPS)
+    dx, dgamma, dbeta, _, _ = R.switchable_norm_backward(dy, cache)
+    assert (dgamma is None) == (g is None) and (dbeta is None) == (b is None)
+    if b is not None:
+        assert_close(dbeta, dy.sum(axis=(0, 2)), what="dbeta")
+    fd = finite_diff(lambda x_: R.switchable_norm_forward(x_, g, b, mw, vw, eps=EPS)[0], (x,), dy)
+    assert_close(dx, fd[0], **TOL_FD, what="dx")

@@ -13,7 +13,7 @@ from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thr
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (5, 2, 3), (1, 7), (3, 1, 1, 2)], ids=str)
-@pytest.mark.parametrize("dim", [0, 1, None, -2])
+@pytest.mark.parametrize("dim", [0, 1, None, -2, -1])  # -1: the whole tensor, as in torch
 def test_reference_matches_torch(shape, dim):
     v, dw = randn(shape, 0), randn(shape, 1)
     g = R.norm_except_dim(v, dim) * 1.7 + randn(R.norm_except_dim(v, dim).shape, 2) * 0.1

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 
 def weight_as_matrix(weight: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """The weight with ``dim`` first and the other dims flattened."""
+    """The weight with ``dim`` first (a negative ``dim`` counts from the end) and the other dims flattened."""
+    dim = dim % weight.dim()
     if dim != 0:
         weight = weight.permute(dim, *(d for d in range(weight.dim()) if d != dim))
     return weight.flatten(1)

@@ -213,8 +213,8 @@ def sum_to_shape(a: np.ndarray, shape: tuple, b: Optional[np.ndarray] = None) ->
     """Sum ``a`` (or ``a * b``) over the axes where ``shape`` has size 1: the reverse of broadcasting."""
     lead = a.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(i + lead for i, s in enumerate(shape) if s == 1 and a.shape[i + lead] != 1)
-    if not axes:
-        return a if b is None else a * b
+    if not axes:  # a fresh array either way: a gradient must not alias the caller's dy
+        return a.copy() if b is None else a * b
     return reduce_sum(a, axes, b).reshape(shape)
 
 

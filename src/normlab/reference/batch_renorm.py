@@ -72,7 +72,7 @@ def batch_renorm_forward(
     mean, var, n, centered = centered_moments(x, axes)
     sigma = np.sqrt(rv.astype(mean.dtype) + eps)
     r = np.clip(np.sqrt(var + eps) / sigma, 1.0 / rmax, rmax)
-    d = np.clip((mean - rm) / sigma, -dmax, dmax)
+    d = np.clip((mean - rm.astype(mean.dtype)) / sigma, -dmax, dmax)  # in the statistics dtype, as r
     y, cache, _ = normalize_forward(x, axes, w, b, eps, stats=(mean, var, n), scale=r, shift=d, centered=centered)
     return y, cache, update_running(running, mean, var, n, momentum)
 

@@ -17,12 +17,20 @@ from normlab import _checks
 
 
 def _window_sum(a: np.ndarray, before: int, after: int) -> np.ndarray:
-    """``out[:, c] = sum(a[:, c - before : c + after + 1])`` with zero padding, along axis 1."""
+    """``out[:, c] = sum(a[:, c - before : c + after + 1])`` with zero padding, along axis 1,
+    accumulated in float32 for float16 input.
+
+    Summed window by window (one shifted add per neighbour). A difference of running totals
+    would be one pass, but its totals grow over all earlier channels: float16 overflowed to
+    inf (then inf - inf = NaN), and small channels after large ones lost their digits."""
     c = a.shape[1]
-    pad = [(0, 0)] * a.ndim
-    pad[1] = (before + 1, after)
-    cs = np.cumsum(np.pad(a, pad), axis=1)
-    return cs[:, before + 1 + after: before + 1 + after + c] - cs[:, :c]
+    acc = np.float64 if a.dtype == np.float64 else np.float32
+    out = np.zeros(a.shape, acc)
+    for shift in range(-before, after + 1):  # out[:, c] += a[:, c + shift] where c + shift is a channel
+        lo, hi = max(0, -shift), min(c, c - shift)
+        if lo < hi:
+            out[:, lo:hi] += a[:, lo + shift:hi + shift]
+    return out
 
 
 def local_response_norm_forward(a: np.ndarray, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
@@ -35,9 +43,11 @@ def local_response_norm_forward(a: np.ndarray, size: int, alpha: float = 1e-4, b
     if size < 1:
         raise ValueError(f"{op}: size must be a positive number of channels, got {size}")
     before, after = size // 2, (size - 1) // 2
-    s = k + (alpha / size) * _window_sum(a * a, before, after)
-    b = a * s ** -beta
-    return b, dict(a=a, s=s, size=size, alpha=alpha, beta=beta, before=before, after=after)
+    aa = a.astype(np.float64 if a.dtype == np.float64 else np.float32)  # float32 arithmetic for float16
+    s = k + (alpha / size) * _window_sum(aa * aa, before, after)
+    b = aa * s ** -beta
+    return b.astype(a.dtype, copy=False), dict(a=aa, s=s, size=size, alpha=alpha, beta=beta, before=before,
+                                               after=after, dtype=a.dtype)
 
 
 def local_response_norm_backward(db: np.ndarray, cache):
@@ -46,5 +56,7 @@ def local_response_norm_backward(db: np.ndarray, cache):
     ``da_c = db_c s_c^{-beta} - (2 alpha beta / n) a_c sum_{j: c in win(j)} db_j a_j s_j^{-beta-1}``,
     the transposed window running from ``c - after`` to ``c + before``."""
     a, s, n, alpha, beta = cache["a"], cache["s"], cache["size"], cache["alpha"], cache["beta"]
+    db = db.astype(a.dtype, copy=False)
     t = db * a * s ** (-beta - 1)
-    return db * s ** -beta - (2 * alpha * beta / n) * a * _window_sum(t, cache["after"], cache["before"])
+    da = db * s ** -beta - (2 * alpha * beta / n) * a * _window_sum(t, cache["after"], cache["before"])
+    return da.astype(cache["dtype"], copy=False)

@@ -43,6 +43,7 @@ def spectral_norm_forward(w: np.ndarray, u: np.ndarray, v: np.ndarray, *, n_powe
     if w.ndim == 1:
         norm = max(float(np.linalg.norm(w)), eps)
         return w / norm, dict(w=w, norm=norm, one_d=True), (u, v)
+    dim = dim % w.ndim  # torch takes a negative dim too
     wm = as_matrix(w, dim)
     if training:
         u, v = power_iteration(wm, u, v, n_power_iterations, eps)

@@ -94,8 +94,8 @@ def switchable_norm_forward(
     offset = shift * a if beta is None else shift * a + per_channel(beta, nd)
     y = centered * a
     y += offset
-    cache = dict(x=x, centered=centered, shift=shift, rstd=rstd, gamma=gamma, wm=wm, wv=wv, use_batch=use_batch,
-                 n_in=n_in, stats=((mu_in, var_in), (mu_ln, var_ln), (mu_bn, var_bn)), c=c)
+    cache = dict(x=x, centered=centered, shift=shift, rstd=rstd, gamma=gamma, has_beta=beta is not None, wm=wm,
+                 wv=wv, use_batch=use_batch, n_in=n_in, stats=((mu_in, var_in), (mu_ln, var_ln), (mu_bn, var_bn)), c=c)
     return y.astype(x.dtype, copy=False), cache, running
 
 
@@ -119,12 +119,12 @@ def switchable_norm_backward(dy: np.ndarray, cache):
     s_dy = reduce_sum(dy, spatial) if spatial else dy
     s_dyx = (reduce_sum(dy, spatial, c["centered"]) if spatial else dy * c["centered"]) + c["shift"] * s_dy
     s_dyx *= rstd
+    dbeta = s_dy.sum(axis=0).reshape(-1) if c["has_beta"] else None
     if c["gamma"] is not None:
-        dbeta = s_dy.sum(axis=0).reshape(-1)
         dgamma = s_dyx.sum(axis=0).reshape(-1)
         gscale = rstd * per_channel(c["gamma"], nd)  # dL/dxhat * dxhat/dx, the direct path
     else:
-        dgamma = dbeta = None
+        dgamma = None
         gscale = rstd
     # y depends on x directly and through (mean, var) of shape (N, C, 1, ...)
     dmean = -gscale * s_dy

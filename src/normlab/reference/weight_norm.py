@@ -8,7 +8,8 @@ A weight is re-parametrized by a direction ``v`` and a magnitude ``g``:
     w = g \, \frac{v}{\lVert v \rVert}
 
 where the norm runs over every dim except ``dim`` (default 0: one norm per output unit),
-and over the whole tensor when ``dim`` is ``None``. Backward, with
+and over the whole tensor when ``dim`` is ``None`` or ``-1`` (torch's convention; other
+negative dims count from the end). Backward, with
 ``dg = sum(dw * v / ||v||)``: ``dv = (g / ||v||) (dw - dg * v / ||v||)``.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 
 def _norm_axes(v: np.ndarray, dim: Optional[int]):
-    if dim is None:
+    if dim is None or dim == -1:  # torch's convention: -1 is the whole tensor, not the last dim
         return tuple(range(v.ndim))
     dim = dim % v.ndim
     return tuple(a for a in range(v.ndim) if a != dim)
