@@ -103,3 +103,47 @@ def test_run_then_report_end_to_end(out_dir):
     assert "0 run(s) done, 2 reused" in again.stderr
     rep = runner.invoke(app, ["report", str(out_dir)])
     assert rep.exit_code == 0 and rep.stdout.strip().endswith("index.html")
+
+
+@pytest.mark.parametrize("setting,needle", [("activations.layers=0", "layers counts something and must be at least 1"),
+                                            ("learning-rate.multipliers=", "multipliers must not be empty"),
+                                            ("bn-mnist.evals=0", "evals counts something")])
+def test_counts_and_lists_that_would_fail_inside_a_run_are_refused_up_front(out_dir, setting, needle):
+    _bad([setting.split(".")[0], "--set", setting], needle, out_dir)
+
+
+def test_mnist_files_with_the_right_names_but_bad_contents(out_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (bad / name).write_bytes(b"not an idx file")
+    _bad(["bn-mnist", "--set", "data=mnist", "--data-dir", str(bad)], "is not an IDX file", out_dir)
+
+
+def test_the_report_shows_the_config_just_run_even_from_the_cache(out_dir):
+    import json
+
+    def run(n):
+        result = runner.invoke(app, ["run", "invariance", "--scale", "smoke", "--seeds", "1", "--set", f"n={n}",
+                                     "--out", str(out_dir), "--jobs", "1"])
+        assert result.exit_code == 0, result.stderr
+        return json.loads((out_dir / "results.json").read_text())["experiments"]["invariance"]["config"]["n"]
+
+    assert run(10) == 10 and run(12) == 12
+    assert run(10) == 10  # reused from the cache, and still the one reported (not the newest folder's)
+
+
+def test_failed_runs_exit_1_with_or_without_the_report_and_no_traceback(out_dir, monkeypatch):
+    import normlab.lab.experiments.invariance as inv
+
+    def broken(config, seed, progress):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(inv, "run", broken)
+    args = ["run", "invariance", "--scale", "smoke", "--seeds", "1", "--out", str(out_dir), "--jobs", "1"]
+    quiet = runner.invoke(app, args + ["--no-report"])
+    assert quiet.exit_code == 1, quiet.stderr
+    full = runner.invoke(app, args)
+    assert full.exit_code == 1 and "Traceback" not in full.stderr + full.stdout
+    assert "every run failed; no report" in full.stderr

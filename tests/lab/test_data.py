@@ -98,3 +98,26 @@ def test_mnist_from_npz(tmp_path):
              x_test=np.full((2, 28, 28), 255, np.uint8), y_test=np.arange(2))
     ds = data.load("mnist", str(tmp_path))
     assert ds.x_test.shape == (2, 1, 28, 28) and ds.x_test.max() == 1.0
+
+
+def test_runs_on_mnist_from_another_folder_are_not_the_same_cache_entry(tmp_path):
+    from normlab.lab import runner
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for i, d in enumerate(folders):
+        d.mkdir()
+        np.savez(d / "mnist.npz", x_train=np.full((3, 28, 28), i, np.uint8), y_train=np.arange(3),
+                 x_test=np.zeros((2, 28, 28), np.uint8), y_test=np.arange(2))
+    hashes = [runner.plan(["bn-mnist"], scale="smoke", seeds=1, sets=["data=mnist"], data_dir=str(d))[0].config_hash
+              for d in folders]
+    assert hashes[0] != hashes[1]
+    again = runner.plan(["bn-mnist"], scale="smoke", seeds=1, sets=["data=mnist"], data_dir=str(folders[0]))
+    assert again[0].config_hash == hashes[0]
+    plain = runner.plan(["bn-mnist"], scale="smoke", seeds=1)[0].config_hash  # embedded data: key unchanged
+    assert plain == runner.plan(["bn-mnist"], scale="smoke", seeds=1, data_dir=str(folders[0]))[0].config_hash
+
+
+def test_an_npz_without_the_expected_arrays_is_a_data_error(tmp_path):
+    np.savez(tmp_path / "mnist.npz", images=np.zeros((3, 28, 28), np.uint8))
+    with pytest.raises(data.DataError, match="cannot read MNIST.*x_train"):
+        data.check_available("mnist", str(tmp_path))

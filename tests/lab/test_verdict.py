@@ -112,3 +112,41 @@ def _batch_size(bn, gn):
 ])
 def test_batch_size_rule(bn, gn, label):
     assert _decide("batch-size", _batch_size(bn, gn)).label == label
+
+
+def test_seeds_split_evenly_on_a_flag_are_inconclusive():
+    from normlab.lab.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, check
+
+    assert check([0, 1], 0.5) == INCONCLUSIVE  # half the seeds: neither side
+    assert check([1, 1], 0.5) == REPRODUCED and check([0, 0], 0.5) == NOT_REPRODUCED
+    assert check([1, 0, 0], 0.5) == NOT_REPRODUCED and check([1, 1, 0], 0.5) == INCONCLUSIVE
+
+
+def test_per_seed_lists_are_told_from_config_lists_of_the_same_length():
+    import types
+    from dataclasses import dataclass
+
+    from normlab.lab.report import _over_seeds, _per_seed_keys
+
+    @dataclass(frozen=True)
+    class Config:
+        multipliers: tuple = (1.0, 30.0)
+
+    def summarize(config, runs):
+        return {"multipliers": list(config.multipliers), "acc": [r["acc"] for r in runs], "range": [0.8, 1.5],
+                "same": [r["same"] for r in runs]}
+
+    exp = types.SimpleNamespace(module=types.SimpleNamespace(summarize=summarize))
+    runs = [{"acc": 0.9, "same": 2.0}, {"acc": 0.7, "same": 2.0}]
+    keys = _per_seed_keys(exp, Config(), runs, summarize(Config(), runs))
+    assert keys == {"acc", "same"}  # not the swept multipliers, not a [low, high] range
+    assert _over_seeds([0.0, float("inf")]).endswith("1 of 2 seeds not finite (never reached)")
+    assert "nan" not in _over_seeds([1.0, float("inf"), 3.0])
+
+
+def test_an_experiment_specific_set_beats_a_global_one_in_any_order():
+    from normlab.lab import runner
+
+    for sets in (["invariance.n=10", "n=20"], ["n=20", "invariance.n=10"]):
+        tasks = runner.plan(["invariance", "activations"], scale="smoke", seeds=1, sets=sets)
+        assert {t.experiment: t.config["n"] for t in tasks} == {"invariance": 10, "activations": 20}

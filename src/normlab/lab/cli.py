@@ -124,8 +124,15 @@ def run(
                       f"`normlab lab report {out}` builds the report from them")
         raise typer.Exit(130)
     if no_report:
+        if outcome.failed:
+            raise typer.Exit(1)
         return
-    path = report.build(out)
+    failed = [f"{task.experiment} seed {task.seed} failed: {err.splitlines()[0]} (errors.log)"
+              for task, err in outcome.failed]
+    try:
+        path = report.build(out, prefer={t.experiment: t.config_hash for t in tasks}, failed=tuple(failed))
+    except FileNotFoundError:
+        _fail(f"every run failed; no report (tracebacks in {Path(out) / 'errors.log'})", 1)
     _print_summary(out, console)
     typer.echo(str(path.resolve()))
     if outcome.failed:

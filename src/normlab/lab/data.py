@@ -97,10 +97,33 @@ def load(name: str, data_dir: Optional[str] = None) -> Dataset:
 
 
 def check_available(name: str, data_dir: Optional[str] = None) -> None:
-    """Raise :class:`DataError` now, before any training, if ``name`` cannot be loaded."""
+    """Raise :class:`DataError` now, before any training, if ``name`` cannot be loaded: for
+    ``mnist`` the files are read (and kept, memoized), so files with the right names but the
+    wrong contents fail here in one line, not in a worker."""
     check_name(name)
     if name == "mnist":
-        _mnist_paths(str(data_dir or os.environ.get("NORMLAB_DATA_DIR") or ""))
+        where = str(data_dir or os.environ.get("NORMLAB_DATA_DIR") or "")
+        try:
+            _mnist(where)
+        except DataError:
+            raise
+        except Exception as e:  # a bad npz (missing key, pickled objects), a truncated file ...
+            raise DataError(f"cannot read MNIST from {where}: {type(e).__name__}: {e}") from None
+
+
+def source_key(name: str, data_dir: Optional[str] = None) -> Optional[list]:
+    """What identifies the files a data set comes from, for the run cache: ``None`` for the data
+    sets made or shipped by packages; for ``mnist`` the resolved path, size and modification
+    time of each file, so runs on another folder (Fashion-MNIST has the same file names) or on
+    changed files are never reused for these."""
+    if name != "mnist":
+        return None
+    paths = _mnist_paths(str(data_dir or os.environ.get("NORMLAB_DATA_DIR") or ""))
+    key = []
+    for p in [paths] if isinstance(paths, Path) else paths:
+        st = p.resolve().stat()
+        key.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return key
 
 
 # -- scikit-learn digits ---------------------------------------------------------------------

@@ -9,8 +9,10 @@ how many processes trained the runs shown (``--nproc``; 1 for runs stored before
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import html
+import math
 import os
 import tempfile
 import traceback
@@ -36,6 +38,7 @@ class Section:
     plots: list = field(default_factory=list)
     errors: list = field(default_factory=list)
     other_configs: int = 0
+    per_seed: set = field(default_factory=set)  # summary keys holding one number per seed
 
     @property
     def nproc(self) -> int:
@@ -49,8 +52,37 @@ def _latest_group(groups: dict) -> tuple:
     return h, groups[h]
 
 
-def _section(name: str, groups: dict, out: Path) -> Section:
-    h, runs = _latest_group(groups)
+def _per_seed_keys(exp, config, metrics: list, summary: dict) -> set:
+    """The summary's lists that hold one number per seed (shown as mean ± sd), told apart from
+    lists that merely have as many entries (the learning rates swept, a [low, high] range).
+
+    The test: summarize the runs in reverse order. A per-seed list comes back reversed; a
+    config list or an aggregate comes back as it was. A list that reads the same both ways
+    counts as per seed unless it is a value of the config."""
+    def numbers(v):
+        return (isinstance(v, list) and len(v) == len(metrics)
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
+    candidates = [k for k, v in summary.items() if k != "measured" and numbers(v)]
+    if not candidates:
+        return set()
+    try:
+        reversed_summary = exp.module.summarize(config, metrics[::-1])
+    except Exception:  # the report shows the summary anyway; only the table layout needs this
+        reversed_summary = None
+    config_lists = [list(v) for v in dataclasses.asdict(config).values() if isinstance(v, (list, tuple))]
+    keys = set()
+    for k in candidates:
+        v = summary[k]
+        if reversed_summary is not None and v != v[::-1]:
+            if reversed_summary.get(k) == v[::-1]:
+                keys.add(k)
+        elif v not in config_lists:
+            keys.add(k)
+    return keys
+
+
+def _section(name: str, groups: dict, out: Path, prefer: Optional[str] = None) -> Section:
+    h, runs = (prefer, groups[prefer]) if prefer in groups else _latest_group(groups)
     sec = Section(name, None, runs, runs[0].config.get("config", {}), h, other_configs=len(groups) - 1)
     try:
         sec.exp = experiments.get(name)
@@ -61,6 +93,7 @@ def _section(name: str, groups: dict, out: Path) -> Section:
         config = sec.exp.from_dict(sec.config)
         metrics = [r.metrics for r in runs]
         sec.summary = sec.exp.module.summarize(config, metrics)
+        sec.per_seed = _per_seed_keys(sec.exp, config, metrics, sec.summary)
         v = sec.exp.module.verdict(sec.summary)
         sec.verdict = Verdict(v.label, v.reason + too_few_seeds(len(runs)))
         sec.plots = list(sec.exp.module.plots(config, metrics, sec.summary, out / "plots" / name))
@@ -71,17 +104,22 @@ def _section(name: str, groups: dict, out: Path) -> Section:
     return sec
 
 
-def build(out) -> Path:
+def build(out, prefer: Optional[dict] = None, failed: tuple = ()) -> Path:
     """Build ``<out>/index.html`` and ``<out>/results.json`` from the runs on disk; returns the HTML path.
 
-    Raises ``FileNotFoundError`` when there is no finished run at all.
+    An experiment with runs of several configs shows ``prefer[experiment]`` (a config hash:
+    what the ``run`` command just asked for, cached or not) when given and on disk, else the
+    config whose newest run finished last. ``failed``: one line per run the command could
+    not finish, listed with the report's problems. Raises ``FileNotFoundError`` when there is
+    no finished run at all.
     """
     out = Path(out)
     found, problems = runner.load_runs(out)
+    problems = list(failed) + problems
     if not found:
         raise FileNotFoundError(f"no finished runs in {out / 'runs'}; run `normlab lab run --out {out}` first")
     order = [n for n in experiments.names() if n in found] + sorted(n for n in found if n not in experiments.REGISTRY)
-    sections = [_section(n, found[n], out) for n in order]
+    sections = [_section(n, found[n], out, (prefer or {}).get(n)) for n in order]
     _write_text(out / "results.json", _results_json(sections, problems))
     _write_text(out / "index.html", _html(sections, problems, out))
     return out / "index.html"
@@ -152,7 +190,7 @@ def _html(sections, problems, out: Path) -> str:
              f"<th>source</th><th>measured</th><th>verdict</th><th title=\"processes that trained each run "
              f"(--nproc)\">processes</th></tr></thead><tbody>{rows}</tbody></table>"]
     if problems:
-        parts.append("<p class=note>Skipped: " + "; ".join(e(p) for p in problems) + "</p>")
+        parts.append("<p class=note>Failed or skipped: " + "; ".join(e(p) for p in problems) + "</p>")
     for s in sections:
         parts.append(_section_html(s))
     parts.append("</body></html>\n")
@@ -172,15 +210,14 @@ def _section_html(s: Section) -> str:
     for fname, caption in s.plots:
         src = f"plots/{s.name}/{fname}"
         p.append(f'<figure><img src="{e(src)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>')
-    per_seed = lambda v: (isinstance(v, list) and len(v) == len(s.runs)  # noqa: E731
-                          and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
-    numbers = [(k, v) for k, v in s.summary.items() if k != "measured" and (per_seed(v) or
+    numbers = [(k, v) for k, v in s.summary.items() if k != "measured" and (k in s.per_seed or
                                                                             not isinstance(v, (dict, list)))]
     if numbers:
         p.append("<h3>Numbers</h3><table><tr><th>quantity</th><th>mean ± sd over seeds</th><th>per seed</th></tr>"
-                 + "".join(f"<tr><td>{e(k)}</td><td>{e(fmt(v, 4) if per_seed(v) else _num(v))}</td>"
-                           f"<td>{e(_num(v) if per_seed(v) else '')}</td></tr>" for k, v in numbers) + "</table>")
-    lists = [(k, v) for k, v in s.summary.items() if isinstance(v, (dict, list)) and not per_seed(v)]
+                 + "".join(f"<tr><td>{e(k)}</td><td>{e(_over_seeds(v) if k in s.per_seed else _num(v))}</td>"
+                           f"<td>{e(_num(v) if k in s.per_seed else '')}</td></tr>" for k, v in numbers)
+                 + "</table>")
+    lists = [(k, v) for k, v in s.summary.items() if isinstance(v, (dict, list)) and k not in s.per_seed]
     if lists:
         p.append("<details><summary>All summary numbers (per seed)</summary><pre>" + e("\n".join(
             f"{k}: {_num(v)}" for k, v in lists)) + "</pre></details>")
@@ -205,6 +242,15 @@ def _processes(n: int) -> str:
     if n == 1:
         return "1 process per run"
     return f"{n} processes per run (data-parallel: each batch split across them, batch norm synchronized)"
+
+
+def _over_seeds(v: list) -> str:
+    """Mean ± sd of per-seed numbers; infinite ones (a target never reached) are counted, not averaged."""
+    finite = [x for x in v if math.isfinite(x)]
+    if len(finite) == len(v):
+        return fmt(v, 4)
+    rest = f"{len(v) - len(finite)} of {len(v)} seeds not finite (never reached)"
+    return f"{fmt(finite, 4)} over the other {len(finite)}; {rest}" if finite else rest
 
 
 def _num(v) -> str:

@@ -120,16 +120,20 @@ def plan(names: Sequence[str] = (), scale: str = "quick", seeds: int = 3, sets: 
     tasks = []
     for e in exps:
         fields = {f.name for f in dataclasses.fields(e.module.Config)}
-        mine = {f: v for x, f, v in overrides if (x == e.name) or (x is None and f in fields)}
+        # EXP.field beats a bare field for EXP, whatever their order on the command line
+        mine = {f: v for x, f, v in overrides if x is None and f in fields}
+        mine.update({f: v for x, f, v in overrides if x == e.name})
         config = e.config(scale, mine)
         e.validate(config)
+        source = None
         if getattr(config, "data", None):
             try:
                 data.check_available(config.data, data_dir)
+                source = data.source_key(config.data, data_dir)
             except data.DataError as err:
                 raise ConfigError(f"{e.name}: {err}") from None
         n = nproc if nproc > 1 and e.data_parallel(config) is None else 1
-        h = e.config_hash(config, n)
+        h = e.config_hash(config, n, source)
         tasks += [Task(e.name, dataclasses.asdict(config), h, s, n) for s in range(seeds)]
     return tasks
 

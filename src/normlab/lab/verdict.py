@@ -60,7 +60,10 @@ def check(values: Sequence[float], bound: float, above: bool = True) -> str:
     side = (lambda a: a > bound) if above else (lambda a: a < bound)
     if np.all(side(v)):
         return REPRODUCED
-    if not side(np.nanmean(v)) or np.all(np.isnan(v)):
+    mean = np.nanmean(v) if not np.all(np.isnan(v)) else np.nan
+    if mean == bound and np.any(side(v)):  # seeds split evenly (per-seed 0/1 flags): neither side
+        return INCONCLUSIVE
+    if np.isnan(mean) or not side(mean):
         return NOT_REPRODUCED
     return INCONCLUSIVE
 

@@ -20,7 +20,10 @@ How to add one (``normlab lab run my-claim`` then just works, cached, in paralle
    - ``plots(config, runs, summary, out_dir) -> list[(filename, caption)]``: PNGs written
      into ``out_dir`` (helpers in :mod:`normlab.lab.plotting`).
 
-   Optional: ``PUBLISHED`` (the source's numbers, shown beside the measurement), ``SCALE_NOTE``
+   Optional: ``ZERO_ALLOWED`` (int fields where 0 means something: every other int field
+   with a default of 1 or more is a count that must stay at least 1, and a tuple with a
+   non-empty default must stay non-empty), ``PUBLISHED`` (the source's numbers, shown beside
+   the measurement), ``SCALE_NOTE``
    (what the scale can and cannot show), ``VERSION`` (int, default 1: bump it when ``run``
    changes meaning, so cached runs are not reused), ``validate(config)`` (raise ``ValueError``
    with one clear line for a bad combination of fields), and for ``--nproc N`` either
@@ -143,9 +146,24 @@ class Experiment:
                                      else v for k, v in d.items()})
 
     def validate(self, config) -> None:
-        """Check a config before any training: its data set, plus the module's own ``validate``."""
+        """Check a config before any training: counts and lists, its data set, plus the module's own
+        ``validate``.
+
+        The rule every experiment shares: an int field whose default (in ``Config``) is at least 1
+        is a count (layers, steps, evals, a width) and must stay at least 1, and a tuple field with
+        a non-empty default (learning rates, batch sizes, norms to compare) must stay non-empty.
+        Otherwise such a value fails minutes later inside a run, or gives a verdict about nothing.
+        A module lists the int fields for which 0 means something in ``ZERO_ALLOWED``."""
         from normlab.lab import data
 
+        zero_ok = set(getattr(self.module, "ZERO_ALLOWED", ()))
+        for f in dataclasses.fields(self.module.Config):
+            value, default = getattr(config, f.name), f.default
+            if (isinstance(default, int) and not isinstance(default, bool) and default >= 1
+                    and value < (0 if f.name in zero_ok else 1)):
+                raise ConfigError(f"{self.name}: {f.name} counts something and must be at least 1, got {value}")
+            if isinstance(default, tuple) and default and not value:
+                raise ConfigError(f"{self.name}: {f.name} must not be empty (default {default})")
         if hasattr(config, "data"):
             try:
                 data.check_name(config.data)
@@ -166,12 +184,15 @@ class Experiment:
             return None
         return "not declared data-parallel (no DATA_PARALLEL in its module)"
 
-    def config_hash(self, config, nproc: int = 1) -> str:
+    def config_hash(self, config, nproc: int = 1, data_source=None) -> str:
         """12 hex digits of the SHA-256 of the experiment, its version and its config: the cache key.
-        A data-parallel run (``nproc`` > 1) is a different entry, so it never replaces a 1-process run."""
+        A data-parallel run (``nproc`` > 1) is a different entry, so it never replaces a 1-process run;
+        so is a run on data from other files (``data_source``: :func:`normlab.lab.data.source_key`)."""
         key = {"experiment": self.name, "version": self.version, "config": dataclasses.asdict(config)}
         if nproc > 1:
             key["nproc"] = nproc
+        if data_source is not None:
+            key["data_source"] = data_source
         blob = json.dumps(key, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -75,6 +75,7 @@ class Config:
     """Evaluations along training (for the curves)."""
 
 
+ZERO_ALLOWED = ("n_dis",)  # 0: each setting's own n_dis
 SCALES = {"smoke": Config(steps=40, width=32, evals=2, samples=500),
           "quick": Config(),
           "full": Config(settings=("C", "E", "F"), n_dis=0, steps=3000, evals=15)}
