@@ -6,7 +6,6 @@ number.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 
