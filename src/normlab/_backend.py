@@ -100,7 +100,8 @@ def use_triton(op: str, x: torch.Tensor, supported) -> bool:
 
 def _compiling() -> bool:
     """True while torch.compile (dynamo) traces the call."""
-    return torch.compiler.is_compiling()
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
 
 
 def last_choice():

@@ -42,7 +42,8 @@ def check_channel_input(input: torch.Tensor, op: str, ranks=None, layout: str = 
     if ranks is not None:
         _checks.check_rank(input.shape, ranks, op, layout)
     elif input.dim() < min_dim:
-        raise ValueError(f"{op} expects an input of shape {layout} (at least {min_dim}-D), got a {input.dim()}-D input of shape "
+        raise ValueError(f"{op} expects an input of shape {layout} (at least {min_dim}-D), got a {input.dim()}-D "
+                         f"input of shape "
                          f"{_checks.shape_str(input.shape)}")
     c = input.shape[1]
     for name, p in per_channel.items():

@@ -9,6 +9,7 @@ how many processes trained the runs shown (``--nproc``; 1 for runs stored before
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import html
@@ -66,7 +67,7 @@ def _per_seed_keys(exp, config, metrics: list, summary: dict) -> set:
     if not candidates:
         return set()
     try:
-        reversed_summary = exp.module.summarize(config, metrics[::-1])
+        reversed_summary = exp.module.summarize(config, copy.deepcopy(metrics[::-1]))  # a copy: never touch the runs
     except Exception:  # the report shows the summary anyway; only the table layout needs this
         reversed_summary = None
     config_lists = [list(v) for v in dataclasses.asdict(config).values() if isinstance(v, (list, tuple))]
@@ -249,7 +250,8 @@ def _over_seeds(v: list) -> str:
     finite = [x for x in v if math.isfinite(x)]
     if len(finite) == len(v):
         return fmt(v, 4)
-    rest = f"{len(v) - len(finite)} of {len(v)} seeds not finite (never reached)"
+    rest = f"{len(v) - len(finite)} of {len(v)} seeds not finite" + (
+        " (never reached)" if all(math.isinf(x) for x in v if not math.isfinite(x)) else "")
     return f"{fmt(finite, 4)} over the other {len(finite)}; {rest}" if finite else rest
 
 

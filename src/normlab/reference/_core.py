@@ -123,7 +123,8 @@ class NormCache:
     @property
     def xhat(self) -> np.ndarray:
         """The normalized input ``(x - mean) * rstd`` (formed on demand when only ``u`` was kept)."""
-        return self.u if isinstance(self.xfactor, float) else self.u * self.xfactor
+        f = self.xfactor
+        return self.u if np.ndim(f) == 0 and f == 1.0 else self.u * f  # u is xhat itself when f is 1
 
     def z(self) -> np.ndarray:
         """What the affine transform acts on: ``xhat``, or ``r * xhat + d`` in batch renorm."""
