@@ -111,6 +111,8 @@ CASES = [
     ("gn-groups-zero", lambda: NN.GroupNorm(0, 3), ValueError, r"num_groups=0 must be positive"),
     ("F-gn-groups", lambda: NF.group_norm(x3, 2), ValueError, r"num_groups=2.*channels 3"),
     ("ref-gn-groups", lambda: R.group_norm_forward(np.ones((2, 3, 4)), 2), ValueError, r"num_groups=2.*channels 3"),
+    ("F-bn-eps0-train", lambda: NF.batch_norm(torch.randn(4, 3), None, None, training=True, eps=0.0), ValueError,
+     r"eps must be positive in training.*got eps=0.0"),
     ("gn-single-values", lambda: NN.GroupNorm(3, 3)(torch.randn(1, 3)), ValueError,
      r"each of the 3 groups holds a single value in input of shape \(1, 3\)"),
     # make_norm and renorm limits

@@ -28,8 +28,9 @@ def _check(x, nshape, w, dy, dtype, ref_dtype=torch.float64, eps=None):
     y, g = grads(lambda x, w: kernels.rms_norm(x, nshape, w, eps), (x, w), dy)
     assert y.dtype == x.dtype
     up = lambda t: None if t is None else leaf(t.to(ref_dtype), t.requires_grad)  # noqa: E731
-    # eps=None means finfo(x.dtype).eps of the *input* dtype, also for the upcast reference.
-    e = torch.finfo(x.dtype).eps if eps is None else eps
+    # eps=None means the epsilon of the computation dtype (float32 for half inputs), as torch,
+    # also for the upcast reference
+    e = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps if eps is None else eps
     yr, gr = grads(lambda x, w: F.rms_norm(x, nshape, w, e), (up(x), up(w)), dy.to(ref_dtype))
     assert_close(y, yr, dtype, "y")
     assert_grads_close(g, gr, dtype, names=("dx", "dw"), check_dtype=True)
@@ -114,3 +115,14 @@ def test_gpu_bitwise_deterministic():
     x, nshape, w, dy = _case((8192, 2048), 2048, torch.bfloat16, "cuda")
     (y1, g1), (y2, g2) = [grads(lambda x, w: kernels.rms_norm(x, nshape, w), (x, w), dy) for _ in range(2)]
     assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@cpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_eps_none_for_half_inputs_is_float32s_epsilon_as_torch(dtype):
+    # float16's own epsilon (9.8e-4) would swamp the mean square of small inputs
+    x = (torch.randn(4, 64) * 0.03).to(dtype)
+    y = kernels.rms_norm(x, (64,))
+    want = F.rms_norm(x.double(), (64,), eps=torch.finfo(torch.float32).eps)
+    assert_close(y, want, dtype, "y")
+    assert_close(F.rms_norm(x, (64,)).double(), want, dtype, "torch's own")  # torch's rule, checked

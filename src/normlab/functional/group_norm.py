@@ -21,16 +21,17 @@ def group_norm(
     op = "group_norm"
     c = check_channel_input(input, op, weight=weight, bias=bias)
     _checks.check_groups(c, num_groups, op)
+    # F.group_norm's one other refusal, kept with a clearer message and for the kernels too: an
+    # input that is a single value per group in all (torch: "Expected more than 1 value per
+    # channel when training")
+    if input.numel() == num_groups:
+        raise ValueError(f"{op}: each of the {num_groups} groups holds a single value in input of shape "
+                         f"{_checks.shape_str(input.shape)}; there is nothing to normalize over "
+                         "(torch refuses this input too)")
     if use_kernel("group_norm", input, num_groups, weight, bias):
         return kernels().group_norm(input, num_groups, weight, bias, eps)
     if type(input) is not torch.Tensor:  # a tensor subclass sees the call torch's way
         return F.group_norm(input, num_groups, weight, bias, eps)
     # torch's native op directly: F.group_norm's wrapper repeats the checks above (~10 us a
-    # call, a measurable share of a 1 ms CPU kernel). Its one other refusal, kept with a
-    # clearer message: an input that is a single value per group in all (torch: "Expected
-    # more than 1 value per channel when training").
-    if input.numel() == num_groups:
-        raise ValueError(f"{op}: each of the {num_groups} groups holds a single value in input of shape "
-                         f"{_checks.shape_str(input.shape)}; there is nothing to normalize over "
-                         "(torch refuses this input too)")
+    # call, a measurable share of a 1 ms CPU kernel)
     return torch.group_norm(input, num_groups, weight, bias, eps, torch.backends.cudnn.enabled)

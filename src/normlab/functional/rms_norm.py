@@ -16,7 +16,8 @@ def rms_norm(
     weight: Optional[torch.Tensor] = None,
     eps: Optional[float] = None,
 ) -> torch.Tensor:
-    """RMS normalization over the trailing dims; ``eps=None`` is the input dtype's machine epsilon."""
+    """RMS normalization over the trailing dims; ``eps=None`` is the machine epsilon of the
+    computation dtype, as torch (float32's for float16/bfloat16/float32 input, float64's for float64)."""
     ns = check_trailing(input, normalized_shape, weight, "rms_norm", params=("weight",))
     if use_kernel("rms_norm", input, ns, weight):
         return kernels().rms_norm(input, ns, weight, eps)

@@ -6,8 +6,9 @@ r"""RMSNorm over the trailing dims, on the row kernels of :mod:`normlab.kernels.
 
 RMSNorm is LayerNorm without centering and without bias, so it runs the same kernels with
 ``RMS=True`` (a compile-time flag: no mean is computed, stored or read). Zhang & Sennrich,
-"Root Mean Square Layer Normalization", 2019. ``eps=None`` means
-``torch.finfo(x.dtype).eps``, as in ``torch.nn.functional.rms_norm``.
+"Root Mean Square Layer Normalization", 2019. ``eps=None`` means the machine epsilon of the
+computation dtype, as in ``torch.nn.functional.rms_norm``: float32's for float16, bfloat16 and
+float32 input, float64's for float64 (not float16's own, 8000 times larger).
 """
 from __future__ import annotations
 
@@ -41,6 +42,6 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x, normalized_shape, weight=None, eps=None):
     """``torch.nn.functional.rms_norm`` on Triton kernels (see ``supports`` for what it takes)."""
     N = normalized_shape if isinstance(normalized_shape, int) else math.prod(normalized_shape)
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
+    if eps is None:  # torch's rule: the epsilon of the type the statistics are computed in
+        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     return RMSNormFunction.apply(x, N, weight, float(eps))

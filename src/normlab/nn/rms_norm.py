@@ -17,7 +17,8 @@ class RMSNorm(nn.Module):
 
     Args:
         normalized_shape: the trailing shape to normalize over.
-        eps: default ``None``: the machine epsilon of the input's dtype (as torch).
+        eps: default ``None``: the machine epsilon of the computation dtype, as torch (float32's
+            for float16/bfloat16/float32 input, float64's for float64).
         elementwise_affine: learn γ (ones). Default True.
 
     Shape:
