@@ -132,6 +132,8 @@ def test_the_report_shows_the_config_just_run_even_from_the_cache(out_dir):
 
     assert run(10) == 10 and run(12) == 12
     assert run(10) == 10  # reused from the cache, and still the one reported (not the newest folder's)
+    assert runner.invoke(app, ["report", str(out_dir)]).exit_code == 0  # rebuilt alone: the same config
+    assert json.loads((out_dir / "results.json").read_text())["experiments"]["invariance"]["config"]["n"] == 10
 
 
 def test_failed_runs_exit_1_with_or_without_the_report_and_no_traceback(out_dir, monkeypatch):

@@ -134,12 +134,12 @@ def test_per_seed_lists_are_told_from_config_lists_of_the_same_length():
 
     def summarize(config, runs):
         return {"multipliers": list(config.multipliers), "acc": [r["acc"] for r in runs], "range": [0.8, 1.5],
-                "same": [r["same"] for r in runs]}
+                "same": [r["same"] for r in runs], "pull": [r["pull"] for r in runs]}
 
     exp = types.SimpleNamespace(module=types.SimpleNamespace(summarize=summarize))
-    runs = [{"acc": 0.9, "same": 2.0}, {"acc": 0.7, "same": 2.0}]
+    runs = [{"acc": 0.9, "same": 2.0, "pull": 0.5}, {"acc": 0.7, "same": 2.0, "pull": float("nan")}]
     keys = _per_seed_keys(exp, Config(), runs, summarize(Config(), runs))
-    assert keys == {"acc", "same"}  # not the swept multipliers, not a [low, high] range
+    assert keys == {"acc", "same", "pull"}  # not the swept multipliers, not a [low, high] range; NaN is a value
     assert _over_seeds([0.0, float("inf")]).endswith("1 of 2 seeds not finite (never reached)")
     assert "nan" not in _over_seeds([1.0, float("inf"), 3.0])
 
@@ -147,6 +147,8 @@ def test_per_seed_lists_are_told_from_config_lists_of_the_same_length():
 def test_an_experiment_specific_set_beats_a_global_one_in_any_order():
     from normlab.lab import runner
 
+    with pytest.raises(runner.ConfigError, match="n_dis counts something and must be at least 0, got -1"):
+        runner.plan(["spectral-gan"], scale="smoke", seeds=1, sets=["n_dis=-1"])  # 0 is allowed there
     for sets in (["invariance.n=10", "n=20"], ["n=20", "invariance.n=10"]):
         tasks = runner.plan(["invariance", "activations"], scale="smoke", seeds=1, sets=sets)
         assert {t.experiment: t.config["n"] for t in tasks} == {"invariance": 10, "activations": 20}

@@ -270,3 +270,32 @@ def test_inplace_fold_through_fx_leaves_the_model_itself_correct():
 def test_a_model_that_is_one_batch_norm_is_reported_once():
     _, report = fold(nn.BatchNorm1d(3).eval())
     assert [bn for bn, _ in report.left] == ["<root>"]
+
+
+class _Siamese(nn.Module):  # one Sequential applied to two inputs: every conv call feeds the bn
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        return self.f(x) - self.f(x.flip(-1))
+
+
+class _ReadsDtype(nn.Module):  # reads only what folding keeps: the weight's dtype and shape
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.f(x.to(self.f[0].weight.dtype)) * self.f[0].weight.shape[0]
+
+
+@pytest.mark.parametrize("method", ["auto", "fx"])
+@pytest.mark.parametrize("make", [_Siamese, _ReadsDtype], ids=["called twice", "reads dtype"])
+def test_safe_pairs_the_graph_check_must_not_refuse(make, method):
+    torch.manual_seed(0)
+    model = randomize_bn_(make()).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    folded, report = fold(model, method=method, strict=True)
+    assert report.folded == [("f.1", "f.0")] and not report.left
+    assert_same_outputs(model, folded, x, rel=1e-12)

@@ -220,6 +220,18 @@ def test_variable_shapes_do_not_accumulate_buffers():
     assert [r["numel"] for r in mon.records if r["layer"] == "0"] == [4 * 3 * n for n in range(5, 45)]
 
 
+def test_a_model_with_more_sizes_than_probes_keeps_its_positions_from_step_to_step(monkeypatch):
+    monkeypatch.setattr(Monitor, "PROBES", 2)  # fewer than the model's 6 output sizes
+    widths = [5, 6, 7, 8, 9, 10]
+    m = nn.Sequential(*[nn.Linear(a, b) for a, b in zip([4] + widths, widths)])
+    with monitor(m, every=1, sample=3, exact_limit=8) as mon:
+        m(torch.randn(2, 4)).sum().backward()
+        first = {k: v for k, v in mon._probe.items()}
+        for _ in range(3):
+            m(torch.randn(2, 4)).sum().backward()
+        assert all(mon._probe[k] is v for k, v in first.items())  # the same random positions, not redrawn
+
+
 @pytest.mark.parametrize("exact_limit", [8, 1 << 16])  # sampled on the device / in the NumPy reduction
 def test_variable_shapes_do_not_accumulate_sample_positions(monkeypatch, exact_limit):
     monkeypatch.setattr(Monitor, "PROBES", 5)

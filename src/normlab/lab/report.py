@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import datetime
 import html
+import json
 import math
 import os
 import tempfile
@@ -71,13 +72,17 @@ def _per_seed_keys(exp, config, metrics: list, summary: dict) -> set:
     except Exception:  # the report shows the summary anyway; only the table layout needs this
         reversed_summary = None
     config_lists = [list(v) for v in dataclasses.asdict(config).values() if isinstance(v, (list, tuple))]
+
+    def same(a, b) -> bool:  # list equality that counts NaN as equal to NaN (a seed that diverged)
+        return (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
+                and all(x == y or (x != x and y != y) for x, y in zip(a, b)))
     keys = set()
     for k in candidates:
         v = summary[k]
-        if reversed_summary is not None and v != v[::-1]:
-            if reversed_summary.get(k) == v[::-1]:
+        if reversed_summary is not None and not same(v, v[::-1]):
+            if same(reversed_summary.get(k), v[::-1]):
                 keys.add(k)
-        elif v not in config_lists:
+        elif not any(same(v, c) for c in config_lists):
             keys.add(k)
     return keys
 
@@ -110,11 +115,20 @@ def build(out, prefer: Optional[dict] = None, failed: tuple = ()) -> Path:
 
     An experiment with runs of several configs shows ``prefer[experiment]`` (a config hash:
     what the ``run`` command just asked for, cached or not) when given and on disk, else the
-    config whose newest run finished last. ``failed``: one line per run the command could
+    config whose newest run finished last. ``prefer`` is kept in ``<out>/last-run.json``, and
+    a build without it (``normlab lab report``) reads it from there. ``failed``: one line per run the command could
     not finish, listed with the report's problems. Raises ``FileNotFoundError`` when there is
     no finished run at all.
     """
     out = Path(out)
+    last = out / "last-run.json"  # what the last `run` asked for: `report` alone shows the same
+    if prefer is None and last.is_file():
+        try:
+            prefer = json.loads(last.read_text())
+        except (OSError, ValueError):
+            prefer = None
+    elif prefer is not None:
+        _write_text(last, json.dumps(prefer, indent=1, sort_keys=True))
     found, problems = runner.load_runs(out)
     problems = list(failed) + problems
     if not found:
@@ -138,8 +152,6 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _results_json(sections, problems) -> str:
-    import json
-
     doc = {"generated": datetime.datetime.now().isoformat(timespec="seconds"), "problems": problems,
            "experiments": {}}
     for s in sections:

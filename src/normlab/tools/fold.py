@@ -193,16 +193,17 @@ def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Option
     graph = tracer.trace(model)
     modules = dict(tracer.root.named_modules())
     calls: Dict[str, int] = {}
-    read: set = set()  # modules whose parameters the forward reads directly (self.conv.weight)
+    read: set = set()  # modules whose parameter values the forward reads directly (self.conv.weight * 2)
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
-        elif node.op == "get_attr":
+        elif node.op == "get_attr" and any(not _metadata_only(u) for u in node.users):
             read.add(node.target.rpartition(".")[0])
     uses, owners = _use_counts(model), _owner_counts(model)
     passed: set = set()  # batch norms a dry run would fold: later ones see through them
+    handled: set = set()  # batch norm calls already folded along with an earlier one
     for node in list(graph.nodes):
-        if node.op != "call_module" or not _is_bn(modules[node.target]):
+        if node in handled or node.op != "call_module" or not _is_bn(modules[node.target]):
             continue
         bn = modules[node.target]
         src = node.args[0] if node.args else None
@@ -219,7 +220,17 @@ def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Option
         if problem is None and len(src.users) > 1:
             others = ", ".join(str(u) for u in src.users if u is not node)
             problem = f"the output of {src.target} is also used by {others}"
-        if problem is None and (calls[src.target] > 1 or uses.get(id(layer), 0) > 1):
+        group = [node]  # the batch norm calls this fold removes
+        if problem is None and calls[src.target] > 1:
+            # a layer called several times (a Sequential applied twice, in a loop) folds only if
+            # every one of its calls feeds this batch norm and nothing else
+            feeds = [n for n in graph.nodes if n.op == "call_module" and n.target == src.target]
+            group = [next(iter(n.users)) for n in feeds if len(n.users) == 1]
+            if not (len(group) == len(feeds) and node in group and all(
+                    u.op == "call_module" and u.target == node.target and u.args == (f,) and not u.kwargs
+                    for u, f in zip(group, feeds))):
+                problem = f"{src.target} is applied at more than one place, not each time followed by {node.target}"
+        if problem is None and uses.get(id(layer), 0) > 1:
             problem = f"{src.target} is applied at more than one place"
         if problem is None and src.target in read:
             problem = f"the forward also reads the parameters of {src.target} directly"
@@ -229,12 +240,14 @@ def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Option
             report.left.append((node.target, problem))
             continue
         report.folded.append((node.target, src.target))
+        handled.update(group)
         if not apply:
-            passed.add(node)
+            passed.update(group)
             continue
         fold_pair_(layer, bn)
-        node.replace_all_uses_with(node.args[0])
-        graph.erase_node(node)
+        for u in group:
+            u.replace_all_uses_with(u.args[0])
+            graph.erase_node(u)
     if not apply:
         return None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -242,6 +255,16 @@ def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Option
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+_METADATA = {"dtype", "shape", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+
+
+def _metadata_only(use: fx.Node) -> bool:
+    """Whether this use of a parameter reads only what folding keeps (its dtype, shape, device)."""
+    if use.op == "call_function" and use.target is getattr:
+        return len(use.args) > 1 and use.args[1] in _METADATA
+    return use.op == "call_method" and use.target in ("size", "dim")
 
 
 def _describe_node(src, modules) -> str:

@@ -84,7 +84,7 @@ class Monitor:
     Norms of float16/bfloat16 gradients are taken in float32.
     """
 
-    PROBES = 64  # sizes whose sample positions are kept (see _positions)
+    PROBES = 64  # sizes whose sample positions are kept, at least (see _positions)
 
     def __init__(self, model: nn.Module, every: int = 10, path: Optional[str] = None, modules: Selection = None,
                  sample: int = 2048, percentiles: Sequence[float] = (1, 15, 50, 85, 99), bins: int = 50,
@@ -185,16 +185,18 @@ class Monitor:
     def _positions(self, n: int, device):
         """``sample`` random positions in an output of ``n`` values (with replacement), drawn once per
         size and device and then reused: a fixed random probe, so steps are compared on the same
-        positions and no step pays for drawing them. At most ``PROBES`` sizes are kept, the oldest
-        dropped first: variable-length inputs (a new length every batch) would grow it without end."""
+        positions and no step pays for drawing them. The sizes used least recently are dropped
+        beyond ``max(PROBES, 2 * watched layers)``: variable-length inputs (a new length every
+        batch) would grow the cache without end, while every size of one step always fits, so a
+        model's own sizes keep their positions from step to step."""
         key = (n, device)
-        idx = self._probe.get(key)
+        idx = self._probe.pop(key, None)  # re-inserted below: the dict's order is least recently used first
         if idx is None:
             idx = torch.randint(n, (self.sample,), generator=self._gen)
             idx = idx.numpy() if device is None else idx.to(device)
-            if len(self._probe) >= self.PROBES:
+            if len(self._probe) >= max(self.PROBES, 2 * len(self.layers)):
                 del self._probe[next(iter(self._probe))]
-            self._probe[key] = idx
+        self._probe[key] = idx
         return idx
 
     def _work(self, name: str, shape: tuple, dtype):

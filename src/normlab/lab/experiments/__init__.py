@@ -159,9 +159,9 @@ class Experiment:
         zero_ok = set(getattr(self.module, "ZERO_ALLOWED", ()))
         for f in dataclasses.fields(self.module.Config):
             value, default = getattr(config, f.name), f.default
-            if (isinstance(default, int) and not isinstance(default, bool) and default >= 1
-                    and value < (0 if f.name in zero_ok else 1)):
-                raise ConfigError(f"{self.name}: {f.name} counts something and must be at least 1, got {value}")
+            least = 0 if f.name in zero_ok else 1
+            if isinstance(default, int) and not isinstance(default, bool) and default >= 1 and value < least:
+                raise ConfigError(f"{self.name}: {f.name} counts something and must be at least {least}, got {value}")
             if isinstance(default, tuple) and default and not value:
                 raise ConfigError(f"{self.name}: {f.name} must not be empty (default {default})")
         if hasattr(config, "data"):
