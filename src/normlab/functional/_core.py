@@ -43,8 +43,7 @@ def check_channel_input(input: torch.Tensor, op: str, ranks=None, layout: str = 
         _checks.check_rank(input.shape, ranks, op, layout)
     elif input.dim() < min_dim:
         raise ValueError(f"{op} expects an input of shape {layout} (at least {min_dim}-D), got a {input.dim()}-D "
-                         f"input of shape "
-                         f"{_checks.shape_str(input.shape)}")
+                         f"input of shape {_checks.shape_str(input.shape)}")
     c = input.shape[1]
     for name, p in per_channel.items():
         if p is not None and p.numel() != c:

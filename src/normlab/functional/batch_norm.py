@@ -12,12 +12,13 @@ from normlab import _checks
 from normlab.functional._core import HALF, check_channel_input, kernels, use_kernel
 
 
-def _check_batch_norm(input, running_mean, running_var, weight, bias, training, op, eps=None):
+def _check_batch_norm(input, running_mean, running_var, weight, bias, training, eps, op):
     check_channel_input(input, op, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    if training and eps is not None and not eps > 0:  # torch's rule, also for the kernels (0/0 for a constant channel)
-        raise ValueError(f"{op}: eps must be positive in training (it keeps a constant channel from dividing 0 by 0), "
-                         f"got eps={eps}")
-    if training:  # torch's rule: an empty batch passes (empty output), one value per channel does not
+    if training:  # torch's rules, also for the kernels
+        if not eps > 0:  # (0/0 for a constant channel)
+            raise ValueError(f"{op}: eps must be positive in training (it keeps a constant channel from dividing 0 "
+                             f"by 0), got eps={eps}")
+        # an empty batch passes (empty output), one value per channel does not
         _checks.check_enough_values(input.shape, (0,) + tuple(range(2, input.dim())), op, allow_empty=True,
                                     running_stats=running_mean is not None)
 
@@ -38,7 +39,7 @@ def batch_norm(
     updates them in place with ``momentum`` and the unbiased variance; evaluation normalizes
     with the running buffers.
     """
-    _check_batch_norm(input, running_mean, running_var, weight, bias, training, "batch_norm", eps)
+    _check_batch_norm(input, running_mean, running_var, weight, bias, training, eps, "batch_norm")
     if use_kernel("batch_norm", input, running_mean, running_var, weight, bias, training):
         return kernels().batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if input.dtype in HALF and not input.is_cuda:

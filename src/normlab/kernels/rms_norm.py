@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from normlab.kernels._common import once_differentiable
+from normlab.kernels._common import acc_torch, once_differentiable
 from normlab.kernels.layer_norm import _backward, _forward, plan
 
 
@@ -43,5 +43,5 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     """``torch.nn.functional.rms_norm`` on Triton kernels (see ``supports`` for what it takes)."""
     N = normalized_shape if isinstance(normalized_shape, int) else math.prod(normalized_shape)
     if eps is None:  # torch's rule: the epsilon of the type the statistics are computed in
-        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+        eps = torch.finfo(acc_torch(x.dtype)).eps
     return RMSNormFunction.apply(x, N, weight, float(eps))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from normlab import functional as NF
-from normlab.nn.layer_norm import _as_shape
+from normlab.functional.layer_norm import _shape_tuple
 
 
 class RMSNorm(nn.Module):
@@ -33,7 +33,7 @@ class RMSNorm(nn.Module):
     def __init__(self, normalized_shape: Sequence[int] | int, eps: Optional[float] = None,
                  elementwise_affine: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        self.normalized_shape = _as_shape(normalized_shape)
+        self.normalized_shape = _shape_tuple(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:

@@ -14,18 +14,18 @@ from __future__ import annotations
 import numpy as np
 
 from normlab import _checks
+from normlab.reference._core import acc_dtype
 
 
 def _window_sum(a: np.ndarray, before: int, after: int) -> np.ndarray:
-    """``out[:, c] = sum(a[:, c - before : c + after + 1])`` with zero padding, along axis 1,
-    accumulated in float32 for float16 input.
+    """``out[:, c] = sum(a[:, c - before : c + after + 1])`` with zero padding, along axis 1
+    (``a`` already in the accumulation dtype).
 
     Summed window by window (one shifted add per neighbour). A difference of running totals
     would be one pass, but its totals grow over all earlier channels: float16 overflowed to
     inf (then inf - inf = NaN), and small channels after large ones lost their digits."""
     c = a.shape[1]
-    acc = np.float64 if a.dtype == np.float64 else np.float32
-    out = np.zeros(a.shape, acc)
+    out = np.zeros_like(a)
     for shift in range(-before, after + 1):  # out[:, c] += a[:, c + shift] where c + shift is a channel
         lo, hi = max(0, -shift), min(c, c - shift)
         if lo < hi:
@@ -43,7 +43,7 @@ def local_response_norm_forward(a: np.ndarray, size: int, alpha: float = 1e-4, b
     if size < 1:
         raise ValueError(f"{op}: size must be a positive number of channels, got {size}")
     before, after = size // 2, (size - 1) // 2
-    aa = a.astype(np.float64 if a.dtype == np.float64 else np.float32)  # float32 arithmetic for float16
+    aa = a.astype(acc_dtype(a.dtype), copy=False)  # float32 arithmetic for float16
     s = k + (alpha / size) * _window_sum(aa * aa, before, after)
     b = aa * s ** -beta
     return b.astype(a.dtype, copy=False), dict(a=aa, s=s, size=size, alpha=alpha, beta=beta, before=before,
