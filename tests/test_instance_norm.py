@@ -75,3 +75,18 @@ def test_functional_matches_torch():
     assert_close(rv, rv2)
     assert_close(NF.instance_norm(t(x), rm, rv, use_input_stats=False),
                  F.instance_norm(t(x), rm2, rv2, use_input_stats=False))
+
+
+def test_legacy_checkpoint_with_running_stats_is_refused_as_torch_does():
+    """A versionless state dict holding running stats for an untracked layer (torch < 0.4.0):
+    both raise, naming the buffers and track_running_stats; a versioned one loads with strict=False."""
+    legacy = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+    for cls in (torch.nn.InstanceNorm2d, NN.InstanceNorm2d):
+        with pytest.raises(RuntimeError, match=r"running stats buffer\(s\).*track_running_stats=False"):
+            cls(3).load_state_dict(dict(legacy))
+    tracked = NN.InstanceNorm2d(3, track_running_stats=True).state_dict()  # carries version metadata
+    result = NN.InstanceNorm2d(3).load_state_dict(tracked, strict=False)
+    assert set(result.unexpected_keys) == {"running_mean", "running_var", "num_batches_tracked"}
+    theirs = torch.nn.InstanceNorm2d(3).load_state_dict(torch.nn.InstanceNorm2d(3, track_running_stats=True).state_dict(),
+                                                        strict=False)
+    assert set(theirs.unexpected_keys) == set(result.unexpected_keys)

@@ -29,6 +29,25 @@ class _InstanceNorm(_NormBase):
                              self.momentum if self.momentum is not None else 0.0, self.eps)
         return y if batched else y.squeeze(0)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a checkpoint without version metadata that holds running statistics for a layer that
+        # does not track them was most likely saved before torch 0.4.0, when InstanceNorm tracked
+        # them by default: refuse it with the explanation torch gives, not as a bare unexpected key
+        if local_metadata.get("version", None) is None and not self.track_running_stats:
+            keys = [prefix + k for k in ("running_mean", "running_var") if prefix + k in state_dict]
+            if keys:
+                name = type(self).__name__
+                error_msgs.append(
+                    f"Unexpected running stats buffer(s) {' and '.join(repr(k) for k in keys)} for {name} with "
+                    f"track_running_stats=False. A checkpoint saved before torch 0.4.0 may hold them, because "
+                    f"{name} no longer tracks running statistics by default: remove these keys from the "
+                    f"state_dict, or build the layer with track_running_stats=True if they are needed.")
+                for k in keys:
+                    state_dict.pop(k)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
 
 _IN_DOC = r"""Instance normalization (Ulyanov et al. 2016): each sample's channel is normalized over its
     spatial positions. Input {layout} (or unbatched, without N).
