@@ -61,3 +61,18 @@ def test_functional_sends_tensor_subclasses_through_torchs_wrapper():
     y = NF.group_norm(x, 2)
     assert F.group_norm in seen
     assert_close(y.as_subclass(torch.Tensor), F.group_norm(x.as_subclass(torch.Tensor), 2))
+
+
+def test_functional_bias_without_weight_backward():
+    """torch's own CPU backward fails on weight=None with a bias; ours matches a weight of ones
+    (and the reference with gamma=None)."""
+    x, dy, b = randn((2, 6, 5), 0), randn((2, 6, 5), 1), randn(6, 2)
+    xs, bs = t(x).requires_grad_(), t(b).requires_grad_()
+    y = NF.group_norm(xs, 3, None, bs, 1e-4)
+    y.backward(t(dy))
+    ry, cache = R.group_norm_forward(x, 3, None, b, 1e-4)
+    rdx, rdg, rdb = R.group_norm_backward(dy, cache)
+    assert rdg is None
+    assert_close(y.detach(), ry, what="y")
+    assert_close(xs.grad, rdx, what="dx")
+    assert_close(bs.grad, rdb, what="dbias")

@@ -30,6 +30,10 @@ def group_norm(
                          "(torch refuses this input too)")
     if use_kernel("group_norm", input, num_groups, weight, bias):
         return kernels().group_norm(input, num_groups, weight, bias, eps)
+    if weight is None and bias is not None and torch.is_grad_enabled() and (input.requires_grad or bias.requires_grad):
+        # torch's group_norm backward fails on a bias without a weight ("tensor does not have a
+        # device"): a weight of ones gives the same output and the gradients it should
+        weight = torch.ones_like(bias)
     if type(input) is not torch.Tensor:  # a tensor subclass sees the call torch's way
         return F.group_norm(input, num_groups, weight, bias, eps)
     # torch's native op directly: F.group_norm's wrapper repeats the checks above (~10 us a
