@@ -69,3 +69,20 @@ def test_reference_window_sums_stay_accurate_after_large_channels():
     y64 = F.local_response_norm(torch.from_numpy(h.astype(np.float64)), 5).numpy()
     assert y16.dtype == np.float16 and np.isfinite(y16).all() and np.isfinite(dx16).all()
     np.testing.assert_allclose(y16.astype(np.float64), y64, rtol=2e-3, atol=2e-3 * np.abs(y64).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_on_cpu(dtype):
+    """torch has no CPU half LRN; ours computes in float32 and rounds once: it equals the float32
+    result on the same rounded input, rounded, and its gradient flows in the input's dtype."""
+    x = (torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(0)) * 3).to(dtype).requires_grad_()
+    kw = dict(alpha=0.5, beta=0.75, k=2.0)
+    y = NN.LocalResponseNorm(3, **kw)(x)
+    assert y.dtype == dtype
+    expect = F.local_response_norm(x.detach().float(), 3, **kw).to(dtype)
+    assert torch.equal(y.detach(), expect)
+    y.float().sum().backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+    if dtype == torch.float16:  # the NumPy reference on the same float16 input
+        ry, _ = R.local_response_norm_forward(x.detach().numpy(), 3, **kw)
+        assert_close(y.detach().float(), torch.from_numpy(ry).float(), rtol=2e-3, atol=2e-3, what="y vs reference")

@@ -16,4 +16,8 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
                          f"{_checks.shape_str(input.shape)}")
     if int(size) < 1:
         raise ValueError(f"{op}: size must be a positive number of channels, got {size}")
+    if input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16):
+        # torch has no CPU half/bfloat16 average pool ("avg_pool3d_out_frame not implemented"):
+        # compute in float32 and round once at the end, as the NumPy reference does for float16
+        return F.local_response_norm(input.float(), size, alpha, beta, k).to(input.dtype)
     return F.local_response_norm(input, size, alpha, beta, k)
