@@ -142,3 +142,25 @@ def test_reference_gradients_follow_which_of_gamma_and_beta_were_given(affine):
         assert_close(dbeta, dy.sum(axis=(0, 2)), what="dbeta")
     fd = finite_diff(lambda x_: R.switchable_norm_forward(x_, g, b, mw, vw, eps=EPS)[0], (x,), dy)
     assert_close(dx, fd[0], **TOL_FD, what="dx")
+
+
+@pytest.mark.parametrize("cls,shape", [(NN.SwitchableNorm1d, (1, 3)), (NN.SwitchableNorm1d, (1, 3, 5)),
+                                       (NN.SwitchableNorm2d, (1, 3, 4, 4))], ids=["1d-NC", "1d-NCL", "2d"])
+@pytest.mark.parametrize("other", [1e6, 1e8, float("nan"), float("inf")], ids=str)
+def test_eval_output_of_a_sample_does_not_depend_on_the_others(cls, shape, other):
+    """In evaluation every branch is per sample (IN, LN) or fixed (running BN): a neighbour in the
+    batch, however large or broken, must not move a sample's output or its gradient."""
+    g = torch.Generator().manual_seed(0)
+    m = cls(shape[1]).eval()
+    with torch.no_grad():
+        m.running_mean.copy_(torch.randn(shape[1], generator=g))
+        m.running_var.uniform_(0.5, 2.0, generator=g)
+    x1 = torch.randn(shape, generator=g).requires_grad_()
+    alone = m(x1)
+    alone.sum().backward()
+    grad_alone = x1.grad.clone()
+    x1.grad = None
+    y = m(torch.cat([torch.full(shape, other) + torch.randn(shape, generator=g), x1]))
+    assert torch.equal(y[1:], alone)
+    y[1:].sum().backward()
+    assert torch.equal(x1.grad, grad_alone)

@@ -28,7 +28,9 @@ def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_
         mu_bn = mu_in.mean(dim=0, keepdim=True)
         var_bn = (var_in + (mu_in - mu_bn).square()).mean(dim=0, keepdim=True)
     else:
-        mu_bn, var_bn = running_mean.to(mu_in.dtype).view(1, -1), running_var.to(mu_in.dtype).view(1, -1)
+        # running_mean may come relative to a per-sample pivot: (N, C), else (C,)
+        mu_bn = running_mean.to(mu_in.dtype).reshape(-1, mu_in.shape[1])
+        var_bn = running_var.to(mu_in.dtype).view(1, -1)
     mw, vw = mean_weight.to(mu_in.dtype), var_weight.to(mu_in.dtype)
     if not has_spatial:  # no instance statistics without spatial positions
         off = torch.tensor([float("-inf"), 0.0, 0.0], dtype=mu_in.dtype, device=mu_in.device)
@@ -53,7 +55,10 @@ class _SwitchableNorm(torch.autograd.Function):
         # Mix means relative to a pivot (their average; every mean shifts with it and the output
         # does not depend on it): mixing values near 1000 in float32 rounds them by ~1e-4, which
         # rstd magnifies where a variance is ~0 (half inputs rounded to a few distinct values).
-        pivot = mu_in.mean()
+        # With batch statistics the samples are coupled anyway and the pivot is the batch's;
+        # without (evaluation) it is each sample's own, so no sample's values, however large,
+        # change another's output.
+        pivot = mu_in.mean() if use_batch else mu_in.view(n, c).mean(dim=1, keepdim=True)
         mu_rel = mu_in.view(n, c) - pivot
         rm_rel = None if running_mean is None else running_mean.to(acc) - pivot
         with torch.enable_grad():  # the small (N, C) graph, differentiated in backward
