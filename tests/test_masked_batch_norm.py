@@ -118,3 +118,36 @@ def test_momentum_none_running_var_uses_valid_count():
     assert_close(m.running_mean, running_closed_form([v.mean(1) for v in valid], 0, None))
     assert_close(m.running_var, running_closed_form([v.var(1, ddof=1) for v in valid], 1, None))
     assert int(m.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_non_finite_padding_is_ignored(value, training):
+    """Whatever padded positions hold must not reach the statistics, the output or the gradients
+    (a multiply by the mask would turn NaN * 0 into NaN); a NaN at a valid position still shows."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    dy = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    dirty = x.clone()
+    dirty[~mask[:, None, :].expand_as(x)] = value
+    outs = []
+    for inp in (x, dirty):
+        m = NN.MaskedBatchNorm1d(4, dtype=torch.float64)
+        with torch.no_grad():
+            m.running_mean.copy_(torch.tensor([0.5, -0.25, 1.0, 0.0]))
+        m.train(training)
+        xi = inp.clone().requires_grad_()
+        y = m(xi, mask)
+        y.backward(dy)
+        running = R.RunningStats(m.running_mean.detach().numpy().copy(), m.running_var.detach().numpy().copy())
+        ry, cache, _ = R.masked_batch_norm_forward(inp.numpy(), mask.numpy(), np.ones(4), np.zeros(4), running,
+                                                   training=training)
+        rdx = R.masked_batch_norm_backward(dy.numpy(), cache)[0]
+        outs.append((y.detach(), xi.grad, m.running_mean.clone(), m.running_var.clone(), ry, rdx))
+    for clean, got in zip(*outs):
+        assert_close(got, clean)
+    poisoned = x.clone()
+    poisoned[0, 1, 0] = float("nan")  # a valid position: the NaN propagates to its channel
+    y = NN.MaskedBatchNorm1d(4, dtype=torch.float64)(poisoned, mask)
+    assert torch.isnan(y[:, 1][mask]).all() and torch.isfinite(y[:, [0, 2, 3]]).all()

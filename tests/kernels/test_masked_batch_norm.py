@@ -72,8 +72,9 @@ def test_padding_does_not_leak():
     # Values at padded positions must not change anything, however large.
     x = torch.randn(3, 4, 9, dtype=torch.float64)
     mask = _mask(3, 9, "lengths", "cpu")
-    x2 = torch.where(mask[:, None, :], x, torch.full_like(x, 1e6))
-    assert torch.equal(kernels.masked_batch_norm(x, mask, None, None, training=True), kernels.masked_batch_norm(x2, mask, None, None, training=True))
+    for value in (1e6, float("nan"), float("inf")):
+        x2 = torch.where(mask[:, None, :], x, torch.full_like(x, value))
+        assert torch.equal(kernels.masked_batch_norm(x, mask, None, None, training=True), kernels.masked_batch_norm(x2, mask, None, None, training=True))
 
 
 @cpu

@@ -26,15 +26,21 @@ class _MaskedBatchNorm(torch.autograd.Function):
         acc = acc_dtype(x.dtype)
         xa = x.to(acc)
         m3 = m.view(n, 1, length)
+        pad = m3 == 0
+        # padding is zeroed with masked_fill, not a multiply: NaN * 0 is NaN, and whatever the
+        # padded positions hold (NaN, inf) must not reach the statistics or the output
         if batch_stats:
             mean = torch.bmm(xa, m.view(n, length, 1)).sum(dim=0).view(1, c, 1) / count
-            d = (xa - mean).mul_(m3)
+            if not torch.isfinite(mean).all():  # a NaN or inf somewhere; at padding it must not count
+                xa = xa.masked_fill(pad, 0)
+                mean = torch.bmm(xa, m.view(n, length, 1)).sum(dim=0).view(1, c, 1) / count
+            d = (xa - mean).masked_fill_(pad, 0)
             var = torch.linalg.vecdot(d, d, dim=2).sum(dim=0).view(1, c, 1) / count
             if running_mean is not None:
                 update_running_(running_mean, running_var, mean, var, count, momentum)
         else:
             mean, var = running_mean.to(acc).view(1, c, 1), running_var.to(acc).view(1, c, 1)
-            d = (xa - mean).mul_(m3)
+            d = (xa - mean).masked_fill_(pad, 0)
         rstd = (var + eps).rsqrt_()
         scale = rstd if weight is None else rstd * weight.to(acc).view(1, c, 1)
         y = d * scale

@@ -74,6 +74,9 @@ def centered_moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.nd
         # the statistics keep their dtype)
         count = reduce_sum(m, axes) * math.prod(x.shape[a] for a in axes if m.shape[a] == 1)
         mean = reduce_sum(xa, axes, m) / count if center else np.zeros((), xa.dtype)
+        if not np.all(np.isfinite(mean)):  # NaN * 0 is NaN: a NaN or inf where the mask is 0 must not count
+            xa = np.where(m != 0, xa, 0)
+            mean = reduce_sum(xa, axes, m) / count if center else mean
         d = xa - mean
         d *= m
     var = reduce_sum(d, axes, d) / count  # two-pass: the mean first, then squared deviations
@@ -179,7 +182,7 @@ def normalize_forward(
             if center:
                 u = u - mean
             if m is not None:
-                u = u * m
+                u = np.where(m != 0, u, 0)  # not u * m: a NaN or inf where the mask is 0 must give 0
     rstd = 1.0 / np.sqrt(var + eps)
     renorm = scale is not None
     if weight is None or constant_along(weight.shape, x.ndim, axes):
