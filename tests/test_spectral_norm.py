@@ -104,3 +104,13 @@ def test_bad_arguments():
         NN.spectral_norm(torch.nn.Linear(2, 3), dim=2)
     with pytest.raises(ValueError, match=r"no tensor attribute 'kernel'"):
         NN.spectral_norm(torch.nn.Linear(2, 3), name="kernel")
+
+
+@pytest.mark.parametrize("dim", [2, -3])
+def test_out_of_range_dim_is_refused_by_functional_and_reference(dim):
+    """A modulo would silently use another axis; torch and the module raise IndexError."""
+    match = rf"spectral_norm: dim must be in \[-2, 1\] for a 2-D weight, got {dim}"
+    with pytest.raises(IndexError, match=match):
+        NF.spectral_norm(torch.randn(4, 3), torch.randn(4), torch.randn(3), dim=dim)
+    with pytest.raises(IndexError, match=match):
+        R.spectral_norm_forward(randn((4, 3), 0), randn(4, 1), randn(3, 2), dim=dim)

@@ -58,3 +58,19 @@ def test_module_matches_torch_parametrization(make, shape, dim):
 def test_rejects_missing_attribute():
     with pytest.raises(ValueError, match=r"no tensor attribute 'kernel'"):
         NN.weight_norm(torch.nn.Linear(2, 3), name="kernel")
+
+
+@pytest.mark.parametrize("dim", [2, 5, -3])
+def test_out_of_range_dim_is_refused_in_every_tier_as_torch_does(dim):
+    """torch raises IndexError; a modulo would silently norm over another axis."""
+    with pytest.raises(IndexError):
+        P.weight_norm(torch.nn.Linear(3, 4), dim=dim)
+    match = rf"weight_norm: dim must be in \[-2, 1\] for a 2-D weight, got {dim}"
+    m = torch.nn.Linear(3, 4)
+    with pytest.raises(IndexError, match=match):
+        NN.weight_norm(m, dim=dim)
+    assert not hasattr(m, "parametrizations")  # nothing half-registered
+    with pytest.raises(IndexError, match=match):
+        NF.norm_except_dim(torch.ones(4, 3), dim)
+    with pytest.raises(IndexError, match=match):
+        R.weight_norm_forward(randn((4, 3), 0), randn((4, 1), 1), dim)

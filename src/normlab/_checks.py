@@ -86,6 +86,15 @@ def check_eps(eps, op: str) -> None:
         raise ValueError(f"{op}: eps must be a number >= 0 (added to the variance), got eps={eps!r}")
 
 
+def check_dim(dim: int, ndim: int, op: str) -> int:
+    """``dim`` as a non-negative axis of an ``ndim``-D weight (negative counts from the end);
+    IndexError when it is out of range, as torch raises."""
+    ndim = max(int(ndim), 1)
+    if isinstance(dim, bool) or not -ndim <= dim < ndim:
+        raise IndexError(f"{op}: dim must be in [-{ndim}, {ndim - 1}] for a {ndim}-D weight, got {dim!r}")
+    return int(dim) % ndim
+
+
 def check_groups(num_channels: int, num_groups: int, op: str) -> None:
     if num_groups <= 0 or num_channels % num_groups != 0:
         raise ValueError(

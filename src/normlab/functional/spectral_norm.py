@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from normlab import _checks
+
 
 def weight_as_matrix(weight: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """The weight with ``dim`` first (a negative ``dim`` counts from the end) and the other dims flattened."""
-    dim = dim % weight.dim()
+    dim = _checks.check_dim(dim, weight.dim(), "spectral_norm")
     if dim != 0:
         weight = weight.permute(dim, *(d for d in range(weight.dim()) if d != dim))
     return weight.flatten(1)

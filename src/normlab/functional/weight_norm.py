@@ -6,13 +6,15 @@ from typing import Optional
 
 import torch
 
+from normlab import _checks
+
 
 def norm_axes(ndim: int, dim: Optional[int]) -> tuple:
     """Axes a weight norm reduces: every axis but ``dim``; all of them for ``dim`` None or -1
     (PyTorch's convention: -1 means "the whole tensor" here, not the last axis)."""
     if dim is None or dim == -1:
         return tuple(range(ndim))
-    dim = dim % ndim
+    dim = _checks.check_dim(dim, ndim, "weight_norm")
     return tuple(a for a in range(ndim) if a != dim)
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from normlab import _checks
 from normlab import functional as NF
 
 
@@ -21,8 +22,7 @@ class SpectralNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12) -> None:
         super().__init__()
         ndim = weight.dim()
-        if not -ndim <= dim < max(ndim, 1):
-            raise IndexError(f"spectral_norm: dim must be in [-{ndim}, {ndim - 1}] for a {ndim}-D weight, got {dim}")
+        _checks.check_dim(dim, ndim, "spectral_norm")
         if n_power_iterations <= 0:
             raise ValueError(f"spectral_norm: n_power_iterations must be positive, got {n_power_iterations}")
         self.dim = dim if dim >= 0 else dim + ndim

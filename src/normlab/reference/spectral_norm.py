@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from normlab import _checks
+
 
 def _normalize(z, eps):
     return z / max(float(np.linalg.norm(z)), eps)
@@ -43,7 +45,7 @@ def spectral_norm_forward(w: np.ndarray, u: np.ndarray, v: np.ndarray, *, n_powe
     if w.ndim == 1:
         norm = max(float(np.linalg.norm(w)), eps)
         return w / norm, dict(w=w, norm=norm, one_d=True), (u, v)
-    dim = dim % w.ndim  # torch takes a negative dim too
+    dim = _checks.check_dim(dim, w.ndim, "spectral_norm")  # torch takes a negative dim too
     wm = as_matrix(w, dim)
     if training:
         u, v = power_iteration(wm, u, v, n_power_iterations, eps)

@@ -18,11 +18,13 @@ from typing import Optional
 
 import numpy as np
 
+from normlab import _checks
+
 
 def _norm_axes(v: np.ndarray, dim: Optional[int]):
     if dim is None or dim == -1:  # torch's convention: -1 is the whole tensor, not the last dim
         return tuple(range(v.ndim))
-    dim = dim % v.ndim
+    dim = _checks.check_dim(dim, v.ndim, "weight_norm")
     return tuple(a for a in range(v.ndim) if a != dim)
 
 
