@@ -144,6 +144,19 @@ CASES = [
     ("alpha-dropout-p", lambda: NN.AlphaDropout(1.5), ValueError, r"p must be a probability in \[0, 1\], got 1.5"),
     ("F-alpha-dropout-p", lambda: NF.alpha_dropout(x3, -0.1), ValueError, r"\[0, 1\], got -0.1"),
     ("ref-alpha-dropout-p", lambda: R.alpha_dropout_forward(np.ones(3), 2.0), ValueError, r"\[0, 1\], got 2.0"),
+    # not a tensor / not an array
+    *[(f"numpy-into-{type(m).__name__}", lambda m=m: m(np.ones((4, 3, 5), np.float32)), TypeError,
+       r"expects a torch.Tensor input, got ndarray \(a NumPy array: wrap it with torch.from_numpy\)")
+      for m in (NN.BatchNorm1d(3), NN.LayerNorm(5), NN.RMSNorm(5), NN.GroupNorm(1, 3), NN.InstanceNorm1d(3),
+                NN.SwitchableNorm1d(3), NN.BatchRenorm1d(3), NN.MaskedBatchNorm1d(3), NN.LocalResponseNorm(2),
+                NN.SELU(), NN.AlphaDropout(0.2), NN.SyncBatchNorm(3))],
+    ("float-into-selu", lambda: NN.SELU()(1.0), TypeError, r"selu expects a torch.Tensor input, got float"),
+    ("mbn-numpy-mask", lambda: NN.MaskedBatchNorm1d(3)(x3, np.ones((2, 4), bool)), TypeError,
+     r"expects the mask as a torch.Tensor \(bool, shape \(N, L\)\), got ndarray"),
+    ("ref-list", lambda: R.batch_norm_forward([[1.0, 2.0], [3.0, 4.0]]), TypeError,
+     r"batch_norm \(the NumPy reference\) expects a NumPy array, got list"),
+    ("ref-tensor", lambda: R.layer_norm_forward(torch.randn(2, 3), 3), TypeError,
+     r"expects a NumPy array, got Tensor \(a torch tensor: pass t.detach\(\).cpu\(\).numpy\(\)\)"),
 ]
 
 

@@ -13,9 +13,24 @@ def shape_str(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
-def check_floating(x, op: str) -> None:
-    """TypeError unless ``x`` (a torch tensor or NumPy array) holds floating-point numbers."""
-    dtype = x.dtype
+def check_floating(x, op: str, kind: str = "") -> None:
+    """TypeError unless ``x`` holds floating-point numbers; with ``kind="tensor"`` (the torch
+    tiers) it must be a ``torch.Tensor``, with ``kind="array"`` (the NumPy reference) a NumPy array."""
+    if kind == "array":
+        import numpy as np
+
+        if not isinstance(x, np.ndarray):
+            hint = " (a torch tensor: pass t.detach().cpu().numpy())" if hasattr(x, "detach") else ""
+            raise TypeError(f"{op} (the NumPy reference) expects a NumPy array, got {type(x).__name__}{hint}")
+    elif kind == "tensor":
+        import torch
+
+        if not isinstance(x, torch.Tensor):
+            hint = " (a NumPy array: wrap it with torch.from_numpy)" if type(x).__module__ == "numpy" else ""
+            raise TypeError(f"{op} expects a torch.Tensor input, got {type(x).__name__}{hint}")
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        raise TypeError(f"{op} expects a floating-point tensor or array, got {type(x).__name__}")
     is_float = getattr(dtype, "is_floating_point", None)
     if is_float is None:  # NumPy
         import numpy as np

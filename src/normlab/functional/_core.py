@@ -38,7 +38,7 @@ def check_channel_input(input: torch.Tensor, op: str, ranks=None, layout: str = 
     """The checks every per-channel norm makes: a floating input of an allowed rank (``ranks``,
     or at least ``min_dim``-D), and each named per-channel tensor (weight, bias, running stats)
     holding one value per channel. Returns C."""
-    _checks.check_floating(input, op)
+    _checks.check_floating(input, op, "tensor")
     if ranks is not None:
         _checks.check_rank(input.shape, ranks, op, layout)
     elif input.dim() < min_dim:

@@ -19,7 +19,7 @@ def _shape_tuple(normalized_shape) -> tuple:
 
 
 def check_trailing(input, normalized_shape, weight, op, params=("weight", "bias"), bias=None) -> tuple:
-    _checks.check_floating(input, op)
+    _checks.check_floating(input, op, "tensor")
     ns = _checks.check_normalized_shape(input.shape, _shape_tuple(normalized_shape), op)
     for p, name in ((weight, params[0]), (bias, params[1] if len(params) > 1 else None)):
         if p is not None and tuple(p.shape) != ns:

@@ -10,7 +10,7 @@ from normlab import _checks
 def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> torch.Tensor:
     """Local response normalization across channels, exactly ``torch.nn.functional.local_response_norm``."""
     op = "local_response_norm"
-    _checks.check_floating(input, op)
+    _checks.check_floating(input, op, "tensor")
     if input.dim() < 3:
         raise ValueError(f"{op} expects an input of 3 or more dims (N, C, *), got a {input.dim()}-D input of shape "
                          f"{_checks.shape_str(input.shape)}")

@@ -60,6 +60,7 @@ class _NormBase(nn.Module):
 
     def _check_input(self, input: torch.Tensor) -> None:
         name = type(self).__name__
+        _checks.check_floating(input, name, "tensor")
         _checks.check_rank(input.shape, self._ranks, name, self._layout)
         _checks.check_channels(input.shape, self.num_features, name)
 

@@ -47,6 +47,7 @@ class GroupNorm(nn.Module):
         reset_affine(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        _checks.check_floating(input, "GroupNorm", "tensor")
         if input.dim() >= 2:
             _checks.check_channels(input.shape, self.num_channels, "GroupNorm", arg="num_channels")
         return NF.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)

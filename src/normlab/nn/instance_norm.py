@@ -19,6 +19,7 @@ class _InstanceNorm(_NormBase):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
+        _checks.check_floating(input, name, "tensor")
         unbatched = self._spatial + 1
         _checks.check_rank(input.shape, (unbatched, unbatched + 1), name, self._layout)
         batched = input.dim() == unbatched + 1

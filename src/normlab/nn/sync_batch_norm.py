@@ -181,6 +181,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def _check_input(self, input: torch.Tensor) -> None:
         name = type(self).__name__
+        _checks.check_floating(input, name, "tensor")
         if input.dim() < 2:
             raise ValueError(f"{name} expects an input of shape {self._layout} with at least 2 dims, got a "
                              f"{input.dim()}-D input of shape {_checks.shape_str(input.shape)}")
@@ -212,7 +213,6 @@ class SyncBatchNorm(_BatchNorm):
         world_size = self._group_size() if self.training else 1
         if world_size == 1:
             return super().forward(input)
-        _checks.check_floating(input, type(self).__name__)
         self._check_channels_across_ranks(input.device, world_size)
         running_mean, running_var = self._running()
         return self._count_step(_SyncBatchNormFunction.apply(

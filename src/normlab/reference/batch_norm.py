@@ -39,7 +39,7 @@ def batch_norm_forward(
     With ``training=False`` and no running statistics, batch statistics are used (as PyTorch does).
     """
     op = "batch_norm"
-    _checks.check_floating(x, op)
+    _checks.check_floating(x, op, "array")
     _checks.check_rank(x.shape, (2, 3, 4, 5), op, "(N, C, *spatial)")
     axes = (0,) + tuple(range(2, x.ndim))
     w, b = per_channel(gamma, x.ndim), per_channel(beta, x.ndim)

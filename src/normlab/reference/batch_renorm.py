@@ -56,7 +56,7 @@ def batch_renorm_forward(
 ):
     """Forward pass: ``(y, cache, running)``. ``running`` is required (r and d need it)."""
     op = "batch_renorm"
-    _checks.check_floating(x, op)
+    _checks.check_floating(x, op, "array")
     _checks.check_rank(x.shape, (2, 3, 4, 5), op, "(N, C, *spatial)")
     if running is None:
         raise ValueError(f"{op} needs running statistics (r and d compare the batch with them), got running=None")

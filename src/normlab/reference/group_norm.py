@@ -28,7 +28,7 @@ def group_norm_forward(
 ):
     """Forward pass: ``(y, cache)``."""
     op = "group_norm"
-    _checks.check_floating(x, op)
+    _checks.check_floating(x, op, "array")
     _checks.check_rank(x.shape, (2, 3, 4, 5), op, "(N, C, *spatial)")
     n, c = x.shape[:2]
     _checks.check_groups(c, num_groups, op)

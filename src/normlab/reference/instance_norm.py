@@ -33,7 +33,7 @@ def instance_norm_forward(
 ):
     """Forward pass: ``(y, cache, running)``. ``use_input_stats=False`` normalizes with ``running``."""
     op = "instance_norm"
-    _checks.check_floating(x, op)
+    _checks.check_floating(x, op, "array")
     _checks.check_rank(x.shape, (3, 4, 5), op, "(N, C, *spatial)")
     axes = tuple(range(2, x.ndim))
     w, b = per_channel(gamma, x.ndim), per_channel(beta, x.ndim)

@@ -28,7 +28,7 @@ def layer_norm_forward(
 ):
     """Forward pass: ``(y, cache)``."""
     op = "layer_norm"
-    _checks.check_floating(x, op)
+    _checks.check_floating(x, op, "array")
     ns = _checks.check_normalized_shape(x.shape, (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape, op)
     axes = tuple(range(x.ndim - len(ns), x.ndim))
     y, cache, _ = normalize_forward(x, axes, gamma, beta, eps)

@@ -36,7 +36,7 @@ def _window_sum(a: np.ndarray, before: int, after: int) -> np.ndarray:
 def local_response_norm_forward(a: np.ndarray, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
     """Forward pass: ``(b, cache)``."""
     op = "local_response_norm"
-    _checks.check_floating(a, op)
+    _checks.check_floating(a, op, "array")
     if a.ndim < 3:
         raise ValueError(f"{op} expects an input of 3 or more dims (N, C, *), got a {a.ndim}-D input of shape "
                          f"{_checks.shape_str(a.shape)}")

@@ -38,7 +38,7 @@ def masked_batch_norm_forward(
 ):
     """Forward pass: ``(y, cache, running)``; ``x`` is (N, C, L), ``mask`` (N, L) bool or ``None``."""
     op = "masked_batch_norm"
-    _checks.check_floating(x, op)
+    _checks.check_floating(x, op, "array")
     _checks.check_rank(x.shape, (3,), op, "(N, C, L)")
     m3 = None
     if mask is not None:

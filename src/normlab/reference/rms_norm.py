@@ -27,7 +27,7 @@ def rms_norm_forward(
 ):
     """Forward pass: ``(y, cache)``."""
     op = "rms_norm"
-    _checks.check_floating(x, op)
+    _checks.check_floating(x, op, "array")
     ns = _checks.check_normalized_shape(x.shape, (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape, op)
     if eps is None:
         eps = float(np.finfo(acc_dtype(x.dtype)).eps)

@@ -59,7 +59,7 @@ def switchable_norm_forward(
     """Forward pass: ``(y, cache, running)``. ``mean_weight``/``var_weight`` are the 3 logits
     (IN, LN, BN) of the mean and variance mixes."""
     op = "switchable_norm"
-    _checks.check_floating(x, op)
+    _checks.check_floating(x, op, "array")
     _checks.check_rank(x.shape, (2, 3, 4, 5), op, "(N, C, *spatial)")
     nd = x.ndim
     spatial = tuple(range(2, nd))
