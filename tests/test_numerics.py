@@ -237,3 +237,12 @@ def test_reference_renorm_gradients_keep_the_input_dtype_with_float64_running_st
     y, cache, _ = R.batch_renorm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32), run, rmax=1.5, dmax=0.5)
     grads = R.batch_renorm_backward(np.ones_like(x), cache)
     assert y.dtype == np.float32 and all(g.dtype == np.float32 for g in grads)
+
+
+def test_reference_accumulates_longdouble_in_longdouble():
+    """np.longdouble input keeps its own precision (it was accumulated in float32, which lost
+    a spread of 1e-3 around 1e8 entirely)."""
+    x = np.longdouble(1e8) + np.array([[0], [1e-3], [2e-3], [3e-3]], np.longdouble)
+    y, _, _ = R.batch_norm_forward(x, eps=1e-12)
+    assert y.dtype == np.longdouble
+    np.testing.assert_allclose(y.ravel().astype(np.float64), [-1.3416, -0.4472, 0.4472, 1.3416], atol=1e-3)

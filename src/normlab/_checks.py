@@ -6,6 +6,7 @@ number.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 
@@ -79,6 +80,23 @@ def check_enough_values(shape, reduce_axes: Sequence[int], op: str, what: str = 
         )
 
 
+def as_normalized_shape(normalized_shape, op: str) -> tuple:
+    """``normalized_shape`` as a tuple of ints: an int (any integral type, e.g. np.int64) or a
+    non-empty sequence of them, none negative."""
+    import numbers
+
+    items = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else normalized_shape
+    try:
+        items = tuple(items)
+    except TypeError:
+        items = None
+    if (items is None or not items or
+            any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0 for s in items)):
+        raise ValueError(f"{op}: normalized_shape must be a size or a non-empty sequence of sizes (ints >= 0) of "
+                         f"the trailing dims to normalize over, got {normalized_shape!r}")
+    return tuple(int(s) for s in items)
+
+
 def check_normalized_shape(shape, normalized_shape: Sequence[int], op: str) -> tuple:
     ns = tuple(int(s) for s in normalized_shape)
     k = len(ns)
@@ -101,6 +119,58 @@ def check_eps(eps, op: str) -> None:
         raise ValueError(f"{op}: eps must be a number >= 0 (added to the variance), got eps={eps!r}")
 
 
+def check_momentum(momentum, op: str) -> None:
+    """``None`` (a cumulative average) or a number in [0, 1]: the weight of the new batch's
+    statistics in the running estimate. Outside that range (or NaN) the running statistics
+    extrapolate or turn NaN; torch accepts it silently, normlab refuses it."""
+    if momentum is None:
+        return
+    try:
+        ok = not isinstance(momentum, bool) and 0.0 <= float(momentum) <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{op}: momentum must be None or a number in [0, 1] (the weight of the new batch "
+                         f"statistics in the running estimate), got momentum={momentum!r}")
+
+
+def check_per_channel(num_channels: int, op: str, **params) -> None:
+    """Each named per-channel tensor or array (weight, bias, running stats) holds one value per channel."""
+    for name, p in params.items():
+        if p is not None and math.prod(p.shape) != num_channels:
+            raise ValueError(f"{op}: {name} must have {num_channels} elements (one per channel), "
+                             f"got shape {tuple(int(s) for s in p.shape)}")
+
+
+def check_param_shape(expected: Sequence[int], op: str, **params) -> None:
+    """Each named elementwise parameter has shape ``normalized_shape``."""
+    for name, p in params.items():
+        if p is not None and tuple(p.shape) != tuple(expected):
+            raise ValueError(f"{op}: {name} must have shape normalized_shape={shape_str(expected)}, "
+                             f"got {shape_str(p.shape)}")
+
+
+def check_mix_logits(op: str, **logits) -> None:
+    """Switchable norm's mixing logits: 3 each (IN, LN, BN)."""
+    for name, p in logits.items():
+        if tuple(p.shape) != (3,):
+            raise ValueError(f"{op}: {name} must hold 3 logits (IN, LN, BN), got shape {tuple(int(s) for s in p.shape)}")
+
+
+def check_renorm_limits(rmax, dmax, op: str, warmup_steps=None) -> None:
+    """Batch renorm's clips: rmax >= 1, dmax >= 0 and (when given) warmup_steps >= 0; NaN refused
+    (written so that a NaN fails every comparison)."""
+    try:
+        ok = float(rmax) >= 1 and float(dmax) >= 0 and (warmup_steps is None or float(warmup_steps) >= 0)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        need, got = "rmax >= 1, dmax >= 0", f"rmax={rmax!r}, dmax={dmax!r}"
+        if warmup_steps is not None:
+            need, got = need + ", warmup_steps >= 0", got + f", warmup_steps={warmup_steps!r}"
+        raise ValueError(f"{op}: need {need}, got {got}")
+
+
 def check_dim(dim: int, ndim: int, op: str) -> int:
     """``dim`` as a non-negative axis of an ``ndim``-D weight (negative counts from the end);
     IndexError when it is out of range, as torch raises."""
@@ -116,6 +186,19 @@ def check_groups(num_channels: int, num_groups: int, op: str) -> None:
             f"{op}: num_groups={num_groups} must be positive and divide the number of channels "
             f"{num_channels} (it leaves {num_channels % num_groups if num_groups > 0 else 'n/a'} over)"
         )
+
+
+def check_group_size(shape, num_groups: int, op: str) -> None:
+    """Each group of an (N, C, *spatial) input must hold more than one value (C / G times the
+    spatial size): a single value normalizes to 0 whatever it is, so the output would be the
+    bias alone. torch refuses this only when the whole input is one value per group (N = 1)
+    and otherwise returns the bias; normlab refuses it always, as instance norm does."""
+    per_group = (shape[1] // num_groups) * math.prod(shape[2:])
+    if math.prod(shape) > 0 and per_group <= 1:
+        raise ValueError(f"{op}: each of the {num_groups} groups holds a single value ({shape[1] // num_groups} "
+                         f"channel(s) x {math.prod(shape[2:])} position(s)) in input of shape {shape_str(shape)}; "
+                         "a single value normalizes to 0, leaving only the bias: use fewer groups or keep the "
+                         "spatial dims")
 
 
 def check_mask(x_shape, mask, op: str) -> None:

@@ -45,9 +45,7 @@ def check_channel_input(input: torch.Tensor, op: str, ranks=None, layout: str = 
         raise ValueError(f"{op} expects an input of shape {layout} (at least {min_dim}-D), got a {input.dim()}-D "
                          f"input of shape {_checks.shape_str(input.shape)}")
     c = input.shape[1]
-    for name, p in per_channel.items():
-        if p is not None and p.numel() != c:
-            raise ValueError(f"{op}: {name} must have {c} elements (one per channel), got shape {tuple(p.shape)}")
+    _checks.check_per_channel(c, op, **per_channel)
     return c
 
 

@@ -21,13 +21,9 @@ def group_norm(
     op = "group_norm"
     c = check_channel_input(input, op, weight=weight, bias=bias)
     _checks.check_groups(c, num_groups, op)
-    # F.group_norm's one other refusal, kept with a clearer message and for the kernels too: an
-    # input that is a single value per group in all (torch: "Expected more than 1 value per
-    # channel when training")
-    if input.numel() == num_groups:
-        raise ValueError(f"{op}: each of the {num_groups} groups holds a single value in input of shape "
-                         f"{_checks.shape_str(input.shape)}; there is nothing to normalize over "
-                         "(torch refuses this input too)")
+    # F.group_norm refuses an input that is a single value per group in all ("Expected more than
+    # 1 value per channel when training"); normlab refuses one value per group at any batch size
+    _checks.check_group_size(input.shape, num_groups, op)
     if use_kernel("group_norm", input, num_groups, weight, bias):
         return kernels().group_norm(input, num_groups, weight, bias, eps)
     if weight is None and bias is not None and torch.is_grad_enabled() and (input.requires_grad or bias.requires_grad):

@@ -1,7 +1,6 @@
 """``layer_norm`` with torch's signature (see :mod:`normlab.reference.layer_norm`)."""
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -11,19 +10,10 @@ from normlab import _checks
 from normlab.functional._core import kernels, use_kernel
 
 
-def _shape_tuple(normalized_shape) -> tuple:
-    """``normalized_shape`` as a tuple of ints: an int (any integral type, e.g. np.int64) or a sequence."""
-    if isinstance(normalized_shape, numbers.Integral):
-        return (int(normalized_shape),)
-    return tuple(int(s) for s in normalized_shape)
-
-
 def check_trailing(input, normalized_shape, weight, op, params=("weight", "bias"), bias=None) -> tuple:
     _checks.check_floating(input, op, "tensor")
-    ns = _checks.check_normalized_shape(input.shape, _shape_tuple(normalized_shape), op)
-    for p, name in ((weight, params[0]), (bias, params[1] if len(params) > 1 else None)):
-        if p is not None and tuple(p.shape) != ns:
-            raise ValueError(f"{op}: {name} must have shape normalized_shape={_checks.shape_str(ns)}, got {_checks.shape_str(p.shape)}")
+    ns = _checks.check_normalized_shape(input.shape, _checks.as_normalized_shape(normalized_shape, op), op)
+    _checks.check_param_shape(ns, op, **{params[0]: weight}, **({params[1]: bias} if len(params) > 1 else {}))
     return ns
 
 

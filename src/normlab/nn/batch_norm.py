@@ -27,6 +27,7 @@ class _NormBase(nn.Module):
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True) -> None:
         super().__init__()
         _checks.check_eps(eps, type(self).__name__)
+        _checks.check_momentum(momentum, type(self).__name__)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps

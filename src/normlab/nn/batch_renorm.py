@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from normlab import _checks
 from normlab import functional as NF
 from normlab.nn.batch_norm import _NormBase
 from normlab.reference.batch_renorm import renorm_limits
@@ -13,9 +14,7 @@ from normlab.reference.batch_renorm import renorm_limits
 class _BatchRenorm(_NormBase):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  rmax: float = 3.0, dmax: float = 5.0, warmup_steps: int = 0, device=None, dtype=None) -> None:
-        if rmax < 1 or dmax < 0 or warmup_steps < 0:
-            raise ValueError(f"{type(self).__name__}: need rmax >= 1, dmax >= 0, warmup_steps >= 0, got "
-                             f"rmax={rmax}, dmax={dmax}, warmup_steps={warmup_steps}")
+        _checks.check_renorm_limits(rmax, dmax, type(self).__name__, warmup_steps)
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         self.rmax, self.dmax, self.warmup_steps = rmax, dmax, warmup_steps
 

@@ -36,6 +36,7 @@ class GroupNorm(nn.Module):
                  device=None, dtype=None, *, bias: bool = True) -> None:
         super().__init__()
         _checks.check_groups(num_channels, num_groups, "GroupNorm")
+        _checks.check_eps(eps, "GroupNorm")
         self.num_groups = num_groups
         self.num_channels = num_channels
         self.eps = eps

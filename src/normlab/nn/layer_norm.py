@@ -6,8 +6,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from normlab import _checks
 from normlab import functional as NF
-from normlab.functional.layer_norm import _shape_tuple
 from normlab.nn._affine import register_affine, reset_affine
 
 
@@ -37,7 +37,9 @@ class LayerNorm(nn.Module):
                  bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.normalized_shape = _shape_tuple(normalized_shape)
+        self.normalized_shape = _checks.as_normalized_shape(normalized_shape, "LayerNorm")
+        if eps is not None:
+            _checks.check_eps(eps, "LayerNorm")
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         register_affine(self, self.normalized_shape, elementwise_affine, bias, **factory)

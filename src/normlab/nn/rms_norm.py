@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from normlab import _checks
 from normlab import functional as NF
-from normlab.functional.layer_norm import _shape_tuple
 
 
 class RMSNorm(nn.Module):
@@ -33,7 +33,9 @@ class RMSNorm(nn.Module):
     def __init__(self, normalized_shape: Sequence[int] | int, eps: Optional[float] = None,
                  elementwise_affine: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        self.normalized_shape = _shape_tuple(normalized_shape)
+        self.normalized_shape = _checks.as_normalized_shape(normalized_shape, "RMSNorm")
+        if eps is not None:
+            _checks.check_eps(eps, "RMSNorm")
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:

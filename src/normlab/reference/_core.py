@@ -33,8 +33,9 @@ import numpy as np
 
 
 def acc_dtype(dtype) -> np.dtype:
-    """Accumulation dtype: float64 for float64 input, float32 for everything narrower."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+    """Accumulation dtype: float32 for float16 and float32 input, the input's own for float64 and
+    wider (``np.longdouble``)."""
+    return np.promote_types(dtype, np.float32)
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -302,6 +303,18 @@ def update_running(running: RunningStats, batch_mean, batch_var, count, momentum
     mean = (1 - f) * np.asarray(running.mean, np.float64) + f * np.asarray(batch_mean, np.float64).reshape(running.mean.shape)
     var = (1 - f) * np.asarray(running.var, np.float64) + f * unbiased.reshape(running.var.shape)
     return RunningStats(mean.astype(running.mean.dtype), var.astype(running.var.dtype), tracked)
+
+
+def check_channel_params(x: np.ndarray, op: str, eps, gamma=None, beta=None, running: Optional[RunningStats] = None,
+                         momentum=None) -> None:
+    """The argument checks every per-channel reference forward makes: eps >= 0, momentum None or
+    in [0, 1], and gamma, beta and the running statistics one value per channel of ``x``."""
+    from normlab import _checks
+
+    _checks.check_eps(eps, op)
+    _checks.check_momentum(momentum, op)
+    stats = {} if running is None else dict(running_mean=running.mean, running_var=running.var)
+    _checks.check_per_channel(x.shape[1], op, gamma=gamma, beta=beta, **stats)
 
 
 def per_channel(p: Optional[np.ndarray], ndim: int, axis: int = 1) -> Optional[np.ndarray]:

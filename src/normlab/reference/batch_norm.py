@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import RunningStats, flat, normalize_backward, normalize_forward, per_channel, update_running
+from normlab.reference._core import RunningStats, check_channel_params, flat, normalize_backward, normalize_forward, per_channel, update_running
 
 
 def batch_norm_forward(
@@ -41,6 +41,7 @@ def batch_norm_forward(
     op = "batch_norm"
     _checks.check_floating(x, op, "array")
     _checks.check_rank(x.shape, (2, 3, 4, 5), op, "(N, C, *spatial)")
+    check_channel_params(x, op, eps, gamma, beta, running, momentum)
     axes = (0,) + tuple(range(2, x.ndim))
     w, b = per_channel(gamma, x.ndim), per_channel(beta, x.ndim)
     if training or running is None:

@@ -25,6 +25,7 @@ from normlab import _checks
 from normlab.reference._core import (
     RunningStats,
     centered_moments,
+    check_channel_params,
     flat,
     normalize_backward,
     normalize_forward,
@@ -60,8 +61,8 @@ def batch_renorm_forward(
     _checks.check_rank(x.shape, (2, 3, 4, 5), op, "(N, C, *spatial)")
     if running is None:
         raise ValueError(f"{op} needs running statistics (r and d compare the batch with them), got running=None")
-    if rmax < 1 or dmax < 0:
-        raise ValueError(f"{op}: rmax must be >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
+    _checks.check_renorm_limits(rmax, dmax, op)
+    check_channel_params(x, op, eps, gamma, beta, running, momentum)
     axes = (0,) + tuple(range(2, x.ndim))
     w, b = per_channel(gamma, x.ndim), per_channel(beta, x.ndim)
     rm, rv = per_channel(running.mean, x.ndim), per_channel(running.var, x.ndim)

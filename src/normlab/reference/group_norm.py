@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import flat, normalize_backward, normalize_forward
+from normlab.reference._core import check_channel_params, flat, normalize_backward, normalize_forward
 
 
 def _grouped_param(p, num_groups, ndim):
@@ -32,6 +32,8 @@ def group_norm_forward(
     _checks.check_rank(x.shape, (2, 3, 4, 5), op, "(N, C, *spatial)")
     n, c = x.shape[:2]
     _checks.check_groups(c, num_groups, op)
+    check_channel_params(x, op, eps, gamma, beta)
+    _checks.check_group_size(x.shape, num_groups, op)
     xg = x.reshape((n, num_groups, c // num_groups) + x.shape[2:])
     axes = tuple(range(2, xg.ndim))
     y, cache, _ = normalize_forward(

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import RunningStats, flat, normalize_backward, normalize_forward, per_channel, update_running
+from normlab.reference._core import RunningStats, check_channel_params, flat, normalize_backward, normalize_forward, per_channel, update_running
 
 
 def instance_norm_forward(
@@ -35,6 +35,9 @@ def instance_norm_forward(
     op = "instance_norm"
     _checks.check_floating(x, op, "array")
     _checks.check_rank(x.shape, (3, 4, 5), op, "(N, C, *spatial)")
+    check_channel_params(x, op, eps, gamma, beta, running, momentum)
+    if not use_input_stats and running is None:
+        raise ValueError(f"{op}: use_input_stats=False normalizes with the running statistics, got running=None")
     axes = tuple(range(2, x.ndim))
     w, b = per_channel(gamma, x.ndim), per_channel(beta, x.ndim)
     if use_input_stats or running is None:

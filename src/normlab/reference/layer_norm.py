@@ -29,7 +29,9 @@ def layer_norm_forward(
     """Forward pass: ``(y, cache)``."""
     op = "layer_norm"
     _checks.check_floating(x, op, "array")
-    ns = _checks.check_normalized_shape(x.shape, (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape, op)
+    ns = _checks.check_normalized_shape(x.shape, _checks.as_normalized_shape(normalized_shape, op), op)
+    _checks.check_eps(eps, op)
+    _checks.check_param_shape(ns, op, gamma=gamma, beta=beta)
     axes = tuple(range(x.ndim - len(ns), x.ndim))
     y, cache, _ = normalize_forward(x, axes, gamma, beta, eps)
     return y, cache

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import RunningStats, flat, normalize_backward, normalize_forward, per_channel, update_running
+from normlab.reference._core import RunningStats, check_channel_params, flat, normalize_backward, normalize_forward, per_channel, update_running
 
 
 def masked_batch_norm_forward(
@@ -40,6 +40,7 @@ def masked_batch_norm_forward(
     op = "masked_batch_norm"
     _checks.check_floating(x, op, "array")
     _checks.check_rank(x.shape, (3,), op, "(N, C, L)")
+    check_channel_params(x, op, eps, gamma, beta, running, momentum)
     m3 = None
     if mask is not None:
         mask = np.asarray(mask)

@@ -28,9 +28,11 @@ def rms_norm_forward(
     """Forward pass: ``(y, cache)``."""
     op = "rms_norm"
     _checks.check_floating(x, op, "array")
-    ns = _checks.check_normalized_shape(x.shape, (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape, op)
+    ns = _checks.check_normalized_shape(x.shape, _checks.as_normalized_shape(normalized_shape, op), op)
+    _checks.check_param_shape(ns, op, gamma=gamma)
     if eps is None:
         eps = float(np.finfo(acc_dtype(x.dtype)).eps)
+    _checks.check_eps(eps, op)
     axes = tuple(range(x.ndim - len(ns), x.ndim))
     y, cache, _ = normalize_forward(x, axes, gamma, None, eps, center=False)
     return y, cache

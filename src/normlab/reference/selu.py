@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from normlab import _checks
+
 SELU_LAMBDA = 1.0507009873554804934193349852946
 SELU_ALPHA = 1.6732632423543772848170429916717
 ALPHA_PRIME = -SELU_LAMBDA * SELU_ALPHA
@@ -22,6 +24,7 @@ ALPHA_PRIME = -SELU_LAMBDA * SELU_ALPHA
 
 def selu_forward(x: np.ndarray):
     """``(y, cache)``."""
+    _checks.check_floating(x, "selu", "array")
     neg = SELU_LAMBDA * SELU_ALPHA * np.expm1(np.minimum(x, 0))
     y = np.where(x > 0, SELU_LAMBDA * x, neg)
     return y.astype(x.dtype, copy=False), dict(x=x, neg=neg)
@@ -42,6 +45,7 @@ def alpha_dropout_affine(p: float):
 def alpha_dropout_forward(x: np.ndarray, p: float = 0.5, training: bool = True, rng=None, keep=None):
     """``(y, cache)``. ``keep`` (bool, x's shape) chooses kept units; otherwise drawn from ``rng``
     (a ``numpy.random.Generator``) with probability ``1 - p``. Identity when not training or p = 0."""
+    _checks.check_floating(x, "alpha_dropout", "array")
     if not 0 <= p <= 1:
         raise ValueError(f"alpha_dropout: p must be a probability in [0, 1], got {p}")
     if not training or p == 0:

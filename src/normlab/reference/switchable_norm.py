@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import RunningStats, acc_dtype, centered_moments, per_channel, reduce_sum, update_running
+from normlab.reference._core import RunningStats, check_channel_params, acc_dtype, centered_moments, per_channel, reduce_sum, update_running
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -61,6 +61,8 @@ def switchable_norm_forward(
     op = "switchable_norm"
     _checks.check_floating(x, op, "array")
     _checks.check_rank(x.shape, (2, 3, 4, 5), op, "(N, C, *spatial)")
+    check_channel_params(x, op, eps, gamma, beta, running, momentum)
+    _checks.check_mix_logits(op, mean_weight=np.asarray(mean_weight), var_weight=np.asarray(var_weight))
     nd = x.ndim
     spatial = tuple(range(2, nd))
     if nd > 2:
