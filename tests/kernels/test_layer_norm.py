@@ -179,9 +179,29 @@ def test_gpu_bitwise_deterministic(dtype):
 
 
 @cpu
-def test_double_backward_refused():
-    """The backward is once-differentiable (normlab's cheaper wrapper keeps torch's refusal)."""
-    x, dy = leaf(torch.randn(3, 8, dtype=torch.float64)), leaf(torch.randn(3, 8, dtype=torch.float64))
-    (g,) = torch.autograd.grad(kernels.layer_norm(x, (8,)), (x,), dy, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        g.sum().backward()
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm train",
+                                "batch_norm eval", "masked train", "masked eval"])
+def test_double_backward_is_exact(op):
+    """With create_graph=True the gradients come from torch's differentiable ops on the saved
+    inputs: second derivatives match (gradgradcheck), also for a constant incoming gradient
+    (where a once-differentiable backward returned gradients without a graph: silent zeros)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    rows = op in ("layer_norm", "rms_norm")
+    x, w, b = leaf(r(2, 3, 4) if rows else r(2, 4, 3)), leaf(r(4)), leaf(r(4))
+    rm, rv = r(4), r(4).abs() + 0.5
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    f = {
+        "layer_norm": lambda x, w, b: kernels.layer_norm(x, (4,), w, b),
+        "rms_norm": lambda x, w, b: kernels.rms_norm(x, (4,), w, 1e-5),
+        "group_norm": lambda x, w, b: kernels.group_norm(x, 2, w, b),
+        "instance_norm": lambda x, w, b: kernels.instance_norm(x, w, b),
+        "batch_norm train": lambda x, w, b: kernels.batch_norm(x, rm.clone(), rv.clone(), w, b, True),
+        "batch_norm eval": lambda x, w, b: kernels.batch_norm(x, rm, rv, w, b, False),
+        "masked train": lambda x, w, b: kernels.masked_batch_norm(x, mask, rm.clone(), rv.clone(), w, b, True),
+        "masked eval": lambda x, w, b: kernels.masked_batch_norm(x, mask, rm, rv, w, b, False),
+    }[op]
+    assert torch.autograd.gradgradcheck(f, (x, w, b), fast_mode=True)
+    weight = r(*x.shape)
+    (gx,) = torch.autograd.grad((f(x, w, b) * weight).sum(), (x,), create_graph=True)
+    assert gx.requires_grad  # a constant incoming gradient still gives a differentiable dx

@@ -2,6 +2,7 @@
 checks and the kernel dispatch hook."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -26,6 +27,39 @@ def update_running_(running_mean, running_var, mean, var, count, momentum: float
         n = float(count)
         unbiased = var.reshape(running_var.shape) * (n / max(n - 1.0, 1.0))
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def twice_differentiable(recompute):
+    """Decorator for the backward of an ``autograd.Function`` with a closed-form backward.
+
+    A backward runs with grad mode off unless the caller asked for ``create_graph=True``
+    (a gradient penalty, a Hessian-vector product). The closed form is not differentiable
+    (it runs under ``once_differentiable``, whose gradients silently carry no graph when the
+    incoming gradient does not require one), so then the gradients come from autograd through
+    ``recompute(ctx) -> (y, inputs)``: the same forward in differentiable torch ops on the
+    saved inputs, ``inputs`` aligned with the forward's arguments (``None`` where not
+    differentiable). Second derivatives are then exact, as with torch's own layers.
+    """
+    def wrap(fn):
+        fast = torch.autograd.function.once_differentiable(fn)
+
+        @functools.wraps(fn)
+        def backward(ctx, *grads):
+            if not torch.is_grad_enabled():
+                return fn(ctx, *grads)  # the usual backward: grad mode is already off
+            y, inputs = recompute(ctx)
+            need = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+            if not need or not y.requires_grad:
+                return fast(ctx, *grads)
+            got = torch.autograd.grad(y, [inputs[i] for i in need], grads[0], create_graph=True, allow_unused=True)
+            out = [None] * len(ctx.needs_input_grad)
+            for i, g in zip(need, got):
+                out[i] = torch.zeros_like(inputs[i]) if g is None else g
+            return tuple(out)
+
+        return backward
+
+    return wrap
 
 
 def per_channel(p: Optional[torch.Tensor], ndim: int) -> Optional[torch.Tensor]:

@@ -6,11 +6,39 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from normlab import _checks
-from normlab.functional._core import acc_dtype, check_channel_input, kernels, update_running_, use_kernel
+from normlab.functional._core import acc_dtype, check_channel_input, kernels, twice_differentiable, update_running_, use_kernel
 from normlab.functional.batch_norm import batch_norm
+
+
+def masked_batch_norm_composite(x, valid, weight, bias, fixed, eps):
+    """The forward in plain differentiable torch ops (what a double backward differentiates):
+    ``valid`` the (N, L) bool mask, ``fixed`` ``(mean, var)`` in evaluation or ``None`` for
+    the batch's statistics over the valid positions."""
+    acc = acc_dtype(x.dtype)
+    keep = valid[:, None, :]
+    m3 = keep.to(acc)
+    xa = x.to(acc).masked_fill(~keep, 0)  # whatever padding holds never enters
+    if fixed is None:
+        count = m3.sum()
+        mean = xa.sum(dim=(0, 2), keepdim=True) / count
+        d = (xa - mean) * m3
+        var = (d * d).sum(dim=(0, 2), keepdim=True) / count
+    else:
+        mean, var = (t.view(1, -1, 1) for t in fixed)
+        d = (xa - mean) * m3
+    y = d * (var + eps).rsqrt()
+    if weight is not None:
+        y = y * weight.to(acc).view(1, -1, 1)
+    if bias is not None:
+        y = y + bias.to(acc).view(1, -1, 1) * m3
+    return y.to(x.dtype)
+
+
+def _recompute(ctx):
+    _, m, _, weight, bias, x = ctx.saved_tensors
+    y = masked_batch_norm_composite(x, m != 0, weight, bias, ctx.fixed, ctx.eps)
+    return y, (x, None, weight, bias) + (None,) * 6
 
 
 class _MaskedBatchNorm(torch.autograd.Function):
@@ -41,20 +69,24 @@ class _MaskedBatchNorm(torch.autograd.Function):
         else:
             mean, var = running_mean.to(acc).view(1, c, 1), running_var.to(acc).view(1, c, 1)
             d = (xa - mean).masked_fill_(pad, 0)
+        # the statistics a double backward holds fixed (evaluation), copied: the running
+        # buffers may move before the backward runs
+        ctx.fixed = None if batch_stats else (mean.detach().view(c).clone(), var.detach().view(c).clone())
+        ctx.eps = eps
         rstd = (var + eps).rsqrt_()
         scale = rstd if weight is None else rstd * weight.to(acc).view(1, c, 1)
         y = d * scale
         if bias is not None:
             y.addcmul_(m3, bias.to(acc).view(1, c, 1))
-        ctx.save_for_backward(d, m, rstd, weight)
+        ctx.save_for_backward(d, m, rstd, weight, bias, x)
         ctx.batch_stats, ctx.count, ctx.in_dtype = batch_stats, count, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.to(x.dtype)
 
     @staticmethod
-    @once_differentiable
+    @twice_differentiable(_recompute)
     def backward(ctx, dy):
-        d, m, rstd, weight = ctx.saved_tensors
+        d, m, rstd, weight, _, _ = ctx.saved_tensors
         n, c, length = d.shape
         m3 = m.view(n, 1, length)
         dy = dy.to(d.dtype)

@@ -12,10 +12,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from normlab import _checks
-from normlab.functional._core import acc_dtype, check_channel_input, update_running_
+from normlab.functional._core import acc_dtype, check_channel_input, twice_differentiable, update_running_
 
 
 def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_batch: bool, has_spatial: bool):
@@ -39,6 +37,25 @@ def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_
     mean = wm[0] * mu_in + wm[1] * mu_ln + wm[2] * mu_bn
     var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
     return mean, var, mu_bn, var_bn
+
+
+def _recompute(ctx):
+    """The forward in plain differentiable torch ops, for a double backward (running statistics,
+    when the BN branch used them, held fixed as they were in the forward)."""
+    _, weight, x, bias, mean_weight, var_weight = ctx.saved_tensors
+    n, c = x.shape[:2]
+    x2 = x.reshape(n * c, -1).to(acc_dtype(x.dtype))
+    mu_in = x2.mean(dim=1, keepdim=True)
+    var_in = (x2 - mu_in).square().mean(dim=1, keepdim=True)
+    rm, rv = ctx.fixed if ctx.fixed is not None else (None, None)
+    mean, var, _, _ = _mix(mu_in.view(n, c), var_in.view(n, c), mean_weight, var_weight, rm, rv, ctx.fixed is None,
+                           x2.shape[1] > 1 or x.dim() > 2)
+    y = (x2 - mean.reshape(-1, 1)) * (var.reshape(-1, 1) + ctx.eps).rsqrt()
+    if weight is not None:
+        y = y * weight.to(y.dtype).repeat(n).view(-1, 1)
+    if bias is not None:
+        y = y + bias.to(y.dtype).repeat(n).view(-1, 1)
+    return y.view(x.shape).to(x.dtype), (x, weight, bias, mean_weight, var_weight) + (None,) * 6
 
 
 class _SwitchableNorm(torch.autograd.Function):
@@ -72,15 +89,17 @@ class _SwitchableNorm(torch.autograd.Function):
         if bias is not None:
             offset = offset + bias.to(acc)
         y = torch.addcmul(offset.reshape(-1, 1), d, scale.reshape(-1, 1))
-        ctx.save_for_backward(d, weight)
+        ctx.save_for_backward(d, weight, x, bias, mean_weight, var_weight)
+        ctx.fixed = None if use_batch else (running_mean.detach().to(acc).clone(), running_var.detach().to(acc).clone())
+        ctx.eps = eps
         ctx.small = (leaves, mean, var, rstd, scale, mu_rel)
         ctx.meta = (x.shape, x.dtype, bias is not None)
         return y.view(x.shape).to(x.dtype)
 
     @staticmethod
-    @once_differentiable
+    @twice_differentiable(_recompute)
     def backward(ctx, dy):
-        d, weight = ctx.saved_tensors
+        d, weight = ctx.saved_tensors[:2]
         leaves, mean, var, rstd, scale, mu_rel = ctx.small
         shape, dtype, has_bias = ctx.meta
         n, c = shape[:2]

@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from normlab.functional._core import twice_differentiable
 from normlab.kernels._common import (
     _ADD,
     Launch,
@@ -57,7 +58,6 @@ from normlab.kernels._common import (
     cdiv,
     next_pow2,
     num_sms,
-    once_differentiable,
     spec,
 )
 
@@ -762,6 +762,24 @@ def backward(f: Forward, dy, x, mask, stats, weight, need_dw: bool, need_db: boo
 # ----------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------
+def _recompute(ctx):
+    """The forward as differentiable torch ops on the saved inputs, for a double backward:
+    group norm, batch norm with the batch's statistics or, in evaluation, the running ones as
+    they were in the forward, masked batch norm over the valid positions."""
+    x, weight, m, _, bias = ctx.saved_tensors
+    F = torch.nn.functional
+    if not ctx.batch:
+        y = F.group_norm(x, ctx.num_groups, weight, bias, ctx.eps)
+    elif m is not None:
+        from normlab.functional.masked_batch_norm import masked_batch_norm_composite
+
+        y = masked_batch_norm_composite(x, m.view(torch.bool), weight, bias, ctx.fixed, ctx.eps)
+    else:
+        rm, rv = ctx.fixed if ctx.fixed is not None else (None, None)
+        y = F.batch_norm(x, rm, rv, weight, bias, ctx.fixed is None, 0.0, ctx.eps)
+    return y, (x, weight, bias) + (None,) * 8
+
+
 class ChannelNormFunction(torch.autograd.Function):
     """Batch norm (``batch=True``, optionally masked) or group norm (``num_groups``) in one Function.
 
@@ -775,14 +793,17 @@ class ChannelNormFunction(torch.autograd.Function):
         m = None if mask is None else mask.contiguous().view(torch.uint8)
         f = forward_plan(x, num_groups, batch, training, m, weight, bias, running_mean, running_var)
         y, stats = forward(f, x, m, weight, bias, running_mean, running_var, float(momentum or 0.0), eps)
-        ctx.save_for_backward(x, weight, m, stats)
+        ctx.save_for_backward(x, weight, m, stats, bias)
         ctx.plan = f
+        ctx.batch, ctx.num_groups, ctx.eps = batch, num_groups, eps
+        # evaluation statistics a double backward holds fixed, copied (the buffers may move)
+        ctx.fixed = None if not batch or training else (running_mean.detach().clone(), running_var.detach().clone())
         return y
 
     @staticmethod
-    @once_differentiable
+    @twice_differentiable(_recompute)
     def backward(ctx, dy):
-        x, weight, m, stats = ctx.saved_tensors
+        x, weight, m, stats, _ = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dw, db = backward(ctx.plan, dy, x, m, stats, weight, need[1], need[2])
         return dx, dw, db, None, None, None, None, None, None, None, None

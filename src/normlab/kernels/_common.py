@@ -69,21 +69,6 @@ def cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
-def once_differentiable(fn):
-    """``torch.autograd.function.once_differentiable`` without its ~4 µs ``no_grad`` context
-    on the usual path: a backward runs with grad mode off unless ``create_graph=True``, and
-    only then is torch's wrapper (which makes a double backward raise) needed."""
-    guarded = torch.autograd.function.once_differentiable(fn)
-
-    @functools.wraps(fn)
-    def backward(ctx, *args):
-        if torch.is_grad_enabled():
-            return guarded(ctx, *args)
-        return fn(ctx, *args)
-
-    return backward
-
-
 # ----------------------------------------------------------------------------------------
 # Launching without Triton's per-call dispatch
 # ----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from normlab.functional._core import twice_differentiable
 from normlab.kernels._common import (
     _ADD,
     Launch,
@@ -46,7 +47,6 @@ from normlab.kernels._common import (
     cdiv,
     next_pow2,
     num_sms,
-    once_differentiable,
     spec,
 )
 
@@ -398,6 +398,18 @@ def backward(dy2, x2, weight, bias, mean, rstd, rms: bool, need_dw: bool, need_d
 # ----------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------
+def _recompute(ctx):
+    """LN (or RMS norm) as torch's differentiable op on the saved inputs, for a double backward."""
+    x, weight, _, bias = ctx.saved_tensors
+    N = ctx.plan_n
+    w = None if weight is None else weight.reshape(N)
+    if ctx.rms:
+        y = torch.nn.functional.rms_norm(x.reshape(-1, N), (N,), w, ctx.eps)
+        return y.view(x.shape), (x, None, weight, None)
+    y = torch.nn.functional.layer_norm(x.reshape(-1, N), (N,), w, None if bias is None else bias.reshape(N), ctx.eps)
+    return y.view(x.shape), (x, None, weight, bias, None)
+
+
 class LayerNormFunction(torch.autograd.Function):
     """Differentiable through x, weight and bias; saves ``(x, weight, stats)`` (``stats``:
     the row means then the row rstds, float32 (float64 for float64 input))."""
@@ -406,15 +418,16 @@ class LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, N, weight, bias, eps):
         r = plan(x, N, weight, bias, False)
         y, stats = _forward(r, x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, stats)
+        ctx.save_for_backward(x, weight, stats, bias)
         ctx.plan = r
         ctx.bias_like = None if bias is None else (bias.dtype, bias.shape)
+        ctx.plan_n, ctx.eps, ctx.rms = N, eps, False
         return y
 
     @staticmethod
-    @once_differentiable
+    @twice_differentiable(_recompute)
     def backward(ctx, dy):
-        x, weight, stats = ctx.saved_tensors
+        x, weight, stats, _ = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dw, db = _backward(ctx.plan, dy, x, weight, stats, need[2], ctx.bias_like if need[3] else None)
         return dx, None, dw, db, None

@@ -16,8 +16,9 @@ import math
 
 import torch
 
-from normlab.kernels._common import acc_torch, once_differentiable
-from normlab.kernels.layer_norm import _backward, _forward, plan
+from normlab.functional._core import twice_differentiable
+from normlab.kernels._common import acc_torch
+from normlab.kernels.layer_norm import _backward, _forward, _recompute, plan
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -27,14 +28,15 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, N, weight, eps):
         r = plan(x, N, weight, None, True)
         y, rstd = _forward(r, x, weight, None, eps)
-        ctx.save_for_backward(x, weight, rstd)
+        ctx.save_for_backward(x, weight, rstd, None)
         ctx.plan = r
+        ctx.plan_n, ctx.eps, ctx.rms = N, eps, True
         return y
 
     @staticmethod
-    @once_differentiable
+    @twice_differentiable(_recompute)
     def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
+        x, weight, rstd, _ = ctx.saved_tensors
         dx, dw, _ = _backward(ctx.plan, dy, x, weight, rstd, ctx.needs_input_grad[2])
         return dx, None, dw, None
 
