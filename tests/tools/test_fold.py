@@ -1,6 +1,8 @@
 """fold: every folded model is compared with the unfolded one (torch's batch norm in eval mode)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import fx, nn
@@ -299,3 +301,102 @@ def test_safe_pairs_the_graph_check_must_not_refuse(make, method):
     folded, report = fold(model, method=method, strict=True)
     assert report.folded == [("f.1", "f.0")] and not report.left
     assert_same_outputs(model, folded, x, rel=1e-12)
+
+
+# -- low precision: computed in float64, rounded once; a pair that would overflow stays unfolded ----------
+
+def _overflowing_linear(dtype: torch.dtype, big: float) -> nn.Sequential:
+    """Linear(4, 2) of weight ``big`` and BatchNorm1d(2) of running variance 1e-4 - eps: s = 100, so
+    the folded weight is 100 * big, past the dtype's largest value; the pair itself stays finite
+    for small inputs (the Linear's output is small, s * that is not past it)."""
+    model = nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(big)
+        model[0].bias.zero_()
+        model[1].running_var.fill_(1e-4 - 1e-5)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("method", ["auto", "modules", "fx"])
+@pytest.mark.parametrize("dtype, big, x", [(torch.float16, 1000.0, 1e-3), (torch.bfloat16, 1e37, 1e-36)],
+                         ids=["float16", "bfloat16"])
+def test_a_fold_that_would_overflow_the_layer_dtype_is_left_with_the_reason(dtype, big, x, method):
+    model = _overflowing_linear(dtype, big)
+    x = torch.full((3, 4), x, dtype=dtype)
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.isfinite(expected).all()
+    folded, report = fold(model, method=method)
+    name = str(dtype).replace("torch.", "")
+    assert not report.folded and [bn for bn, _ in report.left] == ["1"], report
+    why = report.left[0][1]
+    assert f"folding would overflow {name}" in why and "folded weight reaches" in why, why
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), expected, rtol=0, atol=0)  # the pair is as it was
+    with pytest.raises(ValueError, match=rf"could not be folded:\n  1: folding would overflow {name}"):
+        fold(model, method=method, strict=True)
+
+
+def test_only_the_overflowing_pair_is_left_and_fold_pair_changes_nothing():
+    torch.manual_seed(0)
+    model = randomize_bn_(nn.Sequential(
+        nn.ConvTranspose2d(4, 6, 3, groups=2), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 3, 1), nn.BatchNorm2d(3))).eval()
+    with torch.no_grad():
+        model[0].weight[1, 2].fill_(3000.0)  # group 0's output channel 2: its weights fold to 3000 * 100
+        model[1].running_var[2], model[1].running_mean[2], model[1].weight[2] = 1e-4 - 1e-5, 0.0, 1.0
+    model = model.half()
+    folded, report = fold(model, method="modules")
+    assert report.folded == [("4", "3")] and [bn for bn, _ in report.left] == ["1"]
+    assert "folded weight reaches 3e+05" in report.left[0][1] and "bias" not in report.left[0][1]
+    x = torch.rand(2, 4, 5, 5, generator=torch.Generator().manual_seed(0)).half() * 1e-3
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.isfinite(expected).all()
+        torch.testing.assert_close(folded(x), expected, rtol=1e-2, atol=1e-2)
+    layer, bn = model[0], model[1]
+    before = layer.weight.detach().clone(), layer.bias.detach().clone()
+    with pytest.raises(ValueError, match="fold_pair_: folding would overflow float16"):
+        fold_pair_(layer, bn)
+    assert torch.equal(layer.weight, before[0]) and torch.equal(layer.bias, before[1])  # nothing changed
+
+
+def test_a_bias_that_would_overflow_is_left_too():
+    # the Linear's output 1000 - 2 * 500 = 0 sits at the running mean; folded, the bias becomes
+    # (1000 - 0) * 100 = 1e5, past float16, though the weight (-5e4) fits
+    model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(-500.0)
+        model[0].bias.fill_(1000.0)
+        model[1].running_var.fill_(1e-4 - 1e-5)
+    model = model.half()
+    x = torch.ones(3, 2, dtype=torch.float16)
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.isfinite(expected).all()
+    folded, report = fold(model)
+    assert not report.folded and len(report.left) == 1, report
+    assert "folded bias reaches 1e+05" in report.left[0][1] and "weight" not in report.left[0][1]
+    with torch.no_grad():
+        assert torch.equal(folded(x), expected)
+
+
+def test_low_precision_folds_in_float64_and_rounds_once():
+    torch.manual_seed(0)
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    half = copy.deepcopy(model).half()
+    folded, report = fold(half)
+    assert report.folded == [("1", "0")]
+    w, b, bn = half[0].weight.double(), half[0].bias.double(), half[1]
+    s = (bn.running_var.double() + bn.eps).rsqrt() * bn.weight.double()
+    assert torch.equal(folded[0].weight, (w * s.view(-1, 1, 1, 1)).half())
+    assert torch.equal(folded[0].bias, ((b - bn.running_mean.double()) * s + bn.bias.double()).half())
+
+
+def test_values_that_were_not_finite_before_do_not_block_the_fold():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).eval()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")  # the pair already computes inf (or NaN) through it
+    folded, report = fold(model)
+    assert report.folded == [("1", "0")] and not report.left
+    assert torch.isinf(folded[0].weight[0, 0]) and torch.isfinite(folded[0].weight[1]).all()

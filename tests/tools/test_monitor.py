@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -382,3 +383,111 @@ def test_a_module_called_twice_is_recorded_at_its_first_call():
     assert r["numel"] == 4 * 5
     assert r["mean"] == pytest.approx(torch.tanh(m.a(x)).mean().item(), rel=1e-5)
     assert r["grad_norm"] == pytest.approx(first.grad.norm().item(), rel=1e-5)
+
+
+# -- NaN and inf: counted, kept out of the percentiles and histograms, and out of other layers' records --
+
+class _Poison(nn.Module):
+    """Passes its input on, writing inf and NaN into two places (``poison=False``: passes it on as is)."""
+
+    def __init__(self, poison: bool = True):
+        super().__init__()
+        self.poison = poison
+
+    def forward(self, x):
+        y = x.clone()
+        if self.poison:
+            with torch.no_grad():
+                y[0, 0], y[1, 3] = float("inf"), float("nan")
+        return y
+
+
+def _poisoned_run(poison: bool, **kwargs) -> list:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), _Poison(poison), nn.ReLU(), nn.Linear(8, 2))
+    outs = []
+    m[3].register_forward_hook(lambda mod, args, out: outs.append(out.detach().clone()))
+    with monitor(m, every=1, **kwargs) as mon:
+        for step in range(2):
+            m(torch.randn(16, 4, generator=torch.Generator().manual_seed(step))).nan_to_num().sum().backward()
+    return mon.records, outs
+
+
+ACTIVATION_FIELDS = ("numel", "nonfinite", "mean", "std", "min", "max", "percentiles", "hist")
+
+
+@pytest.mark.parametrize("exact_limit, host", [(1 << 16, True), (0, True), (0, False)],
+                         ids=["numpy-copy", "device-sums", "device-sums-counted-there"])
+def test_nan_and_inf_are_counted_and_leave_other_layers_alone(tmp_path, monkeypatch, exact_limit, host):
+    if not host:  # the count that a GPU takes on the device (no waiting for it), exercised on the CPU
+        monkeypatch.setattr(sys.modules[Monitor.__module__], "_HOST", ())
+    path = tmp_path / "m.jsonl"
+    records, outs = _poisoned_run(True, path=str(path), sample=10_000, exact_limit=exact_limit)
+    healthy, _ = _poisoned_run(False, sample=10_000, exact_limit=exact_limit)
+    assert [(r["step"], r["layer"]) for r in records] == [(r["step"], r["layer"]) for r in healthy]
+    for r, h in zip(records, healthy):
+        if r["layer"] == "0":  # before the NaN: bitwise what a run without it records
+            assert {k: r[k] for k in ACTIVATION_FIELDS} == {k: h[k] for k in ACTIVATION_FIELDS}
+            assert r["nonfinite"] == 0
+    nonfinite = {(r["step"], r["layer"]): r["nonfinite"] for r in records}
+    for step, y in enumerate(outs):
+        assert nonfinite[step, "1"] == nonfinite[step, "2"] == 2  # ReLU keeps inf and NaN
+        assert nonfinite[step, "3"] == (~torch.isfinite(y)).sum().item() > 0
+    for r in records:
+        hist, qs = r["hist"], list(r["percentiles"].values())
+        assert all(math.isfinite(v) for v in qs + [hist["lo"], hist["hi"]]), r
+        if exact_limit:  # the sample is the whole output: its finite values, exactly
+            assert sum(hist["counts"]) == r["numel"] - r["nonfinite"]
+        else:
+            assert 0 < sum(hist["counts"]) <= 10_000
+    if exact_limit:
+        for step, y in enumerate(outs):
+            r = next(r for r in records if (r["step"], r["layer"]) == (step, "3"))
+            finite = y[torch.isfinite(y)].double().numpy()
+            assert (r["hist"]["lo"], r["hist"]["hi"]) == (finite.min(), finite.max())
+            for p, v in r["percentiles"].items():
+                assert v == pytest.approx(np.percentile(finite, float(p)), rel=1e-6, abs=1e-7)
+    lines = load_records(str(path))  # NaN and Infinity in the scalars: Python's json reads them back
+    assert [line["nonfinite"] for line in lines] == [r["nonfinite"] for r in records]
+    assert math.isnan(next(line for line in lines if line["layer"] == "1")["mean"])
+
+
+def test_percentiles_and_histograms_of_a_row_with_nan_do_not_touch_its_neighbours():
+    from normlab.tools.monitor import _percentiles_and_histograms
+
+    scratch = {}
+
+    def work(name, shape, dtype):  # the Monitor's work arrays, without a Monitor
+        return scratch.setdefault((name, shape, np.dtype(dtype)), np.empty(shape, dtype))
+
+    rng = np.random.default_rng(0)
+    clean = rng.standard_normal((6, 300)).astype(np.float32)
+    dirty = clean.copy()
+    dirty[1, :5] = [np.nan, np.inf, -np.inf, np.nan, np.inf]
+    dirty[4] = np.nan  # nothing finite at all
+    args = ((1, 15, 50, 85, 99), 20, work)
+    q, h = _percentiles_and_histograms([([0, 1, 2, 3, 4, 5], dirty, None)], 6, *args)
+    q_clean, h_clean = _percentiles_and_histograms([([0, 1, 2, 3, 4, 5], clean, None)], 6, *args)
+    for j in (0, 2, 3, 5):
+        assert (q[j], h[j]) == (q_clean[j], h_clean[j])
+    alone_q, alone_h = _percentiles_and_histograms([([0], dirty[1:2, 5:], None)], 1, *args)
+    assert (q[1], h[1]) == (alone_q[0], alone_h[0])
+    assert sum(h[1]["counts"]) == 295
+    assert q[4] == [None] * 5 and h[4] == {"lo": None, "hi": None, "counts": [0] * 20}
+
+
+def test_a_layer_with_no_finite_value_still_plots(tmp_path):
+    class AllNaN(nn.Module):
+        def forward(self, x):
+            return torch.full_like(x, float("nan"))
+
+    m = nn.Sequential(nn.Linear(3, 4), AllNaN())
+    with monitor(m, every=1) as mon:
+        for _ in range(3):
+            m(torch.randn(5, 3))
+    r = [r for r in mon.records if r["layer"] == "1"]
+    assert [x["nonfinite"] for x in r] == [20] * 3
+    assert all(set(x["percentiles"].values()) == {None} and sum(x["hist"]["counts"]) == 0 for x in r)
+    out = tmp_path / "nan.png"
+    mon.plot(str(out))
+    assert out.stat().st_size > 0

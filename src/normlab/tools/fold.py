@@ -58,12 +58,25 @@ def _why_not_foldable_bn(bn: nn.Module) -> Optional[str]:
     return None
 
 
-@torch.no_grad()
-def fold_pair_(layer: nn.Module, bn: nn.Module) -> None:
-    """Fold the evaluation-mode batch norm ``bn`` into ``layer`` (Conv, ConvTranspose or Linear), in place.
+def _along_out(layer: nn.Module, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``w * v`` with the per-output-channel vector ``v`` broadcast along ``w``'s output channels
+    (axis 0 of a Conv/Linear weight; axis 1, group by group, of a ConvTranspose weight)."""
+    if isinstance(layer, TRANSPOSED):
+        g = layer.groups
+        cin, cout_g, k = w.shape[0], w.shape[1], w.shape[2:]
+        return (w.view(g, cin // g, cout_g, *k) * v.view(g, 1, cout_g, *([1] * len(k)))).view(w.shape)
+    return w * v.view(-1, *([1] * (w.dim() - 1)))
 
-    Computed in float64 and cast back to the layer's dtype; a layer without bias gets one.
-    """
+
+@torch.no_grad()
+def _folded(layer: nn.Module, bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor, Optional[str]]:
+    """``(W', b', why)``: the folded weight and bias in the layer's dtype, computed in float64
+    (float32 on MPS) and rounded once, and why they must not replace the layer's (None: they may).
+
+    They must not when rounding to the layer's dtype turns a finite value into inf (or NaN):
+    ``s = gamma / sqrt(var + eps)`` reaches 100 for a variance of 1e-4, and float16 holds at
+    most 65504. Values already non-finite in the layer or the batch norm are not counted: the
+    original pair is not finite there either."""
     w = layer.weight
     acc = torch.float64 if w.device.type != "mps" else torch.float32
     scale = (bn.running_var.to(acc) + bn.eps).rsqrt()
@@ -72,21 +85,45 @@ def fold_pair_(layer: nn.Module, bn: nn.Module) -> None:
     shift = -bn.running_mean.to(acc) * scale
     if bn.bias is not None:
         shift = shift + bn.bias.to(acc)
-    wa = w.to(acc)
-    if isinstance(layer, TRANSPOSED):
-        g = layer.groups
-        cin, cout_g = wa.shape[0], wa.shape[1]
-        k = wa.shape[2:]
-        wa = (wa.view(g, cin // g, cout_g, *k) * scale.view(g, 1, cout_g, *([1] * len(k)))).view(w.shape)
-    else:
-        wa = wa * scale.view(-1, *([1] * (wa.dim() - 1)))
+    wa = _along_out(layer, w.to(acc), scale)
     b = layer.bias.to(acc) if layer.bias is not None else torch.zeros_like(scale)
-    w.copy_(wa.to(w.dtype))
-    new_bias = (b * scale + shift).to(w.dtype)
+    ba = b * scale + shift
+    w_new, b_new = wa.to(w.dtype), ba.to(w.dtype)
+    if bool(torch.isfinite(w_new).all()) and bool(torch.isfinite(b_new).all()):
+        return w_new, b_new, None
+    # non-finite results whose inputs (the weight, s; the bias, s, running mean, beta) were finite
+    ok_scale = torch.isfinite(scale)
+    bad_w = ~torch.isfinite(w_new) & _along_out(layer, torch.isfinite(w), ok_scale)
+    bad_b = ~torch.isfinite(b_new) & ok_scale & torch.isfinite(b) & torch.isfinite(shift)
+    found = [f"the folded {what} reaches {vals.abs()[bad].max().item():.3g}"
+             for what, vals, bad in (("weight", wa, bad_w), ("bias", ba, bad_b)) if bool(bad.any())]
+    if not found:
+        return w_new, b_new, None
+    name = str(w.dtype).replace("torch.", "")
+    return w_new, b_new, (f"folding would overflow {name}: {' and '.join(found)}, but {name} holds at most "
+                          f"{torch.finfo(w.dtype).max:.5g}, so the folded layer would compute inf or NaN where this "
+                          f"pair is finite")
+
+
+@torch.no_grad()
+def fold_pair_(layer: nn.Module, bn: nn.Module) -> None:
+    """Fold the evaluation-mode batch norm ``bn`` into ``layer`` (Conv, ConvTranspose or Linear), in place.
+
+    Computed in float64 and rounded once to the layer's dtype; a layer without bias gets one.
+
+    Raises:
+        ValueError: the folded weight or bias overflows the layer's dtype (float16 past 65504)
+            where the originals are finite; nothing is changed then.
+    """
+    w_new, b_new, why = _folded(layer, bn)
+    if why is not None:
+        raise ValueError(f"fold_pair_: {why}")
+    w = layer.weight
+    w.copy_(w_new)
     if layer.bias is None:
-        layer.bias = nn.Parameter(new_bias, requires_grad=w.requires_grad)
+        layer.bias = nn.Parameter(b_new, requires_grad=w.requires_grad)
     else:
-        layer.bias.copy_(new_bias)
+        layer.bias.copy_(b_new)
 
 
 def _out_channels(layer: nn.Module) -> int:
@@ -108,7 +145,7 @@ def _pair_problem(layer: nn.Module, bn: nn.Module, owners: Dict[int, int]) -> Op
         p = layer._parameters.get(name)
         if p is not None and owners.get(id(p), 0) > 1:
             return f"its layer's {name} is shared with another module (tied weights)"
-    return _why_not_foldable_bn(bn)
+    return _why_not_foldable_bn(bn) or _folded(layer, bn)[2]
 
 
 def _check_eval(model: nn.Module) -> None:
@@ -288,7 +325,8 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
     """Fold every evaluation-mode batch norm into the Conv/ConvTranspose/Linear that feeds it.
 
     ``W' = W * s`` along the output channels and ``b' = (b - running_mean) * s + beta``, with
-    ``s = gamma / sqrt(running_var + eps)`` (computed in float64). Works for Conv1d/2d/3d and
+    ``s = gamma / sqrt(running_var + eps)``, computed in float64 and rounded once to the layer's
+    dtype (float16 and bfloat16 layers included). Works for Conv1d/2d/3d and
     ConvTranspose1d/2d/3d (grouped or not, with or without bias) and Linear, followed by
     ``BatchNorm*d``, ``SyncBatchNorm`` or batch renorm (torch's or normlab's), which all
     compute that map in evaluation. A folded batch norm disappears (``nn.Identity`` in a
@@ -309,7 +347,10 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
 
     Never folded (left in place, with the reason in the report): a layer whose weight is a
     parametrization (weight_norm, spectral_norm) or is tied to another module's, a batch
-    norm without running statistics, a layer or batch norm used at several places.
+    norm without running statistics, a layer or batch norm used at several places, and a
+    pair whose folded weight or bias overflows the layer's dtype where the originals are
+    finite (float16 holds at most 65504: a weight of 1000 over a running variance of 1e-4
+    folds to 1e5), which would make the folded layer compute inf where the pair did not.
 
     Note: a ``Linear`` is folded with the ``BatchNorm1d`` after it when the norm's channels are
     the Linear's output features, i.e. for (N, features) activations; a model that applies

@@ -15,7 +15,11 @@ percentiles, histograms and JSON lines of ``flush_every`` recorded steps are com
 together, so their fixed per-call cost is shared by the batch. Percentiles and histograms
 use a fixed-size random sample of each output (the same random positions at every step);
 mean, std and the saturated and dead fractions use all of it (reduced on the device for
-outputs of more than 65536 values, in NumPy from a copy for smaller ones).
+outputs of more than 65536 values, in NumPy from a copy for smaller ones). NaN and inf are
+counted (``nonfinite``) and kept out of the percentiles and histograms, their own layer's and
+every other's. Finite outputs pay next to nothing for that: the min and max already taken,
+and the first and last values of each sorted sample, show whether there is any to deal with;
+only off the CPU is the count one more reduction, on the device, so that no step waits for it.
 
 A module called several times in one forward (one ReLU object used in two places, a cell
 stepped over time) is recorded at its first call of the step, gradient norm included: give
@@ -28,6 +32,7 @@ else ``sample`` values and a few sums; a batch is reduced early once they reach
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -39,6 +44,7 @@ SKIPPED = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.D
            nn.AlphaDropout)
 SATURATING = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
 RECTIFIERS = (nn.ReLU, nn.ReLU6)
+_HOST = ("cpu",)  # devices whose values Python reads without waiting for queued work
 
 Selection = Union[None, Iterable[str], Callable[[str, nn.Module], bool]]
 
@@ -67,13 +73,21 @@ class Monitor:
     One record (one JSON line) per recorded layer and step::
 
         {"step": 20, "layer": "features.2", "type": "ReLU", "numel": 32768,
+         "nonfinite": 0,    # how many of the numel values are NaN, inf or -inf
          "mean": .., "std": .., "min": .., "max": ..,          # over the whole output
-         "percentiles": {"1": .., "15": .., "50": .., "85": .., "99": ..},   # on the sample
-         "hist": {"lo": .., "hi": .., "counts": [...]},        # `bins` equal bins on the sample
+         "percentiles": {"1": .., "15": .., "50": .., "85": .., "99": ..},   # the sample's finite values
+         "hist": {"lo": .., "hi": .., "counts": [...]},        # `bins` equal bins, the same values
          "saturated": ..,   # sigmoid/tanh outputs: fraction with |y - centre| > saturation * half-range
          "zero": .., "dead": ..,  # ReLU outputs: fraction of zeros; fraction of units (dim 1) never > 0
          "grad_norm": ..,   # ||dL/dy|| of the layer's output, when it got a gradient
          "weight_grad_norm": ..}  # ||dL/dθ|| over the layer's own parameters, when it has any
+
+    NaN and inf: ``nonfinite`` counts them in the whole output. ``mean``, ``std``, ``min`` and
+    ``max`` take every value, so they are NaN or inf too when ``nonfinite > 0`` (JSON ``NaN``,
+    ``Infinity``), and so may ``saturated``, ``zero`` and ``dead`` be; ``percentiles`` and
+    ``hist`` describe the finite values of the sample (``None`` values and zero counts if it
+    has none). Each layer's record comes from its own values only: one layer's NaN leaves the
+    others' records as they would be without it.
 
     Only layers run inside the model's own forward are recorded (not an evaluation forward or a
     layer called on its own before the next step). Gradients: a step's backward pass may come
@@ -277,8 +291,16 @@ class Monitor:
         acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
         shift = sample.to(acc).mean()
         d = flat.to(acc) - shift
-        raw = [shift, d.sum(), torch.dot(d, d), *torch.aminmax(flat)]
+        lo, hi = torch.aminmax(flat)  # NaN if any value is NaN
+        raw = [shift, d.sum(), torch.dot(d, d), lo, hi]
         keys = ["_shift", "_s1", "_s2", "min", "max"]
+        nonfinite = None
+        if flat.device.type in _HOST:  # reading min and max costs nothing here: count only if one is not finite
+            finite = math.isfinite(lo.item()) and math.isfinite(hi.item())
+            nonfinite = 0 if finite else n - int(torch.isfinite(flat).sum())
+        else:  # reading them would wait for the device: count on it, in the batch's one transfer
+            raw.append(torch.isfinite(flat).logical_not_().sum(dtype=acc))  # exact up to 2**24 in float32
+            keys.append("nonfinite")
         if kind in ("sigmoid", "tanh"):
             centre, half = (0.5, 0.5 * self.saturation) if kind == "sigmoid" else (0.0, self.saturation)
             raw.append(d.add_(shift - centre).abs_().sub_(half).sign_().sum())  # +1 saturated, -1 not, 0 on the edge
@@ -292,7 +314,7 @@ class Monitor:
                 keys.append("_alive")
         dt = raw[0].dtype
         return {"numel": n, "_sample": sample, "_raw": torch.stack([r.to(dt) for r in raw]), "_keys": keys,
-                "_units": y.shape[1] if y.dim() >= 2 else 0}
+                "_units": y.shape[1] if y.dim() >= 2 else 0, "_nonfinite": nonfinite}
 
     def _retire(self) -> None:
         """The recorded step's forward is over (the next step started, or the monitor closes): queue
@@ -350,6 +372,8 @@ class Monitor:
             for i, e in zip(idx, es):
                 k = len(e["_keys"])
                 scalars[i] = _from_sums(dict(zip(e["_keys"], flat[at:at + k])), e["numel"], e["_units"])
+                if e["_nonfinite"] is not None:
+                    scalars[i]["nonfinite"] = e["_nonfinite"]
                 at += k
             by_len: Dict[tuple, List[int]] = {}
             for i, e in zip(idx, es):
@@ -388,6 +412,7 @@ class Monitor:
         lines = []
         for (step, name, e), scal, qs, hist in zip(layout, scalars, q, hists):
             rec = {"step": step, "layer": name, "type": e["type"], "numel": e["numel"],
+                   "nonfinite": scal.pop("nonfinite"),
                    "mean": scal.pop("mean"), "std": scal.pop("std"), "min": scal.pop("min"), "max": scal.pop("max"),
                    "percentiles": dict(zip(keys, qs)), "hist": hist}
             rec.update(scal)
@@ -415,11 +440,19 @@ def _exact(a, shape: tuple, kind: Optional[str], saturation: float, work) -> lis
     import numpy as np
 
     rows, n = a.shape
-    mean = a.mean(axis=1, dtype=np.float64)
-    d = np.subtract(a, mean[:, None].astype(a.dtype), out=work("d", a.shape, a.dtype))
-    std = np.sqrt(np.square(d, out=d).sum(axis=1, dtype=np.float64) / n)
-    outs = [{"mean": m, "std": s, "min": lo, "max": hi}
-            for m, s, lo, hi in zip(mean.tolist(), std.tolist(), a.min(axis=1).tolist(), a.max(axis=1).tolist())]
+    lo, hi = a.min(axis=1).tolist(), a.max(axis=1).tolist()  # NaN if the row holds one
+    finite = all(map(math.isfinite, lo + hi))
+    # NaN or inf make a row's mean and std NaN or inf (see nonfinite): without warnings
+    with contextlib.nullcontext() if finite else np.errstate(invalid="ignore", over="ignore"):
+        mean = a.mean(axis=1, dtype=np.float64)
+        d = np.subtract(a, mean[:, None].astype(a.dtype), out=work("d", a.shape, a.dtype))
+        std = np.sqrt(np.square(d, out=d).sum(axis=1, dtype=np.float64) / n)
+    outs = [{"mean": m, "std": s, "min": mn, "max": mx, "nonfinite": 0}
+            for m, s, mn, mx in zip(mean.tolist(), std.tolist(), lo, hi)]
+    if not finite:  # rare: count the NaN and inf of the rows that have some
+        for j, out in enumerate(outs):
+            if not (math.isfinite(lo[j]) and math.isfinite(hi[j])):
+                out["nonfinite"] = n - int(np.count_nonzero(np.isfinite(a[j])))
     found = {}
     if kind in ("sigmoid", "tanh"):
         if kind == "sigmoid":
@@ -587,6 +620,8 @@ def _from_sums(raw: dict, n: int, units: int) -> dict:
     m1 = raw["_s1"] / n
     out = {"mean": raw["_shift"] + m1, "std": max(raw["_s2"] / n - m1 * m1, 0.0) ** 0.5,
            "min": raw["min"], "max": raw["max"]}
+    if "nonfinite" in raw:
+        out["nonfinite"] = int(raw["nonfinite"])
     if "_sat" in raw:
         out["saturated"] = (raw["_sat"] + n) / (2 * n)
     if "_fired" in raw:
@@ -597,10 +632,14 @@ def _from_sums(raw: dict, n: int, units: int) -> dict:
 
 
 def _percentiles_and_histograms(blocks: list, count: int, percentiles: tuple, bins: int, work):
-    """Percentiles (linear interpolation, as numpy.percentile) and equal-width histograms of each
-    sample; blocks = [(record indices, 2-D array, positions)]: row j of the array holds record
-    j's values, its sample those at ``positions`` (None: all). Samples of the same length are
-    done together in one sort."""
+    """Percentiles (linear interpolation, as numpy.percentile) and equal-width histograms of the
+    finite values of each sample; blocks = [(record indices, 2-D array, positions)]: row j of the
+    array holds record j's values, its sample those at ``positions`` (None: all). Samples of the
+    same length are done together in one sort.
+
+    A sample with NaN or inf (found from two columns of the sorted rows: -inf sorts first, +inf
+    and NaN last) is taken out of the batch and done alone on its finite values (percentiles
+    None and no counts if it has none), so it cannot disturb the others."""
     import numpy as np
 
     q_out, h_out = [None] * count, [None] * count
@@ -619,27 +658,46 @@ def _percentiles_and_histograms(blocks: list, count: int, percentiles: tuple, bi
                 np.take(b, at, axis=1, out=a[start:start + len(b)], mode="clip")  # in range: clip = raise, unbuffered
             start += len(b)
         a.sort(axis=1)  # (R, length)
-        pos = p * (length - 1)
-        lo_i = np.floor(pos).astype(np.int64)
-        hi_i = np.minimum(lo_i + 1, length - 1)
-        q = a[:, lo_i] + (a[:, hi_i] - a[:, lo_i]) * (pos - lo_i)
-        lo, hi = a[:, 0].astype(np.float64), a[:, -1].astype(np.float64)
-        flat = ~(hi > lo)  # a constant sample: one unit-wide range around it
-        lo[flat], hi[flat] = lo[flat] - 0.5, lo[flat] + 0.5
-        # histogram of sorted rows: rescale row j to [2j, 2j + 1], so all rows and their bin edges
-        # form one sorted sequence, and count with one searchsorted
-        shift = 2.0 * np.arange(len(rows))[:, None]
-        t = np.subtract(a, lo[:, None], out=work("t", a.shape, np.float64))
-        t = np.add(np.divide(t, (hi - lo)[:, None], out=t), shift, out=t).ravel()
-        edges = np.linspace(0.0, 1.0, bins + 1)[None, :] + shift
-        idx = np.concatenate([np.searchsorted(t, edges[:, :-1].ravel(), side="left").reshape(len(rows), bins),
-                              np.searchsorted(t, edges[:, -1], side="right")[:, None]], axis=1)
-        counts = np.diff(idx, axis=1).tolist()
-        qs, los, his = q.tolist(), lo.tolist(), hi.tolist()
+        bad, held = [], None
+        if not all(map(math.isfinite, a[:, 0].tolist() + a[:, -1].tolist())):
+            bad = np.flatnonzero(~(np.isfinite(a[:, 0]) & np.isfinite(a[:, -1]))).tolist()
+            held = a[bad]
+            a[bad] = 0  # these rows are done below; zeros keep every other row in its place (and its result)
+        qs, los, his, counts = _sorted_rows(a, p, bins, work)
+        for j, row in zip(bad, () if held is None else held):
+            finite = row[np.isfinite(row)]  # still sorted
+            if finite.size:
+                (qs[j],), (los[j],), (his[j],), (counts[j],) = _sorted_rows(finite[None, :], p, bins, work)
+            else:
+                qs[j], los[j], his[j], counts[j] = [None] * len(p), None, None, [0] * bins
         for j, i in enumerate(rows):
             q_out[i] = qs[j]
             h_out[i] = {"lo": los[j], "hi": his[j], "counts": counts[j]}
     return q_out, h_out
+
+
+def _sorted_rows(a, p, bins: int, work) -> tuple:
+    """Percentiles at fractions ``p``, lowest and highest bin edges and bin counts of each row of
+    ``a`` (R, L), sorted and finite, as lists."""
+    import numpy as np
+
+    length = a.shape[1]
+    pos = p * (length - 1)
+    lo_i = np.floor(pos).astype(np.int64)
+    hi_i = np.minimum(lo_i + 1, length - 1)
+    q = a[:, lo_i] + (a[:, hi_i] - a[:, lo_i]) * (pos - lo_i)
+    lo, hi = a[:, 0].astype(np.float64), a[:, -1].astype(np.float64)
+    flat = ~(hi > lo)  # a constant sample: one unit-wide range around it
+    lo[flat], hi[flat] = lo[flat] - 0.5, lo[flat] + 0.5
+    # histogram of sorted rows: rescale row j to [2j, 2j + 1], so all rows and their bin edges
+    # form one sorted sequence, and count with one searchsorted
+    shift = 2.0 * np.arange(len(a))[:, None]
+    t = np.subtract(a, lo[:, None], out=work("t", a.shape, np.float64))
+    t = np.add(np.divide(t, (hi - lo)[:, None], out=t), shift, out=t).ravel()
+    edges = np.linspace(0.0, 1.0, bins + 1)[None, :] + shift
+    idx = np.concatenate([np.searchsorted(t, edges[:, :-1].ravel(), side="left").reshape(len(a), bins),
+                          np.searchsorted(t, edges[:, -1], side="right")[:, None]], axis=1)
+    return q.tolist(), lo.tolist(), hi.tolist(), np.diff(idx, axis=1).tolist()
 
 
 def _to_numpy(t: torch.Tensor):
@@ -732,14 +790,18 @@ def plot_records(records: Union[str, List[dict]], out_png: str, layers: Optional
         recs = sorted(by_layer[name], key=lambda r: r["step"])
         steps = np.array([r["step"] for r in recs], dtype=float)
         pkeys = list(recs[0]["percentiles"])
-        plo = min(r["percentiles"][pkeys[0]] for r in recs)
-        phi = max(r["percentiles"][pkeys[-1]] for r in recs)
+        # None: no finite value in that step's sample (see nonfinite)
+        plo = min((r["percentiles"][pkeys[0]] for r in recs if r["percentiles"][pkeys[0]] is not None), default=0.0)
+        phi = max((r["percentiles"][pkeys[-1]] for r in recs if r["percentiles"][pkeys[-1]] is not None),
+                  default=plo)
         if not phi > plo:
             phi = plo + 1e-6
         pad = 0.05 * (phi - plo)
         grid = np.linspace(plo - pad, phi + pad, 61)
         image = np.zeros((len(grid) - 1, len(recs)))
         for j, r in enumerate(recs):
+            if r["hist"]["lo"] is None:  # nothing finite to draw
+                continue
             # re-bin onto the panel's grid through the piecewise-linear CDF (no aliasing stripes)
             counts = np.asarray(r["hist"]["counts"], dtype=float)
             edges = np.linspace(r["hist"]["lo"], r["hist"]["hi"], len(counts) + 1)
@@ -752,10 +814,11 @@ def plot_records(records: Union[str, List[dict]], out_png: str, layers: Optional
                   extent=(steps[0] - dx / 2, steps[-1] + dx / 2, grid[0], grid[-1]))
         for key, style in zip(("15", "50", "85"), ("--", "-", "--")):
             if key in recs[0]["percentiles"]:
-                ax.plot(steps, [r["percentiles"][key] for r in recs], style, color="C3", lw=1.2,
+                ax.plot(steps, np.array([r["percentiles"][key] for r in recs], dtype=float), style, color="C3", lw=1.2,
                         label=f"{key}th pct")
         last = recs[-1]
         extra = "".join(f", {k} {last[k]:.0%}" for k in ("saturated", "dead") if k in last)
+        extra += f", {last['nonfinite']} NaN/inf" if last.get("nonfinite") else ""
         ax.set_title(f"{name} ({last['type']}){extra}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
