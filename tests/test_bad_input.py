@@ -202,6 +202,14 @@ CASES = [
     ("ref-selu-int", lambda: R.selu_forward(np.array([1, 2, -1])), TypeError, r"selu expects a floating-point input"),
     ("ref-alpha-dropout-int", lambda: R.alpha_dropout_forward(np.array([1, 2, -1]), 0.5), TypeError,
      r"alpha_dropout expects a floating-point input"),
+    # functional running statistics: a pair, and a number for momentum when they move
+    ("F-mbn-one-running", lambda: NF.masked_batch_norm(x3, None, torch.zeros(3), None, training=False), ValueError,
+     r"masked_batch_norm: pass both running_mean and running_var or neither, got only running_mean"),
+    ("F-sn-one-running", lambda: NF.switchable_norm(x3, None, torch.ones(3), None, None, torch.ones(3), torch.ones(3)),
+     ValueError, r"got only running_var"),
+    ("F-mbn-momentum-none", lambda: NF.masked_batch_norm(x3, _mask([1, 1, 1, 0], [1, 1, 0, 0]), torch.zeros(3),
+                                                          torch.ones(3), training=True, momentum=None), TypeError,
+     r"momentum must be a number when training updates the running statistics, got None"),
     # not a tensor / not an array
     *[(f"numpy-into-{type(m).__name__}", lambda m=m: m(np.ones((4, 3, 5), np.float32)), TypeError,
        r"expects a torch.Tensor input, got ndarray \(a NumPy array: wrap it with torch.from_numpy\)")

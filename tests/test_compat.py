@@ -3,6 +3,8 @@
 torch.compile), and the errors torch's twins would not give say what is wrong."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,26 @@ def test_torch_compile_fullgraph_gives_the_eager_results(name):
         x = torch.randn(shape)
         torch.testing.assert_close(compiled(x), eager(x))
     torch.testing.assert_close(compiled_module.state_dict(), eager.state_dict())
+
+
+@pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "RMSNorm", "GroupNorm",
+                                  "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm", "SELU",
+                                  "AlphaDropout", "SyncBatchNorm"])
+def test_constructor_and_forward_signatures_are_torchs(name):
+    """Keyword calls written for torch work unchanged (RMSNorm's forward takes x, not input)."""
+    ours, theirs = getattr(NN, name), getattr(torch.nn, name)
+    assert inspect.signature(ours.forward).parameters.keys() == inspect.signature(theirs.forward).parameters.keys()
+    assert list(inspect.signature(ours.__init__).parameters) == list(inspect.signature(theirs.__init__).parameters)
+
+
+@pytest.mark.parametrize("name", ["BatchNorm2d", "LayerNorm", "SwitchableNorm2d", "BatchRenorm2d eval"])
+def test_torch_export_gives_the_eager_results(name):
+    """What the README says torch.export handles (it refuses MaskedBatchNorm1d and BatchRenorm in
+    training: data-dependent checks)."""
+    x = torch.randn(4, 3, 2, 2) if name != "LayerNorm" else torch.randn(4, 3)
+    m = {"BatchNorm2d": lambda: NN.BatchNorm2d(3), "LayerNorm": lambda: NN.LayerNorm(3),
+         "SwitchableNorm2d": lambda: NN.SwitchableNorm2d(3), "BatchRenorm2d eval": lambda: NN.BatchRenorm2d(3).eval()}[name]()
+    if m.training:  # exported in eval: training mode would move the running statistics twice
+        m.eval()
+    exported = torch.export.export(m, (x,))
+    assert torch.allclose(exported.module()(x), m(x), atol=1e-6)

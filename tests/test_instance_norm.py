@@ -90,3 +90,25 @@ def test_legacy_checkpoint_with_running_stats_is_refused_as_torch_does():
     theirs = torch.nn.InstanceNorm2d(3).load_state_dict(torch.nn.InstanceNorm2d(3, track_running_stats=True).state_dict(),
                                                         strict=False)
     assert set(theirs.unexpected_keys) == set(result.unexpected_keys)
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+def test_no_spatial_positions_gives_an_empty_output_as_torch(tracked):
+    x = torch.randn(2, 4, 0)
+    ours, theirs = NN.InstanceNorm1d(4, track_running_stats=tracked), torch.nn.InstanceNorm1d(4, track_running_stats=tracked)
+    assert ours(x).shape == theirs(x).shape == (2, 4, 0)
+    if tracked:
+        assert torch.equal(ours.running_mean, theirs.running_mean) and torch.equal(ours.running_var, theirs.running_var)
+
+
+def test_eval_without_running_stats_says_batch_statistics_are_used():
+    """Untracked InstanceNorm normalizes with the input's statistics in eval too: the message must not say 'in training'."""
+    with pytest.raises(ValueError, match=r"without running statistics.*\(1 value per instance"):
+        NN.InstanceNorm1d(4).eval()(torch.randn(2, 4, 1))
+
+
+def test_running_statistics_record_why_torch_runs_it():
+    import normlab
+
+    NN.InstanceNorm2d(3, track_running_stats=True)(torch.randn(2, 3, 4, 4))
+    assert normlab.last_choice()[0] == "instance_norm" and normlab.last_choice()[1] == "torch"

@@ -10,8 +10,9 @@ The choice, in order of precedence:
 ``"auto"`` uses a Triton kernel when the input lives on a CUDA device, Triton imports and
 the kernel supports the shape and dtype; otherwise torch. ``"torch"`` never uses Triton.
 ``"triton"`` uses a kernel whenever one supports the call, whatever the device (on the CPU
-this only works under ``TRITON_INTERPRET=1``, which is how CI tests the kernels), and
-raises if Triton cannot be imported.
+this only works under ``TRITON_INTERPRET=1``, which is how CI tests the kernels).
+``set_backend("triton")`` raises if Triton cannot be imported; ``NORMLAB_BACKEND=triton``
+then falls back to torch, with the reason in :func:`last_choice`.
 
 Every decision is logged at DEBUG level on the ``normlab.backend`` logger, and
 :func:`last_choice` returns the most recent one, so the path taken is never a guess.

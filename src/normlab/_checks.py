@@ -119,6 +119,13 @@ def check_eps(eps, op: str) -> None:
         raise ValueError(f"{op}: eps must be a number >= 0 (added to the variance), got eps={eps!r}")
 
 
+def check_training_eps(eps, op: str) -> None:
+    """Batch statistics need eps > 0: a constant channel would divide 0 by 0 (torch's rule)."""
+    if not eps > 0:
+        raise ValueError(f"{op}: eps must be positive in training (it keeps a constant channel from dividing 0 "
+                         f"by 0), got eps={eps}")
+
+
 def check_momentum(momentum, op: str) -> None:
     """``None`` (a cumulative average) or a number in [0, 1]: the weight of the new batch's
     statistics in the running estimate. Outside that range (or NaN) the running statistics
@@ -132,6 +139,17 @@ def check_momentum(momentum, op: str) -> None:
     if not ok:
         raise ValueError(f"{op}: momentum must be None or a number in [0, 1] (the weight of the new batch "
                          f"statistics in the running estimate), got momentum={momentum!r}")
+
+
+def check_running_args(running_mean, running_var, momentum, training: bool, op: str) -> None:
+    """Running statistics come as a pair (both or neither), and a training step that updates
+    them needs a number for ``momentum`` (the layers turn ``None`` into 1/num_batches_tracked)."""
+    if (running_mean is None) != (running_var is None):
+        given = "running_mean" if running_var is None else "running_var"
+        raise ValueError(f"{op}: pass both running_mean and running_var or neither, got only {given}")
+    if training and running_mean is not None and (momentum is None or isinstance(momentum, bool)):
+        raise TypeError(f"{op}: momentum must be a number when training updates the running statistics, got "
+                        f"{momentum!r} (the layers turn momentum=None into the factor 1/num_batches_tracked)")
 
 
 def check_per_channel(num_channels: int, op: str, **params) -> None:

@@ -88,3 +88,31 @@ def test_environment_variable_and_bad_names(monkeypatch):
         normlab.get_backend()
     with pytest.raises(ValueError, match="backend must be one of"):
         normlab.set_backend("fast")
+
+
+def test_layer_norm_takes_a_numpy_eps_on_the_kernel_path_too():
+    import numpy as np
+
+    import normlab.functional as NF
+
+    x = torch.randn(3, 5)
+    with normlab.backend("triton"):
+        y = NF.layer_norm(x, (5,), eps=np.float32(1e-3))
+        assert normlab.last_choice()[:2] == ("layer_norm", "triton")
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (5,), eps=1e-3))
+
+
+def test_mixed_parameter_dtypes_take_the_torch_path_as_torch_decides():
+    """A float64 weight with a float32 input: torch refuses it on the CPU, the kernel would have
+    quietly run it; now the kernel declines, torch's own rule applies on every device. Half input
+    with float32 parameters (the usual mixed precision) still runs on the kernel."""
+    from normlab import kernels
+
+    x = torch.randn(4, 6)
+    ok, why = kernels.supports("layer_norm", x, (6,), torch.ones(6, dtype=torch.float64), None)
+    assert not ok and "weight dtype torch.float64 with a torch.float32 input" in why
+    ok, why = kernels.supports("batch_norm", x.double(), torch.zeros(6), torch.ones(6), None, None, True)
+    assert not ok and "running_mean dtype torch.float32 with a torch.float64 input" in why
+    assert kernels.supports("layer_norm", x.half(), (6,), torch.ones(6), torch.zeros(6))[0]
+    with normlab.backend("triton"), pytest.raises(RuntimeError, match="mixed dtype"):
+        N.BatchNorm1d(6)(x.double())

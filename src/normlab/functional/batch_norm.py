@@ -15,9 +15,7 @@ from normlab.functional._core import HALF, check_channel_input, kernels, use_ker
 def _check_batch_norm(input, running_mean, running_var, weight, bias, training, eps, op):
     check_channel_input(input, op, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if training:  # torch's rules, also for the kernels
-        if not eps > 0:  # (0/0 for a constant channel)
-            raise ValueError(f"{op}: eps must be positive in training (it keeps a constant channel from dividing 0 "
-                             f"by 0), got eps={eps}")
+        _checks.check_training_eps(eps, op)
         # an empty batch passes (empty output), one value per channel does not
         _checks.check_enough_values(input.shape, (0,) + tuple(range(2, input.dim())), op, allow_empty=True,
                                     running_stats=running_mean is not None)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab import _checks
+from normlab._backend import use_triton
 from normlab.functional._core import HALF, check_channel_input, kernels, use_kernel
 from normlab.functional.batch_norm import _upcast
 
@@ -26,9 +27,14 @@ def instance_norm(
     check_channel_input(input, op, None, "(N, C, *spatial)", min_dim=3, running_mean=running_mean,
                         running_var=running_var, weight=weight, bias=bias)
     if use_input_stats:
-        _checks.check_enough_values(input.shape, tuple(range(2, input.dim())), op, "per instance (spatial positions)")
-        if running_mean is None and running_var is None and use_kernel("instance_norm", input, weight, bias):
-            return kernels().instance_norm(input, weight, bias, eps)
+        # an input with no positions at all passes (an empty output, as torch gives)
+        _checks.check_enough_values(input.shape, tuple(range(2, input.dim())), op, "per instance (spatial positions)",
+                                    allow_empty=True, running_stats=running_mean is not None)
+        if running_mean is None and running_var is None:
+            if use_kernel("instance_norm", input, weight, bias):
+                return kernels().instance_norm(input, weight, bias, eps)
+        else:  # recorded, so last_choice() says why torch runs it
+            use_triton("instance_norm", input, lambda: (False, "running statistics: the kernel has none"))
     if input.dtype in HALF and not input.is_cuda:
         return _upcast(F.instance_norm, input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)

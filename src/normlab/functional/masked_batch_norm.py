@@ -129,6 +129,7 @@ def masked_batch_norm(
     op = "masked_batch_norm"
     check_channel_input(input, op, (3,), "(N, C, L)", running_mean=running_mean, running_var=running_var,
                         weight=weight, bias=bias)
+    _checks.check_running_args(running_mean, running_var, momentum, training, op)
     if mask is None:
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if not isinstance(mask, torch.Tensor):

@@ -145,6 +145,7 @@ def switchable_norm(
     check_channel_input(input, op, (2, 3, 4, 5), "(N, C, *spatial)", running_mean=running_mean,
                         running_var=running_var, weight=weight, bias=bias)
     _checks.check_mix_logits(op, mean_weight=mean_weight, var_weight=var_weight)
+    _checks.check_running_args(running_mean, running_var, momentum, training, op)
     use_batch = training or running_mean is None
     if use_batch:
         _checks.check_enough_values(input.shape, (0,) + tuple(range(2, input.dim())), op)

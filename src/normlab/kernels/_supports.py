@@ -68,6 +68,9 @@ def _param(t, name, x, numel):
         return f"{name} is not a tensor"
     if t.dtype not in _DTYPES:
         return f"{name} dtype {t.dtype} not supported"
+    if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        # torch decides (and mostly refuses) other mixes; the kernel would quietly accept them
+        return f"{name} dtype {t.dtype} with a {x.dtype} input (only the input's dtype, or float32 for half input)"
     if t.device != x.device:
         return f"{name} on {t.device}, input on {x.device}"
     if t.numel() != numel:

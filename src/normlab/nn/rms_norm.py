@@ -48,8 +48,8 @@ class RMSNorm(nn.Module):
         if self.elementwise_affine:
             nn.init.ones_(self.weight)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return NF.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # torch names this argument x, not input
+        return NF.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
