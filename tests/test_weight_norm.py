@@ -74,3 +74,16 @@ def test_out_of_range_dim_is_refused_in_every_tier_as_torch_does(dim):
         NF.norm_except_dim(torch.ones(4, 3), dim)
     with pytest.raises(IndexError, match=match):
         R.weight_norm_forward(randn((4, 3), 0), randn((4, 1), 1), dim)
+
+
+def test_loads_a_checkpoint_of_the_older_weight_norm_as_torch_does():
+    """torch.nn.utils.weight_norm saved weight_g / weight_v; the parametrized layers load it."""
+    torch.manual_seed(0)
+    old = torch.nn.utils.weight_norm(torch.nn.Linear(5, 3)).state_dict()
+    ours, theirs = NN.weight_norm(torch.nn.Linear(5, 3)), P.weight_norm(torch.nn.Linear(5, 3))
+    ours.load_state_dict(dict(old))
+    theirs.load_state_dict(dict(old))
+    x = torch.randn(2, 5)
+    assert torch.equal(ours(x), theirs(x))
+    assert torch.equal(ours.parametrizations.weight.original0, old["weight_g"])
+    assert_state_dict_roundtrip(ours, theirs)

@@ -1,6 +1,7 @@
 """Weight normalization as a parametrization, state-dict compatible with
 ``torch.nn.utils.parametrizations.weight_norm`` (keys ``parametrizations.weight.original0``
-= g and ``original1`` = v)."""
+= g and ``original1`` = v), and loading the older ``torch.nn.utils.weight_norm``'s
+``weight_g``/``weight_v`` checkpoints as torch's does."""
 from __future__ import annotations
 
 from typing import Optional
@@ -45,4 +46,17 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: Optional[int] = 0)
     if not isinstance(getattr(module, name, None), torch.Tensor):
         raise ValueError(f"weight_norm: module {type(module).__name__} has no tensor attribute {name!r}")
     parametrize.register_parametrization(module, name, WeightNorm(dim), unsafe=True)
+    module._register_load_state_dict_pre_hook(_legacy_keys_hook(name))
     return module
+
+
+def _legacy_keys_hook(name: str):
+    """A checkpoint of the older ``torch.nn.utils.weight_norm`` (keys ``<name>_g``, ``<name>_v``)
+    loads into the parametrization (``original0`` = g, ``original1`` = v), as torch's does."""
+    def hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        g, v = f"{prefix}{name}_g", f"{prefix}{name}_v"
+        if g in state_dict and v in state_dict:
+            state_dict[f"{prefix}parametrizations.{name}.original0"] = state_dict.pop(g)
+            state_dict[f"{prefix}parametrizations.{name}.original1"] = state_dict.pop(v)
+
+    return hook
