@@ -108,7 +108,10 @@ CASES = [
     ("ref-ln-shape", lambda: R.layer_norm_forward(np.ones((2, 3)), 4), ValueError, r"normalized_shape=\(4\).*\(2, 3\)"),
     # groups
     ("gn-groups", lambda: NN.GroupNorm(2, 3), ValueError, r"num_groups=2 must .*divide the number of channels 3"),
-    ("gn-groups-zero", lambda: NN.GroupNorm(0, 3), ValueError, r"num_groups=0 must be positive"),
+    ("gn-groups-zero", lambda: NN.GroupNorm(0, 3), ValueError, r"num_groups must be a positive int, got 0"),
+    ("gn-groups-float", lambda: NN.GroupNorm(2.0, 4), ValueError, r"num_groups must be a positive int, got 2.0"),
+    ("gn-groups-bool", lambda: NN.GroupNorm(True, 4), ValueError, r"num_groups must be a positive int, got True"),
+    ("lrn-size-float", lambda: NN.LocalResponseNorm(2.5), ValueError, r"size \(a number of channels\) must be a positive int, got 2.5"),
     ("F-gn-groups", lambda: NF.group_norm(x3, 2), ValueError, r"num_groups=2.*channels 3"),
     ("ref-gn-groups", lambda: R.group_norm_forward(np.ones((2, 3, 4)), 2), ValueError, r"num_groups=2.*channels 3"),
     ("F-bn-eps0-train", lambda: NF.batch_norm(torch.randn(4, 3), None, None, training=True, eps=0.0), ValueError,
@@ -147,7 +150,7 @@ CASES = [
     # other arguments
     ("F-sn-logits", lambda: NF.switchable_norm(x3, None, None, None, None, torch.ones(2), torch.ones(3)), ValueError,
      r"mean_weight must hold 3 logits.*got shape \(2,\)"),
-    ("lrn-size", lambda: NF.local_response_norm(x3, 0), ValueError, r"size must be a positive.*got 0"),
+    ("lrn-size", lambda: NF.local_response_norm(x3, 0), ValueError, r"size \(a number of channels\) must be a positive int, got 0"),
     ("alpha-dropout-p", lambda: NN.AlphaDropout(1.5), ValueError, r"p must be a probability in \[0, 1\], got 1.5"),
     ("F-alpha-dropout-p", lambda: NF.alpha_dropout(x3, -0.1), ValueError, r"\[0, 1\], got -0.1"),
     ("ref-alpha-dropout-p", lambda: R.alpha_dropout_forward(np.ones(3), 2.0), ValueError, r"\[0, 1\], got 2.0"),

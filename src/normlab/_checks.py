@@ -198,8 +198,17 @@ def check_dim(dim: int, ndim: int, op: str) -> int:
     return int(dim) % ndim
 
 
+def check_positive_int(value, op: str, name: str) -> None:
+    """A count (channels, groups, a window size): an int >= 1, not a bool or a float."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+
+
 def check_groups(num_channels: int, num_groups: int, op: str) -> None:
-    if num_groups <= 0 or num_channels % num_groups != 0:
+    check_positive_int(num_groups, op, "num_groups")
+    if num_channels % num_groups != 0:
         raise ValueError(
             f"{op}: num_groups={num_groups} must be positive and divide the number of channels "
             f"{num_channels} (it leaves {num_channels % num_groups if num_groups > 0 else 'n/a'} over)"

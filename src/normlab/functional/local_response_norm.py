@@ -14,8 +14,7 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
     if input.dim() < 3:
         raise ValueError(f"{op} expects an input of 3 or more dims (N, C, *), got a {input.dim()}-D input of shape "
                          f"{_checks.shape_str(input.shape)}")
-    if int(size) < 1:
-        raise ValueError(f"{op}: size must be a positive number of channels, got {size}")
+    _checks.check_positive_int(size, op, "size (a number of channels)")
     if input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16):
         # torch has no CPU half/bfloat16 average pool ("avg_pool3d_out_frame not implemented"):
         # compute in float32 and round once at the end, as the NumPy reference does for float16

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab import _checks
 from normlab import functional as NF
 
 
@@ -29,6 +30,7 @@ class LocalResponseNorm(nn.Module):
 
     def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:
         super().__init__()
+        _checks.check_positive_int(size, "LocalResponseNorm", "size (a number of channels)")
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
