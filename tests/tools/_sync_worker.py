@@ -167,6 +167,16 @@ def run_mismatch(rank, device):
     return None
 
 
+def run_eps_zero(device):
+    """eps=0 over several ranks: refused before any collective, as a single process refuses it
+    (it returned NaN for a constant channel)."""
+    try:
+        nlnn.SyncBatchNorm(2, eps=0.0).to(device)(torch.ones(3, 2, device=device))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def run_ddp(rank, world, device):
     model, _ = convert(make_cnn(), "sync_batch")
     model = model.to(device)
@@ -208,6 +218,7 @@ def run_rank(rank: int, world: int, init_method: str, out_dir: str, device: str 
         for name in SCENARIOS:
             results[name] = run_scenario(name, rank, device)
         results["mismatch"] = run_mismatch(rank, device)
+        results["eps_zero"] = run_eps_zero(device)
         results["ddp"] = run_ddp(rank, world, device)
         results["precise"] = run_precise(rank, device)
     finally:

@@ -1,6 +1,8 @@
 """convert: kinds, what carries over (checked by computing with torch's own layers), and the errors."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -212,3 +214,87 @@ def test_untracked_batch_norm_to_a_layer_with_running_statistics_says_evaluation
     assert any("normalized with batch statistics in evaluation" in s for s in changes[0].not_copied), changes[0]
     _, changes = convert(nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False)), "batch")
     assert changes[0].not_copied == ()  # the same behaviour: nothing to say
+
+
+def test_instance_to_instance_keeps_running_statistics_and_evaluates_the_same():
+    torch.manual_seed(4)
+    src = _randomize_(nn.Sequential(nn.Conv2d(2, 4, 1), nn.InstanceNorm2d(4, affine=True, track_running_stats=True)))
+    src.eval()
+    x = torch.randn(3, 2, 5, 5)
+    expected = src(x)
+    old = src[1]
+    out, changes = convert(src, "instance")
+    assert type(out[1]) is nlnn.InstanceNorm2d and out[1].track_running_stats
+    assert changes[0].copied == ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    assert changes[0].not_copied == ()
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(out[1], name), getattr(old, name))
+    torch.testing.assert_close(out(x), expected)  # evaluation normalizes with the running statistics
+
+
+def test_same_kind_keeps_momentum_none_with_its_meaning():
+    # momentum=None: in torch's instance norm the running statistics never move (it means 0), in batch norm they
+    # are a cumulative average; converting to the same kind keeps None (not the default 0.1) and so the behaviour
+    for torch_layer, spec in ((nn.InstanceNorm2d(3, track_running_stats=True, momentum=None), "instance"),
+                              (nn.BatchNorm2d(3, momentum=None), "batch")):
+        theirs = _randomize_(nn.Sequential(torch_layer))
+        ours, _ = convert(_randomize_(nn.Sequential(type(torch_layer)(3, track_running_stats=True, momentum=None))),
+                          spec)
+        assert type(ours[0]).__module__.startswith("normlab") and ours[0].momentum is None, ours[0]
+        torch.testing.assert_close(ours[0].running_mean, theirs[0].running_mean)
+        g = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            x = torch.randn(4, 3, 5, 5, generator=g) * 2 + 1
+            torch.testing.assert_close(ours(x), theirs(x))
+        torch.testing.assert_close(ours[0].running_mean, theirs[0].running_mean)
+        torch.testing.assert_close(ours[0].running_var, theirs[0].running_var)
+    kept = convert(nn.Sequential(nn.InstanceNorm1d(3, momentum=None, track_running_stats=True)), "instance")[0]
+    before = kept[0].running_mean.clone()
+    kept(torch.randn(2, 3, 7) + 5)
+    torch.testing.assert_close(kept[0].running_mean, before)  # never updated, as in torch
+
+
+# every spec make_norm knows, with the dim it needs for a (N, 4) / (N, 4, L) input
+ALL_TARGETS = [("batch", None), ("layer", 0), ("layer", None), ("instance", None), ("group:2", None), ("rms", 0),
+               ("switchable", None), ("batch_renorm", None), ("masked_batch", None), ("lrn:3", None), ("none", None),
+               ("sync_batch", None)]
+
+
+@pytest.mark.parametrize("spec, dim", ALL_TARGETS, ids=[f"{s}-dim{d}" for s, d in ALL_TARGETS])
+def test_bias_false_gains_no_trainable_bias_in_any_target(spec, dim):
+    from normlab.nn.factory import norm_specs
+
+    assert {s.partition(":")[0] for s, _ in ALL_TARGETS} == set(norm_specs())  # a new spec gets checked too
+    torch.manual_seed(6)
+    src = _randomize_(nn.Sequential(nn.BatchNorm1d(4, bias=False))).eval()
+    x = torch.randn(5, 4, 3) if dim is None else torch.randn(5, 4)
+    expected = src(x)
+    out, changes = convert(src, spec, dim=dim)
+    new, change = out[0], changes[0]
+    trainable = {n for n, p in new.named_parameters() if p.requires_grad}
+    assert "bias" not in trainable, (str(change), trainable)
+    bias = getattr(new, "bias", None)
+    if bias is not None:  # its class cannot be built with bias=False: zero, frozen, and said
+        assert "bias" not in inspect.signature(type(new).__init__).parameters
+        assert not bias.requires_grad and not bias.any()
+        assert any(n.startswith("bias:") and "frozen" in n for n in change.notes), str(change)
+        assert "frozen" in str(change)
+    else:
+        assert not any(n.startswith("bias:") for n in change.notes), str(change)
+    if spec in ("batch", "batch_renorm", "sync_batch"):  # the same computation in evaluation
+        torch.testing.assert_close(out(x), expected)
+
+
+def test_layer_norm_without_an_example_input_is_assumed_to_normalize_channels_and_the_change_says_so():
+    out, changes = convert(nn.Sequential(nn.LayerNorm(8)), "batch")
+    assert type(out[0]) is nlnn.BatchNorm1d and out[0].num_features == 8  # assumed (N, 8), as documented
+    (note,) = [n for n in changes[0].notes if n.startswith("layout:")]
+    assert "assumed its input is (N, 8)" in note and "example_input=" in note and "note: layout:" in str(changes[0])
+    # with an input to look at there is nothing assumed (and an (N, L, 8) input is refused, tested above)
+    _, changes = convert(nn.Sequential(nn.LayerNorm(8)), "batch", example_input=torch.randn(2, 8))
+    assert changes[0].notes == ()
+    # layer <-> RMS norm and removal do not depend on the layout: nothing to note
+    assert convert(nn.Sequential(nn.LayerNorm(8)), "rms")[1][0].notes == ()
+    assert convert(nn.Sequential(nn.RMSNorm(8)), "layer")[1][0].notes == ()
+    assert convert(nn.Sequential(nn.LayerNorm(8)), "none")[1][0].notes == ()
+    assert convert(nn.Sequential(nn.BatchNorm2d(8)), "group:2")[1][0].notes == ()

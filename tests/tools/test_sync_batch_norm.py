@@ -121,6 +121,11 @@ def test_mismatched_channel_counts_fail_on_every_rank_naming_both(ranks):
         assert "same num_features" in msg and "[3, 4]" in msg
 
 
+def test_eps_zero_is_refused_on_every_rank(ranks):
+    for rank, r in enumerate(ranks):
+        assert r["eps_zero"] is not None and "eps must be positive in training" in r["eps_zero"], f"rank {rank}"
+
+
 def test_ddp_training_with_sync_bn_matches_single_process_training(ranks):
     model = W.make_cnn()
     opt = W.make_optimizer(model)
@@ -240,3 +245,20 @@ def test_merge_moments_is_the_statistics_of_the_concatenation():
     assert int(n) == len(full)
     torch.testing.assert_close(mu, full.mean(0))
     torch.testing.assert_close(M2 / n, full.var(0, unbiased=False))
+
+
+def test_convert_sync_batchnorm_copies_qconfig_as_torch_does():
+    def model():
+        bn = nn.BatchNorm2d(3)
+        bn.qconfig = "the qconfig"  # any object: torch copies the attribute as it is
+        plain = nn.BatchNorm2d(3)  # no qconfig: none added
+        return nn.Sequential(nn.Sequential(nn.Conv2d(1, 3, 1), bn), plain, bn)  # bn shared: one new layer
+
+    ours, theirs = nlnn.SyncBatchNorm.convert_sync_batchnorm(model()), nn.SyncBatchNorm.convert_sync_batchnorm(model())
+    for m in (ours, theirs):
+        assert m[0][1].qconfig == "the qconfig" and not hasattr(m[1], "qconfig")
+    assert ours[2] is ours[0][1] and isinstance(ours[2], nlnn.SyncBatchNorm)
+    root = nn.BatchNorm1d(2)
+    root.qconfig = None  # present though None: still copied, as torch does
+    out = nlnn.SyncBatchNorm.convert_sync_batchnorm(root)
+    assert isinstance(out, nlnn.SyncBatchNorm) and hasattr(out, "qconfig") and out.qconfig is None

@@ -213,6 +213,7 @@ class SyncBatchNorm(_BatchNorm):
         world_size = self._group_size() if self.training else 1
         if world_size == 1:
             return super().forward(input)
+        _checks.check_training_eps(self.eps, type(self).__name__)  # before any collective
         self._check_channels_across_ranks(input.device, world_size)
         running_mean, running_var = self._running()
         return self._count_step(_SyncBatchNormFunction.apply(
@@ -222,11 +223,19 @@ class SyncBatchNorm(_BatchNorm):
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
         """Torch's spelling: every ``BatchNorm*d`` (torch's or normlab's) in ``module`` becomes a
-        :class:`SyncBatchNorm`, parameters and running statistics copied; returns the module.
+        :class:`SyncBatchNorm`, parameters and running statistics copied, and a ``qconfig``
+        attribute (quantization) too, as torch does; returns the module.
         :func:`normlab.tools.convert` does the same and more (and the reverse, ``to="batch"``)."""
         from normlab.tools.convert import convert
 
-        return convert(module, "sync_batch", only="batch", process_group=process_group)[0]
+        # every name each layer has (a shared one has several); Change.name is one of them
+        qconfigs = {name: m.qconfig for name, m in module.named_modules(remove_duplicate=False)
+                    if hasattr(m, "qconfig")}
+        out, changes = convert(module, "sync_batch", only="batch", process_group=process_group)
+        for change in changes:
+            if change.name in qconfigs:
+                (out.get_submodule(change.name) if change.name else out).qconfig = qconfigs[change.name]
+        return out
 
 
 # any number of spatial dims; keyword arguments (process_group, momentum ...) pass on

@@ -3,15 +3,26 @@
 What it does, for each normalization layer found (torch's or normlab's):
 
 1. reads what the layer normalizes: its kind, channel count C and number of spatial dims
-   (from its class, from ``dim=``, or from the input it receives on ``example_input``);
+   (from its class, from ``dim=``, or from the input it receives on ``example_input``). A
+   ``LayerNorm(C)``/``RMSNorm(C)`` stores no layout: without ``example_input`` convert
+   *assumes* its input is (N, C), so that C are channels, and says so in the
+   :class:`Change`'s ``notes``. Over the last dim of an (N, L, C) input that assumption is
+   wrong (a channel-wise norm of dim 1 would normalize something else): pass
+   ``example_input=`` and convert checks it, refusing such a layer;
 2. builds the replacement with :func:`normlab.nn.make_norm` for that C and dim, carrying over
-   ``eps`` and whether it has affine parameters (and, between batch-statistics layers,
-   ``momentum`` and ``track_running_stats``), on the layer's device and dtype, in its mode;
+   ``eps``, whether it has affine parameters and a bias (``bias=False`` stays so where the
+   new layer takes a ``bias`` argument; where it does not, its β is zero and frozen, and the
+   Change notes it), between batch-statistics layers ``momentum`` and
+   ``track_running_stats``, and to a layer of the same kind all its own settings (``momentum``
+   too, ``None`` included: it means a cumulative average in batch norm but "never update" in
+   instance norm, so it is carried only where it keeps its meaning), on the layer's device and
+   dtype, in its mode;
 3. copies what means the same on both sides: per-channel γ/β between the channel-wise norms
    (batch, sync batch, batch renorm, switchable, masked batch, instance, group, and layer/RMS
    norm over a (N, C) input), element-wise γ/β between layer and RMS norm of the same shape,
-   and running statistics between the batch-statistics layers (batch, sync batch, batch
-   renorm, switchable, masked batch);
+   and running statistics (with ``num_batches_tracked``) between the batch-statistics layers
+   (batch, sync batch, batch renorm, switchable, masked batch) and between two layers of the
+   same kind (instance -> instance);
 4. only when every replacement could be built, puts them in place.
 
 So a failure leaves the model as it was. Kinds, as :func:`make_norm` names them: ``batch``,
@@ -82,7 +93,9 @@ class Change:
     """One replaced layer: where, what it was, what it became, and which tensors carried over.
 
     ``not_copied`` lists ``"tensor: why"`` for each parameter or buffer of the old layer that
-    has no counterpart in the new one.
+    has no counterpart in the new one. ``notes`` lists what else the new layer does not take
+    from the old one as it is, or what convert assumed without checking (``"bias: ..."``,
+    ``"layout: ..."``).
     """
 
     name: str
@@ -90,10 +103,12 @@ class Change:
     target: str
     copied: Tuple[str, ...]
     not_copied: Tuple[str, ...] = ()
+    notes: Tuple[str, ...] = ()
 
     def __str__(self) -> str:
         s = f"{self.name or '<root>'}: {self.source} -> {self.target}; copied: {', '.join(self.copied) or 'nothing'}"
-        return s + (f"; not copied: {'; '.join(self.not_copied)}" if self.not_copied else "")
+        s += f"; not copied: {'; '.join(self.not_copied)}" if self.not_copied else ""
+        return s + (f"; note: {'; '.join(self.notes)}" if self.notes else "")
 
 
 @dataclass
@@ -106,6 +121,7 @@ class _Seen:
     dim: Optional[int]
     channel_first: bool  # False: a layer/RMS norm on trailing dims that are not (C, *spatial) of an (N, C, *) input
     why_no_channels: str = ""
+    assumed: bool = False  # a layer/RMS norm whose input was not seen: (N, C, *) is an assumption
 
 
 def _class_dim(module: nn.Module) -> Optional[int]:
@@ -129,12 +145,12 @@ def _seen(module: nn.Module, kind: str, shape: Optional[torch.Size], dim: Option
             return _Seen(kind, None, None, False, f"it normalizes the trailing dims {tuple(ns)} of an input of shape "
                          f"{tuple(shape)}, not (C, *spatial) of an (N, C, *spatial) input, so a norm over channels "
                          f"at dim 1 would normalize something else")
-        if len(ns) == 1:
-            return _Seen(kind, ns[0], 0 if dim is None else dim, True)
+        if len(ns) == 1:  # without an input to look at: assumed (N, C) (or (N, C, *spatial) with dim=)
+            return _Seen(kind, ns[0], 0 if dim is None else dim, True, assumed=shape is None)
         if shape is None and dim is None:
             return _Seen(kind, None, None, False, f"its normalized_shape {tuple(ns)} is not a channel count; pass "
                          f"example_input= to show that its input is (N, C, *spatial)")
-        return _Seen(kind, ns[0], len(ns) - 1, True)
+        return _Seen(kind, ns[0], len(ns) - 1, True, assumed=shape is None)
     if kind == "lrn" and shape is None:
         return _Seen(kind, None, dim, True, "LocalResponseNorm works for any channel count and does not store one; "
                      "pass example_input= so convert can read C from its input")
@@ -180,8 +196,11 @@ def _carried(source: nn.Module, kind: str, target_cls, target_kind: Optional[str
         out["bias"] = False  # a γ without β (LayerNorm, BatchNorm, GroupNorm with bias=False) stays so
     if kind == target_kind:  # the same kind (torch's -> normlab's, or new settings): keep its own settings too
         for name in accepts - _SHAPE_ARGS - set(out):
-            value = getattr(source, name, None)
-            if isinstance(value, (bool, int, float)):
+            if not hasattr(source, name):
+                continue
+            value = getattr(source, name)
+            # None is a setting too (an instance norm's momentum=None: its running statistics never move)
+            if value is None or isinstance(value, (bool, int, float)):
                 out[name] = value
     return out
 
@@ -241,10 +260,10 @@ def _per_channel(m: nn.Module, kind: Optional[str], seen_channel_first: bool, c:
     return False
 
 
-def _copy(source: nn.Module, kind: str, seen: _Seen, target: nn.Module) -> Tuple[tuple, tuple]:
-    """Copy what means the same; returns (copied names, 'name: why' for the rest)."""
+def _copy(source: nn.Module, kind: str, seen: _Seen, target: nn.Module) -> Tuple[tuple, tuple, tuple]:
+    """Copy what means the same; returns (copied names, 'name: why' for the rest, notes on the target)."""
     target_kind = norm_kind(target)
-    copied, dropped = [], []
+    copied, dropped, notes = [], [], []
     c = seen.channels
     src_pc = _per_channel(source, kind, seen.channel_first, c) if c else False
     tgt_pc = _per_channel(target, target_kind, True, c) if c else False
@@ -265,13 +284,22 @@ def _copy(source: nn.Module, kind: str, seen: _Seen, target: nn.Module) -> Tuple
             else:
                 dropped.append(f"{name}: {tuple(p.shape)} element-wise in {type(source).__name__} vs "
                                f"{tuple(q.shape)} in {type(target).__name__}, no common meaning")
+        q = getattr(target, "bias", None)
+        if (getattr(source, "weight", None) is not None and hasattr(source, "bias") and source.bias is None
+                and isinstance(q, torch.Tensor) and "bias" not in _init_args(type(target))):
+            # γ without β, and a target class that has no bias=False (_carried passes it where it can; where the
+            # class takes it and still has a bias, the caller asked for one with bias=True)
+            q.zero_()
+            q.requires_grad_(False)
+            notes.append(f"bias: {type(source).__name__} had none and {type(target).__name__} cannot be built "
+                         f"without one; it is 0 and frozen (requires_grad=False), so the layer computes as before")
         src_stats = getattr(source, "running_mean", None) is not None
         tgt_stats = getattr(target, "running_mean", None) is not None
         if src_stats:
-            if kind in BATCH_STATS and target_kind in BATCH_STATS and tgt_stats:
+            if tgt_stats and (kind == target_kind or (kind in BATCH_STATS and target_kind in BATCH_STATS)):
                 for name in ("running_mean", "running_var", "num_batches_tracked"):
                     a, b = getattr(source, name, None), getattr(target, name, None)
-                    if a is not None and b is not None:
+                    if a is not None and b is not None and a.shape == b.shape:
                         b.copy_(a)
                         copied.append(name)
             elif not tgt_stats:
@@ -282,7 +310,24 @@ def _copy(source: nn.Module, kind: str, seen: _Seen, target: nn.Module) -> Tuple
             dropped.append(f"running statistics: {type(source).__name__} kept none and normalized with batch statistics "
                            f"in evaluation too; {type(target).__name__} evaluates with its own, which start at mean 0, "
                            f"var 1 (train it, or run normlab.tools.precise_bn, before evaluating)")
-    return tuple(copied), tuple(dropped)
+    return tuple(copied), tuple(dropped), tuple(notes)
+
+
+def _layout_note(source: nn.Module, seen: _Seen, target: nn.Module) -> Tuple[str, ...]:
+    """The assumption convert made about a layer/RMS norm's input, when the target depends on it."""
+    if not seen.assumed or isinstance(target, nn.Identity):
+        return ()
+    ns = _normalized_shape(source)
+    if norm_kind(target) in TRAILING and _normalized_shape(target) == ns:
+        return ()  # the same trailing normalized_shape: right whatever the layout
+    if len(ns) > 1:
+        layout = f"(N, {', '.join(map(str, ns))})"
+    else:
+        layout = f"(N, {ns[0]}" + (f", *{seen.dim} spatial dims)" if seen.dim else ")")
+    return (f"layout: assumed its input is {layout}, its normalized dims being the channels; not checked without "
+            f"example_input= (were they the trailing dims of a longer input such as (N, L, "
+            f"{', '.join(map(str, ns))}), it would have no channel-first equivalent and example_input= would refuse "
+            f"it)",)
 
 
 Only = Union[None, str, type, Sequence[Union[str, type]], Callable[[str, nn.Module], bool]]
@@ -352,18 +397,24 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
             eval mode, no gradients, nothing updated) to read each layer's input shape. It
             tells the spatial dims of ``GroupNorm``/``SyncBatchNorm``, the channel count of
             ``LocalResponseNorm``, and whether a ``LayerNorm``'s input is (N, C, ...).
+            Without it a ``LayerNorm(C)``/``RMSNorm(C)`` is taken to normalize the channels of
+            an (N, C) input (so ``convert(LayerNorm(8), "batch")`` builds ``BatchNorm1d(8)``
+            even if the layer really sees (N, L, 8) tokens); the Change notes that assumption.
         **kwargs: passed to the new layers (``process_group=``, ``momentum=``, ``rmax=`` ...);
             they win over what is carried over.
 
     Returns:
-        ``(model, changes)``: the converted model and one :class:`Change` per replaced layer.
+        ``(model, changes)``: the converted model and one :class:`Change` per replaced layer
+        (what was copied, what was not and why, and ``notes``: assumptions and settings that
+        could not carry over, e.g. a ``bias=False`` the new class cannot take).
 
     Raises:
         ValueError: an unknown spec or kind; a layer with no equivalent in ``to`` (the message
-            names the layer and says why: e.g. a ``LayerNorm`` over the last dim of an
-            (N, L, C) input has no channel-first twin; ``LocalResponseNorm`` stores no channel
-            count; ``MaskedBatchNorm1d`` takes a mask no other layer takes); a target that
-            depends on an unknown number of spatial dims.
+            names the layer and says why: e.g. ``LocalResponseNorm`` stores no channel count;
+            ``MaskedBatchNorm1d`` takes a mask no other layer takes; with ``example_input``, a
+            ``LayerNorm`` seen over the last dim of an (N, L, C) input has no channel-first
+            twin — without ``example_input`` that layout is not detected, see above); a
+            target that depends on an unknown number of spatial dims.
 
     Examples::
 
@@ -407,9 +458,10 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
         if type(target) is type(module) and target.extra_repr() == module.extra_repr():
             continue
         target.to(**_tensors_like(module, model))
-        copied, dropped = _copy(module, kind, seen, target)
+        copied, dropped, notes = _copy(module, kind, seen, target)
         target.train(module.training)
-        planned[key] = (target, Change(name, _describe(module), _describe(target), copied, dropped))
+        planned[key] = (target, Change(name, _describe(module), _describe(target), copied, dropped,
+                                       notes + _layout_note(module, seen, target)))
     # every replacement exists: now put them in place
     for key, (target, _) in planned.items():
         for _, parent, attr in places[key]:
