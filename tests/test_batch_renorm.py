@@ -173,3 +173,13 @@ def test_state_dict_loads_into_batch_norm_and_back(affine):
 def test_repr():
     assert repr(NN.BatchRenorm2d(4, rmax=2.0, warmup_steps=7)) == (
         "BatchRenorm2d(4, eps=1e-05, momentum=0.1, affine=True, rmax=2.0, dmax=5.0, warmup_steps=7)")
+
+
+def test_bias_false_learns_gamma_only_and_matches_batch_norm_at_the_identity_limits():
+    """bias=False as BatchNorm's: no beta, and with rmax=1, dmax=0 the same outputs, gradients and state dict keys."""
+    ours = NN.BatchRenorm2d(3, rmax=1.0, dmax=0.0, bias=False, dtype=torch.float64)
+    theirs = torch.nn.BatchNorm2d(3, bias=False, dtype=torch.float64)
+    assert ours.bias is None and "bias=False" in repr(ours)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    assert_close(ours(x), theirs(x))

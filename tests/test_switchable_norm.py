@@ -180,3 +180,13 @@ def test_double_backward_is_exact(shape, training):
     assert torch.autograd.gradgradcheck(f, (x, w, b, mw, vw))
     (gx,) = torch.autograd.grad((f(x, w, b, mw, vw) * r(*shape)).sum(), (x,), create_graph=True)
     assert gx.requires_grad
+
+
+def test_bias_false_learns_gamma_only():
+    m = NN.SwitchableNorm2d(3, bias=False, dtype=torch.float64)
+    assert m.bias is None and "bias=False" in repr(m) and "bias" not in m.state_dict()
+    x = t(randn((2, 3, 2, 2), 0))
+    ref = NN.SwitchableNorm2d(3, dtype=torch.float64)
+    assert torch.allclose(m(x), ref(x))  # beta starts at 0
+    m(x).sum().backward()
+    assert m.weight.grad is not None

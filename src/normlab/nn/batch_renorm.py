@@ -13,9 +13,10 @@ from normlab.reference.batch_renorm import renorm_limits
 
 class _BatchRenorm(_NormBase):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 rmax: float = 3.0, dmax: float = 5.0, warmup_steps: int = 0, device=None, dtype=None) -> None:
+                 rmax: float = 3.0, dmax: float = 5.0, warmup_steps: int = 0, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
         _checks.check_renorm_limits(rmax, dmax, type(self).__name__, warmup_steps)
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, bias=bias)
         self.rmax, self.dmax, self.warmup_steps = rmax, dmax, warmup_steps
 
     def limits(self) -> tuple:
@@ -32,8 +33,9 @@ class _BatchRenorm(_NormBase):
                                                 True, self._momentum_factor(), self.eps, rmax, dmax))
 
     def extra_repr(self) -> str:
-        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, rmax={rmax}, dmax={dmax}, "
-                "warmup_steps={warmup_steps}".format(**self.__dict__))
+        no_bias = ", bias=False" if self.affine and self.bias is None else ""  # as BatchNorm's bias argument
+        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}{no_bias}, rmax={rmax}, dmax={dmax}, "
+                "warmup_steps={warmup_steps}".format(**self.__dict__, no_bias=no_bias))
 
 
 _BRN_DOC = r"""Batch renormalization (Ioffe 2017) of a {layout} input.
@@ -52,6 +54,7 @@ _BRN_DOC = r"""Batch renormalization (Ioffe 2017) of a {layout} input.
         warmup_steps: ramp the limits linearly from (1, 0) to (rmax, dmax) over this many
             training steps (counted by ``num_batches_tracked``); 0 = no ramp. The paper ramps
             over the first tens of thousands of steps so the running estimates settle first.
+        bias: keyword-only, default True; ``False`` learns γ without β (as BatchNorm's ``bias``).
 
     Examples::
 

@@ -12,8 +12,8 @@ from normlab.nn.batch_norm import _NormBase
 
 class _SwitchableNorm(_NormBase):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         # logits of the (IN, LN, BN) mixes; equal logits start from a uniform mix, as in the paper
         self.mean_weight = nn.Parameter(torch.ones(3, device=device, dtype=dtype))
         self.var_weight = nn.Parameter(torch.ones(3, device=device, dtype=dtype))
@@ -32,7 +32,9 @@ class _SwitchableNorm(_NormBase):
             self._use_batch_stats(), self._momentum_factor(), self.eps))
 
     def mixture(self) -> dict:
-        """The current softmax weights, ``{"mean": {"IN": .., "LN": .., "BN": ..}, "var": {...}}``."""
+        """The current softmax weights, ``{"mean": {"IN": .., "LN": .., "BN": ..}, "var": {...}}``:
+        the softmax of all three logits. On an (N, C) input the IN branch is left out and the
+        layer mixes LN and BN with the softmax of their two logits alone."""
         names = ("IN", "LN", "BN")
         out = {}
         for key, logits in (("mean", self.mean_weight), ("var", self.var_weight)):
@@ -53,6 +55,7 @@ _SN_DOC = r"""Switchable normalization (Luo, Ren, Peng, Zhang & Li 2018) of a {l
     Args:
         num_features: C. eps: default 1e-5. momentum: default 0.1 (BN branch's running
         statistics, torch's convention). affine: default True. track_running_stats: default True.
+        bias: keyword-only, default True; ``False`` learns γ without β (as BatchNorm's ``bias``).
 
     Shape:
         Input and output {layout}.
