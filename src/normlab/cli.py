@@ -43,7 +43,8 @@ def demo(
         table.add_row(str(r["layer"]), f"{r['plain_mean']:.3f}", f"{r['plain_var']:.4f}", f"{r['plain_saturated']:.0%}",
                       f"{r['bn_mean']:.3f}", f"{r['bn_var']:.4f}", f"{r['bn_saturated']:.0%}")
     Console().print(table)
-    Console().print("saturated = share of sigmoid outputs below 0.05 or above 0.95 (gradient < 0.05 of its peak)")
+    Console().print("saturated = share of sigmoid outputs below 0.05 or above 0.95, where the sigmoid's gradient "
+                    "y(1 - y) is below 0.0475, about a fifth of its 0.25 peak")
 
 
 def _add_optional_groups() -> None:

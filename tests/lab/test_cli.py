@@ -1,6 +1,7 @@
 """``normlab lab`` through typer's CliRunner: bad input is one line on stderr, exit code 2, nothing written."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -149,3 +150,69 @@ def test_failed_runs_exit_1_with_or_without_the_report_and_no_traceback(out_dir,
     full = runner.invoke(app, args)
     assert full.exit_code == 1 and "Traceback" not in full.stderr + full.stdout
     assert "every run failed; no report" in full.stderr
+
+
+def test_list_shows_the_quick_scale_size_it_promises():
+    result = runner.invoke(app, ["list"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0 and "quick scale" in result.stdout
+    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 2}
+    assert "2000 steps" in lines["bn-mnist"] and "40 epochs" in lines["convergence"]
+    assert "no training" in lines["activations"] and "no training" in lines["invariance"]
+
+
+WIDE = {"COLUMNS": "400"}  # rich wraps the console at 80 columns otherwise
+
+
+def test_ctrl_c_before_any_run_finished_does_not_point_to_a_report_that_would_fail(fake_experiment, out_dir):
+    result = runner.invoke(app, ["run", fake_experiment, "--set", "interrupt_seed=0", "--seeds", "2", "--jobs", "1",
+                                 "--out", str(out_dir)], env=WIDE)
+    assert result.exit_code == 130, result.stderr
+    assert "interrupted before any run finished" in result.stderr and "lab report" not in result.stderr
+    assert runner.invoke(app, ["report", str(out_dir)]).exit_code == 2  # what the old message suggested
+
+
+def test_ctrl_c_after_a_run_finished_points_to_the_report_of_the_config_asked_for(fake_experiment, out_dir):
+    first = runner.invoke(app, ["run", fake_experiment, "--seeds", "2", "--jobs", "1", "--out", str(out_dir)], env=WIDE)
+    assert first.exit_code == 0, first.stderr
+    result = runner.invoke(app, ["run", fake_experiment, "--set", "lr=0.5", "--set", "interrupt_seed=1", "--seeds", "2",
+                                 "--jobs", "1", "--out", str(out_dir)], env=WIDE)
+    assert result.exit_code == 130 and f"`normlab lab report {out_dir}` builds the report" in result.stderr
+    assert runner.invoke(app, ["report", str(out_dir)]).exit_code == 0
+    shown = json.loads((out_dir / "results.json").read_text())["experiments"][fake_experiment]
+    assert shown["config"]["lr"] == 0.5 and shown["seeds"] == [0]  # the interrupted run's config, not the older one
+
+
+def test_no_report_then_report_shows_the_config_the_run_asked_for(fake_experiment, out_dir):
+    args = ["run", fake_experiment, "--seeds", "2", "--jobs", "1", "--out", str(out_dir)]
+    assert runner.invoke(app, [*args, "--set", "lr=0.5"]).exit_code == 0
+    assert runner.invoke(app, args).exit_code == 0  # lr=0.1, the report shows it
+    assert runner.invoke(app, [*args, "--set", "lr=0.5", "--no-report"]).exit_code == 0  # cached: nothing newer on disk
+    assert runner.invoke(app, ["report", str(out_dir)]).exit_code == 0
+    shown = json.loads((out_dir / "results.json").read_text())["experiments"][fake_experiment]
+    assert shown["config"]["lr"] == 0.5
+
+
+def test_the_report_pools_every_stored_seed_of_the_config_and_says_so(fake_experiment, out_dir):
+    args = ["run", fake_experiment, "--jobs", "1", "--out", str(out_dir)]
+    assert runner.invoke(app, [*args, "--seeds", "2"]).exit_code == 0
+    again = runner.invoke(app, [*args, "--seeds", "1"], env=WIDE)
+    assert again.exit_code == 0
+    doc = json.loads((out_dir / "results.json").read_text())["experiments"][fake_experiment]
+    assert doc["seeds"] == [0, 1] and doc["verdict"] == "reproduced"
+    assert "0, 1" in again.stderr  # the verdicts table names the seeds it pooled
+    assert "(every seed stored for this config)" in (out_dir / "index.html").read_text()
+
+
+def test_help_texts_say_what_happens():
+    text = " ".join(runner.invoke(app, ["run", "--help"], env={"COLUMNS": "2000"}).stdout.split())
+    assert "needs at least 2 seeds: with 1 it is inconclusive" in text
+    assert "pools every seed stored for the config it shows" in text
+    assert "cannot run data-parallel runs in 1 process, with a note" in text
+
+
+def test_demo_states_the_sigmoid_gradient_at_the_saturation_bound_correctly():
+    from normlab.cli import app as root
+
+    result = runner.invoke(root, ["demo", "--layers", "1", "--width", "4"], env={"COLUMNS": "200"})
+    text = " ".join(result.stdout.split())
+    assert "below 0.0475, about a fifth of its 0.25 peak" in text and "< 0.05 of its peak" not in text

@@ -122,3 +122,30 @@ def test_ctrl_c_with_worker_processes_ends_them(out_dir, monkeypatch):
     assert outcome.interrupted and not outcome.ran
     assert not multiprocessing.active_children(), "workers must not outlive an interrupt"
     assert not any(t.path(out_dir).exists() for t in tasks)
+
+
+def test_one_seed_is_inconclusive_whatever_the_rule_and_the_reason_says_why_once(fake_experiment, out_dir,
+                                                                                  monkeypatch):
+    from normlab.lab import experiments
+    from normlab.lab.verdict import Verdict
+
+    module = experiments.get(fake_experiment).module
+    monkeypatch.setattr(module, "verdict", lambda s: Verdict("reproduced", "a rule that ignores the seed count"))
+    _run(out_dir, fake_experiment, seeds=1)
+    report.build(out_dir)
+    shown = json.loads((out_dir / "results.json").read_text())["experiments"][fake_experiment]
+    assert shown["verdict"] == "inconclusive" and shown["reason"].endswith("(only 1 seed: a verdict needs at least 2)")
+    monkeypatch.setattr(module, "verdict", lambda s: Verdict("inconclusive", "mine (only 1 seed: a verdict needs "
+                                                                             "at least 2)"))
+    report.build(out_dir)
+    shown = json.loads((out_dir / "results.json").read_text())["experiments"][fake_experiment]
+    assert shown["reason"].count("only 1 seed") == 1  # invariance's rule says it itself
+
+
+def test_last_run_keeps_the_config_asked_for_of_experiments_the_last_run_left_out(fake_experiment, out_dir):
+    (a,), _ = _run(out_dir, fake_experiment, seeds=1)
+    report.build(out_dir, prefer={fake_experiment: a.config_hash})
+    _run(out_dir, fake_experiment, seeds=1, sets=["lr=0.2"])  # newer on disk, but never reported or asked for by name
+    report.build(out_dir, prefer={"activations": "0" * 12})  # a run of other experiments
+    shown = json.loads((out_dir / "results.json").read_text())["experiments"][fake_experiment]
+    assert shown["config_hash"] == a.config_hash

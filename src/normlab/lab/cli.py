@@ -37,10 +37,21 @@ def list_() -> None:
     table = Table(title="normlab lab experiments (normlab lab run NAME ...)", show_lines=True)
     for col in ("experiment", "claim", "source", "data"):
         table.add_column(col, overflow="fold")
+    table.add_column("quick scale\n(per model)", no_wrap=True)
     for name in experiments.names():
         e = experiments.get(name)
-        table.add_row(name, e.claim, e.source, str(getattr(e.config("quick"), "data", "generated")))
+        config = e.config("quick")
+        table.add_row(name, e.claim, e.source, str(getattr(config, "data", "generated")), _size(config))
     Console().print(table)
+
+
+def _size(config) -> str:
+    """How long a config trains: ``"2000 steps"``, ``"40 epochs"``, or ``"no training"`` (a measurement
+    at initialization, such as the activations and invariance experiments)."""
+    for field in ("steps", "epochs"):
+        if isinstance(getattr(config, field, None), int):
+            return f"{getattr(config, field)} {field}"
+    return "no training"
 
 
 @app.command()
@@ -49,7 +60,9 @@ def run(
                                                 help="Experiments to run (default: all; see `normlab lab list`)."),
     scale: str = typer.Option("quick", "--scale", help="quick (the default suite, minutes), full (closer to the "
                                                        "sources, longer) or smoke (seconds, for tests)."),
-    seeds: int = typer.Option(3, "--seeds", help="Seeds per experiment (0..N-1); a verdict needs at least 2."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds to run per experiment (0..N-1). The report pools every "
+                                                 "seed stored for the config it shows, earlier runs' too. A verdict "
+                                                 "needs at least 2 seeds: with 1 it is inconclusive."),
     out: Path = typer.Option(Path("normlab-report"), "--out", help="Output folder: runs/, plots/, index.html, "
                                                                    "results.json."),
     force: bool = typer.Option(False, "--force", help="Redo finished runs instead of reusing them."),
@@ -61,8 +74,9 @@ def run(
     jobs: Optional[int] = typer.Option(None, "--jobs", min=1, help="Worker processes (default: one per core)."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Processes per run (default 1): N trains each run "
                                                               "data-parallel over N local processes with synchronized "
-                                                              "batch norm (experiments that cannot run in 1); under "
-                                                              "torchrun, its WORLD_SIZE."),
+                                                              "batch norm. An experiment that cannot run data-parallel "
+                                                              "runs in 1 process, with a note saying why. Under "
+                                                              "torchrun it is torchrun's WORLD_SIZE."),
     no_report: bool = typer.Option(False, "--no-report", help="Only run; build the report later with `report`."),
 ) -> None:
     """Run experiments (cached by config hash) and build the report.
@@ -81,8 +95,9 @@ def run(
 
       torchrun --nproc-per-node 2 -m normlab.cli lab run bn-mnist   # the same, processes from torchrun
 
-    A second run reuses finished runs (--force redoes them). Ctrl-C keeps every finished run;
-    `normlab lab report DIR` then builds the report from what exists.
+    A second run reuses finished runs (--force redoes them). The report shows, per experiment,
+    the config this command asked for, over every seed stored for that config. Ctrl-C keeps
+    every finished run; `normlab lab report DIR` then builds the report from what exists.
     """
     from rich.console import Console
 
@@ -112,6 +127,8 @@ def run(
             return
     else:
         outcome = runner.execute(tasks, out, force=force, jobs=jobs, data_dir=data, console=console)
+    prefer = {t.experiment: t.config_hash for t in tasks}
+    report.remember(out, prefer)  # `normlab lab report` shows these configs too, even after Ctrl-C or --no-report
     console.print(f"{len(outcome.ran)} run(s) done, {len(outcome.cached)} reused from the cache"
                   + (f", {len(outcome.failed)} failed" if outcome.failed else ""))
     for task, err in outcome.failed:
@@ -120,8 +137,7 @@ def run(
         with (Path(out) / "errors.log").open("a") as log:
             log.write(f"== {task.experiment} {task.name}\n{err}\n")
     if outcome.interrupted:
-        console.print(f"interrupted: finished runs are kept in {out / 'runs'}; "
-                      f"`normlab lab report {out}` builds the report from them")
+        console.print(interrupted_message(out))
         raise typer.Exit(130)
     if no_report:
         if outcome.failed:
@@ -130,13 +146,26 @@ def run(
     failed = [f"{task.experiment} seed {task.seed} failed: {err.splitlines()[0]} (errors.log)"
               for task, err in outcome.failed]
     try:
-        path = report.build(out, prefer={t.experiment: t.config_hash for t in tasks}, failed=tuple(failed))
+        path = report.build(out, prefer=prefer, failed=tuple(failed))
     except FileNotFoundError:
         _fail(f"every run failed; no report (tracebacks in {Path(out) / 'errors.log'})", 1)
     _print_summary(out, console)
     typer.echo(str(path.resolve()))
     if outcome.failed:
         raise typer.Exit(1)
+
+
+def interrupted_message(out: Path) -> str:
+    """What to tell after Ctrl-C: where the finished runs are and how to report them, or, when no
+    finished run is on disk (so `report` would fail), that there is nothing to report yet."""
+    from normlab.lab import runner
+
+    found, _ = runner.load_runs(out)
+    if not found:
+        return (f"interrupted before any run finished: no finished run in {Path(out) / 'runs'}, so no report; "
+                "run the same command again to start over")
+    return (f"interrupted: finished runs are kept in {Path(out) / 'runs'}; `normlab lab report {out}` builds the "
+            "report from them, and the same command (without --force) runs only what is missing")
 
 
 def _print_summary(out: Path, console) -> None:
@@ -146,10 +175,10 @@ def _print_summary(out: Path, console) -> None:
 
     doc = json.loads((Path(out) / "results.json").read_text())
     table = Table(title="verdicts")
-    for col in ("experiment", "verdict", "measured"):
+    for col in ("experiment", "seeds", "verdict", "measured"):
         table.add_column(col, overflow="fold")
-    for name, e in doc["experiments"].items():
-        table.add_row(name, e["verdict"], e.get("measured") or "")
+    for name, e in doc["experiments"].items():  # seeds: every seed stored for the config shown
+        table.add_row(name, ", ".join(str(s) for s in e.get("seeds", [])), e["verdict"], e.get("measured") or "")
     console.print(table)
 
 

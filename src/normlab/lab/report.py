@@ -1,11 +1,15 @@
 """The report: ``index.html`` (static, offline, no JavaScript) and ``results.json``, built only
 from the finished runs on disk.
 
-For each experiment found under ``<out>/runs`` the report takes the config with the most
-recently finished run (so after ``run --scale full`` it shows the full runs, and a run cut
-short shows the seeds that finished), summarizes its seeds, applies the verdict rule and
-draws the plots into ``<out>/plots/<experiment>/``. The summary table and each section say
-how many processes trained the runs shown (``--nproc``; 1 for runs stored before it existed).
+For each experiment found under ``<out>/runs`` the report takes the config the last ``run``
+asked for (``prefer``, kept in ``<out>/last-run.json``, so ``normlab lab report`` shows the
+same), or, when that config has no finished run on disk, the config whose newest run
+finished last. It summarizes every seed stored for that config (seeds from earlier runs
+of the same config count too, so ``--seeds 1`` after ``--seeds 3`` still shows 3; a run cut
+short shows the seeds that finished), applies the verdict rule (inconclusive, saying so,
+with fewer than :data:`~normlab.lab.verdict.MIN_SEEDS` seeds) and draws the plots into
+``<out>/plots/<experiment>/``. The summary table and each section say how many processes
+trained the runs shown (``--nproc``; 1 for runs stored before it existed).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from normlab.lab import experiments, runner
-from normlab.lab.verdict import INCONCLUSIVE, Verdict, fmt, too_few_seeds
+from normlab.lab.verdict import INCONCLUSIVE, MIN_SEEDS, Verdict, fmt, too_few_seeds
 
 
 @dataclass
@@ -101,7 +105,9 @@ def _section(name: str, groups: dict, out: Path, prefer: Optional[str] = None) -
         sec.summary = sec.exp.module.summarize(config, metrics)
         sec.per_seed = _per_seed_keys(sec.exp, config, metrics, sec.summary)
         v = sec.exp.module.verdict(sec.summary)
-        sec.verdict = Verdict(v.label, v.reason + too_few_seeds(len(runs)))
+        few = too_few_seeds(len(runs))  # the label and the reason say so, whatever the module's rule did
+        sec.verdict = Verdict(INCONCLUSIVE if len(runs) < MIN_SEEDS else v.label,
+                              v.reason if few.strip() in v.reason else v.reason + few)
         sec.plots = list(sec.exp.module.plots(config, metrics, sec.summary, out / "plots" / name))
     except Exception as e:  # one broken experiment must not take the report down
         sec.errors.append(f"{type(e).__name__}: {e}")
@@ -115,29 +121,42 @@ def build(out, prefer: Optional[dict] = None, failed: tuple = ()) -> Path:
 
     An experiment with runs of several configs shows ``prefer[experiment]`` (a config hash:
     what the ``run`` command just asked for, cached or not) when given and on disk, else the
-    config whose newest run finished last. ``prefer`` is kept in ``<out>/last-run.json``, and
-    a build without it (``normlab lab report``) reads it from there. ``failed``: one line per run the command could
+    config whose newest run finished last, with every seed stored for it. ``prefer`` is added
+    to ``<out>/last-run.json`` (:func:`remember`), and a build without it (``normlab lab
+    report``) reads it from there. ``failed``: one line per run the command could
     not finish, listed with the report's problems. Raises ``FileNotFoundError`` when there is
     no finished run at all.
     """
     out = Path(out)
-    last = out / "last-run.json"  # what the last `run` asked for: `report` alone shows the same
-    if prefer is None and last.is_file():
-        try:
-            prefer = json.loads(last.read_text())
-        except (OSError, ValueError):
-            prefer = None
-    elif prefer is not None:
-        _write_text(last, json.dumps(prefer, indent=1, sort_keys=True))
+    # what the last `run` of each experiment asked for: `report` alone shows the same
+    prefer = _remembered(out) if prefer is None else remember(out, prefer)
     found, problems = runner.load_runs(out)
     problems = list(failed) + problems
     if not found:
         raise FileNotFoundError(f"no finished runs in {out / 'runs'}; run `normlab lab run --out {out}` first")
     order = [n for n in experiments.names() if n in found] + sorted(n for n in found if n not in experiments.REGISTRY)
-    sections = [_section(n, found[n], out, (prefer or {}).get(n)) for n in order]
+    sections = [_section(n, found[n], out, prefer.get(n)) for n in order]
     _write_text(out / "results.json", _results_json(sections, problems))
     _write_text(out / "index.html", _html(sections, problems, out))
     return out / "index.html"
+
+
+def remember(out, prefer: dict) -> dict:
+    """Add ``prefer`` ({experiment: config hash}, what a ``run`` asked for) to ``<out>/last-run.json``
+    for a later ``normlab lab report``, and return the whole file: for each experiment, the config
+    the last ``run`` of it asked for. ``run`` calls it even when it builds no report (Ctrl-C,
+    ``--no-report``)."""
+    merged = {**_remembered(out), **prefer}
+    _write_text(Path(out) / "last-run.json", json.dumps(merged, indent=1, sort_keys=True))
+    return merged
+
+
+def _remembered(out) -> dict:
+    try:
+        doc = json.loads((Path(out) / "last-run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in doc.items() if isinstance(v, str)} if isinstance(doc, dict) else {}
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -196,9 +215,10 @@ def _html(sections, problems, out: Path) -> str:
              "<h1>normlab lab report</h1>",
              f'<p class=note>Generated {e(now)} from the finished runs in <code>{e(str(out / "runs"))}</code>. '
              "Each claim about normalization is run as an experiment on real data on a CPU; the verdict is decided "
-             "by a rule written in the experiment, over seeds (mean ± sample standard deviation). "
+             "by a rule written in the experiment, over every seed stored for the config shown, earlier runs' too "
+             "(mean ± sample standard deviation). "
              "<em>reproduced</em>: every seed supports the claim; <em>not reproduced</em>: the mean does not; "
-             "<em>inconclusive</em>: the mean does but some seed does not, or fewer than two seeds.</p>",
+             f"<em>inconclusive</em>: the mean does but some seed does not, or fewer than {MIN_SEEDS} seeds.</p>",
              '<h2 id="summary">Summary</h2><table id="summary-table"><thead><tr><th>experiment</th><th>claim</th>'
              f"<th>source</th><th>measured</th><th>verdict</th><th title=\"processes that trained each run "
              f"(--nproc)\">processes</th></tr></thead><tbody>{rows}</tbody></table>"]
@@ -237,7 +257,8 @@ def _section_html(s: Section) -> str:
     docs = s.exp.field_docs() if s.exp else {}
     seeds = ", ".join(str(r.seed) for r in s.runs)
     seconds = ", ".join(f"{r.env.get('seconds') or 0:.1f}" for r in s.runs)
-    p.append(f"<h3>Config</h3><p class=note>hash <code>{e(s.config_hash)}</code>; seeds {e(seeds)}; "
+    p.append(f"<h3>Config</h3><p class=note>hash <code>{e(s.config_hash)}</code>; seeds {e(seeds)} (every seed "
+             f"stored for this config); "
              f"{_processes(s.nproc)}; seconds per run {e(seconds)}; "
              f"torch {e(str(s.runs[0].env.get('torch')))}, git {e(str(s.runs[0].env.get('git_sha') or 'n/a')[:10])}"
              + (f"; {s.other_configs} other config(s) of this experiment on disk are not shown" if s.other_configs

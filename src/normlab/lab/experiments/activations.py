@@ -38,7 +38,8 @@ class Config:
     weight_std: float = 1.0
     """Standard deviation of the Gaussian weights (the article uses 1)."""
     saturation: float = 0.05
-    """An activation counts as saturated below this or above 1 minus it (where the sigmoid's slope is under a fifth of its peak)."""
+    """An activation counts as saturated below this or above 1 minus it (at 0.05 the sigmoid's slope y(1 - y) there is
+    under 0.0475, about a fifth of its 0.25 peak)."""
     bins: int = 25
     """Histogram bins over [0, 1]."""
 
