@@ -5,7 +5,8 @@
 # so a bench step after it times without compiling. host: host time per call, this checkout
 # with and without the direct launches, and the one at $BEFORE_SRC (a src/ folder) if set.
 # Run from the repository root (PYTHONPATH is set to ./src). Each step has its own timeout so
-# one slow step cannot eat the others' time.
+# one slow step cannot eat the others' time. The test steps run pytest -n 8: they need
+# pytest-xdist (pip install pytest-xdist), which the project's dev extra does not install.
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
