@@ -86,3 +86,9 @@ def test_half_precision_on_cpu(dtype):
     if dtype == torch.float16:  # the NumPy reference on the same float16 input
         ry, _ = R.local_response_norm_forward(x.detach().numpy(), 3, **kw)
         assert_close(y.detach().float(), torch.from_numpy(ry).float(), rtol=2e-3, atol=2e-3, what="y vs reference")
+
+
+def test_size_may_be_any_integer_torch_accepts():
+    x = torch.randn(2, 5, 3)
+    for size in (np.int64(3), torch.tensor(3)):
+        assert torch.equal(NN.LocalResponseNorm(size)(x), F.local_response_norm(x, 3))

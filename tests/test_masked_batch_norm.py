@@ -174,3 +174,28 @@ def test_double_backward_is_exact(training):
         hess.append(torch.autograd.grad(gx.pow(2).sum(), (x,), materialize_grads=True)[0])
     assert_close(hess[0], hess[1])
     assert training is False or hess[0].abs().max() > 1e-3  # not the silent zeros
+
+
+@pytest.mark.parametrize("layer", ["masked", "switchable"])
+def test_backward_keeps_one_full_size_tensor_and_allows_parameter_updates_before_it(layer):
+    """Saved for backward: the input (as torch's batch norm), not a second full-size tensor; and
+    an in-place update of beta (or the mixing logits) between forward and backward is no error."""
+    x = torch.randn(4, 8, 32, requires_grad=True)
+    mask = torch.ones(4, 32, dtype=torch.bool)
+    mask[1, 20:] = False
+    m = NN.MaskedBatchNorm1d(8) if layer == "masked" else NN.SwitchableNorm1d(8)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x, mask) if layer == "masked" else m(x)
+    assert sum(n for n in saved if n >= x.numel()) == x.numel(), saved
+    with torch.no_grad():
+        m.bias.add_(1.0)
+        if layer == "switchable":
+            m.mean_weight.add_(0.1)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -199,10 +199,15 @@ def check_dim(dim: int, ndim: int, op: str) -> int:
 
 
 def check_positive_int(value, op: str, name: str) -> None:
-    """A count (channels, groups, a window size): an int >= 1, not a bool or a float."""
-    import numbers
+    """A count (channels, groups, a window size): an int >= 1 (anything with ``__index__``: a
+    NumPy integer, a 0-d integer tensor), not a bool or a float."""
+    import operator
 
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
         raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
 
 

@@ -205,3 +205,28 @@ def test_double_backward_is_exact(op):
     weight = r(*x.shape)
     (gx,) = torch.autograd.grad((f(x, w, b) * weight).sum(), (x,), create_graph=True)
     assert gx.requires_grad  # a constant incoming gradient still gives a differentiable dx
+
+
+@cpu
+def test_double_backward_of_group_norm_with_a_bias_but_no_weight():
+    """torch's own group_norm backward fails on a bias without a weight; the recompute passes ones."""
+    x, b = leaf(torch.randn(2, 6, 3, dtype=torch.float64)), leaf(torch.randn(6, dtype=torch.float64))
+    assert torch.autograd.gradgradcheck(lambda x, b: kernels.group_norm(x, 3, None, b), (x, b), fast_mode=True)
+
+
+@cpu
+@pytest.mark.parametrize("op", ["layer_norm", "group_norm"])
+def test_create_graph_gradients_of_half_input_match_the_kernels(op):
+    """bfloat16 input with float32 parameters: the recompute runs in float32 as the kernels do, so
+    the first-order gradients with create_graph=True equal the fast backward's within bfloat16."""
+    g = torch.Generator().manual_seed(0)
+    x = leaf(torch.randn(4, 6, 8, generator=g).bfloat16())
+    w, b = leaf(torch.randn(8 if op == "layer_norm" else 6, generator=g)), leaf(torch.randn(8 if op == "layer_norm" else 6, generator=g))
+    f = (lambda x, w, b: kernels.layer_norm(x, (8,), w, b)) if op == "layer_norm" else (
+        lambda x, w, b: kernels.group_norm(x, 3, w, b))
+    dy = torch.randn(4, 6, 8, generator=g).bfloat16()
+    fast = torch.autograd.grad(f(x, w, b), (x, w, b), dy)
+    graph = torch.autograd.grad(f(x, w, b), (x, w, b), dy, create_graph=True)
+    for a, r in zip(graph, fast):
+        assert a.dtype == r.dtype
+        torch.testing.assert_close(a.float(), r.float(), rtol=2e-2, atol=2e-2)

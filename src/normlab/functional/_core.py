@@ -62,6 +62,14 @@ def twice_differentiable(recompute):
     return wrap
 
 
+def upcast_for_recompute(x: torch.Tensor, *params):
+    """``x`` and the parameters in the accumulation dtype, for a double backward's recompute:
+    the kernels take float16/bfloat16 input with float32 parameters, a mix some of torch's
+    own ops refuse on CUDA, and the kernels compute in float32 anyway."""
+    acc = acc_dtype(x.dtype)
+    return (x.to(acc),) + tuple(None if p is None else p.to(acc) for p in params)
+
+
 def per_channel(p: Optional[torch.Tensor], ndim: int) -> Optional[torch.Tensor]:
     """A (C,) vector viewed as (1, C, 1, ...) for an ``ndim``-D input."""
     return None if p is None else p.view((1, -1) + (1,) * (ndim - 2))

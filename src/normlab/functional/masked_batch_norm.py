@@ -36,17 +36,18 @@ def masked_batch_norm_composite(x, valid, weight, bias, fixed, eps):
 
 
 def _recompute(ctx):
-    _, m, _, weight, bias, x = ctx.saved_tensors
-    y = masked_batch_norm_composite(x, m != 0, weight, bias, ctx.fixed, ctx.eps)
-    return y, (x, None, weight, bias) + (None,) * 6
+    x, m, _, _, weight = ctx.saved_tensors
+    y = masked_batch_norm_composite(x, m != 0, weight, ctx.bias, ctx.fixed, ctx.eps)
+    return y, (x, None, weight, ctx.bias) + (None,) * 6
 
 
 class _MaskedBatchNorm(torch.autograd.Function):
     """Forward and the closed-form backward over the valid positions,
     ``dx = gamma rstd (dy - mean(dy) - xhat mean(dy xhat))`` (means over valid positions, 0 at
     padding), written to touch each full-size tensor as few times as possible: masked sums
-    are batched matrix-vector products with the mask, and the centred input ``d = (x - mean) m``
-    is kept instead of ``xhat``."""
+    are batched matrix-vector products with the mask, the output is formed in place of the
+    centred input ``d = (x - mean) m``, and the backward recomputes ``d`` from the saved input
+    (one pass) rather than keeping a second full-size tensor alive, as torch's batch norm does."""
 
     @staticmethod
     def forward(ctx, x, m, weight, bias, running_mean, running_var, batch_stats, momentum, eps, count):
@@ -69,16 +70,16 @@ class _MaskedBatchNorm(torch.autograd.Function):
         else:
             mean, var = running_mean.to(acc).view(1, c, 1), running_var.to(acc).view(1, c, 1)
             d = (xa - mean).masked_fill_(pad, 0)
-        # the statistics a double backward holds fixed (evaluation), copied: the running
-        # buffers may move before the backward runs
-        ctx.fixed = None if batch_stats else (mean.detach().view(c).clone(), var.detach().view(c).clone())
-        ctx.eps = eps
+            mean = mean.clone()  # the running buffer may move before the backward runs
+        # the statistics a double backward holds fixed (evaluation), only when a backward can come
+        ctx.fixed = None if batch_stats or not any(ctx.needs_input_grad) else (mean.view(c), var.view(c).clone())
+        ctx.eps, ctx.bias = eps, bias  # bias: for a double backward only (no gradient depends on its value)
         rstd = (var + eps).rsqrt_()
         scale = rstd if weight is None else rstd * weight.to(acc).view(1, c, 1)
-        y = d * scale
+        y = d.mul_(scale)  # d is this call's own tensor
         if bias is not None:
             y.addcmul_(m3, bias.to(acc).view(1, c, 1))
-        ctx.save_for_backward(d, m, rstd, weight, bias, x)
+        ctx.save_for_backward(x, m, mean, rstd, weight)
         ctx.batch_stats, ctx.count, ctx.in_dtype = batch_stats, count, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.to(x.dtype)
@@ -86,9 +87,11 @@ class _MaskedBatchNorm(torch.autograd.Function):
     @staticmethod
     @twice_differentiable(_recompute)
     def backward(ctx, dy):
-        d, m, rstd, weight, _, _ = ctx.saved_tensors
-        n, c, length = d.shape
+        x, m, mean, rstd, weight = ctx.saved_tensors
+        n, c, length = x.shape
         m3 = m.view(n, 1, length)
+        pad = m3 == 0
+        d = (x.to(rstd.dtype) - mean).masked_fill_(pad, 0)  # whatever padding holds becomes 0
         dy = dy.to(d.dtype)
         s_dy = torch.bmm(dy, m.view(n, length, 1)).sum(dim=0).view(1, c, 1)  # sum of dy over valid positions
         s_dyd = torch.linalg.vecdot(dy, d, dim=2).sum(dim=0).view(1, c, 1)  # d is 0 at padding
@@ -102,9 +105,9 @@ class _MaskedBatchNorm(torch.autograd.Function):
                 k = ctx.count
                 # dx = scale (dy - s_dy/k - d rstd^2 s_dyd/k) at valid positions, 0 at padding
                 dx = torch.addcmul(-scale * s_dy / k, d, -scale * rstd * rstd * s_dyd / k)
-                dx.addcmul_(dy, scale).mul_(m3)
+                dx.addcmul_(dy, scale).masked_fill_(pad, 0)
             else:
-                dx = (dy * scale).mul_(m3)
+                dx = (dy * scale).masked_fill_(pad, 0)
             dx = dx.to(ctx.in_dtype)
         return dx, None, dweight, dbias, None, None, None, None, None, None
 

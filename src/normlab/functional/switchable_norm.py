@@ -42,7 +42,8 @@ def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_
 def _recompute(ctx):
     """The forward in plain differentiable torch ops, for a double backward (running statistics,
     when the BN branch used them, held fixed as they were in the forward)."""
-    _, weight, x, bias, mean_weight, var_weight = ctx.saved_tensors
+    x, weight, _ = ctx.saved_tensors
+    bias, mean_weight, var_weight = ctx.params
     n, c = x.shape[:2]
     x2 = x.reshape(n * c, -1).to(acc_dtype(x.dtype))
     mu_in = x2.mean(dim=1, keepdim=True)
@@ -67,7 +68,7 @@ class _SwitchableNorm(torch.autograd.Function):
         x2 = x.reshape(n * c, -1).to(acc)
         s = x2.shape[1]
         mu_in = x2.mean(dim=1, keepdim=True)
-        d = x2 - mu_in  # centred rows, kept for backward
+        d = x2 - mu_in  # centred rows (the output is formed in place of them)
         var_in = torch.linalg.vecdot(d, d, dim=1).unsqueeze(1) / s
         # Mix means relative to a pivot (their average; every mean shifts with it and the output
         # does not depend on it): mixing values near 1000 in float32 rounds them by ~1e-4, which
@@ -88,9 +89,16 @@ class _SwitchableNorm(torch.autograd.Function):
         offset = (mu_rel - mean.detach()) * scale  # y = d * scale + offset + bias
         if bias is not None:
             offset = offset + bias.to(acc)
-        y = torch.addcmul(offset.reshape(-1, 1), d, scale.reshape(-1, 1))
-        ctx.save_for_backward(d, weight, x, bias, mean_weight, var_weight)
-        ctx.fixed = None if use_batch else (running_mean.detach().to(acc).clone(), running_var.detach().to(acc).clone())
+        y = torch.addcmul(offset.reshape(-1, 1), d, scale.reshape(-1, 1), out=d)
+        # the input, not d: the backward recomputes d (one pass) instead of keeping a second
+        # full-size tensor alive, as torch's own norms do
+        ctx.save_for_backward(x, weight, mu_in)
+        # for a double backward only: beta and the logits as plain references (saved tensors
+        # would make an in-place update before the backward an error, which the first-order
+        # backward, working on copies, does not need), the running statistics as they were
+        ctx.params = (bias, mean_weight, var_weight)
+        ctx.fixed = None if use_batch or not any(ctx.needs_input_grad) else (
+            running_mean.detach().to(acc).clone(), running_var.detach().to(acc).clone())
         ctx.eps = eps
         ctx.small = (leaves, mean, var, rstd, scale, mu_rel)
         ctx.meta = (x.shape, x.dtype, bias is not None)
@@ -99,10 +107,11 @@ class _SwitchableNorm(torch.autograd.Function):
     @staticmethod
     @twice_differentiable(_recompute)
     def backward(ctx, dy):
-        d, weight = ctx.saved_tensors[:2]
+        x, weight, mu_in = ctx.saved_tensors
         leaves, mean, var, rstd, scale, mu_rel = ctx.small
         shape, dtype, has_bias = ctx.meta
         n, c = shape[:2]
+        d = x.reshape(n * c, -1).to(mu_in.dtype) - mu_in
         s = d.shape[1]
         dy2 = dy.reshape(n * c, -1).to(d.dtype)
         s_dy = dy2.sum(dim=1).view(n, c)

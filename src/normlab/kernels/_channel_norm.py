@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normlab.functional._core import twice_differentiable
+from normlab.functional._core import twice_differentiable, upcast_for_recompute
 from normlab.kernels._common import (
     _ADD,
     Launch,
@@ -766,18 +766,22 @@ def _recompute(ctx):
     """The forward as differentiable torch ops on the saved inputs, for a double backward:
     group norm, batch norm with the batch's statistics or, in evaluation, the running ones as
     they were in the forward, masked batch norm over the valid positions."""
-    x, weight, m, _, bias = ctx.saved_tensors
+    x, weight, m, _ = ctx.saved_tensors
+    bias = ctx.bias
     F = torch.nn.functional
+    xa, w, b = upcast_for_recompute(x, weight, bias)  # in float32 for half input, as the kernels compute
     if not ctx.batch:
-        y = F.group_norm(x, ctx.num_groups, weight, bias, ctx.eps)
+        if w is None and b is not None:  # torch's group_norm backward fails on a bias without a weight
+            w = torch.ones_like(b)
+        y = F.group_norm(xa, ctx.num_groups, w, b, ctx.eps)
     elif m is not None:
         from normlab.functional.masked_batch_norm import masked_batch_norm_composite
 
-        y = masked_batch_norm_composite(x, m.view(torch.bool), weight, bias, ctx.fixed, ctx.eps)
+        y = masked_batch_norm_composite(xa, m.view(torch.bool), w, b, ctx.fixed, ctx.eps)
     else:
         rm, rv = ctx.fixed if ctx.fixed is not None else (None, None)
-        y = F.batch_norm(x, rm, rv, weight, bias, ctx.fixed is None, 0.0, ctx.eps)
-    return y, (x, weight, bias) + (None,) * 8
+        y = F.batch_norm(xa, rm, rv, w, b, ctx.fixed is None, 0.0, ctx.eps)
+    return y.to(x.dtype), (x, weight, bias) + (None,) * 8
 
 
 class ChannelNormFunction(torch.autograd.Function):
@@ -793,17 +797,21 @@ class ChannelNormFunction(torch.autograd.Function):
         m = None if mask is None else mask.contiguous().view(torch.uint8)
         f = forward_plan(x, num_groups, batch, training, m, weight, bias, running_mean, running_var)
         y, stats = forward(f, x, m, weight, bias, running_mean, running_var, float(momentum or 0.0), eps)
-        ctx.save_for_backward(x, weight, m, stats, bias)
+        ctx.save_for_backward(x, weight, m, stats)
         ctx.plan = f
-        ctx.batch, ctx.num_groups, ctx.eps = batch, num_groups, eps
-        # evaluation statistics a double backward holds fixed, copied (the buffers may move)
-        ctx.fixed = None if not batch or training else (running_mean.detach().clone(), running_var.detach().clone())
+        # a double backward's recompute only: bias as a plain reference (no gradient depends on
+        # its value; saving it would make an in-place update before the backward an error), and
+        # the evaluation statistics it holds fixed, copied (the buffers may move) when a
+        # backward can come at all
+        ctx.batch, ctx.num_groups, ctx.eps, ctx.bias = batch, num_groups, eps, bias
+        ctx.fixed = None if not batch or training or not any(ctx.needs_input_grad) else (
+            running_mean.detach().to(acc_torch(x.dtype)).clone(), running_var.detach().to(acc_torch(x.dtype)).clone())
         return y
 
     @staticmethod
     @twice_differentiable(_recompute)
     def backward(ctx, dy):
-        x, weight, m, stats, _ = ctx.saved_tensors
+        x, weight, m, stats = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dw, db = backward(ctx.plan, dy, x, m, stats, weight, need[1], need[2])
         return dx, dw, db, None, None, None, None, None, None, None, None

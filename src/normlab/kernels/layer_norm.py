@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normlab.functional._core import twice_differentiable
+from normlab.functional._core import twice_differentiable, upcast_for_recompute
 from normlab.kernels._common import (
     _ADD,
     Launch,
@@ -399,15 +399,17 @@ def backward(dy2, x2, weight, bias, mean, rstd, rms: bool, need_dw: bool, need_d
 # Autograd
 # ----------------------------------------------------------------------------------------
 def _recompute(ctx):
-    """LN (or RMS norm) as torch's differentiable op on the saved inputs, for a double backward."""
-    x, weight, _, bias = ctx.saved_tensors
-    N = ctx.plan_n
-    w = None if weight is None else weight.reshape(N)
+    """LN (or RMS norm) as torch's differentiable op on the saved inputs, for a double backward
+    (in the accumulation dtype, as the kernels compute)."""
+    x, weight, _ = ctx.saved_tensors
+    bias, N = ctx.bias, ctx.plan_n
+    xa, w, b = upcast_for_recompute(x, weight, bias)
+    w = None if w is None else w.reshape(N)
     if ctx.rms:
-        y = torch.nn.functional.rms_norm(x.reshape(-1, N), (N,), w, ctx.eps)
-        return y.view(x.shape), (x, None, weight, None)
-    y = torch.nn.functional.layer_norm(x.reshape(-1, N), (N,), w, None if bias is None else bias.reshape(N), ctx.eps)
-    return y.view(x.shape), (x, None, weight, bias, None)
+        y = torch.nn.functional.rms_norm(xa.reshape(-1, N), (N,), w, ctx.eps)
+        return y.view(x.shape).to(x.dtype), (x, None, weight, None)
+    y = torch.nn.functional.layer_norm(xa.reshape(-1, N), (N,), w, None if b is None else b.reshape(N), ctx.eps)
+    return y.view(x.shape).to(x.dtype), (x, None, weight, bias, None)
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -418,16 +420,18 @@ class LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, N, weight, bias, eps):
         r = plan(x, N, weight, bias, False)
         y, stats = _forward(r, x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, stats, bias)
+        ctx.save_for_backward(x, weight, stats)
         ctx.plan = r
         ctx.bias_like = None if bias is None else (bias.dtype, bias.shape)
-        ctx.plan_n, ctx.eps, ctx.rms = N, eps, False
+        # a double backward's recompute only: bias as a plain reference (no gradient depends on
+        # its value; saving it would make an in-place update before the backward an error)
+        ctx.plan_n, ctx.eps, ctx.rms, ctx.bias = N, eps, False, bias
         return y
 
     @staticmethod
     @twice_differentiable(_recompute)
     def backward(ctx, dy):
-        x, weight, stats, _ = ctx.saved_tensors
+        x, weight, stats = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, dw, db = _backward(ctx.plan, dy, x, weight, stats, need[2], ctx.bias_like if need[3] else None)
         return dx, None, dw, db, None

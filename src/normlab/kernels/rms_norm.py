@@ -28,15 +28,15 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, N, weight, eps):
         r = plan(x, N, weight, None, True)
         y, rstd = _forward(r, x, weight, None, eps)
-        ctx.save_for_backward(x, weight, rstd, None)
+        ctx.save_for_backward(x, weight, rstd)
         ctx.plan = r
-        ctx.plan_n, ctx.eps, ctx.rms = N, eps, True
+        ctx.plan_n, ctx.eps, ctx.rms, ctx.bias = N, eps, True, None
         return y
 
     @staticmethod
     @twice_differentiable(_recompute)
     def backward(ctx, dy):
-        x, weight, rstd, _ = ctx.saved_tensors
+        x, weight, rstd = ctx.saved_tensors
         dx, dw, _ = _backward(ctx.plan, dy, x, weight, rstd, ctx.needs_input_grad[2])
         return dx, None, dw, None
 
