@@ -10,23 +10,46 @@ short shows the seeds that finished), applies the verdict rule (inconclusive, sa
 with fewer than :data:`~normlab.lab.verdict.MIN_SEEDS` seeds) and draws the plots into
 ``<out>/plots/<experiment>/``. The summary table and each section say how many processes
 trained the runs shown (``--nproc``; 1 for runs stored before it existed).
+
+Plots are drawn only when they may have changed (drawing is most of a cached ``run``'s time).
+Beside them, ``<out>/plots/<experiment>/plots.json`` keeps a key and what the plot function
+returned: each (file, caption) with the file's size and SHA-256. The key (:func:`plot_key`) is a
+hash of everything the plots depend on: the experiment's name, the config shown and its hash, the
+seeds and the exact metrics of every run shown (canonical JSON of the content, not mtimes), the
+summary passed to ``plots``, and the code that draws them (the source of the experiment module,
+of the file defining its ``plots``, of every normlab module it refers to at top level, of
+:mod:`~normlab.lab.plotting`, :mod:`~normlab.lab.verdict` and this module) with the versions of
+normlab, matplotlib, numpy and Python. The plots are reused when the key matches and every listed
+file is there with the recorded size and hash; anything else (no key file, an unreadable or
+malformed one, a missing or changed PNG, a source file that cannot be read) redraws them, never
+an error. The key file is removed before a redraw and written after it succeeds, so a redraw cut
+short never leaves an old key vouching for new files. ``run --force`` redraws when the redone
+runs' metrics differ (a deterministic experiment's come back bit-identical, and so would its
+plots); ``normlab lab report`` applies the same rule (the key covers every input, so always
+redrawing would only cost time): delete ``<out>/plots`` to force a redraw.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import datetime
+import hashlib
 import html
 import json
 import math
 import os
+import platform
+import sys
 import tempfile
 import traceback
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from normlab.lab import experiments, runner
+import normlab
+from normlab.lab import experiments, plotting, runner
+from normlab.lab import verdict as verdict_rules
 from normlab.lab.verdict import INCONCLUSIVE, MIN_SEEDS, Verdict, fmt, too_few_seeds
 
 
@@ -108,12 +131,123 @@ def _section(name: str, groups: dict, out: Path, prefer: Optional[str] = None) -
         few = too_few_seeds(len(runs))  # the label and the reason say so, whatever the module's rule did
         sec.verdict = Verdict(INCONCLUSIVE if len(runs) < MIN_SEEDS else v.label,
                               v.reason if few.strip() in v.reason else v.reason + few)
-        sec.plots = list(sec.exp.module.plots(config, metrics, sec.summary, out / "plots" / name))
+        sec.plots = _plots(sec, config, metrics, out / "plots" / name)
     except Exception as e:  # one broken experiment must not take the report down
         sec.errors.append(f"{type(e).__name__}: {e}")
         sec.errors.append(traceback.format_exc())
         sec.verdict = Verdict(INCONCLUSIVE, f"could not analyse the runs: {type(e).__name__}: {e}")
     return sec
+
+
+# -- plots, redrawn only when they may have changed ----------------------------------------------
+
+PLOT_KEY_FILE = "plots.json"
+
+
+def _plots(sec: Section, config, metrics: list, plot_dir: Path) -> list:
+    """``sec``'s plots as ``[(file, caption)]``: the ones on disk when :func:`plot_key` vouches for
+    them, else drawn by the experiment's ``plots`` into ``plot_dir`` and recorded for next time."""
+    key = plot_key(sec, metrics)
+    cached = _cached_plots(plot_dir, key) if key else None
+    if cached is not None:
+        return cached
+    keyfile = plot_dir / PLOT_KEY_FILE
+    try:
+        keyfile.unlink()  # before drawing: a redraw cut short must not leave an old key over new files
+    except FileNotFoundError:
+        pass
+    plots = list(sec.exp.module.plots(config, metrics, sec.summary, plot_dir))
+    if key and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                   for p in plots):
+        try:
+            files = [[f, c, *_file_digest(plot_dir / f)] for f, c in plots]
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            _write_text(keyfile, json.dumps({"key": key, "plots": files}, indent=1) + "\n")
+        except OSError:  # a listed file that is not there, a read-only folder: redraw next time
+            pass
+    return plots
+
+
+def plot_key(sec: Section, metrics: list) -> Optional[str]:
+    """SHA-256 of everything ``sec``'s plots depend on (see the module docstring), or None when some
+    of it cannot be pinned down (a source file that cannot be read, a summary that is not JSON):
+    then the plots are always drawn."""
+    code = _code_digest(sec.exp.module)
+    if code is None:
+        return None
+    doc = {"experiment": sec.name, "config_hash": sec.config_hash, "config": sec.config,
+           "seeds": [r.seed for r in sec.runs], "metrics": metrics, "summary": sec.summary, "code": code}
+    try:
+        blob = json.dumps(doc, sort_keys=True, allow_nan=True, default=_plain)
+    except (TypeError, ValueError):
+        return None
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _plain(obj):
+    """numpy values as Python ones, for the key's canonical JSON (anything else: TypeError, no caching)."""
+    if hasattr(obj, "tolist") and type(obj).__module__ == "numpy":
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON")
+
+
+def _code_files(module: types.ModuleType) -> Optional[list]:
+    """The source files the plots of ``module`` may run: the module's own, the file defining its
+    ``plots``, every normlab module it refers to at top level (imported modules, functions and
+    classes), plotting, verdict and this module. None when the module or ``plots`` has no file."""
+    files = {plotting.__file__, verdict_rules.__file__, __file__}
+    own = getattr(module, "__file__", None)
+    code = getattr(getattr(module, "plots", None), "__code__", None)
+    if own is None and code is None:
+        return None
+    files.update(f for f in (own, code and code.co_filename) if f)
+    for v in vars(module).values():
+        m = v if isinstance(v, types.ModuleType) else sys.modules.get(getattr(v, "__module__", None) or "")
+        if (m is not None and m is not module and m.__name__.split(".")[0] == "normlab"
+                and getattr(m, "__file__", None)):
+            files.add(m.__file__)
+    return sorted(files)
+
+
+def _code_digest(module: types.ModuleType) -> Optional[str]:
+    import matplotlib
+    import numpy
+
+    files = _code_files(module)
+    if files is None:
+        return None
+    h = hashlib.sha256(json.dumps([normlab.__version__, matplotlib.__version__, numpy.__version__,
+                                   platform.python_version()]).encode())
+    try:
+        for f in files:
+            data = Path(f).read_bytes()
+            h.update(f"{Path(f).name} {len(data)}\n".encode())
+            h.update(data)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> list:
+    data = path.read_bytes()
+    return [len(data), hashlib.sha256(data).hexdigest()]
+
+
+def _cached_plots(plot_dir: Path, key: str) -> Optional[list]:
+    """The ``[(file, caption)]`` recorded with ``key`` when every file is there unchanged, else None."""
+    try:
+        doc = json.loads((plot_dir / PLOT_KEY_FILE).read_text())
+        if not (isinstance(doc, dict) and doc.get("key") == key and isinstance(doc.get("plots"), list)):
+            return None
+        plots = []
+        for entry in doc["plots"]:
+            f, caption, size, digest = entry
+            if not (isinstance(f, str) and isinstance(caption, str)) or _file_digest(plot_dir / f) != [size, digest]:
+                return None
+            plots.append((f, caption))
+        return plots
+    except (OSError, ValueError, TypeError):  # missing, unreadable, not JSON, or not the expected shape
+        return None
 
 
 def build(out, prefer: Optional[dict] = None, failed: tuple = ()) -> Path:
