@@ -166,22 +166,6 @@ def test_eval_output_of_a_sample_does_not_depend_on_the_others(cls, shape, other
     assert torch.equal(x1.grad, grad_alone)
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 5), (4, 3), (2, 3, 2, 2)], ids=str)
-@pytest.mark.parametrize("training", [True, False])
-def test_double_backward_is_exact(shape, training):
-    """Second derivatives through the closed-form backward (gradgradcheck over x, gamma, beta and
-    both logit vectors), and a constant incoming gradient still gives a differentiable dx."""
-    g = torch.Generator().manual_seed(0)
-    c = shape[1]
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    x, w, b, mw, vw = (r(*s).requires_grad_() for s in (shape, (c,), (c,), (3,), (3,)))
-    rm, rv = r(c), r(c).abs() + 0.5
-    f = lambda *a: NF.switchable_norm(a[0], rm.clone(), rv.clone(), *a[1:3], *a[3:], training, 0.1, 1e-5)  # noqa: E731
-    assert torch.autograd.gradgradcheck(f, (x, w, b, mw, vw))
-    (gx,) = torch.autograd.grad((f(x, w, b, mw, vw) * r(*shape)).sum(), (x,), create_graph=True)
-    assert gx.requires_grad
-
-
 def test_bias_false_learns_gamma_only():
     m = NN.SwitchableNorm2d(3, bias=False, dtype=torch.float64)
     assert m.bias is None and "bias=False" in repr(m) and "bias" not in m.state_dict()

@@ -62,6 +62,27 @@ def twice_differentiable(recompute):
     return wrap
 
 
+def first_order_only(what: str):
+    """Decorator for the backward of an ``autograd.Function`` whose closed-form backward keeps
+    less than a double backward needs (the centred input, not the input: that saves a pass and
+    keeps one full-size tensor). With ``create_graph=True`` it raises, naming the layer, where
+    ``once_differentiable`` would return gradients without a graph when the incoming gradient
+    needs none: second derivatives silently zero."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def backward(ctx, *grads):
+            if torch.is_grad_enabled():  # only under create_graph=True
+                raise RuntimeError(
+                    f"{what} has no double backward (create_graph=True, e.g. a gradient penalty or a Hessian-vector "
+                    "product): its backward keeps the centred input, not the input. A model that needs second "
+                    "derivatives through it has to compose the norm from torch ops")
+            return fn(ctx, *grads)
+
+        return backward
+
+    return wrap
+
+
 def upcast_for_recompute(x: torch.Tensor, *params):
     """``x`` and the parameters in the accumulation dtype, for a double backward's recompute:
     the kernels take float16/bfloat16 input with float32 parameters, a mix some of torch's

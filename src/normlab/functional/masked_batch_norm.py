@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 from normlab import _checks
-from normlab.functional._core import acc_dtype, check_channel_input, kernels, twice_differentiable, update_running_, use_kernel
+from normlab.functional._core import acc_dtype, check_channel_input, first_order_only, kernels, update_running_, use_kernel
 from normlab.functional.batch_norm import batch_norm
 
 
@@ -35,19 +35,13 @@ def masked_batch_norm_composite(x, valid, weight, bias, fixed, eps):
     return y.to(x.dtype)
 
 
-def _recompute(ctx):
-    x, m, _, _, weight = ctx.saved_tensors
-    y = masked_batch_norm_composite(x, m != 0, weight, ctx.bias, ctx.fixed, ctx.eps)
-    return y, (x, None, weight, ctx.bias) + (None,) * 6
-
-
 class _MaskedBatchNorm(torch.autograd.Function):
     """Forward and the closed-form backward over the valid positions,
     ``dx = gamma rstd (dy - mean(dy) - xhat mean(dy xhat))`` (means over valid positions, 0 at
     padding), written to touch each full-size tensor as few times as possible: masked sums
-    are batched matrix-vector products with the mask, the output is formed in place of the
-    centred input ``d = (x - mean) m``, and the backward recomputes ``d`` from the saved input
-    (one pass) rather than keeping a second full-size tensor alive, as torch's batch norm does."""
+    are batched matrix-vector products with the mask, and the centred input ``d = (x - mean) m``
+    is kept instead of ``xhat`` (or ``x``: so there is no double backward, see
+    :func:`~normlab.functional._core.first_order_only`)."""
 
     @staticmethod
     def forward(ctx, x, m, weight, bias, running_mean, running_var, batch_stats, momentum, eps, count):
@@ -55,43 +49,43 @@ class _MaskedBatchNorm(torch.autograd.Function):
         acc = acc_dtype(x.dtype)
         xa = x.to(acc)
         m3 = m.view(n, 1, length)
-        pad = m3 == 0
-        # padding is zeroed with masked_fill, not a multiply: NaN * 0 is NaN, and whatever the
-        # padded positions hold (NaN, inf) must not reach the statistics or the output
+        mv = m.view(n, length, 1)
+        # Padding is zeroed by a multiply with the mask (fast; torch's masked_fill with a
+        # broadcast mask is ~20x slower on the CPU), but NaN * 0 is NaN: whatever padded positions
+        # hold (NaN, inf) must not reach the statistics or the output. Such a value turns the
+        # masked sums non-finite, which costs nothing to see where they are computed anyway
+        # (batch statistics) and one matrix-vector pass otherwise; only then is the padding
+        # zeroed with masked_fill first.
+        sums = torch.bmm(xa, mv) if batch_stats else None
+        dirty = not torch.isfinite(sums if batch_stats else torch.bmm(xa, mv)).all()
+        if dirty:
+            xa = xa.masked_fill(m3 == 0, 0)
+            sums = torch.bmm(xa, mv) if batch_stats else None
         if batch_stats:
-            mean = torch.bmm(xa, m.view(n, length, 1)).sum(dim=0).view(1, c, 1) / count
-            if not torch.isfinite(mean).all():  # a NaN or inf somewhere; at padding it must not count
-                xa = xa.masked_fill(pad, 0)
-                mean = torch.bmm(xa, m.view(n, length, 1)).sum(dim=0).view(1, c, 1) / count
-            d = (xa - mean).masked_fill_(pad, 0)
+            mean = sums.sum(dim=0).view(1, c, 1) / count
+            d = (xa - mean).mul_(m3)
             var = torch.linalg.vecdot(d, d, dim=2).sum(dim=0).view(1, c, 1) / count
             if running_mean is not None:
                 update_running_(running_mean, running_var, mean, var, count, momentum)
         else:
             mean, var = running_mean.to(acc).view(1, c, 1), running_var.to(acc).view(1, c, 1)
-            d = (xa - mean).masked_fill_(pad, 0)
-            mean = mean.clone()  # the running buffer may move before the backward runs
-        # the statistics a double backward holds fixed (evaluation), only when a backward can come
-        ctx.fixed = None if batch_stats or not any(ctx.needs_input_grad) else (mean.view(c), var.view(c).clone())
-        ctx.eps, ctx.bias = eps, bias  # bias: for a double backward only (no gradient depends on its value)
+            d = (xa - mean).mul_(m3)
         rstd = (var + eps).rsqrt_()
         scale = rstd if weight is None else rstd * weight.to(acc).view(1, c, 1)
-        y = d.mul_(scale)  # d is this call's own tensor
+        y = d * scale
         if bias is not None:
             y.addcmul_(m3, bias.to(acc).view(1, c, 1))
-        ctx.save_for_backward(x, m, mean, rstd, weight)
+        ctx.save_for_backward(d, m, rstd, weight)
         ctx.batch_stats, ctx.count, ctx.in_dtype = batch_stats, count, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.to(x.dtype)
 
     @staticmethod
-    @twice_differentiable(_recompute)
+    @first_order_only("MaskedBatchNorm1d")
     def backward(ctx, dy):
-        x, m, mean, rstd, weight = ctx.saved_tensors
-        n, c, length = x.shape
+        d, m, rstd, weight = ctx.saved_tensors
+        n, c, length = d.shape
         m3 = m.view(n, 1, length)
-        pad = m3 == 0
-        d = (x.to(rstd.dtype) - mean).masked_fill_(pad, 0)  # whatever padding holds becomes 0
         dy = dy.to(d.dtype)
         s_dy = torch.bmm(dy, m.view(n, length, 1)).sum(dim=0).view(1, c, 1)  # sum of dy over valid positions
         s_dyd = torch.linalg.vecdot(dy, d, dim=2).sum(dim=0).view(1, c, 1)  # d is 0 at padding
@@ -105,9 +99,9 @@ class _MaskedBatchNorm(torch.autograd.Function):
                 k = ctx.count
                 # dx = scale (dy - s_dy/k - d rstd^2 s_dyd/k) at valid positions, 0 at padding
                 dx = torch.addcmul(-scale * s_dy / k, d, -scale * rstd * rstd * s_dyd / k)
-                dx.addcmul_(dy, scale).masked_fill_(pad, 0)
+                dx.addcmul_(dy, scale).mul_(m3)
             else:
-                dx = (dy * scale).masked_fill_(pad, 0)
+                dx = (dy * scale).mul_(m3)
             dx = dx.to(ctx.in_dtype)
         return dx, None, dweight, dbias, None, None, None, None, None, None
 

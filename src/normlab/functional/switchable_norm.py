@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
 from normlab import _checks
-from normlab.functional._core import acc_dtype, check_channel_input, twice_differentiable, update_running_
+from normlab.functional._core import acc_dtype, check_channel_input, first_order_only, update_running_
 
 
 def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_batch: bool, has_spatial: bool):
@@ -39,26 +40,6 @@ def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_
     return mean, var, mu_bn, var_bn
 
 
-def _recompute(ctx):
-    """The forward in plain differentiable torch ops, for a double backward (running statistics,
-    when the BN branch used them, held fixed as they were in the forward)."""
-    x, weight, _ = ctx.saved_tensors
-    bias, mean_weight, var_weight = ctx.params
-    n, c = x.shape[:2]
-    x2 = x.reshape(n * c, -1).to(acc_dtype(x.dtype))
-    mu_in = x2.mean(dim=1, keepdim=True)
-    var_in = (x2 - mu_in).square().mean(dim=1, keepdim=True)
-    rm, rv = ctx.fixed if ctx.fixed is not None else (None, None)
-    mean, var, _, _ = _mix(mu_in.view(n, c), var_in.view(n, c), mean_weight, var_weight, rm, rv, ctx.fixed is None,
-                           x2.shape[1] > 1 or x.dim() > 2)
-    y = (x2 - mean.reshape(-1, 1)) * (var.reshape(-1, 1) + ctx.eps).rsqrt()
-    if weight is not None:
-        y = y * weight.to(y.dtype).repeat(n).view(-1, 1)
-    if bias is not None:
-        y = y + bias.to(y.dtype).repeat(n).view(-1, 1)
-    return y.view(x.shape).to(x.dtype), (x, weight, bias, mean_weight, var_weight) + (None,) * 6
-
-
 class _SwitchableNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch, training,
@@ -68,7 +49,7 @@ class _SwitchableNorm(torch.autograd.Function):
         x2 = x.reshape(n * c, -1).to(acc)
         s = x2.shape[1]
         mu_in = x2.mean(dim=1, keepdim=True)
-        d = x2 - mu_in  # centred rows (the output is formed in place of them)
+        d = x2 - mu_in  # centred rows, kept for backward (not x: so no double backward)
         var_in = torch.linalg.vecdot(d, d, dim=1).unsqueeze(1) / s
         # Mix means relative to a pivot (their average; every mean shifts with it and the output
         # does not depend on it): mixing values near 1000 in float32 rounds them by ~1e-4, which
@@ -89,29 +70,19 @@ class _SwitchableNorm(torch.autograd.Function):
         offset = (mu_rel - mean.detach()) * scale  # y = d * scale + offset + bias
         if bias is not None:
             offset = offset + bias.to(acc)
-        y = torch.addcmul(offset.reshape(-1, 1), d, scale.reshape(-1, 1), out=d)
-        # the input, not d: the backward recomputes d (one pass) instead of keeping a second
-        # full-size tensor alive, as torch's own norms do
-        ctx.save_for_backward(x, weight, mu_in)
-        # for a double backward only: beta and the logits as plain references (saved tensors
-        # would make an in-place update before the backward an error, which the first-order
-        # backward, working on copies, does not need), the running statistics as they were
-        ctx.params = (bias, mean_weight, var_weight)
-        ctx.fixed = None if use_batch or not any(ctx.needs_input_grad) else (
-            running_mean.detach().to(acc).clone(), running_var.detach().to(acc).clone())
-        ctx.eps = eps
+        y = torch.addcmul(offset.reshape(-1, 1), d, scale.reshape(-1, 1))
+        ctx.save_for_backward(d, weight)
         ctx.small = (leaves, mean, var, rstd, scale, mu_rel)
         ctx.meta = (x.shape, x.dtype, bias is not None)
         return y.view(x.shape).to(x.dtype)
 
     @staticmethod
-    @twice_differentiable(_recompute)
+    @first_order_only("SwitchableNorm")
     def backward(ctx, dy):
-        x, weight, mu_in = ctx.saved_tensors
+        d, weight = ctx.saved_tensors
         leaves, mean, var, rstd, scale, mu_rel = ctx.small
         shape, dtype, has_bias = ctx.meta
         n, c = shape[:2]
-        d = x.reshape(n * c, -1).to(mu_in.dtype) - mu_in
         s = d.shape[1]
         dy2 = dy.reshape(n * c, -1).to(d.dtype)
         s_dy = dy2.sum(dim=1).view(n, c)
