@@ -76,6 +76,7 @@ def test_out_of_range_dim_is_refused_in_every_tier_as_torch_does(dim):
         R.weight_norm_forward(randn((4, 3), 0), randn((4, 1), 1), dim)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")  # what made the checkpoint
 def test_loads_a_checkpoint_of_the_older_weight_norm_as_torch_does():
     """torch.nn.utils.weight_norm saved weight_g / weight_v; the parametrized layers load it."""
     torch.manual_seed(0)
