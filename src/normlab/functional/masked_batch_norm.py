@@ -6,13 +6,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
 from normlab import _checks
 from normlab.functional._core import acc_dtype, check_channel_input, first_order_only, kernels, update_running_, use_kernel
 from normlab.functional.batch_norm import batch_norm
 
 
 def masked_batch_norm_composite(x, valid, weight, bias, fixed, eps):
-    """The forward in plain differentiable torch ops (what a double backward differentiates):
+    """The forward in plain differentiable torch ops (what the Triton kernel's double backward
+    differentiates):
     ``valid`` the (N, L) bool mask, ``fixed`` ``(mean, var)`` in evaluation or ``None`` for
     the batch's statistics over the valid positions."""
     acc = acc_dtype(x.dtype)
