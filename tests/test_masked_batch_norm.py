@@ -147,10 +147,18 @@ def test_non_finite_padding_is_ignored(value, training):
         outs.append((y.detach(), xi.grad, m.running_mean.clone(), m.running_var.clone(), ry, rdx))
     for clean, got in zip(*outs):
         assert_close(got, clean)
-    poisoned = x.clone()
-    poisoned[0, 1, 0] = float("nan")  # a valid position: the NaN propagates to its channel
+    poisoned = x.clone().requires_grad_()
+    with torch.no_grad():
+        poisoned[0, 1, 0] = float("nan")  # a valid position: the NaN propagates to its channel
     y = NN.MaskedBatchNorm1d(4, dtype=torch.float64)(poisoned, mask)
+    y.backward(dy)
+    pad = ~mask[:, None, :].expand_as(x)
     assert torch.isnan(y[:, 1][mask]).all() and torch.isfinite(y[:, [0, 2, 3]]).all()
+    # padding still holds 0 and gets no gradient (NaN * 0 would be NaN), in every tier
+    assert (y.detach()[pad] == 0).all() and (poisoned.grad[pad] == 0).all()
+    ry, cache, _ = R.masked_batch_norm_forward(poisoned.detach().numpy(), mask.numpy(), np.ones(4), np.zeros(4))
+    rdx = R.masked_batch_norm_backward(dy.numpy(), cache)[0]
+    assert (ry[pad.numpy()] == 0).all() and (rdx[pad.numpy()] == 0).all()
 
 
 @pytest.mark.parametrize("layer", ["masked", "switchable"])

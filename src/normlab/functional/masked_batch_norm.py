@@ -77,6 +77,9 @@ class _MaskedBatchNorm(torch.autograd.Function):
         y = d * scale
         if bias is not None:
             y.addcmul_(m3, bias.to(acc).view(1, c, 1))
+        if dirty:  # a NaN at a valid position makes its channel's factors NaN: padding must still be 0
+            y.masked_fill_(m3 == 0, 0)
+        ctx.dirty = dirty
         ctx.save_for_backward(d, m, rstd, weight)
         ctx.batch_stats, ctx.count, ctx.in_dtype = batch_stats, count, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -101,9 +104,12 @@ class _MaskedBatchNorm(torch.autograd.Function):
                 k = ctx.count
                 # dx = scale (dy - s_dy/k - d rstd^2 s_dyd/k) at valid positions, 0 at padding
                 dx = torch.addcmul(-scale * s_dy / k, d, -scale * rstd * rstd * s_dyd / k)
-                dx.addcmul_(dy, scale).mul_(m3)
+                dx.addcmul_(dy, scale)
             else:
-                dx = (dy * scale).mul_(m3)
+                dx = dy * scale
+            # padding gets no gradient: a multiply by the mask, or, after non-finite input
+            # (NaN * 0 is NaN), masked_fill
+            dx = dx.masked_fill_(m3 == 0, 0) if ctx.dirty else dx.mul_(m3)
             dx = dx.to(ctx.in_dtype)
         return dx, None, dweight, dbias, None, None, None, None, None, None
 

@@ -209,9 +209,21 @@ def normalize_forward(
         u, xfactor = xhat, 1.0
     if m is not None and (bias is not None or renorm):
         y *= m
+    if m is not None and not np.all(np.isfinite(rstd)):
+        y = zero_masked_out(y, m, rstd)
     cache = NormCache(u, xfactor, rstd, weight, axes, None if weight is None else weight.shape, center, batch_stats,
                       m, count, x.dtype, scale, shift, None if bias is None else bias.shape)
     return y.astype(x.dtype, copy=False), cache, (mean, var, count)
+
+
+def zero_masked_out(a: np.ndarray, mask: np.ndarray, rstd) -> np.ndarray:
+    """``a`` with 0 where ``mask`` is 0: a multiply (in place), or, when a NaN or inf at a counted
+    position made some group's factors (``rstd``) non-finite, ``np.where`` (NaN * 0 is NaN, and
+    masked-out positions must still hold 0)."""
+    if np.all(np.isfinite(rstd)):
+        a *= mask
+        return a
+    return np.where(mask != 0, a, 0)
 
 
 def sum_to_shape(a: np.ndarray, shape: tuple, b: Optional[np.ndarray] = None) -> np.ndarray:
@@ -266,7 +278,7 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
     if not c.batch_stats:
         dx = dy * (factor if w_const else factor * c.weight)
         if sum_mask is not None:
-            dx *= sum_mask
+            dx = zero_masked_out(dx, sum_mask, c.rstd)
         return dx.astype(c.dtype, copy=False), dweight, dbias
     n = c.count
     if w_const:
@@ -280,7 +292,7 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
     dx = np.subtract(g, t, out=t)
     dx *= factor
     if c.mask is not None:
-        dx *= c.mask
+        dx = zero_masked_out(dx, c.mask, c.rstd)
     return dx.astype(c.dtype, copy=False), dweight, dbias
 
 
