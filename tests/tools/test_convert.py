@@ -298,3 +298,28 @@ def test_layer_norm_without_an_example_input_is_assumed_to_normalize_channels_an
     assert convert(nn.Sequential(nn.RMSNorm(8)), "layer")[1][0].notes == ()
     assert convert(nn.Sequential(nn.LayerNorm(8)), "none")[1][0].notes == ()
     assert convert(nn.Sequential(nn.BatchNorm2d(8)), "group:2")[1][0].notes == ()
+
+
+def test_a_registered_target_without_a_bias_argument_gets_its_bias_zeroed_frozen_and_said():
+    """Every built-in spec takes bias=False; a norm added with register_norm may not: then the
+    converted layer's beta is 0 and frozen (it computes as the source did) and the Change says so."""
+    from normlab.nn import factory
+
+    class Scale(nn.Module):
+        def __init__(self, num_features):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+
+        def forward(self, x):
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return x * self.weight.view(shape) + self.bias.view(shape)
+
+    nlnn.register_norm("scale_test", lambda c, dim, arg, kw: Scale(c))
+    try:
+        out, changes = convert(nn.Sequential(nn.BatchNorm1d(4, bias=False)), "scale_test")
+    finally:
+        del factory._REGISTRY["scale_test"]
+    bias = out[0].bias
+    assert not bias.requires_grad and not bias.any()
+    assert any(n.startswith("bias:") and "frozen" in n for n in changes[0].notes), str(changes[0])

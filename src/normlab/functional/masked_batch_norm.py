@@ -58,11 +58,11 @@ class _MaskedBatchNorm(torch.autograd.Function):
         # masked sums non-finite, which costs nothing to see where they are computed anyway
         # (batch statistics) and one matrix-vector pass otherwise; only then is the padding
         # zeroed with masked_fill first.
-        sums = torch.bmm(xa, mv) if batch_stats else None
-        dirty = not torch.isfinite(sums if batch_stats else torch.bmm(xa, mv)).all()
+        sums = torch.bmm(xa, mv)
+        dirty = not torch.isfinite(sums).all()
         if dirty:
             xa = xa.masked_fill(m3 == 0, 0)
-            sums = torch.bmm(xa, mv) if batch_stats else None
+            sums = torch.bmm(xa, mv)
         if batch_stats:
             mean = sums.sum(dim=0).view(1, c, 1) / count
             d = (xa - mean).mul_(m3)

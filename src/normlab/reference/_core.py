@@ -31,6 +31,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from normlab import _checks
+
 
 def acc_dtype(dtype) -> np.dtype:
     """Accumulation dtype: float32 for float16 and float32 input, the input's own for float64 and
@@ -321,8 +323,6 @@ def check_channel_params(x: np.ndarray, op: str, eps, gamma=None, beta=None, run
                          momentum=None) -> None:
     """The argument checks every per-channel reference forward makes: eps >= 0, momentum None or
     in [0, 1], and gamma, beta and the running statistics one value per channel of ``x``."""
-    from normlab import _checks
-
     _checks.check_eps(eps, op)
     _checks.check_momentum(momentum, op)
     stats = {} if running is None else dict(running_mean=running.mean, running_var=running.var)
