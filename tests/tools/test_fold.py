@@ -222,7 +222,22 @@ class _ReadsWeight(nn.Module):  # the forward also reads the conv's weight
         return self.bn(self.conv(x)) + self.conv.weight.sum()
 
 
+def _hooked(where: str) -> nn.Module:
+    """A conv-bn pair with a hook between the two (activation clipping, an observer that scales)."""
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    if where == "conv forward":
+        model[0].register_forward_hook(lambda m, args, out: out.clamp(min=0))
+    elif where == "bn pre-forward":
+        model[1].register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    else:
+        model[1].register_forward_hook(lambda m, args, out: out.clamp(max=0.5))
+    return model
+
+
 UNFOLDABLE = {
+    "hook on the conv's output": (lambda: _hooked("conv forward"), "forward hook on its Conv2d"),
+    "pre-hook on the bn": (lambda: _hooked("bn pre-forward"), "hook on the batch norm"),
+    "hook on the bn's output": (lambda: _hooked("bn forward"), "hook on the batch norm"),
     "tied weight": (_Tied, "weight is shared with another module"),
     "torch spectral_norm": (lambda: nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 3)),
                                                   nn.BatchNorm1d(3)), "weight is computed"),
@@ -246,6 +261,29 @@ def test_pairs_that_cannot_fold_are_left_with_the_reason(case, method):
     folded, report = fold(model, method=method)
     assert not report.folded and len(report.left) == 1 and why in report.left[0][1], report
     assert_same_outputs(model, folded, x, rel=1e-12)
+
+
+def test_a_pre_hook_on_the_conv_does_not_block_the_fold():  # it acts before the pair: still the same model
+    torch.manual_seed(0)
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))).double().eval()
+    model[0].register_forward_pre_hook(lambda m, args: (args[0].clamp(min=0),))
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    folded, report = fold(model)
+    assert report.folded == [("1", "0")]
+    assert_same_outputs(model, folded, x, rel=1e-12)
+
+
+def test_a_global_module_hook_blocks_every_fold():
+    torch.manual_seed(0)
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))).double().eval()
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: out.clamp(min=0) if isinstance(m, nn.Conv2d) else None)
+    try:
+        folded, report = fold(model)
+        assert not report.folded and "global module forward hook" in report.left[0][1]
+        assert_same_outputs(model, folded, torch.randn(2, 3, 4, 4, dtype=torch.float64), rel=1e-12)
+    finally:
+        handle.remove()
 
 
 def test_inplace_fold_through_fx_leaves_the_model_itself_correct():

@@ -145,7 +145,28 @@ def _pair_problem(layer: nn.Module, bn: nn.Module, owners: Dict[int, int]) -> Op
         p = layer._parameters.get(name)
         if p is not None and owners.get(id(p), 0) > 1:
             return f"its layer's {name} is shared with another module (tied weights)"
-    return _why_not_foldable_bn(bn) or _folded(layer, bn)[2]
+    return _hook_problem(layer, bn) or _why_not_foldable_bn(bn) or _folded(layer, bn)[2]
+
+
+def _hook_problem(layer: nn.Module, bn: nn.Module) -> Optional[str]:
+    """Hooks that act between the layer's output and the batch norm's (a forward hook on the
+    layer, any forward or pre-forward hook on the batch norm, a global module hook: clipping,
+    quantization observers, monitors) would see or change different values after folding, and
+    the batch norm's hooks would be lost with it. A pre-forward hook on the layer acts before
+    it and stays valid."""
+    from torch.nn.modules import module as torch_module
+
+    hooks = []
+    if layer._forward_hooks:
+        hooks.append(f"a forward hook on its {type(layer).__name__}")
+    if bn._forward_pre_hooks or bn._forward_hooks:
+        hooks.append("a forward or pre-forward hook on the batch norm")
+    if getattr(torch_module, "_global_forward_hooks", None) or getattr(torch_module, "_global_forward_pre_hooks", None):
+        hooks.append("a global module forward hook (torch.nn.modules.module.register_module_forward_hook)")
+    if not hooks:
+        return None
+    return (f"{' and '.join(hooks)} would see or change other values once the pair is one layer; remove the hooks "
+            f"before folding")
 
 
 def _check_eval(model: nn.Module) -> None:
@@ -347,7 +368,9 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
 
     Never folded (left in place, with the reason in the report): a layer whose weight is a
     parametrization (weight_norm, spectral_norm) or is tied to another module's, a batch
-    norm without running statistics, a layer or batch norm used at several places, and a
+    norm without running statistics, a layer or batch norm used at several places, a pair
+    with a hook between its two halves (a forward hook on the layer, any forward hook on the
+    batch norm, a global module hook: it would see or change other values), and a
     pair whose folded weight or bias overflows the layer's dtype where the originals are
     finite (float16 holds at most 65504: a weight of 1000 over a running variance of 1e-4
     folds to 1e5), which would make the folded layer compute inf where the pair did not.
