@@ -205,6 +205,27 @@ def run_precise(rank, device):
             "training": bn.training, "count": report["1"]}
 
 
+UNEVEN_BATCHES = ((6, 5), (4,))  # precise_bn with a batch more on rank 0: every rank stops after one
+
+
+def run_precise_uneven(rank, device):
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(n, 3, 2, generator=g, dtype=torch.float64) + 10 * rank for n in UNEVEN_BATCHES[rank]]
+    model = nn.Sequential(nlnn.SyncBatchNorm(3)).double().to(device)
+    report = precise_bn(model, [b.to(device) for b in batches])
+    return {"batches": batches, "count": report["0"], "running_mean": model[0].running_mean.cpu().clone(),
+            "running_var": model[0].running_var.cpu().clone()}
+
+
+def run_outside_group(rank, device):
+    """A SyncBatchNorm of the group {rank 0}: rank 0 normalizes alone (a group of one), and rank 1,
+    outside the group, runs plain batch norm, as torch's SyncBatchNorm does."""
+    group = dist.new_group([0])  # every rank must call new_group
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(rank)) * 2 + 1
+    bn = nlnn.SyncBatchNorm(3, process_group=group).double().to(device)
+    return {"x": x, "y": bn(x.to(device)).detach().cpu(), "running_mean": bn.running_mean.cpu().clone()}
+
+
 def run_rank(rank: int, world: int, init_method: str, out_dir: str, device: str = "cpu", backend: str = "gloo"):
     """Everything one rank does; results go to OUT_DIR/rank{rank}.pt."""
     torch.set_num_threads(1)  # two ranks share two cores
@@ -221,6 +242,8 @@ def run_rank(rank: int, world: int, init_method: str, out_dir: str, device: str 
         results["eps_zero"] = run_eps_zero(device)
         results["ddp"] = run_ddp(rank, world, device)
         results["precise"] = run_precise(rank, device)
+        results["precise_uneven"] = run_precise_uneven(rank, device)
+        results["outside_group"] = run_outside_group(rank, device)
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()

@@ -161,6 +161,27 @@ def test_precise_bn_merges_statistics_across_ranks(ranks):
         assert p["momentum"] == 0.25 and p["training"] is True
 
 
+def test_precise_bn_with_a_batch_more_on_one_rank_stops_every_rank_at_the_shortest(ranks):
+    """Rank 0 has two batches, rank 1 one: a SyncBatchNorm gathers on every forward, so rank 0's
+    second forward would pair with rank 1's final merge (the same packet size) and mix them up.
+    Both ranks stop after one batch and agree on that batch's statistics."""
+    first = torch.cat([r["precise_uneven"]["batches"][0] for r in ranks])
+    flat = first.transpose(0, 1).reshape(3, -1)
+    for r in ranks:
+        p = r["precise_uneven"]
+        assert p["count"] == flat.shape[1]
+        torch.testing.assert_close(p["running_mean"], flat.mean(1), **TOL)
+        torch.testing.assert_close(p["running_var"], flat.var(1, unbiased=True), **TOL)
+
+
+def test_a_rank_outside_the_process_group_runs_plain_batch_norm(ranks):
+    for r in ranks:
+        o = r["outside_group"]
+        bn = nn.BatchNorm1d(3).double()
+        torch.testing.assert_close(o["y"], bn(o["x"]), **TOL)
+        torch.testing.assert_close(o["running_mean"], bn.running_mean, **TOL)
+
+
 @pytest.mark.gpu
 def test_two_ranks_on_cuda(tmp_path):
     """The same checks with CUDA tensors, the ranks started by torchrun: NCCL with a GPU per rank, else
@@ -262,3 +283,38 @@ def test_convert_sync_batchnorm_copies_qconfig_as_torch_does():
     root.qconfig = None  # present though None: still copied, as torch does
     out = nlnn.SyncBatchNorm.convert_sync_batchnorm(root)
     assert isinstance(out, nlnn.SyncBatchNorm) and hasattr(out, "qconfig") and out.qconfig is None
+
+
+def test_convert_sync_batchnorm_shares_parameters_and_buffers_as_torch_does():
+    """An optimizer built before the conversion must still train the converted layer (torch
+    assigns the same Parameter and buffer objects; copies would leave the optimizer orphaned)."""
+    # torch's converts only its own BatchNorm (normlab's layers are not its subclasses)
+    for cls, converted in ((nlnn.SyncBatchNorm, (1, 2)), (nn.SyncBatchNorm, (1,))):
+        model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nlnn.BatchNorm1d(4))
+        old = [dict(model[i].named_parameters()) | dict(model[i].named_buffers()) for i in converted]
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        model = cls.convert_sync_batchnorm(model)
+        for i, tensors in zip(converted, old):
+            assert isinstance(model[i], cls)
+            for name, t in tensors.items():
+                assert getattr(model[i], name) is t, (cls, i, name)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        for i in converted:
+            assert torch.equal(model[i].weight, torch.zeros(4))
+
+
+def test_convert_keeps_a_sync_batch_norms_process_group():
+    """A SyncBatchNorm of a subgroup stays in it when converted again (torch's -> normlab's, new
+    settings); an explicit process_group= replaces it. (The group is any object here: it is only
+    stored until a forward in training.)"""
+    from normlab.tools import convert
+
+    group, other = object(), object()
+    model, _ = convert(nn.Sequential(nn.SyncBatchNorm(3, process_group=group)), "sync_batch")
+    assert isinstance(model[0], nlnn.SyncBatchNorm) and model[0].process_group is group
+    model, changes = convert(model, "sync_batch", momentum=0.2)
+    assert model[0].process_group is group and model[0].momentum == 0.2 and changes
+    model, changes = convert(model, "sync_batch", process_group=other)  # same repr, other group: still converted
+    assert model[0].process_group is other and changes

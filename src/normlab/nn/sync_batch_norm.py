@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from normlab import _checks
 from normlab.functional._core import acc_dtype, update_running_
@@ -139,7 +140,8 @@ class SyncBatchNorm(_BatchNorm):
     - Uneven batch sizes per rank; a rank with zero samples sends count 0 (it must still call
       forward and backward, as every rank must for any collective).
     - Evaluation (and ``track_running_stats=False`` in evaluation) communicates nothing.
-    - Without an initialized process group, or in a group of one, it is plain batch norm.
+    - Without an initialized process group, in a group of one, or on a rank that is not in
+      ``process_group``, it is plain batch norm (as torch's).
     - The first training forward checks once that every rank has the same ``num_features``.
     - State dict: batch norm's keys; loads from and into ``BatchNorm*d`` and torch's
       ``SyncBatchNorm``.
@@ -188,10 +190,12 @@ class SyncBatchNorm(_BatchNorm):
         _checks.check_channels(input.shape, self.num_features, name)
 
     def _group_size(self) -> int:
-        """World size of the group to synchronize over; 1 when there is none (then: local batch norm)."""
+        """World size of the group to synchronize over; 1 when there is none (then: local batch
+        norm), and on a rank outside ``process_group`` (where torch's ``get_world_size`` gives -1:
+        torch's SyncBatchNorm runs plain batch norm there too)."""
         if not (dist.is_available() and dist.is_initialized()):
             return 1
-        return dist.get_world_size(self.process_group)
+        return max(dist.get_world_size(self.process_group), 1)
 
     def _check_channels_across_ranks(self, device: torch.device, world_size: int) -> None:
         """Once per group: every rank must have built this layer with the same number of channels."""
@@ -223,18 +227,26 @@ class SyncBatchNorm(_BatchNorm):
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
         """Torch's spelling: every ``BatchNorm*d`` (torch's or normlab's) in ``module`` becomes a
-        :class:`SyncBatchNorm`, parameters and running statistics copied, and a ``qconfig``
-        attribute (quantization) too, as torch does; returns the module.
-        :func:`normlab.tools.convert` does the same and more (and the reverse, ``to="batch"``)."""
+        :class:`SyncBatchNorm` that holds the same parameter and buffer objects (not copies: an
+        optimizer or EMA built before the conversion still updates the live ones) and the same
+        ``qconfig`` attribute (quantization), as torch does; returns the module.
+        :func:`normlab.tools.convert` does the same with copies, and more (and the reverse,
+        ``to="batch"``)."""
         from normlab.tools.convert import convert
 
         # every name each layer has (a shared one has several); Change.name is one of them
-        qconfigs = {name: m.qconfig for name, m in module.named_modules(remove_duplicate=False)
-                    if hasattr(m, "qconfig")}
+        originals = dict(module.named_modules(remove_duplicate=False))
         out, changes = convert(module, "sync_batch", only="batch", process_group=process_group)
         for change in changes:
-            if change.name in qconfigs:
-                (out.get_submodule(change.name) if change.name else out).qconfig = qconfigs[change.name]
+            source, target = originals[change.name], (out.get_submodule(change.name) if change.name else out)
+            for name in ("weight", "bias"):
+                if isinstance(getattr(source, name, None), nn.Parameter) and getattr(target, name, None) is not None:
+                    setattr(target, name, getattr(source, name))
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                if getattr(source, name, None) is not None and getattr(target, name, None) is not None:
+                    setattr(target, name, getattr(source, name))
+            if hasattr(source, "qconfig"):
+                target.qconfig = source.qconfig
         return out
 
 

@@ -202,6 +202,8 @@ def _carried(source: nn.Module, kind: str, target_cls, target_kind: Optional[str
             # None is a setting too (an instance norm's momentum=None: its running statistics never move)
             if value is None or isinstance(value, (bool, int, float)):
                 out[name] = value
+        if "process_group" in accepts and getattr(source, "process_group", None) is not None:
+            out["process_group"] = source.process_group  # a subgroup SyncBatchNorm stays in its subgroup
     return out
 
 
@@ -455,7 +457,8 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
             target = _build(to, seen, module, kind, dict(kwargs))
         except (ValueError, TypeError) as e:
             raise ValueError(f"convert: cannot replace {label} by {to!r}: {e}") from None
-        if type(target) is type(module) and target.extra_repr() == module.extra_repr():
+        if (type(target) is type(module) and target.extra_repr() == module.extra_repr()
+                and getattr(target, "process_group", None) is getattr(module, "process_group", None)):
             continue
         target.to(**_tensors_like(module, model))
         copied, dropped, notes = _copy(module, kind, seen, target)

@@ -89,7 +89,9 @@ def precise_bn(model: nn.Module, batches: Batches, num_batches: int = 200,
     modules keep their mode (call ``model.eval()`` first to run with dropout off, which is
     what evaluation will see). Statistics are accumulated in float64 and merged batch by
     batch with Chan's formula. A normlab ``SyncBatchNorm`` in an initialized process group
-    merges its statistics across ranks too (every rank must call ``precise_bn``). Afterwards
+    merges its statistics across ranks too (every rank must call ``precise_bn``; the ranks
+    agree before each batch, so with unequal batch counts all of them stop at the smallest
+    count, and the returned counts say how many values each layer saw). Afterwards
     each layer's ``momentum``, ``num_batches_tracked`` and mode are what they were; the
     optimizer state and parameters are never touched. No gradients are computed.
 
@@ -142,11 +144,21 @@ def precise_bn(model: nn.Module, batches: Batches, num_batches: int = 200,
             m.train()
             m.momentum = 0.0  # the layers' own running updates leave the buffers as they are
         source = batches() if callable(batches) else batches
+        groups = _sync_groups(layers.values())
+        stopped_by_other_rank = False
         with torch.no_grad():
             for batch in itertools.islice(iter(source), num_batches):
+                if not _every_rank_has_a_batch(groups, True):
+                    stopped_by_other_rank = True
+                    break
                 run(model, batch)
                 used += 1
+            else:  # this rank ran out (or reached num_batches): tell the ranks still going
+                _every_rank_has_a_batch(groups, False)
         if used == 0:
+            if stopped_by_other_rank:
+                raise ValueError("precise_bn: another rank of a SyncBatchNorm's process group had no batch, so no "
+                                 "rank ran any; every rank needs at least one")
             raise ValueError("precise_bn: `batches` yielded no batch (an empty iterator or data loader); it needs at "
                              "least one batch, ideally a few hundred, of training data")
         for name, m in layers.items():
@@ -172,6 +184,35 @@ def precise_bn(model: nn.Module, batches: Batches, num_batches: int = 200,
             m.running_var.copy_(acc.m2 / max(n - 1.0, 1.0))
             out[name] = int(n)
     return out
+
+
+def _sync_groups(layers) -> list:
+    """(process group, device) of each distinct group that a normlab SyncBatchNorm among
+    ``layers`` synchronizes over with more than one rank, in model order (the same on every rank)."""
+    from normlab.nn.sync_batch_norm import SyncBatchNorm
+
+    groups, seen = [], set()
+    for m in layers:
+        if isinstance(m, SyncBatchNorm) and m._group_size() > 1 and id(m.process_group) not in seen:
+            seen.add(id(m.process_group))
+            groups.append((m.process_group, m.running_mean.device))
+    return groups
+
+
+def _every_rank_has_a_batch(groups, mine: bool) -> bool:
+    """Whether every rank of every group has a batch for the next step (one all_reduce per group).
+
+    A SyncBatchNorm in training gathers statistics on every forward, so every rank of its group
+    must run the same number of batches: with one batch more on one rank, its forward would pair
+    with the others' final merge (a packet of the same size) and mix up the statistics. So the
+    ranks agree before each batch and all stop at the shortest rank's count; a rank that has run
+    out (or reached ``num_batches``) answers False once more, then stops."""
+    everyone = mine
+    for group, device in groups:
+        flag = torch.tensor([1.0 if mine else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        everyone = everyone and bool(flag.item())
+    return everyone
 
 
 def _merge_ranks(module: nn.Module, acc: _Moments) -> None:
