@@ -149,3 +149,17 @@ def test_last_run_keeps_the_config_asked_for_of_experiments_the_last_run_left_ou
     report.build(out_dir, prefer={"activations": "0" * 12})  # a run of other experiments
     shown = json.loads((out_dir / "results.json").read_text())["experiments"][fake_experiment]
     assert shown["config_hash"] == a.config_hash
+
+
+def test_a_requested_config_whose_runs_all_failed_is_not_shown_as_an_older_configs_verdict(fake_experiment, out_dir):
+    (a, _), _ = _run(out_dir, fake_experiment, seeds=2)
+    report.build(out_dir, prefer={fake_experiment: a.config_hash})
+    tasks, outcome = _run(out_dir, fake_experiment, seeds=1, sets=["fail_seed=0"])  # every run of it fails
+    assert len(outcome.failed) == 1
+    asked = tasks[0].config_hash
+    for prefer in ({fake_experiment: asked}, None):  # what `run` passes, then `report` alone (last-run.json)
+        html = report.build(out_dir, prefer=prefer).read_text()
+        shown = json.loads((out_dir / "results.json").read_text())["experiments"][fake_experiment]
+        assert shown["config_hash"] == asked and shown["seeds"] == [] and shown["verdict"] == "inconclusive"
+        assert "no finished run of the config the last `run` asked for" in shown["reason"]
+        assert "1 other config(s)" in shown["reason"] and "no finished run" in html

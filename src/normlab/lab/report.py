@@ -3,8 +3,10 @@ from the finished runs on disk.
 
 For each experiment found under ``<out>/runs`` the report takes the config the last ``run``
 asked for (``prefer``, kept in ``<out>/last-run.json``, so ``normlab lab report`` shows the
-same), or, when that config has no finished run on disk, the config whose newest run
-finished last. It summarizes every seed stored for that config (seeds from earlier runs
+same; when that config has no finished run on disk, because its runs failed or were
+interrupted, the section says so and is inconclusive, rather than showing another config's
+verdict as if it answered the settings asked for), or, for an experiment no ``run`` of this
+folder recorded, the config whose newest run finished last. It summarizes every seed stored for that config (seeds from earlier runs
 of the same config count too, so ``--seeds 1`` after ``--seeds 3`` still shows 3; a run cut
 short shows the seeds that finished), applies the verdict rule (inconclusive, saying so,
 with fewer than :data:`~normlab.lab.verdict.MIN_SEEDS` seeds) and draws the plots into
@@ -115,6 +117,8 @@ def _per_seed_keys(exp, config, metrics: list, summary: dict) -> set:
 
 
 def _section(name: str, groups: dict, out: Path, prefer: Optional[str] = None) -> Section:
+    if prefer is not None and prefer not in groups:
+        return _unfinished_section(name, prefer, len(groups))
     h, runs = (prefer, groups[prefer]) if prefer in groups else _latest_group(groups)
     sec = Section(name, None, runs, runs[0].config.get("config", {}), h, other_configs=len(groups) - 1)
     try:
@@ -233,6 +237,22 @@ def _file_digest(path: Path) -> list:
     return [len(data), hashlib.sha256(data).hexdigest()]
 
 
+def _unfinished_section(name: str, requested: str, others: int) -> Section:
+    """The last ``run`` of ``name`` asked for config ``requested`` and none of its runs finished
+    (they failed, or the run was interrupted): the section says so, inconclusive, and shows no
+    older config in its place (its verdict would read as the answer for the settings asked for)."""
+    sec = Section(name, None, [], {}, requested, other_configs=others)
+    try:
+        sec.exp = experiments.get(name)
+    except experiments.ConfigError:
+        pass
+    sec.verdict = Verdict(INCONCLUSIVE, (
+        f"no finished run of the config the last `run` asked for (hash {requested}): its runs failed (tracebacks "
+        f"in errors.log) or were interrupted. {others} other config(s) of this experiment on disk are not shown; "
+        f"run with their settings again to show one (finished runs are reused, not redone)"))
+    return sec
+
+
 def _cached_plots(plot_dir: Path, key: str) -> Optional[list]:
     """The ``[(file, caption)]`` recorded with ``key`` when every file is there unchanged, else None."""
     try:
@@ -254,8 +274,9 @@ def build(out, prefer: Optional[dict] = None, failed: tuple = ()) -> Path:
     """Build ``<out>/index.html`` and ``<out>/results.json`` from the runs on disk; returns the HTML path.
 
     An experiment with runs of several configs shows ``prefer[experiment]`` (a config hash:
-    what the ``run`` command just asked for, cached or not) when given and on disk, else the
-    config whose newest run finished last, with every seed stored for it. ``prefer`` is added
+    what the ``run`` command just asked for, cached or not; inconclusive, saying why, when none
+    of its runs finished), else the config whose newest run finished last, with every seed
+    stored for it. ``prefer`` is added
     to ``<out>/last-run.json`` (:func:`remember`), and a build without it (``normlab lab
     report``) reads it from there. ``failed``: one line per run the command could
     not finish, listed with the report's problems. Raises ``FileNotFoundError`` when there is
@@ -388,6 +409,10 @@ def _section_html(s: Section) -> str:
     if lists:
         p.append("<details><summary>All summary numbers (per seed)</summary><pre>" + e("\n".join(
             f"{k}: {_num(v)}" for k, v in lists)) + "</pre></details>")
+    if not s.runs:  # the config asked for has no finished run (see _unfinished_section)
+        p.append(f"<h3>Config</h3><p class=note>hash <code>{e(s.config_hash)}</code>: no finished run</p>")
+        p.append("</section>")
+        return "\n".join(p)
     docs = s.exp.field_docs() if s.exp else {}
     seeds = ", ".join(str(r.seed) for r in s.runs)
     seconds = ", ".join(f"{r.env.get('seconds') or 0:.1f}" for r in s.runs)
