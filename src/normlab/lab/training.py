@@ -156,7 +156,8 @@ def train(model: nn.Module, data: Tensors, *, steps: int, batch_size: int, lr: f
 
     Test accuracy and loss are measured (eval mode) at each step in ``eval_at`` (step 0 = before
     training). Training stops early when the loss is not finite or exceeds ``diverge_loss``; the
-    remaining evaluation points then repeat the diverged model's accuracy.
+    remaining evaluation points then repeat the diverged model's accuracy, and ``on_eval`` is
+    called on the diverged model at each of them (every list stays as long as ``step``).
 
     Returns a dict of lists keyed ``step``, ``test_acc``, ``test_loss``, ``train_loss`` (the mean
     training loss since the previous point), plus whatever ``on_eval(step, model)`` returns,
@@ -232,6 +233,9 @@ def _train(model, data, *, steps, batch_size, lr, seed, eval_at, optimizer, mome
                 hist["test_acc"].append(acc)
                 hist["test_loss"].append(float("inf"))
                 hist["train_loss"].append(float("nan"))
+                # on_eval's lists must stay as long as "step": it measures the diverged model too
+                for k, v in ((on_eval(s, model) or {}) if on_eval else {}).items():
+                    hist.setdefault(k, []).append(v)
     hist["diverged"] = diverged_step is not None
     hist["diverged_step"] = diverged_step
     hist["final_acc"] = hist["test_acc"][-1]

@@ -53,7 +53,11 @@ def fmt(values: Iterable[float], digits: int = 3, percent: bool = False, signed:
 
 
 def check(values: Sequence[float], bound: float, above: bool = True) -> str:
-    """The label for per-seed ``values`` that the claim says lie above (or below) ``bound``."""
+    """The label for per-seed ``values`` that the claim says lie above (or below) ``bound``.
+
+    A NaN seed (a run that diverged where the quantity needs a trained net) never supports the
+    claim, so the label is at best inconclusive; the mean that decides between not reproduced
+    and inconclusive is over the other seeds (all NaN: not reproduced)."""
     v = np.asarray(list(values), dtype=float)
     if len(v) < MIN_SEEDS:
         return INCONCLUSIVE

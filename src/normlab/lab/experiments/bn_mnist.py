@@ -84,6 +84,8 @@ def run(config: Config, seed: int, progress) -> dict:
         tail = pct[1:]  # statistics are still the initial ones there
         spread = tail[-1, 2] - tail[-1, 0]
         drift = np.abs(tail - tail[-1:]).mean(axis=(0, 1)) / np.maximum(spread, 1e-8)  # per unit
+        if hist["diverged"]:  # the frozen diverged net repeats its percentiles: no drift, but no stability either
+            drift = np.full_like(drift, np.nan)
         hist["pct_unit0"] = pct[:, :, 0]
         hist["drift"] = drift
         out[key] = hist
