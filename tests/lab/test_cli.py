@@ -108,7 +108,14 @@ def test_run_then_report_end_to_end(out_dir):
 
 @pytest.mark.parametrize("setting,needle", [("activations.layers=0", "layers counts something and must be at least 1"),
                                             ("learning-rate.multipliers=", "multipliers must not be empty"),
-                                            ("bn-mnist.evals=0", "evals counts something")])
+                                            ("bn-mnist.evals=0", "evals counts something"),
+                                            ("batch-size.batch_sizes=8,8", "at least 2 different sizes"),
+                                            ("bn-mnist.early_fraction=2", "early_fraction is a fraction"),
+                                            ("bn-mnist.lr=0", "lr is a learning rate and must be positive"),
+                                            ("batch-size.base_lr=-0.1", "base_lr is a learning rate"),
+                                            ("learning-rate.multipliers=1,-1", "multiplier and must be positive"),
+                                            ("bn-mnist.lr=nan", "must be positive and finite"),
+                                            ("bn-mnist.data=padded-seq", "images or signals")])
 def test_counts_and_lists_that_would_fail_inside_a_run_are_refused_up_front(out_dir, setting, needle):
     _bad([setting.split(".")[0], "--set", setting], needle, out_dir)
 

@@ -1,4 +1,5 @@
-"""The lab: claims people cite about normalization, each run as an experiment on real data on a CPU.
+"""The lab: claims people cite about normalization, each run as an experiment on real or generated data on a
+CPU.
 
 - :mod:`normlab.lab.data` — offline data sets (digits, mnist1d, mnist-subset, mnist, padded-seq)
 - :mod:`normlab.lab.models` — MLP, CNN (1d/2d), GRU/LSTM with norms in the cell, tiny transformer

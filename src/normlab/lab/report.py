@@ -369,8 +369,8 @@ def _html(sections, problems, out: Path) -> str:
              f"<style>{_CSS}</style></head><body>",
              "<h1>normlab lab report</h1>",
              f'<p class=note>Generated {e(now)} from the finished runs in <code>{e(str(out / "runs"))}</code>. '
-             "Each claim about normalization is run as an experiment on real data on a CPU; the verdict is decided "
-             "by a rule written in the experiment, over every seed stored for the config shown, earlier runs' too "
+             "Each claim about normalization is run as an experiment on real or generated data on a CPU; the "
+             "verdict is decided by a rule written in the experiment, over every seed stored for the config shown, earlier runs' too "
              "(mean ± sample standard deviation). "
              "<em>reproduced</em>: every seed supports the claim; <em>not reproduced</em>: the mean does not; "
              f"<em>inconclusive</em>: the mean does but some seed does not, or fewer than {MIN_SEEDS} seeds.</p>",

@@ -57,6 +57,9 @@ SCALES = {"smoke": Config(n_train=64, norms=("batch", "group:4"), batch_sizes=(2
 
 
 def validate(config: Config) -> None:
+    if len(set(config.batch_sizes)) < 2:
+        raise ValueError(f"batch_sizes needs at least 2 different sizes (the verdict compares the smallest with the "
+                         f"largest), got {config.batch_sizes}")
     if "batch" not in config.norms or not any(n.startswith("group") for n in config.norms):
         raise ValueError("norms must include 'batch' and a 'group:G' spec (the verdict compares them)")
     for n in config.norms:

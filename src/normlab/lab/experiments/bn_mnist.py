@@ -92,6 +92,11 @@ def run(config: Config, seed: int, progress) -> dict:
     return out
 
 
+def validate(config: Config) -> None:
+    if not 0.0 < config.early_fraction <= 1.0:
+        raise ValueError(f"early_fraction is a fraction of the steps and must be in (0, 1], got {config.early_fraction}")
+
+
 def _early_index(config: Config, steps: list) -> int:
     target = config.early_fraction * config.steps
     return next(i for i, s in enumerate(steps) if s >= target)
