@@ -68,8 +68,10 @@ def test_chunks_blocks_and_loops(monkeypatch):
     monkeypatch.setitem(core.TUNING, "max_channel_block", 4)
     monkeypatch.setitem(core.TUNING, "max_spatial_block", 8)
     monkeypatch.setitem(core.TUNING, "stats_programs_per_sm", 2)
+    monkeypatch.setitem(core.TUNING, "finalize_items", 2)  # dw, db: several steps over each channel's partials
     _steps((3, 6, 5, 7), torch.float64, "cpu", False, steps=1)
     _steps((3, 6, 5, 7), torch.float64, "cpu", True, steps=1)
+    _steps((37, 5), torch.float64, "cpu", False, steps=1)
 
 
 @cpu
@@ -101,6 +103,9 @@ def test_supports():
         kernels.supports("batch_norm", x, rm, None, training=True),
         kernels.supports("batch_norm", x, rm, rv, training=True, momentum=None),
         kernels.supports("batch_norm", x, torch.zeros(4), rv, training=True),
+        kernels.supports("batch_norm", x, rm, torch.ones(4), training=True),
+        kernels.supports("batch_norm", x, rm, rv, torch.ones(4), training=True),
+        kernels.supports("batch_norm", x, rm, rv, None, torch.ones(2), training=True),
         kernels.supports("batch_norm", x.transpose(0, 2), rm, rv),
         kernels.supports("batch_norm", torch.randn(5), None, None, training=True),
     ]:

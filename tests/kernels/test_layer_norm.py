@@ -89,6 +89,14 @@ def test_many_programs_and_steps(prefetch, monkeypatch):
 
 
 @cpu
+def test_dw_db_sum_partials_over_several_blocks(monkeypatch):
+    # More backward programs (dw/db partial rows) than the final sum adds per step, as on a GPU
+    monkeypatch.setitem(ln_mod.TUNING, "bwd_tile", 8)
+    monkeypatch.setitem(ln_mod.TUNING, "partials_block", 4)
+    _check(*_case((70, 8), 8, torch.float64, "cpu"), torch.float64)
+
+
+@cpu
 @pytest.mark.parametrize("affine", [(True, True), (False, False)])
 def test_long_rows_split_over_programs(affine, monkeypatch):
     # The path of N = 16384 on a GPU: columns split over neighbouring backward programs.

@@ -44,6 +44,14 @@ def test_matches_torch(shape, nshape, dtype):
 
 
 @cpu
+def test_dw_sums_partials_over_several_blocks(monkeypatch):
+    # More backward programs (dw partial rows) than the final sum adds per step, as on a GPU
+    monkeypatch.setitem(ln_mod.TUNING, "bwd_tile", 8)
+    monkeypatch.setitem(ln_mod.TUNING, "partials_block", 4)
+    _check(*_case((70, 8), 8, torch.float64, "cpu"), torch.float64)
+
+
+@cpu
 @pytest.mark.parametrize("eps", [None, 1e-6, 0.5])
 def test_eps_and_no_weight(eps):
     _check(*_case((5, 37), 37, torch.float64, "cpu", affine=eps is None), torch.float64, eps=eps)

@@ -438,3 +438,11 @@ def test_values_that_were_not_finite_before_do_not_block_the_fold():
     folded, report = fold(model)
     assert report.folded == [("1", "0")] and not report.left
     assert torch.isinf(folded[0].weight[0, 0]) and torch.isfinite(folded[0].weight[1]).all()
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_bias_fold_adds_follows_the_weights_requires_grad(frozen):
+    conv, bn = nn.Conv2d(2, 3, 1, bias=False), randomize_bn_(nn.BatchNorm2d(3)).eval()
+    conv.weight.requires_grad_(not frozen)
+    fold_pair_(conv, bn)
+    assert isinstance(conv.bias, nn.Parameter) and conv.bias.requires_grad is (not frozen)

@@ -68,6 +68,7 @@ TUNING = {
     "stats_programs_per_sm": 8,  # split positions into chunks until the stats grid is this full
     "num_warps": 8,
     "reverse": True,  # apply kernels walk the tensor backwards (L2 reuse, see module doc)
+    "finalize_items": 256,  # partial sums per channel the gradient finalize kernel adds per loop step
 }
 
 
@@ -693,7 +694,7 @@ class Backward:
             self.finalize = Launch(
                 _finalize_grad_kernel, (nstat + (g.C if (need_dw or need_db) else 0),), 4,
                 REDUCE_N=st.reduce_n, HAS_W=f.w is not None, STAT_GRAD=stat_grad, DW=need_dw, DB=need_db,
-                ACC=f.ACC, BK=BK, BJ=BJ, BI=256,
+                ACC=f.ACC, BK=BK, BJ=BJ, BI=TUNING["finalize_items"],
             )
             self.finalize_ints = (g.N, g.C, p.K, st.G, st.CG, nstat)
         self.apply = Launch(

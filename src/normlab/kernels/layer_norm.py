@@ -67,6 +67,7 @@ TUNING = {
     "elems_per_thread": 16,  # sets num_warps = tile / (32 * this), clamped to [4, 16]
     "fwd_warps": None,  # fixed num_warps instead of the rule above
     "bwd_warps": None,
+    "partials_block": 32,  # backward programs' dw/db partial rows the final sum adds per loop step
 }
 
 
@@ -333,7 +334,8 @@ class Rows:
         total = None
         if has_w or has_b:
             block_c = min(64, next_pow2(N))
-            total = Launch(_sum_partials_kernel, (cdiv(N, block_c), 2), 4, DW=has_w, DB=has_b, BLOCK_P=32, BLOCK_C=block_c)
+            total = Launch(_sum_partials_kernel, (cdiv(N, block_c), 2), 4, DW=has_w, DB=has_b,
+                           BLOCK_P=TUNING["partials_block"], BLOCK_C=block_c)
         return bwd, (M, N, self.stride_x, rows_per_program), total, (blocks, N), (2 * blocks * N if total else 0)
 
 
