@@ -720,7 +720,9 @@ def monitor(model: nn.Module, every: int = 10, path: Optional[str] = None, modul
         model: the model; each forward in training mode is one step.
         every: record steps 0, every, 2·every, ... Default 10.
         path: write JSON Lines here (one line per layer and recorded step); ``None`` keeps
-            the records in memory only (``.records``).
+            the records in memory only (``.records``). Either way ``.records`` holds every
+            record (about 2 KB per layer and recorded step with the default 50 bins): for a
+            long run, raise ``every`` or pass ``modules`` to bound it.
         modules: which layers: ``None`` = every leaf module except Identity, Flatten and
             Dropout; a list of names; or a function ``(name, module) -> bool``.
         **kwargs: ``sample`` (values per layer for percentiles and histograms, default 2048),
