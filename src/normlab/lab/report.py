@@ -6,10 +6,11 @@ asked for (``prefer``, kept in ``<out>/last-run.json``, so ``normlab lab report`
 same; when that config has no finished run on disk, because its runs failed or were
 interrupted, the section says so and is inconclusive, rather than showing another config's
 verdict as if it answered the settings asked for), or, for an experiment no ``run`` of this
-folder recorded, the config whose newest run finished last. It summarizes every seed stored for that config (seeds from earlier runs
-of the same config count too, so ``--seeds 1`` after ``--seeds 3`` still shows 3; a run cut
-short shows the seeds that finished), applies the verdict rule (inconclusive, saying so,
-with fewer than :data:`~normlab.lab.verdict.MIN_SEEDS` seeds) and draws the plots into
+folder recorded, the config whose newest run finished last. It summarizes every seed stored
+for that config (seeds from earlier runs of the same config count too, so ``--seeds 1``
+after ``--seeds 3`` still shows 3; a run cut short shows the seeds that finished), applies
+the verdict rule (inconclusive, saying so, with fewer than
+:data:`~normlab.lab.verdict.MIN_SEEDS` seeds) and draws the plots into
 ``<out>/plots/<experiment>/``. The summary table and each section say how many processes
 trained the runs shown (``--nproc``; 1 for runs stored before it existed).
 
@@ -276,10 +277,9 @@ def build(out, prefer: Optional[dict] = None, failed: tuple = ()) -> Path:
     An experiment with runs of several configs shows ``prefer[experiment]`` (a config hash:
     what the ``run`` command just asked for, cached or not; inconclusive, saying why, when none
     of its runs finished), else the config whose newest run finished last, with every seed
-    stored for it. ``prefer`` is added
-    to ``<out>/last-run.json`` (:func:`remember`), and a build without it (``normlab lab
-    report``) reads it from there. ``failed``: one line per run the command could
-    not finish, listed with the report's problems. Raises ``FileNotFoundError`` when there is
+    stored for it. ``prefer`` is added to ``<out>/last-run.json`` (:func:`remember`), and a
+    build without it (``normlab lab report``) reads it from there. ``failed``: one line per run
+    the command could not finish, listed with the report's problems. Raises ``FileNotFoundError`` when there is
     no finished run at all.
     """
     out = Path(out)
@@ -370,8 +370,8 @@ def _html(sections, problems, out: Path) -> str:
              "<h1>normlab lab report</h1>",
              f'<p class=note>Generated {e(now)} from the finished runs in <code>{e(str(out / "runs"))}</code>. '
              "Each claim about normalization is run as an experiment on real or generated data on a CPU; the "
-             "verdict is decided by a rule written in the experiment, over every seed stored for the config shown, earlier runs' too "
-             "(mean ± sample standard deviation). "
+             "verdict is decided by a rule written in the experiment, over every seed stored for the config shown, "
+             "earlier runs' too (mean ± sample standard deviation). "
              "<em>reproduced</em>: every seed supports the claim; <em>not reproduced</em>: the mean does not; "
              f"<em>inconclusive</em>: the mean does but some seed does not, or fewer than {MIN_SEEDS} seeds.</p>",
              '<h2 id="summary">Summary</h2><table id="summary-table"><thead><tr><th>experiment</th><th>claim</th>'

@@ -172,8 +172,8 @@ class Experiment:
                 raise ConfigError(f"{self.name}: {f.name} must not be empty (default {default})")
             rates = (value,) if f.name == "lr" or f.name.endswith("_lr") else value if f.name == "multipliers" else ()
             if any(not (isinstance(r, (int, float)) and 0 < r < math.inf) for r in rates):
-                raise ConfigError(f"{self.name}: {f.name} is a learning rate{' multiplier' if f.name == 'multipliers' else ''}"
-                                  f" and must be positive and finite, got {value}")
+                what = "learning rate multiplier" if f.name == "multipliers" else "learning rate"
+                raise ConfigError(f"{self.name}: {f.name} is a {what} and must be positive and finite, got {value}")
         if hasattr(config, "data"):
             try:
                 data.check_name(config.data)

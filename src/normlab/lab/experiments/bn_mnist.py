@@ -94,7 +94,8 @@ def run(config: Config, seed: int, progress) -> dict:
 
 def validate(config: Config) -> None:
     if not 0.0 < config.early_fraction <= 1.0:
-        raise ValueError(f"early_fraction is a fraction of the steps and must be in (0, 1], got {config.early_fraction}")
+        raise ValueError(f"early_fraction is a fraction of the steps and must be in (0, 1], "
+                         f"got {config.early_fraction}")
 
 
 def _early_index(config: Config, steps: list) -> int:
