@@ -116,3 +116,103 @@ def test_torch_export_gives_the_eager_results(name):
         m.eval()
     exported = torch.export.export(m, (x,))
     assert torch.allclose(exported.module()(x), m(x), atol=1e-6)
+
+
+def test_torch_export_of_batch_renorm_in_training_without_a_warm_up():
+    """Only the warm-up reads the step counter (a data-dependent Python number); without one
+    the training graph exports, running-statistics update included."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    exported, eager = NN.BatchRenorm2d(3), NN.BatchRenorm2d(3)
+    module = torch.export.export(exported, (x,)).module()
+    torch.testing.assert_close(module(x), eager(x))
+    with pytest.raises(Exception, match="data-dependent"):
+        torch.export.export(NN.BatchRenorm2d(3, warmup_steps=10), (x,))
+
+
+def test_momentum_none_compiles_fullgraph_without_a_recompile_per_step():
+    """The cumulative average's factor 1 / num_batches_tracked stays a tensor: one graph, no
+    recompile at every step (torch's own BatchNorm breaks its graph there)."""
+    from torch._dynamo.utils import counters
+
+    for make in (lambda: NN.BatchNorm1d(4, momentum=None), lambda: NN.BatchRenorm1d(4, momentum=None)):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        eager = torch.nn.Sequential(torch.nn.Linear(4, 4), make())
+        compiled_model = torch.nn.Sequential(torch.nn.Linear(4, 4), make())
+        compiled_model.load_state_dict(eager.state_dict())
+        compiled = torch.compile(compiled_model, fullgraph=True, backend="eager")
+        for _ in range(4):
+            x = torch.randn(8, 4) * 2 + 1
+            torch.testing.assert_close(compiled(x), eager(x))
+        torch.testing.assert_close(compiled_model.state_dict(), eager.state_dict())
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("make,args", [
+    (lambda m: m.BatchNorm1d(4, momentum=None), ()),
+    (lambda m: m.BatchNorm1d(4), ()),
+    (lambda m: m.BatchRenorm1d(4, momentum=None), ()),
+    (lambda m: m.MaskedBatchNorm1d(4, momentum=None), (torch.ones(16, 3, dtype=torch.bool),)),
+], ids=["bn-cumulative", "bn", "renorm-cumulative", "masked-cumulative"])
+def test_non_reentrant_checkpoint_counts_steps_as_torch_does(make, args):
+    """torch counts a step before it computes; a non-reentrant checkpoint whose recompute stops
+    right after the norm (the last op of the region) then moves the statistics and the count
+    twice. The count and, with momentum=None, the running statistics must follow torch's."""
+    from torch.utils.checkpoint import checkpoint
+
+    def train(bn, *args):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(4, 4)
+        for _ in range(3):
+            x = torch.randn(16, 4, 3) * 2 + 1
+            y = checkpoint(lambda x: bn(lin(x.transpose(1, 2)).transpose(1, 2), *args), x, use_reentrant=False)
+            y.square().sum().backward()
+        return bn
+
+    ours = train(make(NN), *args)
+    theirs = train(torch.nn.BatchNorm1d(4, momentum=make(NN).momentum))  # the all-true mask: batch norm
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 6
+    if ours.momentum is None and not isinstance(ours, NN.BatchRenorm1d):
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_switchable_norm_under_checkpoint_moves_its_statistics_once_per_forward_pass(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    sn, lin = NN.SwitchableNorm1d(4), torch.nn.Linear(5, 5)
+    x = (torch.randn(8, 4, 5) * 2 + 1).requires_grad_()
+    checkpoint(lambda x: lin(sn(x)), x, use_reentrant=reentrant).sum().backward()
+    plain = NN.SwitchableNorm1d(4)
+    plain(x)
+    plain(x)  # the forward and checkpoint's one recompute
+    assert int(sn.num_batches_tracked) == 2
+    torch.testing.assert_close(sn.running_mean, plain.running_mean)
+    torch.testing.assert_close(sn.running_var, plain.running_var)
+
+
+@pytest.mark.parametrize("layer", ["masked", "switchable"])
+def test_layers_with_their_own_backward_ignore_autocast_as_torchs_batch_norm_does(layer):
+    """Under CPU bfloat16 autocast, torch ops such as bmm and vecdot drop to bfloat16 even for
+    float32 input; the statistics of a large-mean input then lost ~0.1 in the output."""
+    torch.manual_seed(0)
+    x = (torch.randn(8, 6, 10) + 50.0).requires_grad_()
+    dy = torch.randn(8, 6, 10)
+    mask = torch.arange(10)[None, :] < torch.randint(3, 11, (8, 1))
+
+    def run(autocast):
+        m = NN.MaskedBatchNorm1d(6) if layer == "masked" else NN.SwitchableNorm1d(6)
+        args = (mask,) if layer == "masked" else ()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = m(x, *args)
+            y.backward(dy)
+        return y, x.grad.clone(), m.running_mean.clone(), m.running_var.clone()
+
+    for got, want in zip(run(True), run(False)):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want)

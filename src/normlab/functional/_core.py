@@ -29,6 +29,29 @@ def update_running_(running_mean, running_var, mean, var, count, momentum: float
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def outside_autocast(fn):
+    """Decorator for the ``forward``/``backward`` of an ``autograd.Function`` written with torch
+    ops that accumulates in float32 itself: run it with autocast off on the device of its first
+    tensor argument. Under autocast, ops such as ``bmm`` and ``linalg.vecdot`` would drop to
+    bfloat16/float16 even for float32 input and lose the statistics' accuracy (torch's own
+    batch norm is not autocast either); the output keeps the input's dtype, as torch's does."""
+    @functools.wraps(fn)
+    def run(ctx, x, *args):
+        if not _autocast_enabled(x.device.type):
+            return fn(ctx, x, *args)
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(ctx, x, *args)
+
+    return run
+
+
 def twice_differentiable(recompute):
     """Decorator for the backward of an ``autograd.Function`` with a closed-form backward.
 

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from normlab import _checks
-from normlab.functional._core import acc_dtype, check_channel_input, first_order_only, kernels, update_running_, use_kernel
+from normlab.functional._core import (acc_dtype, check_channel_input, first_order_only, kernels, outside_autocast,
+                                     update_running_, use_kernel)
 from normlab.functional.batch_norm import batch_norm
 
 
@@ -46,6 +47,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
     :func:`~normlab.functional._core.first_order_only`)."""
 
     @staticmethod
+    @outside_autocast
     def forward(ctx, x, m, weight, bias, running_mean, running_var, batch_stats, momentum, eps, count):
         n, c, length = x.shape
         acc = acc_dtype(x.dtype)
@@ -87,6 +89,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     @first_order_only("MaskedBatchNorm1d")
+    @outside_autocast
     def backward(ctx, dy):
         d, m, rstd, weight = ctx.saved_tensors
         n, c, length = d.shape

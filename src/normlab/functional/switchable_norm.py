@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from normlab import _checks
-from normlab.functional._core import acc_dtype, check_channel_input, first_order_only, update_running_
+from normlab.functional._core import acc_dtype, check_channel_input, first_order_only, outside_autocast, update_running_
 
 
 def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_batch: bool, has_spatial: bool):
@@ -42,6 +42,7 @@ def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_
 
 class _SwitchableNorm(torch.autograd.Function):
     @staticmethod
+    @outside_autocast
     def forward(ctx, x, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch, training,
                 momentum, eps):
         n, c = x.shape[:2]
@@ -60,37 +61,45 @@ class _SwitchableNorm(torch.autograd.Function):
         pivot = mu_in.mean() if use_batch else mu_in.view(n, c).mean(dim=1, keepdim=True)
         mu_rel = mu_in.view(n, c) - pivot
         rm_rel = None if running_mean is None else running_mean.to(acc) - pivot
-        with torch.enable_grad():  # the small (N, C) graph, differentiated in backward
-            leaves = [t.detach().requires_grad_() for t in (mu_rel, var_in.view(n, c), mean_weight, var_weight)]
-            mean, var, mu_bn, var_bn = _mix(*leaves, rm_rel, running_var, use_batch, s > 1 or x.dim() > 2)
+        # the small (N, C) mix: computed here without a graph, and again with one in backward
+        # (a graph built here would save its tensors through whatever saved-tensor hooks are
+        # active, e.g. a non-reentrant checkpoint's, whose unpacking reruns this forward)
+        small = (mu_rel, var_in.view(n, c), mean_weight.detach(), var_weight.detach(), rm_rel,
+                 None if use_batch else running_var.detach().clone(), use_batch, s > 1 or x.dim() > 2)
+        mean, var, mu_bn, var_bn = _mix(*small)
         if training and running_mean is not None:
             update_running_(running_mean, running_var, mu_bn.detach() + pivot, var_bn.detach(), n * s, momentum)
-        rstd = (var.detach() + eps).rsqrt()
+        rstd = (var + eps).rsqrt()
         scale = rstd if weight is None else rstd * weight.to(acc)
-        offset = (mu_rel - mean.detach()) * scale  # y = d * scale + offset + bias
+        offset = (mu_rel - mean) * scale  # y = d * scale + offset + bias
         if bias is not None:
             offset = offset + bias.to(acc)
         y = torch.addcmul(offset.reshape(-1, 1), d, scale.reshape(-1, 1))
         ctx.save_for_backward(d, weight)
-        ctx.small = (leaves, mean, var, rstd, scale, mu_rel)
+        ctx.small = (small, mean, rstd, scale)
         ctx.meta = (x.shape, x.dtype, bias is not None)
         return y.view(x.shape).to(x.dtype)
 
     @staticmethod
     @first_order_only("SwitchableNorm")
+    @outside_autocast
     def backward(ctx, dy):
         d, weight = ctx.saved_tensors
-        leaves, mean, var, rstd, scale, mu_rel = ctx.small
+        small, mean, rstd, scale = ctx.small
+        mu_rel = small[0]
         shape, dtype, has_bias = ctx.meta
         n, c = shape[:2]
         s = d.shape[1]
         dy2 = dy.reshape(n * c, -1).to(d.dtype)
         s_dy = dy2.sum(dim=1).view(n, c)
         # sum over a row of dy * (x - mean) = sum(dy * d) + (mu_in - mean) * sum(dy)  (both relative to the pivot)
-        s_dyc = torch.linalg.vecdot(dy2, d, dim=1).view(n, c) + (mu_rel - mean.detach()) * s_dy
+        s_dyc = torch.linalg.vecdot(dy2, d, dim=1).view(n, c) + (mu_rel - mean) * s_dy
         dmean = -scale * s_dy
         dvar = -0.5 * scale * rstd * rstd * s_dyc
-        grads = torch.autograd.grad((mean, var), leaves, (dmean, dvar), allow_unused=True, retain_graph=True)
+        with torch.enable_grad():  # the small (N, C) graph of the mix, rebuilt from what forward kept
+            leaves = [t.detach().requires_grad_() for t in small[:4]]
+            mix_mean, mix_var, _, _ = _mix(*leaves, *small[4:])
+        grads = torch.autograd.grad((mix_mean, mix_var), leaves, (dmean, dvar), allow_unused=True)
         dmu_in, dvar_in, dmw, dvw = (torch.zeros_like(l) if g is None else g for g, l in zip(grads, leaves))
         # dx = dy * scale + d(mu_in)/s + 2 d(var_in) (x - mu_in)/s
         dx = torch.addcmul((dmu_in / s).reshape(-1, 1), d, (2.0 / s * dvar_in).reshape(-1, 1))

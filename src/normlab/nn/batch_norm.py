@@ -68,18 +68,47 @@ class _NormBase(nn.Module):
     def _counts_steps(self) -> bool:
         return self.training and self.track_running_stats and self.num_batches_tracked is not None
 
-    def _momentum_factor(self) -> float:
-        """Weight of this step's statistics in the running average: ``momentum``, or
-        ``1 / num_batches_tracked`` (counting this step) when ``momentum is None``."""
-        if self.momentum is not None:
-            return self.momentum
-        return 1.0 / float(self.num_batches_tracked + 1) if self._counts_steps() else 0.0
+    def _step(self, compute):
+        """``compute(momentum, running_mean, running_var)``: this forward's output, computed with
+        those running buffers (None where the layer has none or does not use them) and
+        ``momentum``, the weight of this step's statistics in them.
 
-    def _count_step(self, output: torch.Tensor) -> torch.Tensor:
-        """Count a training step once its forward pass succeeded (a rejected input moves nothing)."""
-        if self._counts_steps():
-            self.num_batches_tracked.add_(1)
-        return output
+        In training with running statistics the step is counted first, as torch counts it (so a
+        non-reentrant checkpoint whose recompute stops right after the norm counts it again, as
+        it moves the statistics again), and uncounted if the input is refused (ValueError or
+        TypeError, raised before anything moves, where torch's count would move).
+
+        ``momentum=None`` (the cumulative average over ``num_batches_tracked`` steps) runs the
+        step with momentum 1 on copies of the buffers, which then hold this batch's statistics,
+        and weighs those against the buffers with ``1 / num_batches_tracked`` as a tensor: no
+        Python number that changes every step, so ``torch.compile`` neither breaks the graph
+        nor recompiles at every step there. (Copies: torch's batch norm keeps the buffers it
+        was given for its backward, so they must not change in place after it.)
+        """
+        running_mean, running_var = self._running()
+        if not self._counts_steps():
+            return compute(0.0 if self.momentum is None else self.momentum, running_mean, running_var)
+        self.num_batches_tracked.add_(1)
+        cumulative = self.momentum is None and running_mean is not None and running_var is not None
+        batch = None
+        try:
+            if not cumulative:
+                return compute(0.0 if self.momentum is None else self.momentum, running_mean, running_var)
+            batch = running_mean.clone(), running_var.clone()
+            return compute(1.0, *batch)
+        except (ValueError, TypeError):
+            self.num_batches_tracked.sub_(1)
+            batch = None
+            raise
+        finally:
+            # also when the forward is stopped after its statistics moved (a checkpoint's recompute
+            # stops with an exception once the last saved tensor is packed: torch's own update
+            # happened by then); copies that never moved blend back to the old values
+            if batch is not None:
+                with torch.no_grad():  # torch's rule with f = 1 / num_batches_tracked: f * new + (1 - f) * old
+                    f = 1.0 / self.num_batches_tracked.to(torch.float64)
+                    for buf, new in zip((running_mean, running_var), batch):
+                        buf.mul_((1.0 - f).to(buf.dtype)).add_(new * f.to(buf.dtype))
 
     def _running(self):
         """The running buffers to pass on: used in eval, updated in training when tracked."""
@@ -107,9 +136,8 @@ class _NormBase(nn.Module):
 class _BatchNorm(_NormBase):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
-        running_mean, running_var = self._running()
-        return self._count_step(NF.batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                              self._use_batch_stats(), self._momentum_factor(), self.eps))
+        return self._step(lambda momentum, running_mean, running_var: NF.batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, self._use_batch_stats(), momentum, self.eps))
 
 
 _BN_DOC = r"""Batch normalization over a {rank} input {layout} (Ioffe & Szegedy 2015).

@@ -20,7 +20,10 @@ class _BatchRenorm(_NormBase):
         self.rmax, self.dmax, self.warmup_steps = rmax, dmax, warmup_steps
 
     def limits(self) -> tuple:
-        """``(rmax, dmax)`` in force for the next training step (the warm-up ramps them from (1, 0))."""
+        """``(rmax, dmax)`` in force for the next training step (the warm-up ramps them from (1, 0)).
+        Without a warm-up the step count is not read (reading it breaks a ``torch.compile`` graph)."""
+        if self.warmup_steps <= 0:
+            return float(self.rmax), float(self.dmax)
         return renorm_limits(int(self.num_batches_tracked), self.rmax, self.dmax, self.warmup_steps)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -29,8 +32,8 @@ class _BatchRenorm(_NormBase):
             return NF.batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias, False,
                                    0.0, self.eps)
         rmax, dmax = self.limits()
-        return self._count_step(NF.batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                                True, self._momentum_factor(), self.eps, rmax, dmax))
+        return self._step(lambda momentum, running_mean, running_var: NF.batch_renorm(
+            input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps, rmax, dmax))
 
     def extra_repr(self) -> str:
         no_bias = ", bias=False" if self.affine and self.bias is None else ""  # as BatchNorm's bias argument

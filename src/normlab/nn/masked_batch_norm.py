@@ -43,6 +43,6 @@ class MaskedBatchNorm1d(_NormBase):
 
     def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_input(input)
-        running_mean, running_var = self._running()
-        return self._count_step(NF.masked_batch_norm(input, mask, running_mean, running_var, self.weight, self.bias,
-                                                     self._use_batch_stats(), self._momentum_factor(), self.eps))
+        return self._step(lambda momentum, running_mean, running_var: NF.masked_batch_norm(
+            input, mask, running_mean, running_var, self.weight, self.bias, self._use_batch_stats(), momentum,
+            self.eps))

@@ -26,10 +26,9 @@ class _SwitchableNorm(_NormBase):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
-        running_mean, running_var = self._running()
-        return self._count_step(NF.switchable_norm(
+        return self._step(lambda momentum, running_mean, running_var: NF.switchable_norm(
             input, running_mean, running_var, self.weight, self.bias, self.mean_weight, self.var_weight,
-            self._use_batch_stats(), self._momentum_factor(), self.eps))
+            self._use_batch_stats(), momentum, self.eps))
 
     def mixture(self) -> dict:
         """The current softmax weights, ``{"mean": {"IN": .., "LN": .., "BN": ..}, "var": {...}}``:

@@ -219,10 +219,9 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input)
         _checks.check_training_eps(self.eps, type(self).__name__)  # before any collective
         self._check_channels_across_ranks(input.device, world_size)
-        running_mean, running_var = self._running()
-        return self._count_step(_SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, running_mean, running_var, self._momentum_factor(), self.eps,
-            self.process_group, world_size))
+        return self._step(lambda momentum, running_mean, running_var: _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, running_mean, running_var, momentum, self.eps, self.process_group,
+            world_size))
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
