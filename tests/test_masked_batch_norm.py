@@ -203,3 +203,24 @@ def test_backward_keeps_one_full_size_tensor_and_allows_parameter_updates_before
             m.mean_weight.add_(0.1)
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_non_finite_gradient_at_padding_is_ignored():
+    """dy at padded positions never counts (padding gets no gradient): NaN or inf there left the
+    parameter and input gradients NaN on the torch path (NaN * 0 is NaN), not on the kernel's."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, requires_grad=True)
+    mask = torch.arange(6)[None, :] < torch.tensor([[6], [4], [2]])
+    dy = torch.randn(3, 4, 6)
+    clean = dy.masked_fill(~mask[:, None, :], 0)
+    dy = dy.masked_fill(~mask[:, None, :], float("nan"))
+    dy[1, 2, 5] = float("inf")
+    grads = []
+    for g in (dy, clean):
+        bn = NN.MaskedBatchNorm1d(4)
+        x.grad = None
+        bn(x, mask).backward(g)
+        grads.append((x.grad, bn.weight.grad, bn.bias.grad))
+    for got, want in zip(*grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)

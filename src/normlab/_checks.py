@@ -153,10 +153,12 @@ def check_running_args(running_mean, running_var, momentum, training: bool, op: 
 
 
 def check_per_channel(num_channels: int, op: str, **params) -> None:
-    """Each named per-channel tensor or array (weight, bias, running stats) holds one value per channel."""
+    """Each named per-channel tensor or array (weight, bias, running stats) is a vector of one
+    value per channel, as torch requires (a (1, C, 1) weight is refused: torch's kernels fail
+    on it, some only in backward)."""
     for name, p in params.items():
-        if p is not None and math.prod(p.shape) != num_channels:
-            raise ValueError(f"{op}: {name} must have {num_channels} elements (one per channel), "
+        if p is not None and (len(p.shape) != 1 or p.shape[0] != num_channels):
+            raise ValueError(f"{op}: {name} must have shape ({num_channels},) (one value per channel), "
                              f"got shape {tuple(int(s) for s in p.shape)}")
 
 

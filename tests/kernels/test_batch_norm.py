@@ -106,6 +106,7 @@ def test_supports():
         kernels.supports("batch_norm", x, rm, torch.ones(4), training=True),
         kernels.supports("batch_norm", x, rm, rv, torch.ones(4), training=True),
         kernels.supports("batch_norm", x, rm, rv, None, torch.ones(2), training=True),
+        kernels.supports("batch_norm", x, rm, rv, torch.ones(1, 3, 1), training=True),  # 3 values, not a vector
         kernels.supports("batch_norm", x.transpose(0, 2), rm, rv),
         kernels.supports("batch_norm", torch.randn(5), None, None, training=True),
     ]:

@@ -116,3 +116,58 @@ def test_mixed_parameter_dtypes_take_the_torch_path_as_torch_decides():
     assert kernels.supports("layer_norm", x.half(), (6,), torch.ones(6), torch.zeros(6))[0]
     with normlab.backend("triton"), pytest.raises(RuntimeError, match="mixed dtype"):
         N.BatchNorm1d(6)(x.double())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's forward AD scripts its decompositions
+def test_torch_func_transforms_and_forward_ad_take_the_torch_path():
+    """The kernels' autograd.Functions have no jvp or vmap rule: under vmap, torch.func.grad or a
+    dual_level the dispatch picks torch, which supports them, and says why."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+    from torch.func import grad, vmap
+
+    import normlab.functional as NF
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, dtype=torch.float64)
+    w = torch.randn(8, dtype=torch.float64)
+    with normlab.backend("triton"):
+        torch.testing.assert_close(vmap(lambda r: NF.layer_norm(r, (8,), w))(x), F.layer_norm(x, (8,), w))
+        assert normlab.last_choice()[1] == "torch" and "torch.func" in normlab.last_choice()[2]
+        g = grad(lambda w: NF.rms_norm(x, (8,), w).square().sum())(w)
+        torch.testing.assert_close(g, grad(lambda w: F.rms_norm(x, (8,), w).square().sum())(w))
+        t = torch.randn_like(x)
+        with fwAD.dual_level():
+            out = NF.group_norm(fwAD.make_dual(x, t), 2)
+            tangent = fwAD.unpack_dual(out).tangent
+        assert normlab.last_choice()[1] == "torch" and "forward-mode" in normlab.last_choice()[2]
+        with fwAD.dual_level():
+            want = fwAD.unpack_dual(F.group_norm(fwAD.make_dual(x, t), 2)).tangent
+        torch.testing.assert_close(tangent, want)
+        NF.layer_norm(x, (8,), w)  # outside any transform: the kernel again
+        assert normlab.last_choice()[1] == "triton"
+
+
+def test_masked_batch_norm_without_a_running_update_takes_momentum_none_on_the_kernel_path():
+    import normlab.functional as NF
+
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    mask = torch.arange(6)[None, :] < torch.tensor([[6], [4], [2]])
+    with normlab.backend("torch"):
+        want = NF.masked_batch_norm(x, mask, None, None, training=True, momentum=None)
+    with normlab.backend("triton"):
+        got = NF.masked_batch_norm(x, mask, None, None, training=True, momentum=None)
+        assert normlab.last_choice()[1] == "triton"
+    torch.testing.assert_close(got, want)
+
+
+def test_instance_norm_with_running_statistics_records_why_torch_runs_it():
+    import normlab.functional as NF
+
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    with normlab.backend("triton"):
+        NF.layer_norm(x, (5,))
+        NF.instance_norm(x, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                         use_input_stats=False)
+        assert normlab.last_choice()[:2] == ("instance_norm", "torch")
+        assert "use_input_stats=False" in normlab.last_choice()[2]

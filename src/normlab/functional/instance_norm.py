@@ -35,6 +35,9 @@ def instance_norm(
                 return kernels().instance_norm(input, weight, bias, eps)
         else:  # recorded, so last_choice() says why torch runs it
             use_triton("instance_norm", input, lambda: (False, "running statistics: the kernel has none"))
+    else:
+        use_triton("instance_norm", input, lambda: (False, "use_input_stats=False: normalizes with the running "
+                                                           "statistics, which the kernel does not take"))
     if input.dtype in HALF and not input.is_cuda:
         return _upcast(F.instance_norm, input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)

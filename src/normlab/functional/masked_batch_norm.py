@@ -97,6 +97,13 @@ class _MaskedBatchNorm(torch.autograd.Function):
         dy = dy.to(d.dtype)
         s_dy = torch.bmm(dy, m.view(n, length, 1)).sum(dim=0).view(1, c, 1)  # sum of dy over valid positions
         s_dyd = torch.linalg.vecdot(dy, d, dim=2).sum(dim=0).view(1, c, 1)  # d is 0 at padding
+        dirty = ctx.dirty
+        if not (torch.isfinite(s_dy).all() and torch.isfinite(s_dyd).all()):
+            # NaN or inf in dy: at padding it must not count (NaN * 0 is NaN), as in the forward
+            dy = dy.masked_fill(m3 == 0, 0)
+            dirty = True
+            s_dy = torch.bmm(dy, m.view(n, length, 1)).sum(dim=0).view(1, c, 1)
+            s_dyd = torch.linalg.vecdot(dy, d, dim=2).sum(dim=0).view(1, c, 1)
         w = None if weight is None else weight.to(d.dtype).view(1, c, 1)
         scale = rstd if w is None else rstd * w
         dweight = (s_dyd * rstd).view(c).to(weight.dtype) if w is not None and ctx.needs_input_grad[2] else None
@@ -112,7 +119,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
                 dx = dy * scale
             # padding gets no gradient: a multiply by the mask, or, after non-finite input
             # (NaN * 0 is NaN), masked_fill
-            dx = dx.masked_fill_(m3 == 0, 0) if ctx.dirty else dx.mul_(m3)
+            dx = dx.masked_fill_(m3 == 0, 0) if dirty else dx.mul_(m3)
             dx = dx.to(ctx.in_dtype)
         return dx, None, dweight, dbias, None, None, None, None, None, None
 

@@ -86,11 +86,25 @@ def _param(t, name, x, numel):
 _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _transforms_active() -> str:
+    """Why torch.func (vmap, grad, jvp, ...) or forward-mode AD rules the kernels out, or ''.
+    Their autograd.Functions have a closed-form backward only (no jvp, no vmap rule), so
+    such calls take torch's path, which supports them."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is not None and functorch.peek_interpreter_stack() is not None:
+        return "inside a torch.func transform (vmap, grad, jvp ...): the kernels have no rule for it (torch path)"
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        return "forward-mode AD (a dual_level is active): the kernels have no jvp (torch path)"
+    return ""
+
+
 def _common(x):
     if not _backend.triton_available():
         return "triton cannot be imported"
     if not isinstance(x, torch.Tensor):
         return "input is not a tensor"
+    if why := _transforms_active():
+        return why
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} not supported (float16, bfloat16, float32, float64 are)"
     if x.is_cuda:
@@ -170,11 +184,16 @@ def _channel_op(a, op):
             return "eval mode without running statistics"
         if (a.get("running_mean") is None) != (a.get("running_var") is None):
             return "only one of running_mean, running_var given"
-        if not isinstance(a.get("momentum", 0.1), (int, float)):
-            return "momentum is not a number (momentum=None: pass the cumulative factor)"
+        momentum = a.get("momentum", 0.1)
+        if momentum is None and a.get("training", False) and a.get("running_mean") is not None:
+            return "momentum=None with running statistics to update: pass the cumulative factor"
+        if momentum is not None and not isinstance(momentum, (int, float)):
+            return "momentum is not a number"
     for name in ("weight", "bias", "running_mean", "running_var"):
         if name in a and (why := _param(a[name], name, x, C)):
             return why
+        if isinstance(a.get(name), torch.Tensor) and a[name].dim() != 1:
+            return f"{name} has shape {tuple(a[name].shape)}, expected ({C},)"
     return ""
 
 

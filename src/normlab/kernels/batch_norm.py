@@ -13,8 +13,8 @@ In training the batch statistics normalize (biased variance) and, when buffers a
 running statistics normalize and the op is elementwise. Inputs ``(N, C)``, ``(N, C, L)``,
 ``(N, C, H, W)``, ``(N, C, D, H, W)``, contiguous or channels-last; a channels-last input
 folds its batch into its positions, so the statistics kernels see one long run per channel.
-``momentum`` is a number (the functional tier turns ``momentum=None``, the cumulative
-average, into ``1 / num_batches_tracked`` before the call).
+``momentum`` is a number, or None when nothing updates running statistics (the layers turn
+``momentum=None``, the cumulative average, into a factor before the call).
 """
 from __future__ import annotations
 
@@ -24,5 +24,6 @@ from normlab.kernels._channel_norm import ChannelNormFunction
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5):
     """``torch.nn.functional.batch_norm`` on Triton kernels (see ``supports`` for what it takes)."""
     return ChannelNormFunction.apply(
-        x, weight, bias, None, running_mean, running_var, 0, True, bool(training), float(momentum), float(eps)
+        x, weight, bias, None, running_mean, running_var, 0, True, bool(training),
+        0.0 if momentum is None else float(momentum), float(eps),  # None: no running update to weigh
     )

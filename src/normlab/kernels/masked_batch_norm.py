@@ -16,5 +16,6 @@ from normlab.kernels._channel_norm import ChannelNormFunction
 def masked_batch_norm(x, mask, running_mean, running_var, weight=None, bias=None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5):
     """Masked batch norm of ``x`` ``(N, C, L)`` with ``mask`` ``(N, L)`` (True = valid) on Triton kernels."""
     return ChannelNormFunction.apply(
-        x, weight, bias, mask, running_mean, running_var, 0, True, bool(training), float(momentum), float(eps)
+        x, weight, bias, mask, running_mean, running_var, 0, True, bool(training),
+        0.0 if momentum is None else float(momentum), float(eps),  # None: no running update to weigh
     )
