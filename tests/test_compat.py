@@ -216,3 +216,29 @@ def test_layers_with_their_own_backward_ignore_autocast_as_torchs_batch_norm_doe
     for got, want in zip(run(True), run(False)):
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want)
+
+
+def test_momentum_none_in_eager_mode_is_torchs_running_average_bit_for_bit():
+    torch.manual_seed(0)
+    ours, theirs = NN.BatchNorm1d(8, momentum=None), torch.nn.BatchNorm1d(8, momentum=None)
+    for _ in range(60):
+        x = torch.randn(32, 8) * 2 + 3
+        ours(x)
+        theirs(x)
+    assert torch.equal(ours.running_mean, theirs.running_mean) and torch.equal(ours.running_var, theirs.running_var)
+
+
+def test_a_per_channel_parameter_may_be_0_d_for_one_channel_as_in_torch():
+    x = torch.randn(4, 1, 5)
+    w, b = torch.tensor(2.0), torch.tensor(0.5)
+    torch.testing.assert_close(NF.batch_norm(x, None, None, w, b, True), F.batch_norm(x, None, None, w, b, True))
+    torch.testing.assert_close(NF.instance_norm(x, weight=w, bias=b), F.instance_norm(x, weight=w, bias=b))
+
+
+def test_the_reference_takes_per_channel_parameters_of_any_shape_with_one_value_per_channel():
+    import normlab.reference as R
+
+    x = np.random.default_rng(0).standard_normal((4, 3, 5))
+    gamma, beta = np.array([1.5, 2.0, 0.5]), np.array([0.1, -0.2, 0.3])
+    flat = R.batch_norm_forward(x, gamma, beta)[0]
+    np.testing.assert_array_equal(R.batch_norm_forward(x, gamma.reshape(1, 3, 1), beta.reshape(3, 1))[0], flat)

@@ -152,14 +152,19 @@ def check_running_args(running_mean, running_var, momentum, training: bool, op: 
                         f"{momentum!r} (the layers turn momentum=None into the factor 1/num_batches_tracked)")
 
 
-def check_per_channel(num_channels: int, op: str, **params) -> None:
-    """Each named per-channel tensor or array (weight, bias, running stats) is a vector of one
-    value per channel, as torch requires (a (1, C, 1) weight is refused: torch's kernels fail
-    on it, some only in backward)."""
+def check_per_channel(num_channels: int, op: str, any_shape: bool = False, **params) -> None:
+    """Each named per-channel tensor or array (weight, bias, running stats) holds one value per
+    channel: a vector of ``num_channels`` (or a 0-D one when there is one channel), which is
+    what torch's kernels take (a (1, C, 1) weight fails in them, some only in backward).
+    ``any_shape``: any shape with ``num_channels`` elements (the NumPy reference reshapes it)."""
     for name, p in params.items():
-        if p is not None and (len(p.shape) != 1 or p.shape[0] != num_channels):
-            raise ValueError(f"{op}: {name} must have shape ({num_channels},) (one value per channel), "
-                             f"got shape {tuple(int(s) for s in p.shape)}")
+        if p is None:
+            continue
+        shape = tuple(int(s) for s in p.shape)
+        ok = math.prod(shape) == num_channels and (any_shape or len(shape) == 1 or (not shape and num_channels == 1))
+        if not ok:
+            want = f"{num_channels} elements" if any_shape else f"shape ({num_channels},)"
+            raise ValueError(f"{op}: {name} must have {want} (one value per channel), got shape {shape}")
 
 
 def check_param_shape(expected: Sequence[int], op: str, **params) -> None:

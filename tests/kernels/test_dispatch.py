@@ -171,3 +171,17 @@ def test_instance_norm_with_running_statistics_records_why_torch_runs_it():
                          use_input_stats=False)
         assert normlab.last_choice()[:2] == ("instance_norm", "torch")
         assert "use_input_stats=False" in normlab.last_choice()[2]
+
+
+def test_under_torch_compile_the_torch_path_runs_and_says_so():
+    import torch.nn.functional as F
+
+    import normlab.functional as NF
+
+    x = torch.randn(8, 64)
+    with normlab.backend("triton"):
+        NF.layer_norm(x, (64,))
+        assert normlab.last_choice()[1] == "triton"  # eager: the kernel
+        got = torch.compile(lambda t: NF.layer_norm(t, (64,)), fullgraph=True, backend="eager")(x)
+        assert normlab.last_choice()[1] == "torch" and "torch.compile" in normlab.last_choice()[2]
+    torch.testing.assert_close(got, F.layer_norm(x, (64,)))

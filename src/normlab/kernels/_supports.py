@@ -99,6 +99,9 @@ def _transforms_active() -> str:
 
 
 def _common(x):
+    if _backend._compiling():  # (dynamo's tracing also looks like a torch.func transform below)
+        return ("under torch.compile: torch's ops, which the compiler fuses itself (the kernels' launchers are "
+                "not traced; untested under it)")
     if not _backend.triton_available():
         return "triton cannot be imported"
     if not isinstance(x, torch.Tensor):
@@ -192,7 +195,7 @@ def _channel_op(a, op):
     for name in ("weight", "bias", "running_mean", "running_var"):
         if name in a and (why := _param(a[name], name, x, C)):
             return why
-        if isinstance(a.get(name), torch.Tensor) and a[name].dim() != 1:
+        if isinstance(a.get(name), torch.Tensor) and a[name].dim() != 1 and not (a[name].dim() == 0 and C == 1):
             return f"{name} has shape {tuple(a[name].shape)}, expected ({C},)"
     return ""
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from normlab import _checks
+from normlab import _backend, _checks
 from normlab import functional as NF
 from normlab.nn._affine import register_affine, reset_affine
 
@@ -77,13 +77,14 @@ class _NormBase(nn.Module):
         non-reentrant checkpoint whose recompute stops right after the norm counts it again, as
         it moves the statistics again), and uncounted if the input is refused (ValueError or
         TypeError, raised before anything moves, where torch's count would move).
+        ``momentum=None`` (the cumulative average) takes ``1 / num_batches_tracked``, as torch.
 
-        ``momentum=None`` (the cumulative average over ``num_batches_tracked`` steps) runs the
-        step with momentum 1 on copies of the buffers, which then hold this batch's statistics,
-        and weighs those against the buffers with ``1 / num_batches_tracked`` as a tensor: no
-        Python number that changes every step, so ``torch.compile`` neither breaks the graph
-        nor recompiles at every step there. (Copies: torch's batch norm keeps the buffers it
-        was given for its backward, so they must not change in place after it.)
+        Under ``torch.compile`` that Python number would change every step (a recompile each
+        time): there the step runs with momentum 1 on copies of the buffers, which then hold
+        this batch's statistics, and those are weighed against the buffers with the factor as
+        a tensor, in float32 (float64 buffers: float64) and rounded once. (Copies: torch's batch
+        norm keeps the buffers it was given for its backward, so they must not change in place
+        after it.)
         """
         running_mean, running_var = self._running()
         if not self._counts_steps():
@@ -92,8 +93,10 @@ class _NormBase(nn.Module):
         cumulative = self.momentum is None and running_mean is not None and running_var is not None
         batch = None
         try:
-            if not cumulative:
-                return compute(0.0 if self.momentum is None else self.momentum, running_mean, running_var)
+            if not (cumulative and _backend._compiling()):
+                momentum = self.momentum if self.momentum is not None else (
+                    1.0 / float(self.num_batches_tracked) if cumulative else 0.0)
+                return compute(momentum, running_mean, running_var)
             batch = running_mean.clone(), running_var.clone()
             return compute(1.0, *batch)
         except (ValueError, TypeError):
@@ -106,9 +109,10 @@ class _NormBase(nn.Module):
             # happened by then); copies that never moved blend back to the old values
             if batch is not None:
                 with torch.no_grad():  # torch's rule with f = 1 / num_batches_tracked: f * new + (1 - f) * old
-                    f = 1.0 / self.num_batches_tracked.to(torch.float64)
                     for buf, new in zip((running_mean, running_var), batch):
-                        buf.mul_((1.0 - f).to(buf.dtype)).add_(new * f.to(buf.dtype))
+                        acc = torch.float64 if buf.dtype == torch.float64 else torch.float32
+                        f = 1.0 / self.num_batches_tracked.to(acc)
+                        buf.copy_(buf.to(acc) * (1.0 - f) + new.to(acc) * f)
 
     def _running(self):
         """The running buffers to pass on: used in eval, updated in training when tracked."""

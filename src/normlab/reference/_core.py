@@ -326,7 +326,7 @@ def check_channel_params(x: np.ndarray, op: str, eps, gamma=None, beta=None, run
     _checks.check_eps(eps, op)
     _checks.check_momentum(momentum, op)
     stats = {} if running is None else dict(running_mean=running.mean, running_var=running.var)
-    _checks.check_per_channel(x.shape[1], op, gamma=gamma, beta=beta, **stats)
+    _checks.check_per_channel(x.shape[1], op, any_shape=True, gamma=gamma, beta=beta, **stats)
 
 
 def per_channel(p: Optional[np.ndarray], ndim: int, axis: int = 1) -> Optional[np.ndarray]:

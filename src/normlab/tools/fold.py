@@ -162,7 +162,8 @@ def _hook_problem(layer: nn.Module, bn: nn.Module) -> Optional[str]:
     if bn._forward_pre_hooks or bn._forward_hooks:
         hooks.append("a forward or pre-forward hook on the batch norm")
     if getattr(torch_module, "_global_forward_hooks", None) or getattr(torch_module, "_global_forward_pre_hooks", None):
-        hooks.append("a global module forward hook (torch.nn.modules.module.register_module_forward_hook)")
+        hooks.append("a global module forward or pre-forward hook (torch.nn.modules.module."
+                     "register_module_forward_hook / register_module_forward_pre_hook)")
     if not hooks:
         return None
     return (f"{' and '.join(hooks)} would see or change other values once the pair is one layer; remove the hooks "
