@@ -323,3 +323,27 @@ def test_a_registered_target_without_a_bias_argument_gets_its_bias_zeroed_frozen
     bias = out[0].bias
     assert not bias.requires_grad and not bias.any()
     assert any(n.startswith("bias:") and "frozen" in n for n in changes[0].notes), str(changes[0])
+
+
+@pytest.mark.parametrize("spec", ["group:4", "sync_batch", "batch_renorm", "instance"])
+def test_an_optimizer_built_before_the_conversion_still_trains_the_new_layers(spec):
+    """gamma/beta carry over as the source's own Parameters (as after torch's
+    convert_sync_batchnorm): copies would leave an optimizer built before updating orphans."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model[1].weight
+    model, changes = convert(model, spec)
+    assert model[1].weight is before and "weight" in changes[0].copied
+    model(torch.randn(4, 3, 6, 6)).square().sum().backward()
+    old = model[1].weight.detach().clone()
+    opt.step()
+    assert not torch.equal(model[1].weight, old)
+
+
+def test_a_non_layer_norm_inside_a_transformer_encoder_layer_notes_torchs_fast_path():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    _, changes = convert(layer, "rms", only="layer")
+    assert len(changes) == 2 and all("set_fastpath_enabled(False)" in " ".join(c.notes) for c in changes)
+    _, changes = convert(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), "layer", only="layer")
+    assert all("fast path" not in " ".join(c.notes) for c in changes)  # torch's -> normlab's LayerNorm: the same

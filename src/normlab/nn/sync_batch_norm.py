@@ -11,7 +11,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from normlab import _checks
 from normlab.functional._core import acc_dtype, update_running_
@@ -238,10 +237,7 @@ class SyncBatchNorm(_BatchNorm):
         out, changes = convert(module, "sync_batch", only="batch", process_group=process_group)
         for change in changes:
             source, target = originals[change.name], (out.get_submodule(change.name) if change.name else out)
-            for name in ("weight", "bias"):
-                if isinstance(getattr(source, name, None), nn.Parameter) and getattr(target, name, None) is not None:
-                    setattr(target, name, getattr(source, name))
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
+            for name in ("running_mean", "running_var", "num_batches_tracked"):  # (convert shares the parameters)
                 if getattr(source, name, None) is not None and getattr(target, name, None) is not None:
                     setattr(target, name, getattr(source, name))
             if hasattr(source, "qconfig"):

@@ -17,7 +17,10 @@ What it does, for each normalization layer found (torch's or normlab's):
    too, ``None`` included: it means a cumulative average in batch norm but "never update" in
    instance norm, so it is carried only where it keeps its meaning), on the layer's device and
    dtype, in its mode;
-3. copies what means the same on both sides: per-channel γ/β between the channel-wise norms
+3. carries over what means the same on both sides (γ/β as the source's own ``Parameter``
+   objects where shape, dtype and device match, so an optimizer or EMA built before the
+   conversion still updates them, as after ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``;
+   otherwise, and for running statistics, copies): per-channel γ/β between the channel-wise norms
    (batch, sync batch, batch renorm, switchable, masked batch, instance, group, and layer/RMS
    norm over a (N, C) input), element-wise γ/β between layer and RMS norm of the same shape,
    and running statistics (with ``num_batches_tracked``) between the batch-statistics layers
@@ -280,8 +283,11 @@ def _copy(source: nn.Module, kind: str, seen: _Seen, target: nn.Module) -> Tuple
             if q is None:
                 dropped.append(f"{name}: {type(target).__name__} has none")
             elif (src_pc and tgt_pc) or same_elementwise:
-                q.copy_(p)
-                q.requires_grad_(p.requires_grad)
+                if isinstance(p, nn.Parameter) and (p.shape, p.dtype, p.device) == (q.shape, q.dtype, q.device):
+                    setattr(target, name, p)  # the same Parameter: an optimizer built before still trains it
+                else:
+                    q.copy_(p)
+                    q.requires_grad_(p.requires_grad)
                 copied.append(name)
             else:
                 dropped.append(f"{name}: {tuple(p.shape)} element-wise in {type(source).__name__} vs "
@@ -313,6 +319,18 @@ def _copy(source: nn.Module, kind: str, seen: _Seen, target: nn.Module) -> Tuple
                            f"in evaluation too; {type(target).__name__} evaluates with its own, which start at mean 0, "
                            f"var 1 (train it, or run normlab.tools.precise_bn, before evaluating)")
     return tuple(copied), tuple(dropped), tuple(notes)
+
+
+def _fastpath_note(places, target: nn.Module) -> Tuple[str, ...]:
+    """torch's ``TransformerEncoderLayer``, in evaluation without gradients, runs a fused kernel
+    that reads its norms' weight, bias and eps and computes LayerNorm itself, never calling them."""
+    if isinstance(target, (nn.LayerNorm, nlnn.LayerNorm)):
+        return ()  # the fused kernel computes what such a layer computes
+    if not any(isinstance(parent, nn.TransformerEncoderLayer) for _, parent, _ in places):
+        return ()
+    return ("inside torch.nn.TransformerEncoderLayer: its fast path (evaluation without gradients) never calls this "
+            "layer but computes a LayerNorm from its weight, bias and eps (a layer without a bias, such as RMSNorm, "
+            "makes it fail); turn it off with torch.backends.mha.set_fastpath_enabled(False)",)
 
 
 def _layout_note(source: nn.Module, seen: _Seen, target: nn.Module) -> Tuple[str, ...]:
@@ -379,8 +397,9 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
             **kwargs) -> Tuple[nn.Module, List[Change]]:
     """Replace every normalization layer of ``model`` by the kind ``to`` names, in place.
 
-    The replacement has the source's channel count, device, dtype and train/eval mode; γ/β and
-    running statistics are copied where they mean the same (see the module docstring). Every
+    The replacement has the source's channel count, device, dtype and train/eval mode; γ/β
+    (the same ``Parameter`` objects, so an optimizer built before keeps training them) and
+    running statistics (copies) carry over where they mean the same (see the module docstring). Every
     replacement is built before any is put in place, so an error leaves ``model`` untouched.
     Layers that already are what ``to`` builds are left alone. A layer shared at several
     places is replaced by one shared layer.
@@ -420,10 +439,10 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
 
     Examples::
 
-        >>> model, changes = convert(torchvision_resnet, "group:32")       # BN -> GN, gamma/beta kept
-        >>> model, _ = convert(model, "sync_batch")                          # for data-parallel training
+        >>> model, _ = convert(torchvision_resnet, "sync_batch")             # for data-parallel training
         >>> model, _ = convert(model, "batch")                               # and back (torch cannot)
-        >>> model, _ = convert(transformer, "rms", only="layer")
+        >>> model, changes = convert(model, "group:32")                      # BN -> GN, gamma/beta kept
+        >>> model, _ = convert(transformer, "rms", only="layer")             # see the note on torch's fast path
         >>> print(*changes, sep="\\n")
     """
     if not isinstance(to, str) or not to.strip():
@@ -464,7 +483,8 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
         copied, dropped, notes = _copy(module, kind, seen, target)
         target.train(module.training)
         planned[key] = (target, Change(name, _describe(module), _describe(target), copied, dropped,
-                                       notes + _layout_note(module, seen, target)))
+                                       notes + _layout_note(module, seen, target)
+                                       + _fastpath_note(places[key], target)))
     # every replacement exists: now put them in place
     for key, (target, _) in planned.items():
         for _, parent, attr in places[key]:

@@ -369,7 +369,9 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
 
     Never folded (left in place, with the reason in the report): a layer whose weight is a
     parametrization (weight_norm, spectral_norm) or is tied to another module's, a batch
-    norm without running statistics, a layer or batch norm used at several places, a pair
+    norm without running statistics, a layer used at several places (a batch norm used after
+    several layers is folded into each of them by ``"fx"``, which reports each pair, and left
+    by ``"modules"``), a pair
     with a hook between its two halves (a forward hook on the layer, any forward hook on the
     batch norm, a global module hook: it would see or change other values), and a
     pair whose folded weight or bias overflows the layer's dtype where the originals are
