@@ -347,3 +347,12 @@ def test_a_non_layer_norm_inside_a_transformer_encoder_layer_notes_torchs_fast_p
     assert len(changes) == 2 and all("set_fastpath_enabled(False)" in " ".join(c.notes) for c in changes)
     _, changes = convert(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), "layer", only="layer")
     assert all("fast path" not in " ".join(c.notes) for c in changes)  # torch's -> normlab's LayerNorm: the same
+
+
+def test_hooks_on_a_replaced_layer_are_noted_as_not_carried_over():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    model[1].register_forward_hook(lambda m, a, out: None)
+    _, changes = convert(model, "group:4")
+    assert any("forward hook(s) are not carried over" in n for n in changes[0].notes)
+    _, changes = convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), "group:4")
+    assert not any("hook" in n for n in changes[0].notes)

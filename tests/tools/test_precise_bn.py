@@ -136,7 +136,8 @@ def test_masked_batch_norm_counts_only_valid_positions():
 
 def test_layers_without_running_statistics_are_skipped_and_errors_are_clear():
     m = nn.Sequential(nn.BatchNorm1d(3, track_running_stats=False), nn.GroupNorm(1, 3))
-    assert precise_bn(m, [torch.randn(4, 3)]) == {}
+    with pytest.warns(UserWarning, match="no layer with running statistics"):
+        assert precise_bn(m, [torch.randn(4, 3)]) == {}
     with pytest.raises(ValueError, match="yielded no batch"):
         precise_bn(nn.Sequential(nn.BatchNorm1d(3)), iter([]))
     with pytest.raises(ValueError, match="num_batches must be at least 1"):

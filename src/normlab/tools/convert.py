@@ -321,6 +321,17 @@ def _copy(source: nn.Module, kind: str, seen: _Seen, target: nn.Module) -> Tuple
     return tuple(copied), tuple(dropped), tuple(notes)
 
 
+def _hooks_note(source: nn.Module) -> Tuple[str, ...]:
+    """Hooks registered on the replaced layer stay with it, not with its replacement."""
+    kinds = [what for what, hooks in (("forward", source._forward_hooks), ("forward pre", source._forward_pre_hooks),
+                                      ("backward", source._backward_hooks),
+                                      ("backward pre", getattr(source, "_backward_pre_hooks", {}))) if hooks]
+    if not kinds:
+        return ()
+    return (f"hooks: the old layer's {', '.join(kinds)} hook(s) are not carried over; register them on the new "
+            f"layer",)
+
+
 def _fastpath_note(places, target: nn.Module) -> Tuple[str, ...]:
     """torch's ``TransformerEncoderLayer``, in evaluation without gradients, runs a fused kernel
     that reads its norms' weight, bias and eps and computes LayerNorm itself, never calling them."""
@@ -484,7 +495,7 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
         target.train(module.training)
         planned[key] = (target, Change(name, _describe(module), _describe(target), copied, dropped,
                                        notes + _layout_note(module, seen, target)
-                                       + _fastpath_note(places[key], target)))
+                                       + _fastpath_note(places[key], target) + _hooks_note(module)))
     # every replacement exists: now put them in place
     for key, (target, _) in planned.items():
         for _, parent, attr in places[key]:

@@ -9,6 +9,7 @@ batch-statistics layer, the exact mean and unbiased variance of all the values i
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
@@ -120,6 +121,9 @@ def precise_bn(model: nn.Module, batches: Batches, num_batches: int = 200,
     layers = {name: m for name, m in model.named_modules()
               if norm_kind(m) in PRECISE_KINDS and getattr(m, "running_mean", None) is not None}
     if not layers:
+        warnings.warn("precise_bn: the model has no layer with running statistics of its batches (batch norm, "
+                      "sync batch norm, batch renorm, switchable or masked batch norm); nothing to update",
+                      stacklevel=2)
         return {}
     moments = {name: _Moments() for name in layers}
     saved = {name: (m.training, m.momentum, m.num_batches_tracked.clone()
