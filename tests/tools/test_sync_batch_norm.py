@@ -318,3 +318,13 @@ def test_convert_keeps_a_sync_batch_norms_process_group():
     assert model[0].process_group is group and model[0].momentum == 0.2 and changes
     model, changes = convert(model, "sync_batch", process_group=other)  # same repr, other group: still converted
     assert model[0].process_group is other and changes
+
+
+def test_convert_sync_batchnorm_moves_sync_batch_norms_into_the_group_given_as_torch_does():
+    old, new = object(), object()  # any object: the group is only stored until a forward in training
+    for cls in (nlnn.SyncBatchNorm, nn.SyncBatchNorm):
+        model = nn.Sequential(nn.SyncBatchNorm(3, process_group=old), nlnn.SyncBatchNorm(3, process_group=old),
+                              nn.BatchNorm1d(3))
+        model = cls.convert_sync_batchnorm(model, process_group=new)
+        converted = (0, 2) if cls is nn.SyncBatchNorm else (0, 1, 2)  # torch's skips normlab's layers
+        assert all(model[i].process_group is new for i in converted)

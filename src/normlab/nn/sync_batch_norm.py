@@ -224,8 +224,8 @@ class SyncBatchNorm(_BatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
-        """Torch's spelling: every ``BatchNorm*d`` (torch's or normlab's) in ``module`` becomes a
-        :class:`SyncBatchNorm` that holds the same parameter and buffer objects (not copies: an
+        """Torch's spelling: every ``BatchNorm*d`` and ``SyncBatchNorm`` (torch's or normlab's) in
+        ``module`` becomes a :class:`SyncBatchNorm` of ``process_group`` that holds the same parameter and buffer objects (not copies: an
         optimizer or EMA built before the conversion still updates the live ones) and the same
         ``qconfig`` attribute (quantization), as torch does; returns the module.
         :func:`normlab.tools.convert` does the same with copies, and more (and the reverse,
@@ -234,7 +234,8 @@ class SyncBatchNorm(_BatchNorm):
 
         # every name each layer has (a shared one has several); Change.name is one of them
         originals = dict(module.named_modules(remove_duplicate=False))
-        out, changes = convert(module, "sync_batch", only="batch", process_group=process_group)
+        # torch's converts its SyncBatchNorm too (a subclass of its _BatchNorm): into process_group
+        out, changes = convert(module, "sync_batch", only=("batch", "sync_batch"), process_group=process_group)
         for change in changes:
             source, target = originals[change.name], (out.get_submodule(change.name) if change.name else out)
             for name in ("running_mean", "running_var", "num_batches_tracked"):  # (convert shares the parameters)
