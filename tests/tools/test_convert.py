@@ -356,3 +356,11 @@ def test_hooks_on_a_replaced_layer_are_noted_as_not_carried_over():
     assert any("forward hook(s) are not carried over" in n for n in changes[0].notes)
     _, changes = convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), "group:4")
     assert not any("hook" in n for n in changes[0].notes)
+
+
+def test_a_change_between_classes_of_the_same_name_says_which_library():
+    _, changes = convert(nn.Sequential(nn.BatchNorm2d(4)), "batch")
+    assert changes[0].source.startswith("torch.nn.BatchNorm2d(4") and changes[0].target.startswith(
+        "normlab.nn.BatchNorm2d(4")
+    _, changes = convert(nn.Sequential(nn.BatchNorm2d(4)), "group:2")
+    assert changes[0].source.startswith("BatchNorm2d(4") and changes[0].target.startswith("GroupNorm(2, 4")

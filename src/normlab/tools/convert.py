@@ -95,6 +95,9 @@ def norm_kind(module: nn.Module) -> Optional[str]:
 class Change:
     """One replaced layer: where, what it was, what it became, and which tensors carried over.
 
+    ``source``/``target`` read ``Class(settings)``, with ``torch.nn.``/``normlab.nn.`` in front
+    when both classes have the same name (torch's BatchNorm2d -> normlab's).
+
     ``not_copied`` lists ``"tensor: why"`` for each parameter or buffer of the old layer that
     has no counterpart in the new one. ``notes`` lists what else the new layer does not take
     from the old one as it is, or what convert assumed without checking (``"bias: ..."``,
@@ -493,9 +496,9 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
         target.to(**_tensors_like(module, model))
         copied, dropped, notes = _copy(module, kind, seen, target)
         target.train(module.training)
-        planned[key] = (target, Change(name, _describe(module), _describe(target), copied, dropped,
-                                       notes + _layout_note(module, seen, target)
-                                       + _fastpath_note(places[key], target) + _hooks_note(module)))
+        notes += _layout_note(module, seen, target) + _fastpath_note(places[key], target) + _hooks_note(module)
+        planned[key] = (target, Change(name, _describe(module, target), _describe(target, module), copied, dropped,
+                                       notes))
     # every replacement exists: now put them in place
     for key, (target, _) in planned.items():
         for _, parent, attr in places[key]:
@@ -512,8 +515,14 @@ def _is_lazy(module: nn.Module) -> bool:
     return isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
 
 
-def _describe(m: nn.Module) -> str:
-    return f"{type(m).__name__}({m.extra_repr()})"
+def _describe(m: nn.Module, other: Optional[nn.Module] = None) -> str:
+    """``Class(extra_repr)``; with the library's name in front when ``other`` has a class of the
+    same name from another library (torch's BatchNorm2d -> normlab's)."""
+    cls = type(m)
+    qualified = other is not None and type(other).__name__ == cls.__name__ and type(other) is not cls
+    lib = cls.__module__.split(".")[0]
+    prefix = (f"{lib}.nn." if lib in ("torch", "normlab") else f"{cls.__module__}.") if qualified else ""
+    return f"{prefix}{cls.__name__}({m.extra_repr()})"
 
 
 def _collect(module, name, parent, attr, select, places, layers) -> None:
