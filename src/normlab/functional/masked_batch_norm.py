@@ -95,15 +95,18 @@ class _MaskedBatchNorm(torch.autograd.Function):
         n, c, length = d.shape
         m3 = m.view(n, 1, length)
         dy = dy.to(d.dtype)
-        s_dy = torch.bmm(dy, m.view(n, length, 1)).sum(dim=0).view(1, c, 1)  # sum of dy over valid positions
-        s_dyd = torch.linalg.vecdot(dy, d, dim=2).sum(dim=0).view(1, c, 1)  # d is 0 at padding
+
+        def masked_sums(g):  # per channel: sum of g over valid positions, and of g * d (d is 0 at padding)
+            return (torch.bmm(g, m.view(n, length, 1)).sum(dim=0).view(1, c, 1),
+                    torch.linalg.vecdot(g, d, dim=2).sum(dim=0).view(1, c, 1))
+
+        s_dy, s_dyd = masked_sums(dy)
         dirty = ctx.dirty
         if not torch.isfinite(s_dy + s_dyd).all():  # one check (a finite overflow only takes the safe path)
             # NaN or inf in dy: at padding it must not count (NaN * 0 is NaN), as in the forward
             dy = dy.masked_fill(m3 == 0, 0)
             dirty = True
-            s_dy = torch.bmm(dy, m.view(n, length, 1)).sum(dim=0).view(1, c, 1)
-            s_dyd = torch.linalg.vecdot(dy, d, dim=2).sum(dim=0).view(1, c, 1)
+            s_dy, s_dyd = masked_sums(dy)
         w = None if weight is None else weight.to(d.dtype).view(1, c, 1)
         scale = rstd if w is None else rstd * w
         dweight = (s_dyd * rstd).view(c).to(weight.dtype) if w is not None and ctx.needs_input_grad[2] else None

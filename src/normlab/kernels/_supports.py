@@ -60,8 +60,9 @@ def _bind(op, x, args, kwargs):
     return dict(b.arguments)
 
 
-def _param(t, name, x, numel):
-    """Refusal reason for a per-feature tensor argument (weight, bias, running stats), or ''."""
+def _param(t, name, x, numel, vector=False):
+    """Refusal reason for a per-feature tensor argument (weight, bias, running stats), or '';
+    ``vector``: a per-channel one, a vector of ``numel`` (0-D when ``numel`` is 1, as torch takes)."""
     if t is None:
         return ""
     if not isinstance(t, torch.Tensor):
@@ -75,6 +76,8 @@ def _param(t, name, x, numel):
         return f"{name} on {t.device}, input on {x.device}"
     if t.numel() != numel:
         return f"{name} has {t.numel()} elements, expected {numel}"
+    if vector and t.dim() != 1 and not (t.dim() == 0 and numel == 1):
+        return f"{name} has shape {tuple(t.shape)}, expected ({numel},)"
     if not t.is_contiguous():
         return f"{name} is not contiguous"
     return ""
@@ -193,10 +196,8 @@ def _channel_op(a, op):
         if momentum is not None and not isinstance(momentum, (int, float)):
             return "momentum is not a number"
     for name in ("weight", "bias", "running_mean", "running_var"):
-        if name in a and (why := _param(a[name], name, x, C)):
+        if name in a and (why := _param(a[name], name, x, C, vector=True)):
             return why
-        if isinstance(a.get(name), torch.Tensor) and a[name].dim() != 1 and not (a[name].dim() == 0 and C == 1):
-            return f"{name} has shape {tuple(a[name].shape)}, expected ({C},)"
     return ""
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from normlab import _backend, _checks
 from normlab import functional as NF
+from normlab.functional._core import acc_dtype
 from normlab.nn._affine import register_affine, reset_affine
 
 
@@ -110,7 +111,7 @@ class _NormBase(nn.Module):
             if batch is not None:
                 with torch.no_grad():  # torch's rule with f = 1 / num_batches_tracked: f * new + (1 - f) * old
                     for buf, new in zip((running_mean, running_var), batch):
-                        acc = torch.float64 if buf.dtype == torch.float64 else torch.float32
+                        acc = acc_dtype(buf.dtype)
                         f = 1.0 / self.num_batches_tracked.to(acc)
                         buf.copy_(buf.to(acc) * (1.0 - f) + new.to(acc) * f)
 
