@@ -224,3 +224,12 @@ def test_non_finite_gradient_at_padding_is_ignored():
     for got, want in zip(*grads):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want)
+    # the NumPy reference too, in training and in evaluation
+    running = R.RunningStats(np.zeros(4, np.float32), np.ones(4, np.float32))
+    for training in (True, False):
+        _, cache, _ = R.masked_batch_norm_forward(x.detach().numpy(), mask.numpy(), np.ones(4, np.float32),
+                                                  np.zeros(4, np.float32), running, training=training)
+        got, want = (R.masked_batch_norm_backward(g.numpy(), cache) for g in (dy, clean))
+        for a, b in zip(got, want):
+            assert np.isfinite(a).all()
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -263,9 +263,14 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
         if w_const and (c.bias_shape is None or constant_along_axes(c.bias_shape)):
             sum_mask = c.mask
         else:
-            dy = dy * c.mask
+            dy = np.where(c.mask != 0, dy, 0)  # not dy * mask: a NaN in dy where the mask is 0 must give 0
     if w_const:
         s_dy, s_dyx = reduce_sum(dy, axes, sum_mask), reduce_sum(dy, axes, u) * f
+        if sum_mask is not None and not (np.all(np.isfinite(s_dy)) and np.all(np.isfinite(s_dyx))):
+            # NaN * 0 is NaN: a NaN or inf in dy where the mask is 0 must not count (finite sums
+            # mean every product was finite, so this copy is made only when one was not)
+            dy = np.where(sum_mask != 0, dy, 0)
+            s_dy, s_dyx = reduce_sum(dy, axes, sum_mask), reduce_sum(dy, axes, u) * f
         if c.weight is not None:
             factor = factor * c.weight
     dweight = dbias = None
