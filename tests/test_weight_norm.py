@@ -12,9 +12,11 @@ from helpers import assert_close, assert_state_dict_roundtrip, randn, run_twins,
 from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 
-@pytest.mark.parametrize("shape", [(4, 3), (5, 2, 3), (1, 7), (3, 1, 1, 2)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 3), (5, 2, 3), (1, 7), (3, 1, 1, 2), (6,)], ids=str)
 @pytest.mark.parametrize("dim", [0, 1, None, -2, -1])  # -1: the whole tensor, as in torch
 def test_reference_matches_torch(shape, dim):
+    if len(shape) == 1 and dim in (1, -2):
+        pytest.skip("no such dim in a 1-D weight")
     v, dw = randn(shape, 0), randn(shape, 1)
     g = R.norm_except_dim(v, dim) * 1.7 + randn(R.norm_except_dim(v, dim).shape, 2) * 0.1
     w, cache = R.weight_norm_forward(v, g, dim)
@@ -28,9 +30,11 @@ def test_reference_matches_torch(shape, dim):
     assert_close(R.norm_except_dim(v, dim).reshape(-1), torch.norm_except_dim(t(v), 2, tdim).reshape(-1))
 
 
-@pytest.mark.parametrize("dim", [0, 1, None, -1])
-def test_functional_matches_torch(dim):
-    v = t(randn((5, 3, 2), 0))
+@pytest.mark.parametrize("shape,dim", [((5, 3, 2), 0), ((5, 3, 2), 1), ((5, 3, 2), None), ((5, 3, 2), -1),
+                                       ((6,), 0), ((6,), None)], ids=str)
+def test_functional_matches_torch(shape, dim):
+    """A 1-D weight with dim=0 (a bias, PReLU's weight) gets one norm per element, as in torch."""
+    v = t(randn(shape, 0))
     tdim = -1 if dim is None else dim
     g = torch.norm_except_dim(v, 2, tdim) * 2
     assert_close(NF.norm_except_dim(v, dim), g / 2)
@@ -39,9 +43,12 @@ def test_functional_matches_torch(dim):
 
 
 @pytest.mark.parametrize("make,shape", [(lambda: torch.nn.Linear(5, 7), (4, 5)),
-                                        (lambda: torch.nn.Conv1d(3, 4, 3), (2, 3, 6))], ids=["linear", "conv1d"])
+                                        (lambda: torch.nn.Conv1d(3, 4, 3), (2, 3, 6)),
+                                        (lambda: torch.nn.PReLU(3), (4, 3))], ids=["linear", "conv1d", "prelu"])
 @pytest.mark.parametrize("dim", [0, 1, None])
 def test_module_matches_torch_parametrization(make, shape, dim):
+    if dim == 1 and isinstance(make(), torch.nn.PReLU):
+        pytest.skip("PReLU's weight is 1-D")
     torch.manual_seed(0)
     ours = NN.weight_norm(make().double(), dim=dim)
     torch.manual_seed(1)

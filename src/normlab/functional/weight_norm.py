@@ -23,7 +23,10 @@ def norm_except_dim(v: torch.Tensor, dim: Optional[int] = 0) -> torch.Tensor:
     (size 1 on the reduced axes; a 0-d tensor for the whole-tensor norm)."""
     if dim is None or dim == -1:
         return torch.linalg.vector_norm(v)
-    return torch.linalg.vector_norm(v, dim=norm_axes(v.dim(), dim), keepdim=True)
+    axes = norm_axes(v.dim(), dim)
+    if not axes:  # a 1-D weight normed along its own dim: one norm per element (torch's too), while
+        return v.abs()  # vector_norm would read dim=() as "every axis"
+    return torch.linalg.vector_norm(v, dim=axes, keepdim=True)
 
 
 def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: Optional[int] = 0) -> torch.Tensor:
