@@ -174,3 +174,23 @@ def test_bias_false_learns_gamma_only():
     assert torch.allclose(m(x), ref(x))  # beta starts at 0
     m(x).sum().backward()
     assert m.weight.grad is not None
+
+
+def test_logits_changed_in_place_before_backward_do_not_change_the_gradients():
+    """An optimizer step between a forward and its backward (a retained graph: GAN and
+    multi-loss loops) must leave the gradients those of the forward that ran, as autograd's
+    saved softmax output does; the backward had rebuilt the mix from the new logits."""
+    torch.manual_seed(0)
+    x, dy = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    grads = []
+    for step in (False, True):
+        m = NN.SwitchableNorm1d(3)
+        y = m(x)
+        if step:
+            with torch.no_grad():
+                m.mean_weight.copy_(torch.tensor([5.0, -5.0, 0.0]))
+                m.var_weight.copy_(torch.tensor([-5.0, 5.0, 0.0]))
+        y.backward(dy)
+        grads.append((m.mean_weight.grad, m.var_weight.grad))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)

@@ -63,8 +63,10 @@ class _SwitchableNorm(torch.autograd.Function):
         rm_rel = None if running_mean is None else running_mean.to(acc) - pivot
         # the small (N, C) mix: computed here without a graph, and again with one in backward
         # (a graph built here would save its tensors through whatever saved-tensor hooks are
-        # active, e.g. a non-reentrant checkpoint's, whose unpacking reruns this forward)
-        small = (mu_rel, var_in.view(n, c), mean_weight.detach(), var_weight.detach(), rm_rel,
+        # active, e.g. a non-reentrant checkpoint's, whose unpacking reruns this forward). The
+        # logits are copied: an optimizer step between this forward and its backward (retained
+        # graph) must not change the mix the backward differentiates.
+        small = (mu_rel, var_in.view(n, c), mean_weight.detach().clone(), var_weight.detach().clone(), rm_rel,
                  None if use_batch else running_var.detach().clone(), use_batch, s > 1 or x.dim() > 2)
         mean, var, mu_bn, var_bn = _mix(*small)
         if training and running_mean is not None:
