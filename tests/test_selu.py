@@ -93,3 +93,28 @@ def test_lecun_normal_variance():
     assert abs(conv.var().item() * 72 - 1) < 0.1
     r = R.lecun_normal((300, 200), rng=np.random.default_rng(0))
     assert abs(r.var() * 200 - 1) < 0.02
+
+
+@pytest.mark.parametrize("dtype,xs", [(np.float16, [-6.0, -8.0, -10.0]), (np.float32, [-20.0, -40.0]),
+                                      (np.float64, [-40.0, -300.0])], ids=["float16", "float32", "float64"])
+def test_reference_selu_gradient_keeps_its_precision_far_in_the_negative_tail(dtype, xs):
+    """lambda alpha e^x, not (negative branch) + lambda alpha: the difference cancelled to 0 (or
+    to float16's rounding) for large negative x, where torch keeps every digit."""
+    x = np.array(xs, dtype)
+    _, cache = R.selu_forward(x)
+    dx = R.selu_backward(np.ones_like(x), cache)
+    exact = R.SELU_LAMBDA * R.SELU_ALPHA * np.exp(x.astype(np.float64))
+    assert dx.dtype == dtype
+    np.testing.assert_allclose(dx.astype(np.float64), exact, rtol=2e-3 if dtype == np.float16 else 1e-6)
+    tx = torch.tensor(x, requires_grad=True)
+    F.selu(tx).sum().backward()
+    np.testing.assert_allclose(dx.astype(np.float64), tx.grad.double().numpy(), rtol=2e-3 if dtype == np.float16 else 1e-6)
+
+
+@pytest.mark.parametrize("keep", [np.array([[1, 0, 2]]), np.array([[0.9, 0.0, 0.4]]), np.array([[True], [False]])],
+                         ids=["int", "probabilities", "wrong shape"])
+def test_reference_alpha_dropout_refuses_a_keep_mask_that_is_not_bool_of_x_shape(keep):
+    """An int or float keep (probabilities passed by mistake) scaled the gradient by its values; a
+    broadcastable one silently changed the output's shape."""
+    with pytest.raises(ValueError, match=r"keep must be a bool array of x's shape \(1, 3\)"):
+        R.alpha_dropout_forward(np.ones((1, 3)), 0.5, keep=keep)

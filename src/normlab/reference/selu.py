@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from normlab import _checks
+from normlab.reference._core import acc_dtype
 
 SELU_LAMBDA = 1.0507009873554804934193349852946
 SELU_ALPHA = 1.6732632423543772848170429916717
@@ -23,17 +24,21 @@ ALPHA_PRIME = -SELU_LAMBDA * SELU_ALPHA
 
 
 def selu_forward(x: np.ndarray):
-    """``(y, cache)``."""
+    """``(y, cache)``; float16 is computed in float32."""
     _checks.check_floating(x, "selu", "array")
-    neg = SELU_LAMBDA * SELU_ALPHA * np.expm1(np.minimum(x, 0))
-    y = np.where(x > 0, SELU_LAMBDA * x, neg)
-    return y.astype(x.dtype, copy=False), dict(x=x, neg=neg)
+    xa = x.astype(acc_dtype(x.dtype), copy=False)
+    y = np.where(xa > 0, SELU_LAMBDA * xa, SELU_LAMBDA * SELU_ALPHA * np.expm1(np.minimum(xa, 0)))
+    return y.astype(x.dtype, copy=False), dict(x=x)
 
 
 def selu_backward(dy: np.ndarray, cache):
-    """``dx``: ``lambda`` where x > 0, ``lambda alpha e^x`` (= the negative branch + lambda alpha) elsewhere."""
-    x, neg = cache["x"], cache["neg"]
-    return dy * np.where(x > 0, SELU_LAMBDA, neg + SELU_LAMBDA * SELU_ALPHA)
+    """``dx``: ``lambda`` where x > 0, ``lambda alpha e^x`` elsewhere (from ``e^x`` itself, not as
+    the negative branch plus ``lambda alpha``: that difference cancels to 0 for x below about -17
+    in float32)."""
+    x = cache["x"]
+    xa = x.astype(acc_dtype(x.dtype), copy=False)
+    slope = np.where(xa > 0, SELU_LAMBDA, SELU_LAMBDA * SELU_ALPHA * np.exp(np.minimum(xa, 0)))
+    return (dy * slope).astype(np.result_type(dy, x), copy=False)
 
 
 def alpha_dropout_affine(p: float):
@@ -55,6 +60,11 @@ def alpha_dropout_forward(x: np.ndarray, p: float = 0.5, training: bool = True, 
     if keep is None:
         rng = np.random.default_rng() if rng is None else rng
         keep = rng.random(x.shape) >= p
+    else:  # a bool per unit: an int or float array (probabilities by mistake) would scale the gradient
+        keep = np.asarray(keep)
+        if keep.dtype != np.bool_ or keep.shape != x.shape:
+            raise ValueError(f"alpha_dropout: keep must be a bool array of x's shape {_checks.shape_str(x.shape)} "
+                             f"(True = kept), got {keep.dtype} of shape {_checks.shape_str(keep.shape)}")
     a, b = alpha_dropout_affine(p)
     y = a * np.where(keep, x, ALPHA_PRIME) + b
     return y.astype(x.dtype, copy=False), dict(a=a, keep=keep)
