@@ -114,3 +114,27 @@ def test_out_of_range_dim_is_refused_by_functional_and_reference(dim):
         NF.spectral_norm(torch.randn(4, 3), torch.randn(4), torch.randn(3), dim=dim)
     with pytest.raises(IndexError, match=match):
         R.spectral_norm_forward(randn((4, 3), 0), randn(4, 1), randn(3, 2), dim=dim)
+
+
+def test_reference_one_d_float16_weight_is_normed_without_overflow():
+    """float16 squares overflow from |w| = 256: [300, 400] came out [0, 0]."""
+    w = np.array([300.0, 400.0], np.float16)
+    y, cache, _ = R.spectral_norm_forward(w, None, None)
+    np.testing.assert_allclose(y.astype(np.float32), [0.6, 0.8], rtol=1e-3)
+    dw = R.spectral_norm_backward(np.ones_like(w), cache)
+    assert y.dtype == dw.dtype == np.float16 and np.isfinite(dw).all()
+
+
+def test_reference_refuses_what_torch_refuses_and_keeps_the_weight_dtype():
+    w = randn((4, 3), 0).astype(np.float32)
+    u, v = _unit(randn(4, 1)), _unit(randn(3, 2))
+    with pytest.raises(ValueError, match="n_power_iterations"):  # 0 iterations: u, v never normalized
+        R.spectral_norm_forward(w, u, v, n_power_iterations=0)
+    with pytest.raises(ValueError, match=r"u must be a vector of 4 .*got \(3\)"):
+        R.spectral_norm_forward(w, v, v)
+    with pytest.raises(ValueError, match="v must be a vector of 3 .*got None"):
+        R.spectral_norm_forward(w, u, None)
+    with pytest.raises(TypeError, match="floating"):
+        R.spectral_norm_forward(np.ones((4, 3), np.int64), u, v)
+    _, cache, _ = R.spectral_norm_forward(w, u, v)
+    assert R.spectral_norm_backward(np.ones_like(w), cache).dtype == np.float32  # was float64 (u, v promoted it)

@@ -1,6 +1,7 @@
 """Weight norm: NumPy reference vs torch, normlab.nn.weight_norm vs torch.nn.utils.parametrizations.weight_norm."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.utils import parametrizations as P
@@ -95,3 +96,26 @@ def test_loads_a_checkpoint_of_the_older_weight_norm_as_torch_does():
     assert torch.equal(ours(x), theirs(x))
     assert torch.equal(ours.parametrizations.weight.original0, old["weight_g"])
     assert_state_dict_roundtrip(ours, theirs)
+
+
+def test_reference_norm_of_float16_is_taken_in_float32():
+    """v * v overflows float16 from |v| = 256: the row [300, 400] came out [0, 0] and its gradient 0."""
+    v = np.array([[300.0, 400.0], [3.0, 4.0]], np.float16)
+    w, cache = R.weight_norm_forward(v, np.ones((2, 1), np.float16))
+    want = torch._weight_norm(torch.tensor(v), torch.ones(2, 1, dtype=torch.float16), 0)
+    assert w.dtype == np.float16
+    np.testing.assert_allclose(w.astype(np.float32), want.float().numpy(), rtol=1e-3)
+    dv, dg = R.weight_norm_backward(np.ones_like(v), cache)
+    assert dv.dtype == dg.dtype == np.float16 and np.isfinite(dv).all() and (dg != 0).all()
+    np.testing.assert_allclose(R.norm_except_dim(v).ravel().astype(np.float32), [500.0, 5.0])
+
+
+def test_reference_refuses_a_g_of_the_wrong_shape_and_integer_input():
+    """g of shape (3,) for a 3x3 v broadcast along the columns: w's row norms were not g, and the
+    backward disagreed with the forward."""
+    v = randn((3, 3), 0)
+    with pytest.raises(ValueError, match=r"g must have shape \(3, 1\).*got \(3\)"):
+        R.weight_norm_forward(v, np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(TypeError, match="floating"):
+        R.weight_norm_forward(np.ones((3, 3), np.int64), np.ones((3, 1)))
+    R.weight_norm_forward(v, np.float64(2.0), dim=None)  # the whole-tensor norm takes one number

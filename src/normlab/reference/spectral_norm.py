@@ -41,12 +41,20 @@ def power_iteration(wm: np.ndarray, u: np.ndarray, v: np.ndarray, n: int, eps: f
 
 def spectral_norm_forward(w: np.ndarray, u: np.ndarray, v: np.ndarray, *, n_power_iterations: int = 1,
                           training: bool = True, eps: float = 1e-12, dim: int = 0):
-    """``(w_sn, cache, (u, v))``: the normalized weight and the updated power-iteration vectors."""
-    if w.ndim == 1:
-        norm = max(float(np.linalg.norm(w)), eps)
+    """``(w_sn, cache, (u, v))``: the normalized weight and the updated power-iteration vectors
+    (``u`` of the matrix's rows, ``v`` of its columns; unused for a 1-D weight)."""
+    op = "spectral_norm"
+    _checks.check_floating(w, op, "array")
+    _checks.check_positive_int(n_power_iterations, op, "n_power_iterations")  # torch refuses 0 too
+    if w.ndim == 1:  # the norm in float64 (float16 squares overflow from |w| = 256)
+        norm = max(float(np.linalg.norm(w.astype(np.float64))), eps)
         return w / norm, dict(w=w, norm=norm, one_d=True), (u, v)
-    dim = _checks.check_dim(dim, w.ndim, "spectral_norm")  # torch takes a negative dim too
+    dim = _checks.check_dim(dim, w.ndim, op)  # torch takes a negative dim too
     wm = as_matrix(w, dim)
+    for name, vec, n in (("u", u, wm.shape[0]), ("v", v, wm.shape[1])):
+        if np.shape(vec) != (n,):
+            raise ValueError(f"{op}: {name} must be a vector of {n} (the weight as a {wm.shape[0]}x{wm.shape[1]} "
+                             f"matrix, dim={dim} first), got {'None' if vec is None else _checks.shape_str(np.shape(vec))}")
     if training:
         u, v = power_iteration(wm, u, v, n_power_iterations, eps)
     sigma = float(u @ wm @ v)
@@ -56,9 +64,10 @@ def spectral_norm_forward(w: np.ndarray, u: np.ndarray, v: np.ndarray, *, n_powe
 def spectral_norm_backward(dw_sn: np.ndarray, cache) -> np.ndarray:
     """``dW`` with ``u`` and ``v`` held constant."""
     w = cache["w"]
+    wa, dwa = w.astype(np.float64), np.asarray(dw_sn, np.float64)
     if cache["one_d"]:
         n = cache["norm"]
-        return dw_sn / n - w * (dw_sn * w).sum() / n ** 3
+        return (dwa / n - wa * (dwa * wa).sum() / n ** 3).astype(w.dtype)
     sigma, u, v, dim = cache["sigma"], cache["u"], cache["v"], cache["dim"]
     outer = np.outer(u, v).reshape((w.shape[dim],) + tuple(s for i, s in enumerate(w.shape) if i != dim))
-    return dw_sn / sigma - (dw_sn * w).sum() / sigma ** 2 * np.moveaxis(outer, 0, dim)
+    return (dwa / sigma - (dwa * wa).sum() / sigma ** 2 * np.moveaxis(outer, 0, dim)).astype(w.dtype)

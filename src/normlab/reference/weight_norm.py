@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
+from normlab.reference._core import acc_dtype
 
 
 def _norm_axes(v: np.ndarray, dim: Optional[int]):
@@ -28,22 +29,42 @@ def _norm_axes(v: np.ndarray, dim: Optional[int]):
     return tuple(a for a in range(v.ndim) if a != dim)
 
 
+def _norm(va: np.ndarray, axes: tuple) -> np.ndarray:
+    return np.sqrt((va * va).sum(axis=axes, keepdims=True))
+
+
 def weight_norm_forward(v: np.ndarray, g: np.ndarray, dim: Optional[int] = 0):
-    """``(w, cache)``; ``g`` has ``v``'s shape with size 1 on every normed axis (as torch's ``weight_g``)."""
+    """``(w, cache)``; ``g`` has ``v``'s shape with size 1 on every normed axis (as torch's
+    ``weight_g``; a 0-d or one-element ``g`` for the whole-tensor norm). The norm is taken in
+    float32 for float16 input (``v * v`` overflows float16 from |v| = 256)."""
+    op = "weight_norm"
+    _checks.check_floating(v, op, "array")
+    _checks.check_floating(np.asarray(g), f"{op} (g)", "array")
     axes = _norm_axes(v, dim)
-    norm = np.sqrt((v * v).sum(axis=axes, keepdims=True))
+    want = tuple(1 if a in axes else n for a, n in enumerate(v.shape))
+    if np.shape(g) != want and not (len(axes) == v.ndim and np.size(g) == 1):
+        raise ValueError(f"{op}: g must have shape {_checks.shape_str(want)} (v's shape {_checks.shape_str(v.shape)} "
+                         f"with 1 on every normed axis), got {_checks.shape_str(np.shape(g))}")
+    acc = acc_dtype(np.result_type(v, g))
+    ga = np.asarray(g, acc).reshape(want)
+    norm = _norm(v.astype(acc, copy=False), axes)
     vhat = v / norm
-    return g * vhat, dict(vhat=vhat, norm=norm, g=g, axes=axes)
+    return (ga * vhat).astype(v.dtype, copy=False), dict(vhat=vhat, norm=norm, g=ga, g_shape=np.shape(g),
+                                                        axes=axes, dtypes=(v.dtype, np.asarray(g).dtype))
 
 
 def weight_norm_backward(dw: np.ndarray, cache):
     """``(dv, dg)``."""
     vhat, norm, g, axes = cache["vhat"], cache["norm"], cache["g"], cache["axes"]
+    dw = dw.astype(vhat.dtype, copy=False)
     dg = (dw * vhat).sum(axis=axes, keepdims=True)
     dv = (g / norm) * (dw - dg * vhat)
-    return dv, dg.reshape(g.shape)
+    v_dtype, g_dtype = cache["dtypes"]
+    return dv.astype(v_dtype, copy=False), dg.reshape(cache["g_shape"]).astype(g_dtype, copy=False)
 
 
 def norm_except_dim(v: np.ndarray, dim: Optional[int] = 0) -> np.ndarray:
-    """``||v||`` over every axis but ``dim`` (the initial ``g`` that makes ``w == v``)."""
-    return np.sqrt((v * v).sum(axis=_norm_axes(v, dim), keepdims=True))
+    """``||v||`` over every axis but ``dim`` (the initial ``g`` that makes ``w == v``), in ``v``'s
+    dtype (computed in float32 for float16)."""
+    _checks.check_floating(v, "norm_except_dim", "array")
+    return _norm(v.astype(acc_dtype(v.dtype), copy=False), _norm_axes(v, dim)).astype(v.dtype, copy=False)
