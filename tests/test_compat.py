@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import normlab.functional as NF
 import normlab.nn as NN
+from normlab import reference as R
 
 
 @pytest.mark.parametrize("make,shape", [
@@ -37,6 +38,20 @@ def test_one_value_per_channel_without_running_statistics_says_why_eval_does_not
         bn(torch.randn(1, 3))
     with pytest.raises(ValueError, match=r"in training needs more than 1 value.*use eval mode"):
         NN.BatchNorm1d(3)(torch.randn(1, 3))
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: R.batch_norm_forward(x, training=False),
+    lambda x: R.switchable_norm_forward(x, None, None, np.ones(3), np.ones(3), training=False),
+    lambda x: R.masked_batch_norm_forward(x[..., None], None, training=False),
+    lambda x: NF.switchable_norm(torch.from_numpy(x), None, None, None, None, torch.ones(3), torch.ones(3)),
+], ids=["reference batch", "reference switchable", "reference masked", "functional switchable"])
+def test_one_value_per_channel_in_eval_without_running_statistics_does_not_advise_eval_mode(call):
+    """In evaluation without running statistics the batch's own are used: "in training ... use
+    eval mode" described the other case."""
+    with pytest.raises(ValueError, match=r"without running statistics.*more than 1") as err:
+        call(np.ones((1, 3)))
+    assert "eval mode" not in str(err.value)
 
 
 @pytest.mark.parametrize("cls", ["LayerNorm", "RMSNorm"])

@@ -72,7 +72,7 @@ def check_enough_values(shape, reduce_axes: Sequence[int], op: str, what: str = 
         return
     if count <= 1:
         when, hint = ("in training", "use eval mode or a larger batch") if running_stats else (
-            "without running statistics (track_running_stats=False: batch statistics in evaluation too)",
+            "without running statistics (batch statistics in evaluation too)",
             "use a larger batch")
         raise ValueError(
             f"{op} {when} needs more than 1 value {what} to compute its statistics, got input of shape "

@@ -139,6 +139,7 @@ def switchable_norm(
     _checks.check_running_args(running_mean, running_var, momentum, training, op)
     use_batch = training or running_mean is None
     if use_batch:
-        _checks.check_enough_values(input.shape, (0,) + tuple(range(2, input.dim())), op)
+        _checks.check_enough_values(input.shape, (0,) + tuple(range(2, input.dim())), op,
+                                    running_stats=running_mean is not None)
     return _SwitchableNorm.apply(input, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch,
                                  training, momentum, eps)

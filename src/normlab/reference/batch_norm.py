@@ -45,7 +45,7 @@ def batch_norm_forward(
     axes = (0,) + tuple(range(2, x.ndim))
     w, b = per_channel(gamma, x.ndim), per_channel(beta, x.ndim)
     if training or running is None:
-        _checks.check_enough_values(x.shape, axes, op)
+        _checks.check_enough_values(x.shape, axes, op, running_stats=running is not None)
         y, cache, (mean, var, n) = normalize_forward(x, axes, w, b, eps)
         if training and running is not None:
             running = update_running(running, mean, var, n, momentum)

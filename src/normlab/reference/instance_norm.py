@@ -41,7 +41,8 @@ def instance_norm_forward(
     axes = tuple(range(2, x.ndim))
     w, b = per_channel(gamma, x.ndim), per_channel(beta, x.ndim)
     if use_input_stats or running is None:
-        _checks.check_enough_values(x.shape, axes, op, "per instance (spatial positions)")
+        _checks.check_enough_values(x.shape, axes, op, "per instance (spatial positions)",
+                                    running_stats=running is not None)
         y, cache, (mean, var, n) = normalize_forward(x, axes, w, b, eps)
         if use_input_stats and running is not None:
             # average the per-instance statistics over the batch (every instance has the same

@@ -51,8 +51,9 @@ def masked_batch_norm_forward(
     if training or running is None:
         count = x.shape[0] * x.shape[2] if mask is None else int(mask.sum())
         if count <= 1:
+            when = "in training" if running is not None else "without running statistics (batch statistics in evaluation too)"
             raise ValueError(
-                f"{op} in training needs more than 1 valid position per channel, got {count} "
+                f"{op} {when} needs more than 1 valid position per channel, got {count} "
                 f"(input shape {_checks.shape_str(x.shape)})"
             )
         y, cache, (mean, var, n) = normalize_forward(x, (0, 2), w, b, eps, mask=m3)

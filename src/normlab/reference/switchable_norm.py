@@ -75,7 +75,7 @@ def switchable_norm_forward(
     var_ln = (var_in + (mu_in - mu_ln) ** 2).mean(axis=1, keepdims=True)
     use_batch = training or running is None
     if use_batch:
-        _checks.check_enough_values(x.shape, (0,) + spatial, op)
+        _checks.check_enough_values(x.shape, (0,) + spatial, op, running_stats=running is not None)
         mu_bn = mu_in.mean(axis=0, keepdims=True)
         var_bn = (var_in + (mu_in - mu_bn) ** 2).mean(axis=0, keepdims=True)
         if training and running is not None:
