@@ -241,6 +241,27 @@ def test_bad_input_raises_clear_error(call, exc, pattern):
         call()
 
 
+_CONST = np.concatenate([np.random.default_rng(0).standard_normal((4, 2, 5)), np.full((4, 1, 5), 3.0)], axis=1)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: R.batch_norm_forward(x, eps=0.0),
+    lambda x: R.instance_norm_forward(x, eps=0.0),
+    lambda x: R.layer_norm_forward(x[:, 2:], (1, 5), eps=0.0),
+    lambda x: R.group_norm_forward(x, 3, eps=0.0),
+    lambda x: R.rms_norm_forward(x * 0, 5, eps=0.0),
+    lambda x: R.masked_batch_norm_forward(x, np.ones((4, 5), bool), eps=0.0),
+    lambda x: R.batch_renorm_forward(x, None, None, R.RunningStats(np.zeros(3), np.ones(3)), eps=0.0),
+    lambda x: R.switchable_norm_forward(x * 0, None, None, np.ones(3), np.ones(3), eps=0.0),  # mixes the branches
+], ids=["batch", "instance", "layer", "group", "rms", "masked", "renorm", "switchable"])
+def test_reference_eps_zero_on_a_constant_group_is_an_error_not_nan(call):
+    """0/0: the reference returned NaN (with a RuntimeWarning); eps=0 itself stays allowed (the
+    lab's invariance experiment uses it on data with spread)."""
+    with pytest.raises(ValueError, match=r"eps=0 divides 0 by 0 .* groups here; pass eps > 0"):
+        call(_CONST)
+    assert np.isfinite(R.batch_norm_forward(_CONST[:, :2], eps=0.0)[0]).all()
+
+
 def _trained(m, x, *args):
     m(x, *args)  # one good step, so the state is not the initial one
     return {k: v.clone() for k, v in m.state_dict().items()}

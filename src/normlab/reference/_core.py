@@ -186,6 +186,8 @@ def normalize_forward(
                 u = u - mean
             if m is not None:
                 u = np.where(m != 0, u, 0)  # not u * m: a NaN or inf where the mask is 0 must give 0
+    if batch_stats:
+        check_zero_variance(var, eps)
     rstd = 1.0 / np.sqrt(var + eps)
     renorm = scale is not None
     if weight is None or constant_along(weight.shape, x.ndim, axes):
@@ -216,6 +218,14 @@ def normalize_forward(
     cache = NormCache(u, xfactor, rstd, weight, axes, None if weight is None else weight.shape, center, batch_stats,
                       m, count, x.dtype, scale, shift, None if bias is None else bias.shape)
     return y.astype(x.dtype, copy=False), cache, (mean, var, count)
+
+
+def check_zero_variance(var: np.ndarray, eps) -> None:
+    """A clear error instead of NaN outputs: with ``eps=0`` a group whose values are all equal
+    (variance 0) divides 0 by 0."""
+    if eps == 0 and np.any(var == 0):
+        raise ValueError(f"eps=0 divides 0 by 0 where a normalized group's values are all equal (variance 0): "
+                         f"{int(np.sum(var == 0))} of {var.size} groups here; pass eps > 0")
 
 
 def zero_masked_out(a: np.ndarray, mask: np.ndarray, rstd) -> np.ndarray:

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import RunningStats, check_channel_params, acc_dtype, centered_moments, per_channel, reduce_sum, update_running
+from normlab.reference._core import RunningStats, check_channel_params, check_zero_variance, acc_dtype, centered_moments, per_channel, reduce_sum, update_running
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -86,6 +86,7 @@ def switchable_norm_forward(
     wv = softmax(_branch_logits(var_weight, nd)).astype(mu_in.dtype)
     mean = wm[0] * mu_in + wm[1] * mu_ln + wm[2] * mu_bn
     var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
+    check_zero_variance(var, eps)
     rstd = 1.0 / np.sqrt(var + eps)
     # xhat = (x - mean) * rstd = (centered + shift) * rstd, with centered = x - mu_in and
     # shift = mu_in - mean one number per (sample, channel); y = gamma * xhat + beta is then
