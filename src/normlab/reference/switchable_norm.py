@@ -146,8 +146,11 @@ def switchable_norm_backward(dy: np.ndarray, cache):
     dx = dy * gscale
     dx += b * x.astype(rstd.dtype, copy=False)
     dx += a
-    gm = np.array([(dmean * s[0]).sum() for s in c["stats"]])
+    # softmax: d/dlogit_k = w_k (g_k - sum_j w_j g_j), and sum_j w_j g_j = sum(dL/dmu * mean) for
+    # the mixed mean; so the means' g_k are taken as sum(dL/dmu * (mu_k - mean)) (sums of values
+    # near a large mean, subtracted afterwards, lost their digits)
+    gm = np.array([(dmean * ((s[0] - mu_in) + c["shift"])).sum() for s in c["stats"]])  # shift = mu_in - mean
+    dmean_weight = wm * (gm - (wm * gm).sum())  # the sum is ~0: it takes out what rounding left of the mean
     gv = np.array([(dvar * s[1]).sum() for s in c["stats"]])
-    dmean_weight = wm * (gm - (wm * gm).sum())
     dvar_weight = wv * (gv - (wv * gv).sum())
     return dx.astype(x.dtype, copy=False), dgamma, dbeta, dmean_weight, dvar_weight
