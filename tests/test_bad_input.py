@@ -232,6 +232,23 @@ CASES = [
      r"batch_norm \(the NumPy reference\) expects a NumPy array, got list"),
     ("ref-tensor", lambda: R.layer_norm_forward(torch.randn(2, 3), 3), TypeError,
      r"expects a NumPy array, got Tensor \(a torch tensor: pass t.detach\(\).cpu\(\).numpy\(\)\)"),
+    # strings parse as floats, then failed far away in NumPy's arithmetic
+    ("ref-eps-str", lambda: R.batch_norm_forward(np.ones((4, 3)), eps="1e-5"), ValueError, r"eps must be a number >= 0.*got eps='1e-5'"),
+    ("ref-momentum-str", lambda: R.batch_norm_forward(np.ones((4, 3)), running=R.RunningStats(np.zeros(3), np.ones(3)),
+                                                      momentum="0.1"), ValueError, r"momentum must be None or a number"),
+    ("ref-rmax-str", lambda: R.batch_renorm_forward(np.ones((4, 3)), None, None, R.RunningStats(np.zeros(3), np.ones(3)),
+                                                    rmax="3"), ValueError, r"need rmax >= 1, dmax >= 0, got rmax='3'"),
+    ("ref-lrn-size-float", lambda: R.local_response_norm_forward(np.ones((2, 3, 4)), 3.0), ValueError,
+     r"local_response_norm: size \(a number of channels\) must be a positive int, got 3.0"),
+    ("ref-lrn-size-bool", lambda: R.local_response_norm_forward(np.ones((2, 3, 4)), True), ValueError,
+     r"size \(a number of channels\) must be a positive int, got True"),
+    ("ref-renorm-limits", lambda: R.renorm_limits(5, 0.5, -1.0, 10), ValueError, r"renorm_limits: need rmax >= 1, dmax >= 0"),
+    ("ref-renorm-step", lambda: R.renorm_limits(-1, 3.0, 5.0, 10), ValueError, r"step must be >= 0"),
+    ("ref-dy-shape", lambda: R.batch_norm_backward(np.ones((1, 3)), R.batch_norm_forward(np.random.rand(4, 3))[1]),
+     ValueError, r"dy must have the forward output's shape \(4, 3\), got \(1, 3\)"),
+    ("ref-switchable-dy-shape", lambda: R.switchable_norm_backward(
+        np.ones((4, 3)), R.switchable_norm_forward(np.random.rand(4, 3, 2), None, None, np.ones(3), np.ones(3))[1]),
+     ValueError, r"dy must have the forward output's shape \(4, 3, 2\), got \(4, 3\)"),
 ]
 
 
@@ -239,6 +256,15 @@ CASES = [
 def test_bad_input_raises_clear_error(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call()
+
+
+def test_reference_takes_lists_for_per_channel_parameters_and_running_statistics():
+    """'list' object has no attribute 'shape' came from the checks and the running update."""
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    y, _, running = R.batch_norm_forward(x, [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], R.RunningStats([0.0] * 3, [1.0] * 3))
+    want, _, want_running = R.batch_norm_forward(x, np.ones(3), np.zeros(3), R.RunningStats(np.zeros(3), np.ones(3)))
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(running.var, want_running.var)
 
 
 _CONST = np.concatenate([np.random.default_rng(0).standard_normal((4, 2, 5)), np.full((4, 1, 5), 3.0)], axis=1)

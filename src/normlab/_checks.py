@@ -108,11 +108,19 @@ def check_normalized_shape(shape, normalized_shape: Sequence[int], op: str) -> t
     return ns
 
 
+def _real(value) -> float:
+    """``float(value)`` for a real number (Python, NumPy, a 0-d tensor); TypeError for a string,
+    which ``float`` would parse and the arithmetic would then refuse far from here."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"a string is not a number: {value!r}")
+    return float(value)
+
+
 def check_eps(eps, op: str) -> None:
     """eps >= 0 (a negative or NaN eps turns a small variance into NaN outputs; torch accepts it
     silently, normlab's layers refuse it at construction)."""
     try:
-        ok = float(eps) >= 0  # NumPy and 0-d tensor scalars are numbers too
+        ok = _real(eps) >= 0  # NumPy and 0-d tensor scalars are numbers too
     except (TypeError, ValueError):
         ok = False
     if not ok:
@@ -133,7 +141,7 @@ def check_momentum(momentum, op: str) -> None:
     if momentum is None:
         return
     try:
-        ok = not isinstance(momentum, bool) and 0.0 <= float(momentum) <= 1.0
+        ok = not isinstance(momentum, bool) and 0.0 <= _real(momentum) <= 1.0
     except (TypeError, ValueError):
         ok = False
     if not ok:
@@ -160,6 +168,10 @@ def check_per_channel(num_channels: int, op: str, any_shape: bool = False, **par
     for name, p in params.items():
         if p is None:
             continue
+        if not hasattr(p, "shape"):  # a list (the NumPy reference takes any array-like)
+            import numpy as np
+
+            p = np.asarray(p)
         shape = tuple(int(s) for s in p.shape)
         ok = math.prod(shape) == num_channels and (any_shape or len(shape) == 1 or (not shape and num_channels == 1))
         if not ok:
@@ -186,7 +198,7 @@ def check_renorm_limits(rmax, dmax, op: str, warmup_steps=None) -> None:
     """Batch renorm's clips: rmax >= 1, dmax >= 0 and (when given) warmup_steps >= 0; NaN refused
     (written so that a NaN fails every comparison)."""
     try:
-        ok = float(rmax) >= 1 and float(dmax) >= 0 and (warmup_steps is None or float(warmup_steps) >= 0)
+        ok = _real(rmax) >= 1 and _real(dmax) >= 0 and (warmup_steps is None or _real(warmup_steps) >= 0)
     except (TypeError, ValueError):
         ok = False
     if not ok:

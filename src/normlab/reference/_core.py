@@ -220,6 +220,13 @@ def normalize_forward(
     return y.astype(x.dtype, copy=False), cache, (mean, var, count)
 
 
+def check_grad_shape(dy, shape: tuple) -> None:
+    """A backward's ``dy`` has the forward output's shape (a broadcastable one would give wrong sums)."""
+    if np.shape(dy) != tuple(shape):
+        raise ValueError(f"backward: dy must have the forward output's shape {_checks.shape_str(shape)}, "
+                         f"got {_checks.shape_str(np.shape(dy))}")
+
+
 def check_zero_variance(var: np.ndarray, eps) -> None:
     """A clear error instead of NaN outputs: with ``eps=0`` a group whose values are all equal
     (variance 0) divides 0 by 0."""
@@ -257,6 +264,7 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
     ``sum(dy * xhat)`` serve both ``dx`` and the parameter gradients: two reads of ``dy``.
     """
     c = cache
+    check_grad_shape(dy, c.u.shape)
     dy = dy.astype(c.rstd.dtype, copy=False)
     u, f, axes = c.u, c.xfactor, c.axes  # xhat = u * f, f one number per group (see NormCache)
 
@@ -327,6 +335,7 @@ def update_running(running: RunningStats, batch_mean, batch_var, count, momentum
     ``momentum is None`` (a cumulative average)."""
     tracked = running.num_batches_tracked + 1
     f = 1.0 / tracked if momentum is None else momentum
+    running = running._replace(mean=np.asarray(running.mean), var=np.asarray(running.var))  # lists too
     count = np.asarray(count, dtype=np.float64)
     unbiased = np.asarray(batch_var, np.float64) * (count / np.maximum(count - 1, 1))
     mean = (1 - f) * np.asarray(running.mean, np.float64) + f * np.asarray(batch_mean, np.float64).reshape(running.mean.shape)

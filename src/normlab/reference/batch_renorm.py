@@ -37,6 +37,9 @@ from normlab.reference._core import (
 def renorm_limits(step: int, rmax: float, dmax: float, warmup_steps: int = 0):
     """``(rmax, dmax)`` at training step ``step``: a linear ramp from (1, 0) to ``(rmax, dmax)``
     over ``warmup_steps`` steps (the paper relaxes them gradually); constant when ``warmup_steps=0``."""
+    _checks.check_renorm_limits(rmax, dmax, "renorm_limits", warmup_steps)
+    if step < 0:
+        raise ValueError(f"renorm_limits: step must be >= 0 (training steps taken), got {step!r}")
     if warmup_steps <= 0 or step >= warmup_steps:
         return float(rmax), float(dmax)
     t = step / warmup_steps

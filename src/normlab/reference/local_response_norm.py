@@ -40,8 +40,7 @@ def local_response_norm_forward(a: np.ndarray, size: int, alpha: float = 1e-4, b
     if a.ndim < 3:
         raise ValueError(f"{op} expects an input of 3 or more dims (N, C, *), got a {a.ndim}-D input of shape "
                          f"{_checks.shape_str(a.shape)}")
-    if size < 1:
-        raise ValueError(f"{op}: size must be a positive number of channels, got {size}")
+    _checks.check_positive_int(size, op, "size (a number of channels)")
     before, after = size // 2, (size - 1) // 2
     aa = a.astype(acc_dtype(a.dtype), copy=False)  # float32 arithmetic for float16
     s = k + (alpha / size) * _window_sum(aa * aa, before, after)

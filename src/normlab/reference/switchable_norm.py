@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import RunningStats, check_channel_params, check_zero_variance, acc_dtype, centered_moments, per_channel, reduce_sum, update_running
+from normlab.reference._core import RunningStats, check_channel_params, check_grad_shape, check_zero_variance, acc_dtype, centered_moments, per_channel, reduce_sum, update_running
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -117,6 +117,7 @@ def switchable_norm_backward(dy: np.ndarray, cache):
     x, rstd = c["x"], c["rstd"]
     nd = x.ndim
     spatial = tuple(range(2, nd))
+    check_grad_shape(dy, x.shape)
     dy = dy.astype(rstd.dtype, copy=False)
     # per (sample, channel): sum(dy) and sum(dy * xhat), with xhat = (centered + shift) * rstd
     s_dy = reduce_sum(dy, spatial) if spatial else dy
