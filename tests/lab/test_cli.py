@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 from typer.testing import CliRunner
@@ -104,6 +105,15 @@ def test_run_then_report_end_to_end(out_dir):
     assert "0 run(s) done, 2 reused" in again.stderr
     rep = runner.invoke(app, ["report", str(out_dir)])
     assert rep.exit_code == 0 and rep.stdout.strip().endswith("index.html")
+    # what was written has the umask's permissions (tempfile's 0600 / 0700 kept the report from a web server)
+    umask = os.umask(0)
+    os.umask(umask)
+    written = [out_dir / "index.html", out_dir / "results.json", *out_dir.glob("plots/*/*.png")]
+    folders = list(out_dir.glob("runs/*/*"))
+    assert len(written) > 2 and folders
+    for path in written + folders:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, (path, oct(path.stat().st_mode))
 
 
 @pytest.mark.parametrize("setting,needle", [("activations.layers=0", "layers counts something and must be at least 1"),

@@ -26,12 +26,13 @@ from __future__ import annotations
 import functools
 import gzip
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from normlab.lab._files import replacing
 
 DATASETS = {
     "digits": "scikit-learn 8x8 digits (1437/360), x (N, 1, 8, 8)",
@@ -212,10 +213,8 @@ def _cached(key: str, make) -> dict:
     arrays = make()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}-", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        with replacing(path, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
     except OSError:
         pass
     return arrays

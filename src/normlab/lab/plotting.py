@@ -8,13 +8,13 @@ up to date (the report reuses them) never loads it (a few tenths of a second of 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib
 import numpy as np
+
+from normlab.lab._files import replacing
 
 COLORS = {"none": "#d62728", "plain": "#d62728", "batch": "#1f77b4", "bn": "#1f77b4", "layer": "#2ca02c",
           "group": "#9467bd", "instance": "#8c564b", "batch_renorm": "#ff7f0e", "rms": "#17becf"}
@@ -78,12 +78,6 @@ def save(fig, path: Path) -> None:
     """Write ``fig`` as a PNG atomically (temp file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
-    os.close(fd)
-    try:
+    with replacing(path, suffix=".png") as tmp:
         fig.tight_layout()
         fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -40,10 +40,8 @@ import hashlib
 import html
 import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import traceback
 import types
 from dataclasses import dataclass, field
@@ -53,6 +51,7 @@ from typing import Optional
 import normlab
 from normlab.lab import experiments, plotting, runner
 from normlab.lab import verdict as verdict_rules
+from normlab.lab._files import replacing
 from normlab.lab.verdict import INCONCLUSIVE, MIN_SEEDS, Verdict, fmt, too_few_seeds
 
 
@@ -315,14 +314,8 @@ def _remembered(out) -> dict:
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def _results_json(sections, problems) -> str:

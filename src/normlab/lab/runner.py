@@ -47,6 +47,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from normlab.lab import experiments, parallel
+from normlab.lab._files import as_created
 from normlab.lab.experiments import ConfigError
 
 
@@ -198,6 +199,7 @@ def write_run(final: Path, files: dict) -> None:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{os.getpid()}-"))
     old = None
     try:
+        as_created(tmp, directory=True)  # mkdtemp makes it 0700
         for name, obj in files.items():
             write_json(tmp / name, obj)
         if final.exists():  # --force: move the old run aside, then swap the new one in
