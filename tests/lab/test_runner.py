@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from normlab.lab import report, runner
+from normlab.lab import experiments, report, runner
 
 
 def _run(out, name, seeds=2, force=False, sets=(), jobs=1):
@@ -163,3 +163,20 @@ def test_a_requested_config_whose_runs_all_failed_is_not_shown_as_an_older_confi
         assert shown["config_hash"] == asked and shown["seeds"] == [] and shown["verdict"] == "inconclusive"
         assert "no finished run of the config the last `run` asked for" in shown["reason"]
         assert "1 other config(s)" in shown["reason"] and "no finished run" in html
+
+
+def test_an_experiment_asked_for_whose_every_run_failed_still_has_its_section(fake_experiment, out_dir, monkeypatch):
+    """With no finished run of any config on disk, the experiment vanished from the report (and,
+    after `report` alone, from its problems too) as if it had never been asked for."""
+    monkeypatch.setitem(experiments.REGISTRY, "fake2", experiments.REGISTRY[fake_experiment])
+    experiments.get.cache_clear()
+    (ok, _), _ = _run(out_dir, "fake2", seeds=2)
+    tasks, outcome = _run(out_dir, fake_experiment, seeds=1, sets=["fail_seed=0"])
+    assert len(outcome.failed) == 1
+    for prefer in ({"fake2": ok.config_hash, fake_experiment: tasks[0].config_hash}, None):
+        report.build(out_dir, prefer=prefer)
+        doc = json.loads((out_dir / "results.json").read_text())["experiments"]
+        assert doc["fake2"]["verdict"] != "inconclusive" or doc["fake2"]["seeds"] == [0, 1]
+        shown = doc[fake_experiment]
+        assert shown["seeds"] == [] and shown["verdict"] == "inconclusive"
+        assert "no finished run of the config" in shown["reason"] and "other config" not in shown["reason"]

@@ -246,10 +246,11 @@ def _unfinished_section(name: str, requested: str, others: int) -> Section:
         sec.exp = experiments.get(name)
     except experiments.ConfigError:
         pass
+    shown_instead = (f" {others} other config(s) of this experiment on disk are not shown; run with their settings "
+                     f"again to show one (finished runs are reused, not redone)") if others else ""
     sec.verdict = Verdict(INCONCLUSIVE, (
         f"no finished run of the config the last `run` asked for (hash {requested}): its runs failed (tracebacks "
-        f"in errors.log) or were interrupted. {others} other config(s) of this experiment on disk are not shown; "
-        f"run with their settings again to show one (finished runs are reused, not redone)"))
+        f"in errors.log) or were interrupted.{shown_instead}"))
     return sec
 
 
@@ -288,8 +289,11 @@ def build(out, prefer: Optional[dict] = None, failed: tuple = ()) -> Path:
     problems = list(failed) + problems
     if not found:
         raise FileNotFoundError(f"no finished runs in {out / 'runs'}; run `normlab lab run --out {out}` first")
-    order = [n for n in experiments.names() if n in found] + sorted(n for n in found if n not in experiments.REGISTRY)
-    sections = [_section(n, found[n], out, prefer.get(n)) for n in order]
+    # an experiment the last `run` asked for with no finished run of any config is shown too
+    # (inconclusive, saying so), not left out as if it had never been asked for
+    shown = set(found) | {n for n in prefer if n in experiments.REGISTRY}
+    order = [n for n in experiments.names() if n in shown] + sorted(n for n in found if n not in experiments.REGISTRY)
+    sections = [_section(n, found.get(n, {}), out, prefer.get(n)) for n in order]
     _write_text(out / "results.json", _results_json(sections, problems))
     _write_text(out / "index.html", _html(sections, problems, out))
     return out / "index.html"
