@@ -54,8 +54,10 @@ def _call(m, x, name):
 @pytest.mark.parametrize("dtype", HALVES, ids=str)
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_layer_in_half_matches_float64_of_the_same_inputs(name, dtype):
-    """Two training steps then eval: outputs (and running statistics) against a float64 copy
-    given the same rounded parameters, buffers and inputs."""
+    """Two training steps then eval: outputs, input and parameter gradients (and running
+    statistics) against a float64 copy given the same rounded parameters, buffers and inputs.
+    (torch's CPU layer and group norm keep the statistics their backward uses in the half dtype:
+    their gradients were 0.02-0.2 off here.)"""
     make, shape = LAYERS[name]
     m = make(dtype)
     _randomize_affine(m)
@@ -67,11 +69,20 @@ def test_layer_in_half_matches_float64_of_the_same_inputs(name, dtype):
         with torch.no_grad():  # the float64 copy starts each step from the rounded state
             for v, v64 in zip(m.state_dict().values(), m64.state_dict().values(), strict=True):
                 v64.copy_(v)
-        x = big_mean_input(shape, dtype, seed=step)
+        x = big_mean_input(shape, dtype, seed=step).requires_grad_()
+        x64 = x.detach().double().requires_grad_()
         y = _call(m, x, name)
-        y64 = _call(m64, x.double(), name)
+        y64 = _call(m64, x64, name)
         assert y.dtype == dtype
         assert_lowp_close(y, y64, dtype, f"{name} {'train' if training else 'eval'} step {step}")
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(step)).to(dtype)
+        m.zero_grad()
+        m64.zero_grad()
+        y.backward(dy)
+        y64.backward(dy.double())
+        assert_lowp_close(x.grad, x64.grad, dtype, f"{name} dx step {step}")
+        for (pname, p), p64 in zip(m.named_parameters(), m64.parameters(), strict=True):
+            assert_lowp_close(p.grad, p64.grad, dtype, f"{name} d{pname} step {step}")
         if training and getattr(m, "running_mean", None) is not None:
             assert_lowp_close(m.running_mean, m64.running_mean, dtype, f"{name} running_mean")
             assert_lowp_close(m.running_var, m64.running_var, dtype, f"{name} running_var")
@@ -246,3 +257,51 @@ def test_reference_accumulates_longdouble_in_longdouble():
     y, _, _ = R.batch_norm_forward(x, eps=1e-12)
     assert y.dtype == np.longdouble
     np.testing.assert_allclose(y.ravel().astype(np.float64), [-1.3416, -0.4472, 0.4472, 1.3416], atol=1e-3)
+
+
+NEAR_CONSTANT = {
+    "batch_norm": lambda dt: NN.BatchNorm2d(4, dtype=dt),
+    "batch_norm_eval": lambda dt: NN.BatchNorm2d(4, dtype=dt).eval(),
+    "instance_norm": lambda dt: NN.InstanceNorm2d(4, affine=True, dtype=dt),
+    "group_norm": lambda dt: NN.GroupNorm(2, 4, dtype=dt),
+    "layer_norm": lambda dt: NN.LayerNorm((4, 3, 3), dtype=dt),
+    "batch_renorm": lambda dt: NN.BatchRenorm2d(4, dtype=dt),
+    "sync_batch_norm": lambda dt: NN.SyncBatchNorm(4, dtype=dt),
+}
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
+@pytest.mark.parametrize("name", list(NEAR_CONSTANT))
+def test_a_near_constant_group_at_a_large_mean_in_half(name, dtype):
+    """torch's CPU kernels fold the normalization into x * a + (b - mean * a), which cancels when
+    |mean| * a is large: 10000 + randn rounds to a few values in half precision, and the output
+    was 0.07 off, and a constant channel with eps 1e-20 or 1e-30 gave -1024 or -inf."""
+    m = NEAR_CONSTANT[name](dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        if name == "batch_norm_eval":
+            m.running_mean.fill_(10000.0)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((6, 4, 3, 3)) * 30 + 10000.0).to(dtype)
+    x[:, 1] = x[0, 1, 0, 0]  # one channel exactly constant
+    m64 = copy.deepcopy(m).double()
+    assert_lowp_close(m(x), m64(x.double()), dtype, name)
+    if name in ("batch_norm", "instance_norm", "batch_renorm", "sync_batch_norm"):
+        # a constant channel with a tiny eps: x - mean is 0, so the output is the bias (plus renorm's
+        # gamma * d, d clipped to dmax = 5 as the batch mean is far from the running mean of 0);
+        # torch's float64 kernel folds too, so the truth is written out here
+        m.eps = 1e-30
+        want = m.bias[1] + (5 * m.weight[1] if name == "batch_renorm" else 0)
+        assert_lowp_close(m(x)[:, 1], want.double().expand(6, 3, 3), dtype, f"{name}, eps=1e-30")
+
+
+def test_batch_renorm_backward_under_autocast():
+    """A float32 BatchRenorm under CPU autocast (bfloat16 input from the conv) copied its float32
+    buffers onto themselves, a version bump that broke the backward of the batch norm it calls."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), NN.BatchRenorm2d(4))
+    with torch.autocast("cpu", torch.bfloat16):
+        y = model(torch.randn(4, 3, 6, 6) * 3 + 1)
+    assert y.dtype == torch.bfloat16
+    y.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from normlab import _checks
-from normlab.functional._core import HALF, acc_dtype, check_channel_input
+from normlab.functional._core import acc_dtype, check_channel_input, cpu_half
 from normlab.functional.batch_norm import batch_norm
 
 
@@ -40,14 +40,6 @@ def batch_renorm(
     c = check_channel_input(input, op, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     dims = (0,) + tuple(range(2, input.dim()))
     _checks.check_enough_values(input.shape, dims, op)
-    if input.dtype in HALF and not input.is_cuda:  # float32 compute, running buffers written back
-        f32 = lambda t: None if t is None else t.float()  # noqa: E731
-        rm, rv = running_mean.float(), running_var.float()
-        y = batch_renorm(input.float(), rm, rv, f32(weight), f32(bias), True, momentum, eps, rmax, dmax)
-        with torch.no_grad():
-            running_mean.copy_(rm)
-            running_var.copy_(rv)
-        return y.to(input.dtype)
     acc = acc_dtype(input.dtype)
     with torch.no_grad():
         # r and d from the batch statistics (two-pass; no gradient) and the running statistics
@@ -63,8 +55,12 @@ def batch_renorm(
     # r, d are constants: one native batch-norm call gives the output, the exact backward through
     # the batch statistics (dx, and dgamma = r sum(dy xhat) + d sum(dy) through autograd) and the
     # running update
-    w = r if weight is None else weight * r.to(weight.dtype)
-    b = d if weight is None else weight * d.to(weight.dtype)
+    # on the CPU, half input is computed in float32 (batch_norm upcasts it): w and b stay float32
+    # there (r and d rounded to float16 moved the output by 1e-3 of its size)
+    pdtype = acc if cpu_half(input) or weight is None else weight.dtype
+    wa = None if weight is None else weight.to(pdtype)  # one cast: dgamma's two terms add up before rounding
+    w = r if weight is None else wa * r.to(pdtype)
+    b = d if weight is None else wa * d.to(pdtype)
     if bias is not None:
-        b = b + bias
+        b = b + bias.to(pdtype)
     return batch_norm(input, running_mean, running_var, w, b, True, momentum, eps)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from normlab import _checks
 from normlab._backend import use_triton
-from normlab.functional._core import HALF, check_channel_input, kernels, use_kernel
+from normlab.functional._core import check_channel_input, cpu_half, kernels, use_kernel
 from normlab.functional.batch_norm import _upcast
 
 
@@ -38,6 +38,6 @@ def instance_norm(
     else:
         use_triton("instance_norm", input, lambda: (False, "use_input_stats=False: normalizes with the running "
                                                            "statistics, which the kernel does not take"))
-    if input.dtype in HALF and not input.is_cuda:
+    if cpu_half(input):
         return _upcast(F.instance_norm, input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
