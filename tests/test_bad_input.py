@@ -232,6 +232,10 @@ CASES = [
      r"batch_norm \(the NumPy reference\) expects a NumPy array, got list"),
     ("ref-tensor", lambda: R.layer_norm_forward(torch.randn(2, 3), 3), TypeError,
      r"expects a NumPy array, got Tensor \(a torch tensor: pass t.detach\(\).cpu\(\).numpy\(\)\)"),
+    ("mbn-eps0-train", lambda: NN.MaskedBatchNorm1d(3, eps=0)(x3, torch.ones(2, 4, dtype=BOOL)), ValueError,
+     r"masked_batch_norm: eps must be positive in training"),
+    ("sn-eps0-train", lambda: NN.SwitchableNorm1d(3, eps=0)(x3), ValueError,
+     r"switchable_norm: eps must be positive in training"),
     # strings parse as floats, then failed far away in NumPy's arithmetic
     ("ref-eps-str", lambda: R.batch_norm_forward(np.ones((4, 3)), eps="1e-5"), ValueError, r"eps must be a number >= 0.*got eps='1e-5'"),
     ("ref-momentum-str", lambda: R.batch_norm_forward(np.ones((4, 3)), running=R.RunningStats(np.zeros(3), np.ones(3)),

@@ -305,3 +305,26 @@ def test_batch_renorm_backward_under_autocast():
     assert y.dtype == torch.bfloat16
     y.float().square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("make", [lambda: NN.MaskedBatchNorm1d(3, eps=1e-30), lambda: NN.SwitchableNorm1d(3, eps=1e-30),
+                                  lambda: NN.SwitchableNorm1d(3)], ids=["masked", "switchable", "switchable-wide"])
+def test_own_backward_at_extreme_scales_stays_finite_and_right(make):
+    """rstd^3 was formed first: a constant channel with eps=1e-30 overflowed it (NaN dx), and an
+    input spread of 1e15 underflowed it (the variance logits' gradient came out 0)."""
+    m = make()
+    wide = m.eps == 1e-5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 6, generator=g) * (1e15 if wide else 1.0)
+    if not wide:
+        x[:, 1] = 2.5  # a constant channel
+    dy = torch.randn(4, 3, 6, generator=g)
+    grads = []
+    for mod, xi in ((m, x), (copy.deepcopy(m).double(), x.double())):
+        xi = xi.clone().requires_grad_()
+        args = (torch.ones(4, 6, dtype=torch.bool),) if isinstance(mod, NN.MaskedBatchNorm1d) else ()
+        mod(xi, *args).backward(dy.to(xi.dtype))
+        grads.append([xi.grad] + [p.grad for p in mod.parameters()])
+    for got, want in zip(*grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -116,7 +116,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
             if ctx.batch_stats:
                 k = ctx.count
                 # dx = scale (dy - s_dy/k - d rstd^2 s_dyd/k) at valid positions, 0 at padding
-                dx = torch.addcmul(-scale * s_dy / k, d, -scale * rstd * rstd * s_dyd / k)
+                dx = torch.addcmul(-scale * s_dy / k, d, -(scale * rstd) * (rstd * s_dyd) / k)  # no rstd^3: it overflows
                 dx.addcmul_(dy, scale)
             else:
                 dx = dy * scale
@@ -157,9 +157,12 @@ def masked_batch_norm(
     _checks.check_no_empty_rows(valid_per_row, op)
     count = int(sum(valid_per_row))
     batch_stats = training or running_mean is None
-    if batch_stats and count <= 1:
-        raise ValueError(f"{op} in training needs more than 1 valid position per channel, got {count} "
-                         f"(input shape {_checks.shape_str(input.shape)})")
+    if batch_stats:
+        _checks.check_training_eps(eps, op)  # as batch norm: a constant channel would give 0/0
+        if count <= 1:
+            when = "in training" if running_mean is not None else "without running statistics (batch statistics in evaluation too)"
+            raise ValueError(f"{op} {when} needs more than 1 valid position per channel, got {count} "
+                             f"(input shape {_checks.shape_str(input.shape)})")
     if use_kernel("masked_batch_norm", input, mask, running_mean, running_var, weight, bias, training):
         return kernels().masked_batch_norm(input, mask, running_mean, running_var, weight, bias, training, momentum, eps)
     m = mask.to(acc_dtype(input.dtype))

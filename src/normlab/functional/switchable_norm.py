@@ -97,7 +97,7 @@ class _SwitchableNorm(torch.autograd.Function):
         # sum over a row of dy * (x - mean) = sum(dy * d) + (mu_in - mean) * sum(dy)  (both relative to the pivot)
         s_dyc = torch.linalg.vecdot(dy2, d, dim=1).view(n, c) + (mu_rel - mean) * s_dy
         dmean = -scale * s_dy
-        dvar = -0.5 * scale * rstd * rstd * s_dyc
+        dvar = -0.5 * (scale * rstd) * (rstd * s_dyc)  # not rstd^3 first: it overflows (tiny eps) or underflows
         with torch.enable_grad():  # the small (N, C) graph of the mix, rebuilt from what forward kept
             leaves = [t.detach().requires_grad_() for t in small[:4]]
             mix_mean, mix_var, _, _ = _mix(*leaves, *small[4:])
@@ -139,6 +139,7 @@ def switchable_norm(
     _checks.check_running_args(running_mean, running_var, momentum, training, op)
     use_batch = training or running_mean is None
     if use_batch:
+        _checks.check_training_eps(eps, op)  # as batch norm: a constant input would give 0/0
         _checks.check_enough_values(input.shape, (0,) + tuple(range(2, input.dim())), op,
                                     running_stats=running_mean is not None)
     return _SwitchableNorm.apply(input, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch,
