@@ -13,6 +13,19 @@ import time
 from pathlib import Path
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a count of at least 1 (0 rounds would end in a median of nothing)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def interleaved(fns: dict, rounds: int = 15, inner: int = 3, warmup: int = 2, sync=None) -> dict:
     """Median seconds per call of each function, timed in interleaved rounds (A B C, C A B, ..., shuffled)
     so that slow phases of a noisy machine hit every candidate alike."""

