@@ -125,9 +125,20 @@ def test_run_then_report_end_to_end(out_dir):
                                             ("batch-size.base_lr=-0.1", "base_lr is a learning rate"),
                                             ("learning-rate.multipliers=1,-1", "multiplier and must be positive"),
                                             ("bn-mnist.lr=nan", "must be positive and finite"),
-                                            ("bn-mnist.data=padded-seq", "images or signals")])
+                                            ("bn-mnist.data=padded-seq", "images or signals"),
+                                            # these failed inside every run, or measured nothing
+                                            ("activations.n=1", "n is the batch"),
+                                            ("bn-mnist.batch_size=100000", "is larger than the training set"),
+                                            ("transformer.patch=7", "patch=7 must divide the input length"),
+                                            ("bn-mnist.init_gain=nan", "init_gain must be positive and finite"),
+                                            ("init-scale.n_train=100000", "but digits has 1437 training examples"),
+                                            ("padding.pad_fractions=0.5", "at least 2 different fractions")])
 def test_counts_and_lists_that_would_fail_inside_a_run_are_refused_up_front(out_dir, setting, needle):
     _bad([setting.split(".")[0], "--set", setting], needle, out_dir)
+
+
+def test_a_batch_size_sweep_whose_largest_batch_trains_no_step_is_refused(out_dir):
+    _bad(["batch-size", "--set", "batch_sizes=2,64", "--set", "n_train=50"], "at most n_train=50", out_dir)
 
 
 def test_mnist_files_with_the_right_names_but_bad_contents(out_dir, tmp_path):

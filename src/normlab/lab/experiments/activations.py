@@ -73,6 +73,11 @@ def _forward_backward(x, weights, r, bn: bool) -> tuple:
     return hs, grad_norms
 
 
+def validate(config: Config) -> None:
+    if config.n < 2:
+        raise ValueError(f"n is the batch whose statistics batch norm uses and must be at least 2, got {config.n}")
+
+
 def run(config: Config, seed: int, progress) -> dict:
     rng = np.random.default_rng(seed)
     x = rng.uniform(0.0, 1.0, size=(config.n, config.d))

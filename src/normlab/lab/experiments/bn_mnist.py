@@ -93,6 +93,8 @@ def run(config: Config, seed: int, progress) -> dict:
 
 
 def validate(config: Config) -> None:
+    if not 0.0 < config.init_gain < float("inf"):  # the weights' standard deviation factor
+        raise ValueError(f"init_gain must be positive and finite, got {config.init_gain}")
     if not 0.0 < config.early_fraction <= 1.0:
         raise ValueError(f"early_fraction is a fraction of the steps and must be in (0, 1], "
                          f"got {config.early_fraction}")

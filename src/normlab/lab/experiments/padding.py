@@ -98,6 +98,9 @@ def validate(config: Config) -> None:
         raise ValueError(f"need 1 <= min_len <= max_len, got {config.min_len}, {config.max_len}")
     if any(not 0.0 <= p < 1.0 for p in config.pad_fractions) or not config.pad_fractions:
         raise ValueError("pad_fractions must lie in [0, 1)")
+    if len(set(config.pad_fractions)) < 2:  # "the more padding, the larger" compared a number with itself
+        raise ValueError(f"pad_fractions needs at least 2 different fractions (the verdict compares the least "
+                         f"padding with the most), got {config.pad_fractions}")
     if config.batch_size < 2:
         raise ValueError("batch_size must be at least 2 (batch statistics)")
 

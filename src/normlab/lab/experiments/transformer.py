@@ -110,6 +110,8 @@ def validate(config: Config) -> None:
         raise ValueError("probe_depths needs at least two depths >= 1")
     if config.evals < 2:
         raise ValueError("evals must be at least 2 ('final' is the mean of the last two)")
+    if config.data != "mnist":  # (full MNIST is read from --data-dir when the runs start: 784 = 28 * 28)
+        _tokens(lab_data.load(config.data).subset(1, 1), config.patch)  # raises: patch must divide the length
 
 
 def data_parallel(config: Config):
