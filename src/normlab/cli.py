@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import typer
 
+from normlab._help import reflowed
+
 app = typer.Typer(
     help="normlab: normalization in deep learning, measured.",
     no_args_is_help=True,
@@ -17,8 +19,9 @@ def _root() -> None:
 
 
 @app.command()
+@reflowed
 def demo(
-    seed: int = typer.Option(0, help="Random seed of the data and weights."),
+    seed: int = typer.Option(0, min=0, help="Random seed of the data and weights."),
     layers: int = typer.Option(5, min=1, help="Number of sigmoid layers."),
     width: int = typer.Option(64, min=2, help="Units per layer."),
 ) -> None:

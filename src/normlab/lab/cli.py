@@ -12,6 +12,8 @@ from typing import List, Optional
 
 import typer
 
+from normlab._help import reflowed
+
 app = typer.Typer(help="Run the claims about normalization as experiments and report them.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -24,6 +26,7 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
 
 
 @app.command("list")
+@reflowed
 def list_() -> None:
     """List the experiments: name, claim, source, data set and quick-scale size.
 
@@ -55,6 +58,7 @@ def _size(config) -> str:
 
 
 @app.command()
+@reflowed
 def run(
     names: Optional[List[str]] = typer.Argument(None, metavar="[NAMES]...",
                                                 help="Experiments to run (default: all; see `normlab lab list`)."),
@@ -183,6 +187,7 @@ def _print_summary(out: Path, console) -> None:
 
 
 @app.command("report")
+@reflowed
 def report_(out: Path = typer.Argument(Path("normlab-report"), help="The folder `run` wrote to.")) -> None:
     """Build index.html and results.json from the finished runs in a folder.
 
