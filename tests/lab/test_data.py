@@ -121,3 +121,11 @@ def test_an_npz_without_the_expected_arrays_is_a_data_error(tmp_path):
     np.savez(tmp_path / "mnist.npz", images=np.zeros((3, 28, 28), np.uint8))
     with pytest.raises(data.DataError, match="cannot read MNIST.*x_train"):
         data.check_available("mnist", str(tmp_path))
+
+
+def test_a_file_that_is_not_an_npz_archive_is_named_as_such(tmp_path):
+    """np.load took it for a pickle and advised allow_pickle=True: wrong advice for a corrupt file."""
+    (tmp_path / "mnist.npz").write_bytes(b"not an archive at all")
+    with pytest.raises(data.DataError, match=r"mnist.npz is not an .npz archive") as err:
+        data.check_available("mnist", str(tmp_path))
+    assert "pickle" not in str(err.value)

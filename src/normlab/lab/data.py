@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -259,6 +260,8 @@ def _read_idx(path: Path) -> np.ndarray:
 def _mnist(data_dir: str) -> Dataset:
     paths = _mnist_paths(data_dir)
     if isinstance(paths, Path):
+        if not zipfile.is_zipfile(paths):  # np.load would take it for a pickle and suggest allow_pickle
+            raise DataError(f"{paths} is not an .npz archive (a zip of the arrays x_train, y_train, x_test, y_test)")
         with np.load(paths) as f:
             xtr, ytr, xte, yte = (f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
     else:

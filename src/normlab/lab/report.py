@@ -404,7 +404,8 @@ def _section_html(s: Section) -> str:
                  + "</table>")
     lists = [(k, v) for k, v in s.summary.items() if isinstance(v, (dict, list)) and k not in s.per_seed]
     if lists:
-        p.append("<details><summary>All summary numbers (per seed)</summary><pre>" + e("\n".join(
+        p.append("<details><summary>More summary numbers (lists: over the seeds, or one entry per seed)</summary>"
+                 "<pre>" + e("\n".join(
             f"{k}: {_num(v)}" for k, v in lists)) + "</pre></details>")
     if not s.runs:  # the config asked for has no finished run (see _unfinished_section)
         p.append(f"<h3>Config</h3><p class=note>hash <code>{e(s.config_hash)}</code>: no finished run</p>")
@@ -438,10 +439,17 @@ def _over_seeds(v: list) -> str:
     """Mean ± sd of per-seed numbers; infinite ones (a target never reached) are counted, not averaged."""
     finite = [x for x in v if math.isfinite(x)]
     if len(finite) == len(v):
-        return fmt(v, 4)
+        return _mean_sd(v)
     rest = f"{len(v) - len(finite)} of {len(v)} seeds not finite" + (
         " (never reached)" if all(math.isinf(x) for x in v if not math.isfinite(x)) else "")
-    return f"{fmt(finite, 4)} over the other {len(finite)}; {rest}" if finite else rest
+    return f"{_mean_sd(finite)} over the other {len(finite)}; {rest}" if finite else rest
+
+
+def _mean_sd(v: list) -> str:
+    """``fmt``'s 4 decimals, or significant digits for numbers that they would show as 0.0000
+    (a masked error of 8e-08, an invariance residue of 1e-15) or that are very large."""
+    m, sd = verdict_rules.mean_sd(v)
+    return f"{m:.4g} ± {sd:.2g}" if m and not 1e-3 <= abs(m) < 1e6 else fmt(v, 4)
 
 
 def _num(v) -> str:
