@@ -17,6 +17,10 @@ def cpu_half(input: torch.Tensor) -> bool:
     return input.dtype in HALF and not input.is_cuda
 
 
+def as_float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.float()
+
+
 @torch.no_grad()
 def pivot_of(x: torch.Tensor, dims) -> Optional[torch.Tensor]:
     """``x``'s mean over ``dims`` (kept), where finite (else 0), as a constant; ``None`` for an empty ``x``."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab import _checks
-from normlab.functional._core import check_channel_input, cpu_half, kernels, pivot_of, pivoted, use_kernel
+from normlab.functional._core import as_float32, check_channel_input, cpu_half, kernels, pivot_of, pivoted, use_kernel
 
 
 def _check_batch_norm(input, running_mean, running_var, weight, bias, training, eps, op):
@@ -51,25 +51,23 @@ def _upcast(fn, input, running_mean, running_var, weight, bias, use_input_stats,
 
     With batch statistics the pivot is each group's mean (per channel; per sample and channel
     for instance norm), and the running mean is passed less what the batch's mean moves by and
-    gets it back after the update; in evaluation the pivot is the running mean itself."""
-    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    gets it back after the update; in evaluation the pivot is the running mean itself, passed
+    as 0. The buffers ``fn`` gets are fresh float32 copies, never the caller's (``F.batch_norm``
+    keeps them for its backward, so they must not change in place after it)."""
     x = input.float()
-    c, view = x.shape[1], (1, x.shape[1]) + (1,) * (x.dim() - 2)
-    pivot = shift = None
+    rm = None if running_mean is None else running_mean.float().clone()
+    rv = None if running_var is None else running_var.float().clone()
+    shift = None
     if use_input_stats:
         spatial = tuple(range(2, x.dim()))
         pivot = pivot_of(x, spatial if fn is F.instance_norm else (0,) + spatial)
-        if pivot is not None and running_mean is not None:
-            shift = pivot.mean(dim=0).reshape(c)  # what the running mean's new term moves by
-    elif running_mean is not None:
-        with torch.no_grad():
-            pivot = running_mean.float().reshape(view)
-    # fresh float32 buffers (never the caller's, which F.batch_norm may keep for its backward)
-    rm = None if running_mean is None else running_mean.float().clone() if shift is None else running_mean.float() - shift
-    if not use_input_stats and rm is not None:
-        rm = torch.zeros_like(rm)  # evaluation normalizes x - running_mean with a running mean of 0
-    rv = None if running_var is None else running_var.float().clone()
-    out = fn(pivoted(x, pivot), rm, rv, f32(weight), f32(bias), use_input_stats, momentum, eps)
+        if pivot is not None and rm is not None:
+            shift = pivot.mean(dim=0).reshape(rm.shape)  # what the running mean's new term moves by
+            rm -= shift
+    else:
+        pivot = None if rm is None else rm.reshape((1, -1) + (1,) * (x.dim() - 2))
+        rm = None if rm is None else torch.zeros_like(rm)
+    out = fn(pivoted(x, pivot), rm, rv, as_float32(weight), as_float32(bias), use_input_stats, momentum, eps)
     if use_input_stats:
         with torch.no_grad():
             if running_mean is not None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab import _checks
-from normlab.functional._core import check_channel_input, cpu_half, kernels, pivot_of, pivoted, use_kernel
+from normlab.functional._core import as_float32, check_channel_input, cpu_half, kernels, pivot_of, pivoted, use_kernel
 
 
 def group_norm(
@@ -36,11 +36,10 @@ def group_norm(
         # torch's CPU kernel keeps the statistics its backward uses in the half dtype (dx and
         # dweight 0.02-0.2 off at mean 1000): float32, less a per-group pivot (see pivoted)
         x = input.float()
-        f32 = lambda t: None if t is None else t.float()  # noqa: E731
         if x.numel():
             x = pivoted(x, pivot_of(x.reshape(x.shape[0], num_groups, -1), 2).reshape(
                 (x.shape[0], num_groups) + (1,) * (x.dim() - 2)).repeat_interleave(c // num_groups, dim=1))
-        return torch.group_norm(x, num_groups, f32(weight), f32(bias), eps,
+        return torch.group_norm(x, num_groups, as_float32(weight), as_float32(bias), eps,
                                 torch.backends.cudnn.enabled).to(input.dtype)
     # torch's native op directly: F.group_norm's wrapper repeats the checks above (~10 us a
     # call, a measurable share of a 1 ms CPU kernel)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab import _checks
-from normlab.functional._core import cpu_half, kernels, pivot_of, pivoted, use_kernel
+from normlab.functional._core import as_float32, cpu_half, kernels, pivot_of, pivoted, use_kernel
 
 
 def check_trailing(input, normalized_shape, weight, op, params=("weight", "bias"), bias=None) -> tuple:
@@ -32,7 +32,6 @@ def layer_norm(
         # torch's CPU kernel keeps the mean and rstd its backward uses in the half dtype (dx and
         # dweight 0.02-0.2 off at mean 1000): float32, less a per-row pivot (see pivoted)
         x = input.float()
-        f32 = lambda t: None if t is None else t.float()  # noqa: E731
         x = pivoted(x, pivot_of(x, tuple(range(x.dim() - len(ns), x.dim()))))
-        return F.layer_norm(x, ns, f32(weight), f32(bias), eps).to(input.dtype)
+        return F.layer_norm(x, ns, as_float32(weight), as_float32(bias), eps).to(input.dtype)
     return F.layer_norm(input, ns, weight, bias, eps)
