@@ -157,6 +157,38 @@ def run_scenario(name, rank, device):
     return out
 
 
+PRECISION_SIZES = (3, 5)  # float32, a channel at 1e4 with spread 0.01
+
+
+def precision_data():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(sum(PRECISION_SIZES), 2, 4, generator=g)
+    x[:, 1] = x[:, 1] * 0.01 + 1e4
+    return x
+
+
+def run_precision(rank, device):
+    """float32 at a large mean: the merged statistics had the per-rank means' float32 rounding."""
+    bn = nlnn.SyncBatchNorm(2, momentum=1.0).to(device)
+    y = bn(shard(precision_data(), PRECISION_SIZES, rank).to(device))
+    return {"y": y.detach().cpu(), "running_mean": bn.running_mean.cpu().clone(),
+            "running_var": bn.running_var.cpu().clone()}
+
+
+def run_double_backward(rank, device):
+    """A gradient penalty (create_graph=True) through SyncBatchNorm: an error on every rank (it
+    returned a gradient without a graph: the penalty's gradient silently 0)."""
+    bn = nlnn.SyncBatchNorm(2).double().to(device)
+    x = (torch.randn(4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(rank)) + 1).to(device)
+    x.requires_grad_(True)
+    try:
+        (gx,) = torch.autograd.grad((bn(x) * x).sum(), x, create_graph=True)
+        gx.square().sum().backward()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
 def run_mismatch(rank, device):
     c = 3 + rank
     bn = nlnn.SyncBatchNorm(c).to(device)
@@ -244,6 +276,8 @@ def run_rank(rank: int, world: int, init_method: str, out_dir: str, device: str 
         results["precise"] = run_precise(rank, device)
         results["precise_uneven"] = run_precise_uneven(rank, device)
         results["outside_group"] = run_outside_group(rank, device)
+        results["precision"] = run_precision(rank, device)
+        results["double_backward"] = run_double_backward(rank, device)
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()

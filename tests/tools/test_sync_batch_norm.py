@@ -121,6 +121,25 @@ def test_mismatched_channel_counts_fail_on_every_rank_naming_both(ranks):
         assert "same num_features" in msg and "[3, 4]" in msg
 
 
+def test_float32_at_a_large_mean_is_as_accurate_as_float64_statistics(ranks):
+    """Each rank's float32 mean was rounded (5e-4 at 1e4) before the merge: outputs 0.03 off on a
+    channel of spread 0.01, where the float64 truth of the same inputs is met to 1e-6 now."""
+    x = W.precision_data()
+    bn = nn.BatchNorm1d(2, momentum=1.0).double()
+    want = bn(x.double())
+    for rank, r in enumerate(ranks):
+        got = r["precision"]
+        torch.testing.assert_close(got["y"].double(), W.shard(want, W.PRECISION_SIZES, rank).detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(got["running_mean"].double(), bn.running_mean, rtol=1e-7, atol=0)
+        torch.testing.assert_close(got["running_var"].double(), bn.running_var, rtol=1e-5, atol=0)
+
+
+def test_double_backward_raises_on_every_rank(ranks):
+    for rank, r in enumerate(ranks):
+        msg = r["double_backward"]
+        assert msg is not None and "SyncBatchNorm has no double backward" in msg, f"rank {rank}: {msg}"
+
+
 def test_eps_zero_is_refused_on_every_rank(ranks):
     for rank, r in enumerate(ranks):
         assert r["eps_zero"] is not None and "eps must be positive in training" in r["eps_zero"], f"rank {rank}"

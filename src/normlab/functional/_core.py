@@ -115,20 +115,20 @@ def twice_differentiable(recompute):
     return wrap
 
 
-def first_order_only(what: str):
+def first_order_only(what: str, why: str = "its backward keeps the centred input, not the input"):
     """Decorator for the backward of an ``autograd.Function`` whose closed-form backward keeps
-    less than a double backward needs (the centred input, not the input: that saves a pass and
-    keeps one full-size tensor). With ``create_graph=True`` it raises, naming the layer, where
-    ``once_differentiable`` would return gradients without a graph when the incoming gradient
-    needs none: second derivatives silently zero."""
+    less than a double backward needs (by default: the centred input, not the input, which saves
+    a pass and keeps one full-size tensor). With ``create_graph=True`` it raises, naming the
+    layer and ``why``, where ``once_differentiable`` would return gradients without a graph when
+    the incoming gradient needs none: second derivatives silently zero."""
     def wrap(fn):
         @functools.wraps(fn)
         def backward(ctx, *grads):
             if torch.is_grad_enabled():  # only under create_graph=True
                 raise RuntimeError(
                     f"{what} has no double backward (create_graph=True, e.g. a gradient penalty or a Hessian-vector "
-                    "product): its backward keeps the centred input, not the input. A model that needs second "
-                    "derivatives through it has to compose the norm from torch ops")
+                    f"product): {why}. A model that needs second derivatives through it has to compose the norm "
+                    "from torch ops")
             return fn(ctx, *grads)
 
         return backward
