@@ -17,11 +17,16 @@ from normlab import _checks
 from normlab.functional._core import acc_dtype, check_channel_input, first_order_only, outside_autocast, update_running_
 
 
-def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_batch: bool, has_spatial: bool):
+def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_batch: bool, has_spatial: bool,
+         ln_shift):
     """Mixed (mean, var) of shape (N, C) from the instance statistics, plus the BN branch's
     batch statistics (for the running update). Layer and batch statistics follow from the
-    instance ones by the law of total variance (stable for large means)."""
-    mu_ln = mu_in.mean(dim=1, keepdim=True)
+    instance ones by the law of total variance (stable for large means).
+
+    Means come relative to a per-channel pivot (``mu_in`` is the instance mean less its
+    channel's pivot): the layer branch's mean, over channels, is then the mean of those plus
+    ``ln_shift`` (1, C), the pivots' mean less each channel's pivot."""
+    mu_ln = mu_in.mean(dim=1, keepdim=True) + ln_shift  # (N, C): each sample's one mean, in each channel's frame
     var_ln = (var_in + (mu_in - mu_ln).square()).mean(dim=1, keepdim=True)
     if use_batch:
         mu_bn = mu_in.mean(dim=0, keepdim=True)
@@ -52,22 +57,26 @@ class _SwitchableNorm(torch.autograd.Function):
         mu_in = x2.mean(dim=1, keepdim=True)
         d = x2 - mu_in  # centred rows, kept for backward (not x: so no double backward)
         var_in = torch.linalg.vecdot(d, d, dim=1).unsqueeze(1) / s
-        # Mix means relative to a pivot (their average; every mean shifts with it and the output
-        # does not depend on it): mixing values near 1000 in float32 rounds them by ~1e-4, which
-        # rstd magnifies where a variance is ~0 (half inputs rounded to a few distinct values).
-        # With batch statistics the samples are coupled anyway and the pivot is the batch's;
-        # without (evaluation) it is each sample's own, so no sample's values, however large,
-        # change another's output.
-        pivot = mu_in.mean() if use_batch else mu_in.view(n, c).mean(dim=1, keepdim=True)
+        # Mix means relative to a pivot per channel (the output does not depend on it): mixing
+        # values near 1000 in float32 rounds them by ~1e-4, which rstd magnifies where a variance
+        # is ~0 (half inputs rounded to a few distinct values); and one pivot for every channel
+        # left a channel near 0.01 beside one at 10000 with 5e-4 of precision (and one NaN made
+        # every channel's running statistics NaN). The pivot is the channel's batch mean, or in
+        # evaluation its running mean: a constant, so no sample's values, however large, change
+        # another's output. A non-finite pivot is taken as 0.
+        with torch.no_grad():
+            pivot = mu_in.view(n, c).mean(dim=0, keepdim=True) if use_batch else running_mean.to(acc).view(1, c)
+            pivot = torch.where(torch.isfinite(pivot), pivot, torch.zeros((), dtype=acc, device=pivot.device))
+            ln_shift = pivot.mean() - pivot
         mu_rel = mu_in.view(n, c) - pivot
-        rm_rel = None if running_mean is None else running_mean.to(acc) - pivot
+        rm_rel = None if running_mean is None else running_mean.to(acc).view(1, c) - pivot
         # the small (N, C) mix: computed here without a graph, and again with one in backward
         # (a graph built here would save its tensors through whatever saved-tensor hooks are
         # active, e.g. a non-reentrant checkpoint's, whose unpacking reruns this forward). The
         # logits are copied: an optimizer step between this forward and its backward (retained
         # graph) must not change the mix the backward differentiates.
         small = (mu_rel, var_in.view(n, c), mean_weight.detach().clone(), var_weight.detach().clone(), rm_rel,
-                 None if use_batch else running_var.detach().clone(), use_batch, s > 1 or x.dim() > 2)
+                 None if use_batch else running_var.detach().clone(), use_batch, s > 1 or x.dim() > 2, ln_shift)
         mean, var, mu_bn, var_bn = _mix(*small)
         if training and running_mean is not None:
             update_running_(running_mean, running_var, mu_bn.detach() + pivot, var_bn.detach(), n * s, momentum)
