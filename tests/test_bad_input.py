@@ -250,6 +250,11 @@ CASES = [
     ("ref-renorm-step", lambda: R.renorm_limits(-1, 3.0, 5.0, 10), ValueError, r"step must be >= 0"),
     ("ref-dy-shape", lambda: R.batch_norm_backward(np.ones((1, 3)), R.batch_norm_forward(np.random.rand(4, 3))[1]),
      ValueError, r"dy must have the forward output's shape \(4, 3\), got \(1, 3\)"),
+    ("ref-group-dy-transposed", lambda: R.group_norm_backward(  # the reshape took it: wrong gradients
+        np.ones((2, 3, 4)), R.group_norm_forward(np.random.rand(2, 4, 3), 2)[1]),
+     ValueError, r"dy must have the forward output's shape \(2, 4, 3\), got \(2, 3, 4\)"),
+    ("ref-selu-dy-shape", lambda: R.selu_backward(np.ones((1, 3)), R.selu_forward(np.ones((4, 3)))[1]),
+     ValueError, r"dy must have the forward output's shape \(4, 3\), got \(1, 3\)"),
     ("ref-switchable-dy-shape", lambda: R.switchable_norm_backward(
         np.ones((4, 3)), R.switchable_norm_forward(np.random.rand(4, 3, 2), None, None, np.ones(3), np.ones(3))[1]),
      ValueError, r"dy must have the forward output's shape \(4, 3, 2\), got \(4, 3\)"),

@@ -259,14 +259,14 @@ def test_reference_accumulates_longdouble_in_longdouble():
     np.testing.assert_allclose(y.ravel().astype(np.float64), [-1.3416, -0.4472, 0.4472, 1.3416], atol=1e-3)
 
 
-NEAR_CONSTANT = {
-    "batch_norm": lambda dt: NN.BatchNorm2d(4, dtype=dt),
-    "batch_norm_eval": lambda dt: NN.BatchNorm2d(4, dtype=dt).eval(),
-    "instance_norm": lambda dt: NN.InstanceNorm2d(4, affine=True, dtype=dt),
-    "group_norm": lambda dt: NN.GroupNorm(2, 4, dtype=dt),
-    "layer_norm": lambda dt: NN.LayerNorm((4, 3, 3), dtype=dt),
-    "batch_renorm": lambda dt: NN.BatchRenorm2d(4, dtype=dt),
-    "sync_batch_norm": lambda dt: NN.SyncBatchNorm(4, dtype=dt),
+NEAR_CONSTANT = {  # the layer and the input's spread around 10000
+    "batch_norm": (lambda dt: NN.BatchNorm2d(4, dtype=dt), 30),
+    "batch_norm_eval": (lambda dt: NN.BatchNorm2d(4, dtype=dt).eval(), 0.5),
+    "instance_norm": (lambda dt: NN.InstanceNorm2d(4, affine=True, dtype=dt), 30),
+    "group_norm": (lambda dt: NN.GroupNorm(4, 4, dtype=dt), 3),
+    "layer_norm": (lambda dt: NN.LayerNorm((4, 3, 3), dtype=dt), 30),
+    "batch_renorm": (lambda dt: NN.BatchRenorm2d(4, dtype=dt), 30),
+    "sync_batch_norm": (lambda dt: NN.SyncBatchNorm(4, dtype=dt), 30),
 }
 
 
@@ -276,13 +276,15 @@ def test_a_near_constant_group_at_a_large_mean_in_half(name, dtype):
     """torch's CPU kernels fold the normalization into x * a + (b - mean * a), which cancels when
     |mean| * a is large: 10000 + randn rounds to a few values in half precision, and the output
     was 0.07 off, and a constant channel with eps 1e-20 or 1e-30 gave -1024 or -inf."""
-    m = NEAR_CONSTANT[name](dtype)
+    make, spread = NEAR_CONSTANT[name]
+    m = make(dtype)
     with torch.no_grad():
         for p in m.parameters():
             p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
-        if name == "batch_norm_eval":
+        if name == "batch_norm_eval":  # evaluation folds with the running statistics
             m.running_mean.fill_(10000.0)
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((6, 4, 3, 3)) * 30 + 10000.0).to(dtype)
+            m.running_var.fill_(1e-3)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((6, 4, 3, 3)) * spread + 10000.0).to(dtype)
     x[:, 1] = x[0, 1, 0, 0]  # one channel exactly constant
     m64 = copy.deepcopy(m).double()
     assert_lowp_close(m(x), m64(x.double()), dtype, name)
@@ -307,7 +309,17 @@ def test_batch_renorm_backward_under_autocast():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("make", [lambda: NN.MaskedBatchNorm1d(3, eps=1e-30), lambda: NN.SwitchableNorm1d(3, eps=1e-30),
+def _switchable_batch_variance(eps):
+    """SwitchableNorm1d that mixes (almost) only the instance and batch branches, whose variance
+    is 0 on a constant channel: with eps=1e-30, rstd is 1e15 there."""
+    m = NN.SwitchableNorm1d(3, eps=eps)
+    with torch.no_grad():
+        m.mean_weight.copy_(torch.tensor([0.0, -100.0, 0.0]))
+        m.var_weight.copy_(torch.tensor([0.0, -100.0, 0.0]))
+    return m
+
+
+@pytest.mark.parametrize("make", [lambda: NN.MaskedBatchNorm1d(3, eps=1e-30), lambda: _switchable_batch_variance(1e-30),
                                   lambda: NN.SwitchableNorm1d(3)], ids=["masked", "switchable", "switchable-wide"])
 def test_own_backward_at_extreme_scales_stays_finite_and_right(make):
     """rstd^3 was formed first: a constant channel with eps=1e-30 overflowed it (NaN dx), and an

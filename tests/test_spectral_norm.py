@@ -116,13 +116,21 @@ def test_out_of_range_dim_is_refused_by_functional_and_reference(dim):
         R.spectral_norm_forward(randn((4, 3), 0), randn(4, 1), randn(3, 2), dim=dim)
 
 
-def test_reference_one_d_float16_weight_is_normed_without_overflow():
-    """float16 squares overflow from |w| = 256: [300, 400] came out [0, 0]."""
+def test_reference_float16_weight_is_normed_without_overflow():
+    """float16 squares overflow from |w| = 256: [300, 400] came out [0, 0], and a matrix whose
+    largest singular value is above ~256 came out NaN (its power iteration ran in float16)."""
     w = np.array([300.0, 400.0], np.float16)
     y, cache, _ = R.spectral_norm_forward(w, None, None)
     np.testing.assert_allclose(y.astype(np.float32), [0.6, 0.8], rtol=1e-3)
     dw = R.spectral_norm_backward(np.ones_like(w), cache)
     assert y.dtype == dw.dtype == np.float16 and np.isfinite(dw).all()
+    w2 = (randn((4, 6), 0) * 300).astype(np.float16)
+    u, v = _unit(randn(4, 1)), _unit(randn(6, 2))
+    got, cache, _ = R.spectral_norm_forward(w2, u.astype(np.float16), v.astype(np.float16), n_power_iterations=5)
+    want, _, _ = R.spectral_norm_forward(w2.astype(np.float64), u, v, n_power_iterations=5)
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=2e-3, atol=1e-3)
+    assert np.isfinite(R.spectral_norm_backward(np.ones_like(w2), cache)).all()
 
 
 def test_reference_refuses_what_torch_refuses_and_keeps_the_weight_dtype():

@@ -168,7 +168,7 @@ def check_per_channel(num_channels: int, op: str, any_shape: bool = False, **par
     for name, p in params.items():
         if p is None:
             continue
-        if not hasattr(p, "shape"):  # a list (the NumPy reference takes any array-like)
+        if any_shape and not hasattr(p, "shape"):  # a list (the NumPy reference takes any array-like)
             import numpy as np
 
             p = np.asarray(p)

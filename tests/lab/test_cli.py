@@ -137,8 +137,22 @@ def test_counts_and_lists_that_would_fail_inside_a_run_are_refused_up_front(out_
     _bad([setting.split(".")[0], "--set", setting], needle, out_dir)
 
 
-def test_a_batch_size_sweep_whose_largest_batch_trains_no_step_is_refused(out_dir):
+def test_a_batch_size_sweep_with_a_batch_larger_than_the_training_set_is_refused(out_dir):
     _bad(["batch-size", "--set", "batch_sizes=2,64", "--set", "n_train=50"], "at most n_train=50", out_dir)
+
+
+@pytest.mark.parametrize("settings,needle", [(["n_train=5000"], "n_train=5000, but mnist has 100 training examples"),
+                                             (["n_train=100", "batch_size=1000"],
+                                              "batch_size=1000 is larger than the training set")])
+def test_sizes_are_checked_against_full_mnist_from_data_dir_too(out_dir, tmp_path, settings, needle):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "mnist.npz", x_train=rng.integers(0, 255, (100, 28, 28), dtype=np.uint8),
+             y_train=rng.integers(0, 10, 100), x_test=rng.integers(0, 255, (50, 28, 28), dtype=np.uint8),
+             y_test=rng.integers(0, 10, 50))
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    _bad(["init-scale", "--set", "data=mnist", *sets, "--data-dir", str(tmp_path)], needle, out_dir)
 
 
 def test_mnist_files_with_the_right_names_but_bad_contents(out_dir, tmp_path):

@@ -13,7 +13,8 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 def cpu_half(input: torch.Tensor) -> bool:
-    """float16/bfloat16 on the CPU: the torch tier computes it in float32 (see :func:`pivoted`)."""
+    """float16/bfloat16 off CUDA (the CPU; MPS and XPU too): the torch tier computes it in float32
+    (see :func:`pivoted`), as it did for batch and instance norm before."""
     return input.dtype in HALF and not input.is_cuda
 
 

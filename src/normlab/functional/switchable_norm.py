@@ -32,7 +32,7 @@ def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_
         mu_bn = mu_in.mean(dim=0, keepdim=True)
         var_bn = (var_in + (mu_in - mu_bn).square()).mean(dim=0, keepdim=True)
     else:
-        # running_mean may come relative to a per-sample pivot: (N, C), else (C,)
+        # the running mean relative to the pivot: (1, C)
         mu_bn = running_mean.to(mu_in.dtype).reshape(-1, mu_in.shape[1])
         var_bn = running_var.to(mu_in.dtype).view(1, -1)
     mw, vw = mean_weight.to(mu_in.dtype), var_weight.to(mu_in.dtype)

@@ -7,17 +7,27 @@ file gets, so they are set from the umask before the rename.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from pathlib import Path
 
-_UMASK = os.umask(0)  # read once, at import (in the main thread): os.umask can only be read by setting it
-os.umask(_UMASK)
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process's umask: from /proc on Linux; elsewhere by setting it and back (the only way
+    to read it, which leaves it 0 for a moment: a file another thread creates then is public)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
 
 
 def as_created(path, directory: bool = False) -> None:
     """Give ``path`` the permissions of a newly created file (0666) or folder (0777) under the umask."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 @contextlib.contextmanager

@@ -250,7 +250,7 @@ def _unfinished_section(name: str, requested: str, others: int) -> Section:
                      f"again to show one (finished runs are reused, not redone)") if others else ""
     sec.verdict = Verdict(INCONCLUSIVE, (
         f"no finished run of the config the last `run` asked for (hash {requested}): its runs failed (tracebacks "
-        f"in errors.log) or were interrupted.{shown_instead}"))
+        f"in errors.log), were interrupted or were removed.{shown_instead}"))
     return sec
 
 
@@ -449,7 +449,8 @@ def _mean_sd(v: list) -> str:
     """``fmt``'s 4 decimals, or significant digits for numbers that they would show as 0.0000
     (a masked error of 8e-08, an invariance residue of 1e-15) or that are very large."""
     m, sd = verdict_rules.mean_sd(v)
-    return f"{m:.4g} ± {sd:.2g}" if m and not 1e-3 <= abs(m) < 1e6 else fmt(v, 4)
+    size = max(abs(m), sd)
+    return f"{m:.4g} ± {sd:.2g}" if size and not 1e-3 <= size < 1e6 else fmt(v, 4)
 
 
 def _num(v) -> str:

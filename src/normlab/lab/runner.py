@@ -125,7 +125,6 @@ def plan(names: Sequence[str] = (), scale: str = "quick", seeds: int = 3, sets: 
         mine = {f: v for x, f, v in overrides if x is None and f in fields}
         mine.update({f: v for x, f, v in overrides if x == e.name})
         config = e.config(scale, mine)
-        e.validate(config)
         source = None
         if getattr(config, "data", None):
             try:
@@ -133,6 +132,7 @@ def plan(names: Sequence[str] = (), scale: str = "quick", seeds: int = 3, sets: 
                 source = data.source_key(config.data, data_dir)
             except data.DataError as err:
                 raise ConfigError(f"{e.name}: {err}") from None
+        e.validate(config, data_dir)
         n = nproc if nproc > 1 and e.data_parallel(config) is None else 1
         h = e.config_hash(config, n, source)
         tasks += [Task(e.name, dataclasses.asdict(config), h, s, n) for s in range(seeds)]

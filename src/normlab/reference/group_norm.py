@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import check_channel_params, flat, normalize_backward, normalize_forward
+from normlab.reference._core import check_channel_params, check_grad_shape, flat, normalize_backward, normalize_forward
 
 
 def _grouped_param(p, num_groups, ndim):
@@ -45,5 +45,6 @@ def group_norm_forward(
 
 def group_norm_backward(dy: np.ndarray, cache):
     """Backward pass: ``(dx, dgamma, dbeta)``."""
+    check_grad_shape(dy, cache.shape)  # before the reshape, which would take any dy of the right size
     dx, dw, db = normalize_backward(dy.reshape(cache.u.shape), cache)
     return dx.reshape(cache.shape), flat(dw), flat(db)

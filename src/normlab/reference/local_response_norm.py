@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import acc_dtype
+from normlab.reference._core import acc_dtype, check_grad_shape
 
 
 def _window_sum(a: np.ndarray, before: int, after: int) -> np.ndarray:
@@ -55,6 +55,7 @@ def local_response_norm_backward(db: np.ndarray, cache):
     ``da_c = db_c s_c^{-beta} - (2 alpha beta / n) a_c sum_{j: c in win(j)} db_j a_j s_j^{-beta-1}``,
     the transposed window running from ``c - after`` to ``c + before``."""
     a, s, n, alpha, beta = cache["a"], cache["s"], cache["size"], cache["alpha"], cache["beta"]
+    check_grad_shape(db, a.shape)
     db = db.astype(a.dtype, copy=False)
     t = db * a * s ** (-beta - 1)
     da = db * s ** -beta - (2 * alpha * beta / n) * a * _window_sum(t, cache["after"], cache["before"])

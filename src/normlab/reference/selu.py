@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import acc_dtype
+from normlab.reference._core import acc_dtype, check_grad_shape
 
 SELU_LAMBDA = 1.0507009873554804934193349852946
 SELU_ALPHA = 1.6732632423543772848170429916717
@@ -36,6 +36,7 @@ def selu_backward(dy: np.ndarray, cache):
     the negative branch plus ``lambda alpha``: that difference cancels to 0 for x below about -17
     in float32)."""
     x = cache["x"]
+    check_grad_shape(dy, x.shape)
     xa = x.astype(acc_dtype(x.dtype), copy=False)
     slope = np.where(xa > 0, SELU_LAMBDA, SELU_LAMBDA * SELU_ALPHA * np.exp(np.minimum(xa, 0)))
     return (dy * slope).astype(np.result_type(dy, x), copy=False)
@@ -72,6 +73,8 @@ def alpha_dropout_forward(x: np.ndarray, p: float = 0.5, training: bool = True, 
 
 def alpha_dropout_backward(dy: np.ndarray, cache):
     """``dx = a * dy`` on kept units, 0 on dropped ones."""
+    if cache["keep"] is not None:
+        check_grad_shape(dy, cache["keep"].shape)
     return dy if cache["keep"] is None else cache["a"] * dy * cache["keep"]
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from normlab import _checks
+from normlab.reference._core import check_grad_shape
 
 
 def _normalize(z, eps):
@@ -48,9 +49,9 @@ def spectral_norm_forward(w: np.ndarray, u: np.ndarray, v: np.ndarray, *, n_powe
     _checks.check_positive_int(n_power_iterations, op, "n_power_iterations")  # torch refuses 0 too
     if w.ndim == 1:  # the norm in float64 (float16 squares overflow from |w| = 256)
         norm = max(float(np.linalg.norm(w.astype(np.float64))), eps)
-        return w / norm, dict(w=w, norm=norm, one_d=True), (u, v)
+        return (w / norm).astype(w.dtype, copy=False), dict(w=w, norm=norm, one_d=True), (u, v)
     dim = _checks.check_dim(dim, w.ndim, op)  # torch takes a negative dim too
-    wm = as_matrix(w, dim)
+    wm = as_matrix(w, dim).astype(np.float64)  # float16's squares overflow (sigma above ~256: NaN)
     for name, vec, n in (("u", u, wm.shape[0]), ("v", v, wm.shape[1])):
         if np.shape(vec) != (n,):
             raise ValueError(f"{op}: {name} must be a vector of {n} (the weight as a {wm.shape[0]}x{wm.shape[1]} "
@@ -58,12 +59,13 @@ def spectral_norm_forward(w: np.ndarray, u: np.ndarray, v: np.ndarray, *, n_powe
     if training:
         u, v = power_iteration(wm, u, v, n_power_iterations, eps)
     sigma = float(u @ wm @ v)
-    return w / sigma, dict(w=w, sigma=sigma, u=u, v=v, dim=dim, one_d=False), (u, v)
+    return (w / sigma).astype(w.dtype, copy=False), dict(w=w, sigma=sigma, u=u, v=v, dim=dim, one_d=False), (u, v)
 
 
 def spectral_norm_backward(dw_sn: np.ndarray, cache) -> np.ndarray:
     """``dW`` with ``u`` and ``v`` held constant."""
     w = cache["w"]
+    check_grad_shape(dw_sn, w.shape)
     wa, dwa = w.astype(np.float64), np.asarray(dw_sn, np.float64)
     if cache["one_d"]:
         n = cache["norm"]

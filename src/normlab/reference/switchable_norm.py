@@ -111,7 +111,8 @@ def switchable_norm_backward(dy: np.ndarray, cache):
     ``(dmu_k + 2 dvar_k (x - mu_k)) / n_k`` to each of its elements: an affine function of
     ``x``, so the three branches add up to ``A + B x`` with per-(sample, channel) ``A``, ``B``,
     and ``dx = g * rstd + A + B x``. The softmax logits get ``w * (g_k - sum(w * g))`` with
-    ``g_k = sum(dL/dmu * mu_k)`` (and likewise for the variance).
+    ``g_k = sum(dL/dmu * mu_k)`` (and likewise for the variance); for the means, ``mu_k`` is taken
+    less the mixed mean, which changes nothing but the rounding.
     """
     c = cache
     x, rstd = c["x"], c["rstd"]

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import acc_dtype
+from normlab.reference._core import acc_dtype, check_grad_shape
 
 
 def _norm_axes(v: np.ndarray, dim: Optional[int]):
@@ -56,6 +56,7 @@ def weight_norm_forward(v: np.ndarray, g: np.ndarray, dim: Optional[int] = 0):
 def weight_norm_backward(dw: np.ndarray, cache):
     """``(dv, dg)``."""
     vhat, norm, g, axes = cache["vhat"], cache["norm"], cache["g"], cache["axes"]
+    check_grad_shape(dw, vhat.shape)
     dw = dw.astype(vhat.dtype, copy=False)
     dg = (dw * vhat).sum(axis=axes, keepdims=True)
     dv = (g / norm) * (dw - dg * vhat)

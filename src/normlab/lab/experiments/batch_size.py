@@ -57,8 +57,8 @@ SCALES = {"smoke": Config(n_train=64, norms=("batch", "group:4"), batch_sizes=(2
 
 
 def validate(config: Config) -> None:
-    if max(config.batch_sizes) > config.n_train:  # epochs * n_train // b steps: none at all for such a b
-        raise ValueError(f"every batch size must be at most n_train={config.n_train} (else it trains 0 steps), "
+    if max(config.batch_sizes) > config.n_train:  # such a batch cannot be drawn from the training set
+        raise ValueError(f"every batch size must be at most n_train={config.n_train} (the training set), "
                          f"got {config.batch_sizes}")
     if len(set(config.batch_sizes)) < 2:
         raise ValueError(f"batch_sizes needs at least 2 different sizes (the verdict compares the smallest with the "
