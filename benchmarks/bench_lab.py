@@ -32,7 +32,8 @@ def main() -> None:
     ap.add_argument("--scale", default="quick")
     ap.add_argument("--seeds", type=positive_int, default=3)
     ap.add_argument("--jobs", type=positive_int, default=None, help="worker processes (default: one per core)")
-    ap.add_argument("--json", default=None, help="where to write the results (default: see above)")
+    ap.add_argument("--json", default=None, help="where to write the results (default: benchmarks/results/lab.json "
+                                                  "for every experiment at quick scale, else lab-<scale>[-<names>].json)")
     args = ap.parse_args()
     if args.json is None:  # a partial run must not overwrite the whole suite's figures
         tag = "" if not args.names and args.scale == "quick" else "-" + "-".join([args.scale, *args.names])

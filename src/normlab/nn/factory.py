@@ -111,8 +111,11 @@ def make_norm(spec: str, num_channels: int, dim: int = 0, **kwargs) -> nn.Module
 
     Args:
         spec: ``"batch"``, ``"layer"``, ``"instance"``, ``"group:G"``, ``"rms"``,
-            ``"switchable"``, ``"batch_renorm"``, ``"masked_batch"``, ``"lrn:size"``, ``"none"``
-            (see the module docstring), or one added with :func:`register_norm`.
+            ``"switchable"``, ``"batch_renorm"``, ``"masked_batch"``, ``"lrn:size"``,
+            ``"sync_batch"``, ``"none"`` (see the module docstring), or one added with
+            :func:`register_norm`. Not every spec exists for every ``dim``: ``"rms"`` normalizes
+            the last dim (``dim=0``), ``"masked_batch"`` takes (N, C, L) (``dim=1``), and
+            ``"layer"`` with spatial dims is ``GroupNorm(1, C)`` (over C and the spatial dims).
         num_channels: C.
         dim: spatial dims after (N, C): 0, 1, 2 or 3.
         **kwargs: passed to the layer (``eps``, ``momentum``, ``affine``, ``rmax`` ...).
