@@ -108,10 +108,11 @@ def test_runs_on_mnist_from_another_folder_are_not_the_same_cache_entry(tmp_path
         d.mkdir()
         np.savez(d / "mnist.npz", x_train=np.full((3, 28, 28), i, np.uint8), y_train=np.arange(3),
                  x_test=np.zeros((2, 28, 28), np.uint8), y_test=np.arange(2))
-    hashes = [runner.plan(["bn-mnist"], scale="smoke", seeds=1, sets=["data=mnist"], data_dir=str(d))[0].config_hash
+    sets = ["data=mnist", "batch_size=2"]  # (3 training images: the default batch would be refused)
+    hashes = [runner.plan(["bn-mnist"], scale="smoke", seeds=1, sets=sets, data_dir=str(d))[0].config_hash
               for d in folders]
     assert hashes[0] != hashes[1]
-    again = runner.plan(["bn-mnist"], scale="smoke", seeds=1, sets=["data=mnist"], data_dir=str(folders[0]))
+    again = runner.plan(["bn-mnist"], scale="smoke", seeds=1, sets=sets, data_dir=str(folders[0]))
     assert again[0].config_hash == hashes[0]
     plain = runner.plan(["bn-mnist"], scale="smoke", seeds=1)[0].config_hash  # embedded data: key unchanged
     assert plain == runner.plan(["bn-mnist"], scale="smoke", seeds=1, data_dir=str(folders[0]))[0].config_hash
