@@ -12,6 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
+
 @functools.lru_cache(maxsize=1)
 def _umask() -> int:
     """The process's umask: from /proc on Linux; elsewhere by setting it and back (the only way
