@@ -38,8 +38,12 @@ def list_() -> None:
     from normlab.lab import experiments
 
     table = Table(title="normlab lab experiments (normlab lab run NAME ...)", show_lines=True)
-    for col in ("experiment", "claim", "source", "data"):
-        table.add_column(col, overflow="fold")
+    # names and data sets unbroken; the claim gets twice the source's share of what is left
+    # ("fold" only splits a word longer than its column, such as a URL)
+    table.add_column("experiment", no_wrap=True)
+    table.add_column("claim", overflow="fold", ratio=2)
+    table.add_column("source", overflow="fold", ratio=1)
+    table.add_column("data", no_wrap=True)
     table.add_column("quick scale\n(per model)", no_wrap=True)
     for name in experiments.names():
         e = experiments.get(name)
