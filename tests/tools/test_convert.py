@@ -364,3 +364,11 @@ def test_a_change_between_classes_of_the_same_name_says_which_library():
         "normlab.nn.BatchNorm2d(4")
     _, changes = convert(nn.Sequential(nn.BatchNorm2d(4)), "group:2")
     assert changes[0].source.startswith("BatchNorm2d(4") and changes[0].target.startswith("GroupNorm(2, 4")
+
+
+def test_switchable_norms_mixing_logits_are_reported_when_dropped():
+    """The Change read as a clean conversion while the learned mix of IN, LN and BN was thrown away."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nlnn.SwitchableNorm2d(4))
+    _, changes = convert(model, "batch")
+    dropped = " ".join(changes[0].not_copied)
+    assert "mean_weight: BatchNorm2d has no counterpart" in dropped and "var_weight" in dropped

@@ -321,6 +321,18 @@ def _copy(source: nn.Module, kind: str, seen: _Seen, target: nn.Module) -> Tuple
             dropped.append(f"running statistics: {type(source).__name__} kept none and normalized with batch statistics "
                            f"in evaluation too; {type(target).__name__} evaluates with its own, which start at mean 0, "
                            f"var 1 (train it, or run normlab.tools.precise_bn, before evaluating)")
+        # any other tensor of the old layer (switchable norm's mixing logits): the same name and shape
+        # in the new one is copied, anything else is reported as dropped
+        handled = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+        for name, t in [*source.named_parameters(recurse=False), *source.named_buffers(recurse=False)]:
+            if name in handled or t is None:
+                continue
+            u = getattr(target, name, None)
+            if isinstance(u, torch.Tensor) and u.shape == t.shape:
+                u.copy_(t)
+                copied.append(name)
+            else:
+                dropped.append(f"{name}: {type(target).__name__} has no counterpart (what it held is lost)")
     return tuple(copied), tuple(dropped), tuple(notes)
 
 

@@ -130,11 +130,29 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
+def _own_forward(m: nn.Module) -> Optional[Tuple[str, str]]:
+    """``(subclass, library class)`` when a subclass of torch's or normlab's layer gives ``m`` a
+    ``forward`` of its own (a weight-standardized conv, a scaled batch norm): the folding formula
+    holds only for the library's forward. None when the forward is the library's."""
+    custom = None
+    for cls in type(m).__mro__:
+        if cls.__module__.startswith(("torch.nn.", "normlab.nn")):
+            return None if custom is None else (custom, cls.__name__)
+        if custom is None and "forward" in cls.__dict__:
+            custom = cls.__name__
+    return None
+
+
 def _pair_problem(layer: nn.Module, bn: nn.Module, owners: Dict[int, int]) -> Optional[str]:
     """Why ``bn`` cannot fold into ``layer`` (None: it can). ``owners`` counts, per parameter, the
     modules that hold it (:func:`_owner_counts`)."""
     if not isinstance(layer, FOLDABLE_INTO):
         return None
+    for m, what in ((layer, "the layer"), (bn, "the batch norm")):
+        custom = _own_forward(m)
+        if custom is not None:
+            return (f"{what} is a {custom[0]}, which defines its own forward: the folded weight and bias would go "
+                    f"through it, and the formula holds only for {custom[1]}'s")
     if _out_channels(layer) != bn.num_features:
         return (f"{type(layer).__name__} has {_out_channels(layer)} output channels but the batch norm has "
                 f"{bn.num_features}")
