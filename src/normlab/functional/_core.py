@@ -22,13 +22,17 @@ def as_float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.float()
 
 
+def finite_or_zero(p: torch.Tensor) -> torch.Tensor:
+    """``p`` where finite, else 0: a pivot that a NaN or inf must not spread to other groups."""
+    return torch.where(torch.isfinite(p), p, torch.zeros((), dtype=p.dtype, device=p.device))
+
+
 @torch.no_grad()
 def pivot_of(x: torch.Tensor, dims) -> Optional[torch.Tensor]:
     """``x``'s mean over ``dims`` (kept), where finite (else 0), as a constant; ``None`` for an empty ``x``."""
     if x.numel() == 0:
         return None
-    p = x.mean(dim=dims, keepdim=True)
-    return torch.where(torch.isfinite(p), p, torch.zeros((), dtype=p.dtype))
+    return finite_or_zero(x.mean(dim=dims, keepdim=True))
 
 
 def pivoted(x: torch.Tensor, pivot: Optional[torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from normlab import _checks
-from normlab.functional._core import acc_dtype, check_channel_input, first_order_only, outside_autocast, update_running_
+from normlab.functional._core import acc_dtype, check_channel_input, finite_or_zero, first_order_only, outside_autocast, update_running_
 
 
 def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_batch: bool, has_spatial: bool,
@@ -66,7 +66,7 @@ class _SwitchableNorm(torch.autograd.Function):
         # another's output. A non-finite pivot is taken as 0.
         with torch.no_grad():
             pivot = mu_in.view(n, c).mean(dim=0, keepdim=True) if use_batch else running_mean.to(acc).view(1, c)
-            pivot = torch.where(torch.isfinite(pivot), pivot, torch.zeros((), dtype=acc, device=pivot.device))
+            pivot = finite_or_zero(pivot)
             ln_shift = pivot.mean() - pivot
         mu_rel = mu_in.view(n, c) - pivot
         rm_rel = None if running_mean is None else running_mean.to(acc).view(1, c) - pivot
