@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from normlab.lab import experiments
-from normlab.lab.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, check, combine, fmt, paired
+from normlab.lab.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, check, combine, fmt, over_seeds, paired
 
 NOISE = (0.0, 0.01, -0.01)  # per-seed jitter
 
@@ -28,6 +28,18 @@ def test_combine_and_fmt():
     assert v.label == REPRODUCED and "a [reproduced]; b [reproduced]" == v.reason
     assert fmt([0.94, 0.95, 0.93]) == "0.940 ± 0.010"
     assert fmt([0.5, 0.6], percent=True) == "55.0 ± 7.1%"
+
+
+def test_one_seed_shows_no_spread():
+    """One seed has no standard deviation: "± 0.000" would claim a spread of zero."""
+    from normlab.lab.experiments.invariance import _sci
+    from normlab.lab.report import _over_seeds
+    assert fmt([0.5]) == "0.500" and fmt((x for x in [0.5]), percent=True) == "50.0%"
+    assert fmt([0.25], signed=True) == "+0.250"
+    assert _over_seeds([8e-8]) == "8e-08" and _over_seeds([0.5]) == "0.5000"
+    assert _sci([2e-15]) == "2.0e-15" and _sci([1e-15, 3e-15]) == "2.0e-15 ± 1.4e-15"
+    assert over_seeds(1) == "1 seed" and over_seeds(3) == "mean ± sd over 3 seeds"
+    assert over_seeds(2, "mean") == "mean over 2 seeds"
 
 
 def _decide(name, runs, **overrides):

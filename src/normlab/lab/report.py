@@ -450,7 +450,7 @@ def _mean_sd(v: list) -> str:
     (a masked error of 8e-08, an invariance residue of 1e-15) or that are very large."""
     m, sd = verdict_rules.mean_sd(v)
     size = max(abs(m), sd)
-    return f"{m:.4g} ± {sd:.2g}" if size and not 1e-3 <= size < 1e6 else fmt(v, 4)
+    return verdict_rules.pm(f"{m:.4g}", f"{sd:.2g}", len(v)) if size and not 1e-3 <= size < 1e6 else fmt(v, 4)
 
 
 def _num(v) -> str:

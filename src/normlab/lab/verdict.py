@@ -45,11 +45,23 @@ def mean_sd(values: Iterable[float]) -> tuple:
         return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
+def pm(mean: str, sd: str, n: int) -> str:
+    """``"mean ± sd"`` for ``n`` seeds; one seed has no spread, so its value stands alone."""
+    return f"{mean} ± {sd}" if n > 1 else mean
+
+
+def over_seeds(n: int, what: str = "mean ± sd") -> str:
+    """A caption's words for a statistic of ``n`` seeds: ``"mean ± sd over 3 seeds"``, ``"1 seed"``."""
+    return f"{what} over {n} seeds" if n > 1 else f"{n} seed"
+
+
 def fmt(values: Iterable[float], digits: int = 3, percent: bool = False, signed: bool = False) -> str:
-    """Mean ± sd over seeds: ``"0.941 ± 0.012"``, or with ``percent=True`` ``"94.1 ± 1.2%"``."""
+    """Mean ± sd over seeds: ``"0.941 ± 0.012"``, or with ``percent=True`` ``"94.1 ± 1.2%"``;
+    one seed: ``"0.941"``."""
+    values = list(values)
     m, s = mean_sd(values)
     scale, unit, digits = (100.0, "%", max(digits - 2, 0)) if percent else (1.0, "", digits)
-    return f"{scale * m:{'+' if signed else ''}.{digits}f} ± {scale * s:.{digits}f}{unit}"
+    return pm(f"{scale * m:{'+' if signed else ''}.{digits}f}", f"{scale * s:.{digits}f}", len(values)) + unit
 
 
 def check(values: Sequence[float], bound: float, above: bool = True) -> str:

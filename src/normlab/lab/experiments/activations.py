@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from normlab.lab import plotting
-from normlab.lab.verdict import combine, fmt, paired
+from normlab.lab.verdict import combine, fmt, over_seeds, paired
 from normlab.reference import batch_norm_backward, batch_norm_forward
 
 CLAIM = ("In a deep sigmoid net with N(0, 1) weights the activations saturate layer by layer (piling up at 0 and 1) "
@@ -153,7 +153,7 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
         ax.legend()
     plotting.save(fig, out_dir / "variance_gradients.png")
     return [("histograms.png", f"Sigmoid outputs per layer (share of the {config.n}x{config.width} activations, "
-                               f"mean over {len(runs)} seeds): plain (top) and with batch norm (bottom)."),
+                               f"{over_seeds(len(runs), 'mean')}): plain (top) and with batch norm (bottom)."),
             ("variance_gradients.png", "Variance of the activations and gradient norm of each layer's weights "
                                        "(mean ± sd over seeds). Vanishing is the fall from the last layer to the "
                                        "first; the levels differ because batch norm divides by the pre-activations' "

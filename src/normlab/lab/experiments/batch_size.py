@@ -14,7 +14,7 @@ import torch
 
 from normlab.lab import data as lab_data
 from normlab.lab import models, parallel, plotting, training
-from normlab.lab.verdict import combine, fmt, paired
+from normlab.lab.verdict import combine, fmt, over_seeds, paired
 
 CLAIM = ("Batch norm's error rises sharply as the batch shrinks (it needs batch statistics), while group norm's "
          "stays flat: at batch 2 group norm is far better.")
@@ -145,5 +145,5 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     plotting.log_x(ax, [2, 4, 8, 16, 32], invert=True)
     ax.legend()
     plotting.save(fig, out_dir / "paper.png")
-    return [("batch_size.png", f"Test error vs batch size for each norm (mean ± sd over {len(runs)} seeds)."),
+    return [("batch_size.png", f"Test error vs batch size for each norm ({over_seeds(len(runs))})."),
             ("paper.png", "The published numbers for comparison (Wu & He 2018, Table 2).")]

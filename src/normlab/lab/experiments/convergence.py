@@ -14,7 +14,7 @@ import torch
 
 from normlab.lab import data as lab_data
 from normlab.lab import models, plotting, training
-from normlab.lab.verdict import Verdict, check, fmt
+from normlab.lab.verdict import Verdict, check, fmt, over_seeds
 
 CLAIM = ("With batch normalization a fully connected network reaches the accuracy the plain network has after 100 "
          "epochs in 20-30 epochs.")
@@ -104,5 +104,5 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     ax.set(xlabel="epoch", ylabel="test accuracy", title=f"{config.data}: FC vs FC + BN")
     ax.legend(loc="lower right")
     plotting.save(fig, out_dir / "convergence.png")
-    return [("convergence.png", f"Test accuracy per epoch (mean ± sd over {len(runs)} seeds); the dashed line is the "
+    return [("convergence.png", f"Test accuracy per epoch ({over_seeds(len(runs))}); the dashed line is the "
                                 "baseline's final accuracy, the dotted line where BN first reaches it.")]

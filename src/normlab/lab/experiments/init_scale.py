@@ -13,7 +13,7 @@ import torch
 
 from normlab.lab import data as lab_data
 from normlab.lab import models, plotting, training
-from normlab.lab.verdict import combine, fmt, paired
+from normlab.lab.verdict import combine, fmt, over_seeds, paired
 
 CLAIM = ("Batch normalization makes a deep network much more robust to the scale of its weight initialization: "
          "without it only a narrow band of scales trains.")
@@ -94,4 +94,4 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     plotting.log_x(ax, config.scales if len(config.scales) <= 8 else config.scales[::4])
     ax.legend()
     plotting.save(fig, out_dir / "init_scale.png")
-    return [("init_scale.png", f"Final test accuracy vs initialization scale (mean ± sd over {len(runs)} seeds).")]
+    return [("init_scale.png", f"Final test accuracy vs initialization scale ({over_seeds(len(runs))}).")]

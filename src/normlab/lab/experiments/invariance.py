@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from normlab.lab import plotting
-from normlab.lab.verdict import Verdict, check, mean_sd, too_few_seeds
+from normlab.lab.verdict import Verdict, check, mean_sd, over_seeds, pm, too_few_seeds
 
 CLAIM = ("Under re-scaling and re-centering of the weights and the data, the normalized summed inputs of batch "
          "norm, weight norm and layer norm are invariant exactly as Table 1 says (BN Inv/No/Inv/Inv/Inv/No, "
@@ -193,8 +193,9 @@ def summarize(config: Config, runs: list) -> dict:
 
 
 def _sci(values) -> str:
+    values = list(values)
     m, sd = mean_sd(values)
-    return f"{m:.1e} ± {sd:.1e}"
+    return pm(f"{m:.1e}", f"{sd:.1e}", len(values))
 
 
 def verdict(s: dict) -> Verdict:
@@ -220,7 +221,8 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
                     bbox=None if ok else dict(facecolor="#d62728", alpha=0.8, edgecolor="none"))
     ax.set_xticks(range(len(TRANSFORMS)), SHORT)
     ax.set_yticks(range(len(METHODS)), list(METHODS.values()))
-    ax.set_title(f"Largest relative change of the normalized summed inputs over {len(runs)} seeds and both backends "
+    ax.set_title(f"Largest relative change of the normalized summed inputs over "
+                 f"{over_seeds(len(runs), 'the largest')} and both backends "
                  f"(Inv: < {config.tolerance:.0e}); red = differs from Ba et al. Table 1", fontsize=9)
     fig.colorbar(ax.images[0], ax=ax, label="log10 relative change")
     plotting.save(fig, out_dir / "invariance_table.png")

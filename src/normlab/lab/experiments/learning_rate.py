@@ -14,7 +14,7 @@ import torch
 
 from normlab.lab import data as lab_data
 from normlab.lab import models, plotting, training
-from normlab.lab.verdict import combine, fmt, paired
+from normlab.lab.verdict import combine, fmt, over_seeds, paired
 
 CLAIM = ("Batch normalization enables higher learning rates: the BN network trains at 5x and 30x the baseline's "
          "rate (BN-x5, BN-x30) and reaches a higher accuracy, where without BN such rates diverge.")
@@ -119,4 +119,4 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     ax.legend()
     plotting.save(fig, out_dir / "learning_rate.png")
     return [("learning_rate.png", f"Final test accuracy after {config.steps} steps at each learning-rate multiplier "
-                                  f"(mean ± sd over {len(runs)} seeds); crosses mark runs that diverged.")]
+                                  f"({over_seeds(len(runs))}); crosses mark runs that diverged.")]

@@ -29,7 +29,7 @@ import torch
 
 from normlab.lab import data as lab_data
 from normlab.lab import models, parallel, plotting, training
-from normlab.lab.verdict import Verdict, check, combine, fmt, paired
+from normlab.lab.verdict import Verdict, check, combine, fmt, over_seeds, paired
 from normlab.nn import make_norm
 
 CLAIM = ("On padded sequences, batch normalization's statistics are polluted by the <pad> tokens: the mean and "
@@ -262,6 +262,6 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     ax.legend(loc="lower right", fontsize=8)
     plotting.save(fig, out_dir / "accuracy.png")
     return [("statistics.png", "Error of the statistics BN and masked BN compute at the first norm's input of the "
-                               "trained BN transformer, against the valid tokens', vs the padding fraction (mean ± "
-                               f"sd over {len(runs)} seeds); the dashed line is a batch's sampling error."),
-            ("accuracy.png", f"Test accuracy along training per norm (mean ± sd over {len(runs)} seeds).")]
+                               "trained BN transformer, against the valid tokens', vs the padding fraction "
+                               f"({over_seeds(len(runs))}); the dashed line is a batch's sampling error."),
+            ("accuracy.png", f"Test accuracy along training per norm ({over_seeds(len(runs))}).")]

@@ -27,7 +27,7 @@ from torch import nn
 from normlab import functional as NF
 from normlab.lab import data as lab_data
 from normlab.lab import models, plotting, training
-from normlab.lab.verdict import combine, fmt, paired
+from normlab.lab.verdict import combine, fmt, over_seeds, paired
 from normlab.nn import BatchNorm1d
 
 CLAIM = ("The noise of mini-batch statistics regularizes: with batch norm the train/test gap is smaller, noisier "
@@ -225,7 +225,7 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     axes[1].set(xlabel="training step", ylabel="test accuracy", title="test set")
     axes[1].legend(fontsize=7)
     plotting.save(fig, out_dir / "curves.png")
-    return [("gap.png", f"Generalization gap and test accuracy per variant (mean ± sd over {len(runs)} seeds); "
+    return [("gap.png", f"Generalization gap and test accuracy per variant ({over_seeds(len(runs))}); "
                         f"ghost BN normalizes over sub-batches of the {config.batch_size}-example mini-batch."),
             ("curves.png", "Train and test accuracy along training (eval mode: running statistics, no dropout), "
                            "mean ± sd over seeds.")]

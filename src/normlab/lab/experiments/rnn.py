@@ -30,7 +30,7 @@ from matplotlib.patches import Patch
 
 from normlab.lab import data as lab_data
 from normlab.lab import models, parallel, plotting, training
-from normlab.lab.verdict import combine, fmt, paired
+from normlab.lab.verdict import combine, fmt, over_seeds, paired
 
 CLAIM = ("Layer normalization speeds up the training of recurrent networks (LN-LSTM/GRU reach a given accuracy in "
          "fewer steps than the plain cell), whereas batch normalization is awkward in them: it needs statistics per "
@@ -235,7 +235,7 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     ax.legend(handles=[Patch(facecolor="lightgray", edgecolor="black", hatch=hatch, alpha=alpha, label=label)
                        for _, label, hatch, alpha in kinds], fontsize=8, loc="upper right", ncols=2)
     plotting.save(fig, out_dir / "statistics.png")
-    return [("curves.png", f"Test accuracy along training for each cell and norm (mean ± sd over {len(runs)} seeds); "
+    return [("curves.png", f"Test accuracy along training for each cell and norm ({over_seeds(len(runs))}); "
                            "the dashed line is the target for steps-to-target."),
             ("statistics.png", "Final test accuracy in inference mode vs with batch statistics at every time step "
                                "(mean ± sd). Only BN differs: its running averages pool all time steps.")]

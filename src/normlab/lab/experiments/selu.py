@@ -30,7 +30,7 @@ from torch import nn
 
 from normlab.lab import data as lab_data
 from normlab.lab import models, plotting, training
-from normlab.lab.verdict import check, combine, fmt, paired
+from normlab.lab.verdict import check, combine, fmt, over_seeds, paired
 from normlab.nn import SELU, AlphaDropout, lecun_normal_
 
 CLAIM = ("With SELU activations and LeCun-normal weights, activations converge towards zero mean and unit variance "
@@ -264,7 +264,7 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     ax1.legend(fontsize=8)
     plotting.save(fig, out_dir / "training.png")
     return [("layer_stats.png", f"Mean and variance of each hidden layer's activations at initialization on "
-                                f"{config.probe} standardized test inputs (mean ± sd over {len(runs)} seeds); grey: "
+                                f"{config.probe} standardized test inputs ({over_seeds(len(runs))}); grey: "
                                 "the domain of Theorem 1 around the fixed point (0, 1). BN and AlphaDropout nets are "
                                 "probed in training mode."),
             ("attraction.png", "Variance per layer at initialization for inputs scaled by each factor: SELU pulls them "

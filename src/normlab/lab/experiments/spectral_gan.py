@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.lab import plotting, training
-from normlab.lab.verdict import combine, fmt, paired
+from normlab.lab.verdict import combine, fmt, over_seeds, paired
 from normlab.nn import SpectralNorm, spectral_norm
 
 CLAIM = ("Spectral normalization of the discriminator makes GAN training robust to the choice of optimizer "
@@ -238,5 +238,5 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     plotting.save(fig, out_dir / "curves.png")
     return [("samples.png", "500 generated points at the end of training (seed 0) for each optimizer setting, without "
                             "(top) and with (bottom) spectral norm on the discriminator; crosses: the 8 mode centres."),
-            ("curves.png", f"Share of good samples and modes covered along training (mean ± sd over {len(runs)} "
-                           "seeds); line style = optimizer setting.")]
+            ("curves.png", f"Share of good samples and modes covered along training ({over_seeds(len(runs))}); "
+                           "line style = optimizer setting.")]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from normlab.lab import data as lab_data
 from normlab.lab import models, parallel, plotting, training
-from normlab.lab.verdict import check, combine, fmt, paired
+from normlab.lab.verdict import check, combine, fmt, over_seeds, paired
 
 CLAIM = ("Without layer normalization the transformer trains poorly or is unstable; with it, pre-LN (norm inside "
          "the residual branch) is more stable than post-LN: post-LN's gradients near the output are large at "
@@ -245,8 +245,8 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     axes[1].set(xlabel="block index", ylabel="|grad W2| at init", title=f"Per block, depth {hi} (as Xiong Fig. 3)")
     axes[1].legend(fontsize=8)
     plotting.save(fig, out_dir / "gradients.png")
-    return [("training.png", f"Test accuracy along training per norm and placement (mean ± sd over {len(runs)} "
-                             "seeds); solid: pre-LN placement, dashed: post-LN."),
+    return [("training.png", f"Test accuracy along training per norm and placement ({over_seeds(len(runs))}); "
+                             "solid: pre-LN placement, dashed: post-LN."),
             ("gradients.png", "Gradient norm of the second feed-forward weight at initialization (LN models, mean ± "
                               "sd over seeds): left, of the last block vs depth, with Theorem 1's 1/sqrt(L) for "
                               "pre-LN; right, per block of the deepest model.")]
