@@ -39,7 +39,7 @@ def selu_backward(dy: np.ndarray, cache):
     check_grad_shape(dy, x.shape)
     xa = x.astype(acc_dtype(x.dtype), copy=False)
     slope = np.where(xa > 0, SELU_LAMBDA, SELU_LAMBDA * SELU_ALPHA * np.exp(np.minimum(xa, 0)))
-    return (dy * slope).astype(np.result_type(dy, x), copy=False)
+    return (dy * slope).astype(x.dtype, copy=False)  # a gradient has its input's dtype, as everywhere here
 
 
 def alpha_dropout_affine(p: float):

@@ -1,0 +1,288 @@
+"""Contracts of the NumPy reference that the per-technique files leave open: dtypes kept
+(running statistics, float16 gradients), refusals, shapes of gradients, the edges of SELU,
+LRN, spectral norm and the switchable mix. Each was found by mutating the reference: the
+test fails on the wrong version named in its docstring and passes on the right one.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normlab import reference as R
+from helpers import assert_close, assert_lowp_close, big_mean_input, randn, t, torch_grads
+from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+EPS = 1e-3
+
+
+# ----------------------------------------------------------------------------- _core.moments
+def test_moments_with_a_mask_broadcast_along_a_reduced_axis_counts_every_copy():
+    """moments' mask need only broadcast to x: reduced over C with an (N, 1, L) mask, each valid
+    (n, l) counts once per channel. (Wrong version: the count was the mask's own sum, C times too
+    small, so the mean came out C times too large.)"""
+    x = randn((3, 4, 5), 0, 2.0, 1.0)
+    mask = np.arange(5)[None, :] < np.array([5, 2, 3])[:, None]  # (N, L), lengths 5, 2, 3
+    m3 = mask[:, None, :]
+    mean, var, count = R.moments(x, (0, 1, 2), mask=m3)
+    valid = x[np.broadcast_to(m3, x.shape)]
+    assert float(np.squeeze(count)) == valid.size == 4 * mask.sum()
+    assert_close(np.squeeze(mean), valid.mean())
+    assert_close(np.squeeze(var), valid.var())
+
+
+# ----------------------------------------------------------------------------- dtype contracts
+@pytest.mark.parametrize("name", ["batch", "instance", "renorm", "masked", "switchable"])
+def test_running_statistics_keep_their_dtype(name):
+    """float32 running buffers stay float32 after an update, as torch's buffers do (wrong version:
+    the update returned float64 arrays, which a caller storing them back would silently widen)."""
+    x = randn((4, 3, 5), 0).astype(np.float32)
+    run = R.RunningStats(np.zeros(3, np.float32), np.ones(3, np.float32))
+    calls = {
+        "batch": lambda: R.batch_norm_forward(x, running=run),
+        "instance": lambda: R.instance_norm_forward(x, running=run),
+        "renorm": lambda: R.batch_renorm_forward(x, None, None, run),
+        "masked": lambda: R.masked_batch_norm_forward(x, np.ones((4, 5), bool), running=run),
+        "switchable": lambda: R.switchable_norm_forward(x, None, None, np.zeros(3), np.zeros(3), run),
+    }
+    new = calls[name]()[2]
+    assert new.mean.dtype == np.float32 and new.var.dtype == np.float32
+    assert new.num_batches_tracked == 1
+
+
+def _f16_backward_calls(x, dy):
+    c = x.shape[1]
+    # parameters rounded to float16 first: both sides must see the same values
+    g, b = (np.linspace(lo, hi, c).astype(np.float16).astype(x.dtype) for lo, hi in ((0.8, 1.2), (-0.2, 0.2)))
+    run = R.RunningStats(np.zeros(c), np.ones(c))
+    mask = (np.arange(x.shape[2])[None, :] < np.arange(x.shape[2], 0, -1)[: x.shape[0], None]) if x.ndim == 3 else None
+    w3 = np.array([0.3, -0.5, 0.8])
+    return {
+        "batch_norm": lambda: R.batch_norm_backward(dy, R.batch_norm_forward(x, g, b, run)[1]),
+        "layer_norm": lambda: R.layer_norm_backward(dy, R.layer_norm_forward(x, x.shape[1:])[1]),
+        "group_norm": lambda: R.group_norm_backward(dy, R.group_norm_forward(x, 2, g, b)[1]),
+        "instance_norm": lambda: R.instance_norm_backward(dy, R.instance_norm_forward(x, g, b)[1]),
+        "rms_norm": lambda: R.rms_norm_backward(dy, R.rms_norm_forward(x, x.shape[-1])[1]),
+        "batch_renorm": lambda: R.batch_renorm_backward(dy, R.batch_renorm_forward(x, g, b, run)[1]),
+        "switchable_norm": lambda: R.switchable_norm_backward(dy, R.switchable_norm_forward(x, g, b, w3, w3, run)[1]),
+        "masked_batch_norm": lambda: R.masked_batch_norm_backward(dy, R.masked_batch_norm_forward(x, mask, g, b, run)[1]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_f16_backward_calls(np.ones((2, 2, 2)), None)))
+def test_float16_backward_matches_float64_and_keeps_the_dtype(name):
+    """The backward of the float16 path accumulates in float32 and returns dx in float16: a dy with
+    a large common part (1000 + randn, big_mean_input on the gradient side) must give the float64
+    gradient of the same rounded inputs. (Wrong version: dy left in float16, so sum(dy) was
+    rounded to, or overflowed, float16 before mean(dy) was subtracted; or dx came back float32.)
+    x itself is unit-scale: with a large mean in both x and dy, float32 statistics alone cost
+    ~0.14 here, in torch's float32 batch norm as in the reference: an accepted limit."""
+    shape = (8, 4, 30) if name == "masked_batch_norm" else (8, 4, 5, 6)
+    x16 = randn(shape, 0).astype(np.float16)
+    dy16 = big_mean_input(shape, torch.float16, seed=1).numpy()
+    got = _f16_backward_calls(x16, dy16)[name]()
+    want = _f16_backward_calls(x16.astype(np.float64), dy16.astype(np.float64))[name]()
+    assert got[0].dtype == np.float16, f"{name}: dx dtype {got[0].dtype}"
+    assert_lowp_close(got[0], want[0], np.float16, f"{name} dx")
+
+
+# ----------------------------------------------------------------------------- validation
+def test_masked_batch_norm_refuses_a_single_valid_position():
+    """One valid position per channel: variance 0 and an unbiased running variance of 0/0, as
+    torch's one-value batch norm. The nn tier refuses it ("mbn-one-valid"); so must the
+    reference, with or without running statistics, naming the input's shape. (Wrong
+    versions: count < 1 for count <= 1; a count that ignores the mask; a message without the shape.)"""
+    x = randn((1, 3, 4), 0)
+    mask = np.array([[True, False, False, False]])
+    for running in (None, R.RunningStats(np.zeros(3), np.ones(3))):
+        with pytest.raises(ValueError, match=r"more than 1 valid position per channel, got 1 \(input shape \(1, 3, 4\)\)"):
+            R.masked_batch_norm_forward(x, mask, running=running)
+
+
+def test_batch_renorm_refuses_one_value_per_channel():
+    """As batch norm (and the nn tier's "brn-one-value"): (1, C) in training has no batch
+    variance (wrong version: the check was removed and the reference went on silently)."""
+    run = R.RunningStats(np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError, match=r"more than 1 value per channel"):
+        R.batch_renorm_forward(randn((1, 3), 0), None, None, run)
+    R.batch_renorm_forward(randn((1, 3), 0), None, None, run, training=False)  # eval: running stats, fine
+
+
+def test_batch_renorm_without_running_stats_says_what_it_needs():
+    """The message says what was expected as well as what came (matching only "got
+    running=None" would let the explanation say anything)."""
+    with pytest.raises(ValueError, match=r"batch_renorm needs running statistics .*got running=None"):
+        R.batch_renorm_forward(np.ones((2, 3)), None, None, None)
+
+
+def test_rms_norm_refuses_a_negative_eps():
+    """rms_norm's own eps check (wrong version: removed; a negative eps went through, NaN-prone)."""
+    with pytest.raises(ValueError, match=r"rms_norm: eps must be a number >= 0"):
+        R.rms_norm_forward(randn((4, 3), 0), 3, eps=-1e-5)
+
+
+def test_weight_norm_refuses_an_integer_g():
+    """An integer g was accepted  and its gradient came back truncated to integers."""
+    with pytest.raises(TypeError, match="floating"):
+        R.weight_norm_forward(randn((3, 3), 0), np.ones((3, 1), np.int64))
+
+
+@pytest.mark.parametrize("which", ["alpha_dropout", "local_response_norm"])
+def test_backward_refuses_a_broadcastable_gradient(which):
+    """A dy of a broadcastable but different shape gave gradients of the wrong shape (wrong
+    version: the shape check removed)."""
+    x = randn((2, 3, 4), 0)
+    if which == "alpha_dropout":
+        _, cache = R.alpha_dropout_forward(x, 0.5, rng=np.random.default_rng(0))
+        call = lambda dy: R.alpha_dropout_backward(dy, cache)  # noqa: E731
+    else:
+        _, cache = R.local_response_norm_forward(x, 3)
+        call = lambda dy: R.local_response_norm_backward(dy, cache)  # noqa: E731
+    with pytest.raises(ValueError, match=r"dy must have the forward output's shape \(2, 3, 4\), got \(1, 3, 4\)"):
+        call(np.ones((1, 3, 4)))
+
+
+# ----------------------------------------------------------------------------- weight norm
+@pytest.mark.parametrize("shape,dim", [((4, 3), 0), ((4, 3), 1), ((5, 2, 3), 1), ((4, 3), None), ((4, 3), -1),
+                                       ((6,), 0)], ids=str)
+def test_weight_norm_dg_has_g_shape(shape, dim):
+    """dg comes back in g's own shape, so ``g -= lr * dg`` updates g and nothing else (wrong version:
+    dg flattened to 1-D; the existing test reshaped torch's gradient to whatever shape dg had,
+    and a (4, 1) g minus a (4,) dg broadcasts to (4, 4))."""
+    v, dw = randn(shape, 0), randn(shape, 1)
+    g = R.norm_except_dim(v, dim) * 1.5
+    _, cache = R.weight_norm_forward(v, g, dim)
+    dv, dg = R.weight_norm_backward(dw, cache)
+    assert dv.shape == v.shape
+    assert dg.shape == g.shape
+
+
+# ----------------------------------------------------------------------------- switchable norm
+@pytest.mark.parametrize("shape", [(3, 2, 4), (4, 3)], ids=str)
+def test_switchable_eval_without_running_stats_uses_batch_statistics(shape):
+    """As batch norm: evaluation with running=None normalizes the BN branch with the batch's own
+    statistics, and the gradient flows through them (wrong version: use_batch = training, which
+    read running.mean from None)."""
+    x, dy = randn(shape, 0, 2.0, 1.0), randn(shape, 1)
+    c = shape[1]
+    g, b, mw, vw = randn(c, 2) * 0.3 + 1, randn(c, 3), np.array([0.3, -0.5, 0.8]), np.array([-0.2, 0.6, 0.1])
+    y_tr, cache_tr, _ = R.switchable_norm_forward(x, g, b, mw, vw, None, training=True, eps=EPS)
+    y_ev, cache_ev, run = R.switchable_norm_forward(x, g, b, mw, vw, None, training=False, eps=EPS)
+    assert run is None
+    assert_close(y_ev, y_tr)
+    for name, a, e in zip(("dx", "dgamma", "dbeta", "dmean_weight", "dvar_weight"),
+                          R.switchable_norm_backward(dy, cache_ev), R.switchable_norm_backward(dy, cache_tr), strict=True):
+        assert_close(a, e, what=name)
+
+
+# ----------------------------------------------------------------------------- LRN
+def test_lrn_float16_squares_in_float32_and_returns_float16():
+    """|a| above 256 squares past float16's 65504: the window sums must be taken in float32 (the
+    module says so), the output and the gradient returned in float16. (Wrong version: float16
+    arithmetic, a*a = inf so b = 0; or the gradient came back float32.)"""
+    h = (np.random.default_rng(0).standard_normal((2, 6, 3)) * 400).astype(np.float16)
+    dy = randn(h.shape, 1).astype(np.float16)
+    assert np.abs(h).max() > 256
+    y16, cache = R.local_response_norm_forward(h, 3)
+    da16 = R.local_response_norm_backward(dy, cache)
+    y64, (da64,) = torch_grads(lambda a_: F.local_response_norm(a_, 3), (h.astype(np.float64),), dy.astype(np.float64))
+    assert y16.dtype == np.float16 and da16.dtype == np.float16
+    assert_lowp_close(y16, y64, np.float16, "y")
+    assert_lowp_close(da16, da64, np.float16, "da")
+
+
+# ----------------------------------------------------------------------------- SELU family
+def test_selu_keeps_its_digits_just_below_zero():
+    """lambda alpha expm1(x), not exp(x) - 1, as torch: for x = -1e-13 exp(x) - 1 is off by ~3e-4
+    relative . Compared with torch relative only (atol would hide it)."""
+    x = np.array([-1e-5, -1e-8, -1e-10, -1e-13, -1e-300])
+    y, _ = R.selu_forward(x)
+    assert_close(y, F.selu(t(x)), rtol=1e-12, atol=0)
+
+
+def test_lecun_normal_fan_in_of_a_conv_weight():
+    """fan_in defaults to the product of shape[1:] (in_channels * kernel), not shape[1] ."""
+    w = R.lecun_normal((64, 8, 3, 3), rng=np.random.default_rng(0))
+    assert abs(w.var() * 72 - 1) < 0.05
+
+
+# ----------------------------------------------------------------------------- spectral norm
+def test_one_d_zero_weight_is_zero_as_f_normalize():
+    """A 1-D weight is divided by max(||w||, eps), as F.normalize: a zero weight (a zero-initialized
+    bias) gives 0 and the gradient dy / eps, not NaN (wrong version: max(., eps) removed)."""
+    w, dy = np.zeros(4), randn(4, 1)
+    y, cache, _ = R.spectral_norm_forward(w, None, None)
+    ty, (tdw,) = torch_grads(lambda w_: F.normalize(w_, dim=0, eps=1e-12), (w,), dy)
+    assert_close(y, ty)
+    assert_close(R.spectral_norm_backward(dy, cache), tdw)
+
+
+def test_power_iteration_on_a_null_vector_stays_finite_as_torchs():
+    """W v = 0: torch's F.normalize(., eps) gives u = 0 (and then v = 0); dividing by the bare norm
+     gave NaN vectors that then poison the persistent state."""
+    wm = np.array([[1.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
+    u0, v0 = np.array([0.6, 0.0, 0.8]), np.array([0.0, 1.0])
+    u, v = R.power_iteration(wm, u0, v0, 1)
+    tw, tu, tv = t(wm), t(u0), t(v0)
+    tu = F.normalize(tw @ tv, dim=0, eps=1e-12)
+    tv = F.normalize(tw.T @ tu, dim=0, eps=1e-12)
+    assert_close(u, tu, what="u")
+    assert_close(v, tv, what="v")
+
+
+def test_instance_norm_one_position_message_fits_the_running_statistics():
+    """With running statistics the hint is "use eval mode"; without, evaluation uses batch
+    statistics too and the message says so (wrong version: always the no-running-stats wording)."""
+    x = np.ones((2, 3, 1))
+    with pytest.raises(ValueError, match=r"instance_norm in training needs more than 1 value per instance.*use eval mode"):
+        R.instance_norm_forward(x, running=R.RunningStats(np.zeros(3), np.ones(3)))
+    with pytest.raises(ValueError, match=r"instance_norm without running statistics .*use a larger batch"):
+        R.instance_norm_forward(x)
+
+
+def test_batch_norm_eval_with_eps_zero_is_refused_only_for_batch_statistics():
+    """eps=0 is refused where a *batch* variance is 0 (0/0 by construction); in evaluation the
+    fixed statistics are the caller's, and the channel with running variance 0 divides by 0 as
+    told: (x - rm) / 0 = +-inf there (torch's fused CPU formula gives NaN instead, so only the
+    other channels are compared with it). Wrong version: the check also ran on the running
+    statistics and raised."""
+    x, rm, rv = randn((4, 3), 0), np.array([0.5, 0.3, -0.2]), np.array([2.0, 0.0, 1.5])
+    with np.errstate(divide="ignore"):
+        y, _, _ = R.batch_norm_forward(x, running=R.RunningStats(rm, rv), training=False, eps=0.0)
+    assert np.array_equal(y[:, 1], np.sign(x[:, 1] - rm[1]) * np.inf)
+    want = F.batch_norm(t(x), t(rm), t(rv), training=False, eps=0.0)
+    assert_close(y[:, [0, 2]], want[:, [0, 2]])
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (3, 2, 4)], ids=str)
+def test_switchable_logits_are_shift_invariant_even_when_large(shape):
+    """softmax(z + 1000) = softmax(z): the mix (and every gradient) must not change, where a bare
+    exp overflows to inf/inf = NaN (wrong version: the max no longer subtracted)."""
+    x, dy = randn(shape, 0, 2.0, 1.0), randn(shape, 1)
+    mw, vw = np.array([0.3, -0.5, 0.8]), np.array([-0.2, 0.6, 0.1])
+    y, cache, _ = R.switchable_norm_forward(x, None, None, mw, vw, eps=EPS)
+    y2, cache2, _ = R.switchable_norm_forward(x, None, None, mw + 1000.0, vw + 1000.0, eps=EPS)
+    assert_close(y2, y)
+    for a, e in zip(R.switchable_norm_backward(dy, cache2), R.switchable_norm_backward(dy, cache), strict=True):
+        assert_close(a, e)
+
+
+def test_switchable_2d_leaves_the_callers_logits_alone():
+    """For (N, C) the IN logit is masked to -inf on a copy: the caller's float64 logit arrays must
+    come back unchanged (wrong version: no copy, -inf written into mean_weight/var_weight)."""
+    mw, vw = np.array([0.3, -0.5, 0.8]), np.array([-0.2, 0.6, 0.1])
+    before = mw.copy(), vw.copy()
+    R.switchable_norm_forward(randn((4, 3), 0), None, None, mw, vw)
+    assert np.array_equal(mw, before[0]) and np.array_equal(vw, before[1])
+
+
+def test_selu_gradient_has_the_inputs_dtype():
+    """dx is the gradient of x, so it has x's dtype whatever dy's (as torch's autograd, and as
+    every other backward here); a float64 dy used to widen a float32 x's gradient."""
+    x = randn((3, 4), 0).astype(np.float32)
+    _, cache = R.selu_forward(x)
+    dx = R.selu_backward(randn((3, 4), 1), cache)
+    assert dx.dtype == np.float32
+    ty, (tdx,) = torch_grads(F.selu, (x.astype(np.float64),), randn((3, 4), 1))
+    np.testing.assert_allclose(dx, tdx, rtol=1e-6, atol=1e-6)
