@@ -3,11 +3,14 @@ with a kernel through it (here under the interpreter) with the same numbers as t
 ``"auto"`` keeps CPU tensors on torch; unsupported calls fall back with a reason."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
 import normlab  # noqa: E402
 import normlab.nn as N  # noqa: E402
+from normlab import _backend, kernels  # noqa: E402
+from kernels.ktest import cpu  # noqa: E402
 
 
 def _run(module, x, *extra, steps=2):
@@ -185,3 +188,110 @@ def test_under_torch_compile_the_torch_path_runs_and_says_so():
         got = torch.compile(lambda t: NF.layer_norm(t, (64,)), fullgraph=True, backend="eager")(x)
         assert normlab.last_choice()[1] == "torch" and "torch.compile" in normlab.last_choice()[2]
     torch.testing.assert_close(got, F.layer_norm(x, (64,)))
+
+
+@cpu
+def test_supports_refuses_parameters_on_another_device():
+    """Wrong version (_supports.py: the parameter-device check removed) and (the mask
+    device check removed): a weight, running statistic or mask on another device than x is
+    refused (here 'meta' vs 'cpu': no GPU needed)."""
+    x = torch.randn(2, 3, 5)
+    assert not kernels.supports("layer_norm", x, (5,), torch.ones(5, device="meta"))[0]
+    ok, why = kernels.supports("batch_norm", x, torch.zeros(3, device="meta"), torch.ones(3, device="meta"), training=True)
+    assert not ok and "meta" in why
+    mask = torch.ones(2, 5, dtype=torch.bool, device="meta")
+    ok, why = kernels.supports("masked_batch_norm", x, mask, None, None, training=True)
+    assert not ok and "meta" in why
+
+
+@cpu
+def test_supports_refuses_non_contiguous_parameters_and_torch_runs_them():
+    """Wrong version (_supports.py: the contiguity check removed): the kernels index weight and
+    bias as ``w_ptr + col``; a strided weight must be refused, and the dispatch then gives
+    torch's numbers."""
+    x = torch.randn(4, 8)
+    w = torch.randn(16)[::2]
+    assert not w.is_contiguous()
+    ok, why = kernels.supports("layer_norm", x, (8,), w)
+    assert not ok and "contiguous" in why
+    assert not kernels.supports("group_norm", torch.randn(2, 8, 3), 2, w)[0]
+    import normlab.functional as NF
+
+    with normlab.backend("triton"):
+        y = NF.layer_norm(x, (8,), w)
+        assert normlab.last_choice()[1] == "torch"
+    torch.testing.assert_close(y, F.layer_norm(x, (8,), w))
+
+
+@cpu
+@pytest.mark.parametrize("G", [0, -3])
+def test_supports_refuses_non_positive_num_groups(G):
+    """Wrong version (_supports.py: ``G < 1`` dropped): num_groups 0 must be refused with a
+    reason (the wrong version raised ZeroDivisionError), and -3 (which "divides" 6) too."""
+    ok, why = kernels.supports("group_norm", torch.randn(2, 6, 5), G)
+    assert not ok and "num_groups" in why
+
+
+@cpu
+def test_supports_refuses_instance_norm_without_input_stats():
+    """Wrong version (_supports.py: the use_input_stats=False refusal removed). The functional
+    tier never asks supports() with it, so only a direct call pins the rule."""
+    ok, why = kernels.supports("instance_norm", torch.randn(2, 3, 5), use_input_stats=False)
+    assert not ok and "use_input_stats" in why
+
+
+@pytest.fixture
+def local_backend(monkeypatch):
+    """set_backend / NORMLAB_BACKEND changes stay inside the test."""
+    monkeypatch.setattr(_backend, "_state", dict(_backend._state, backend=None))
+    monkeypatch.delenv("NORMLAB_BACKEND", raising=False)
+
+
+def test_set_backend_beats_the_environment_variable(local_backend, monkeypatch):
+    """Wrong version (_backend.py: env read before the set_backend value): precedence 1 > 2."""
+    monkeypatch.setenv("NORMLAB_BACKEND", "torch")
+    assert normlab.get_backend() == "torch"
+    normlab.set_backend("triton")
+    assert normlab.get_backend() == "triton"
+    x = torch.randn(3, 8)
+    assert _backend.use_triton("layer_norm", x, lambda: kernels.supports("layer_norm", x, (8,)))
+    assert normlab.last_choice()[:2] == ("layer_norm", "triton")
+    normlab.set_backend(None)
+    assert normlab.get_backend() == "torch"
+
+
+def test_environment_variable_is_case_and_space_insensitive(local_backend, monkeypatch):
+    """Wrong version (_backend.py: ``.strip().lower()`` dropped)."""
+    monkeypatch.setenv("NORMLAB_BACKEND", " Torch\n")
+    assert normlab.get_backend() == "torch"
+    monkeypatch.setenv("NORMLAB_BACKEND", "TRITON")
+    assert normlab.get_backend() == "triton"
+
+
+def test_backend_context_restores_the_outer_choice(local_backend):
+    """Wrong version (_backend.py: restore to None instead of the value before): nested blocks,
+    and a block inside a process-wide set_backend, give back what was in force."""
+    normlab.set_backend("torch")
+    with normlab.backend("triton"):
+        with normlab.backend("auto"):
+            assert normlab.get_backend() == "auto"
+        assert normlab.get_backend() == "triton"
+    assert normlab.get_backend() == "torch"
+    with pytest.raises(RuntimeError), normlab.backend("triton"):
+        raise RuntimeError("inside")
+    assert normlab.get_backend() == "torch"
+
+
+def test_set_backend_triton_without_triton_raises(local_backend, monkeypatch):
+    """Wrong version (_backend.py: the check removed): set_backend("triton") raises when Triton
+    cannot be imported; NORMLAB_BACKEND=triton then falls back to torch and says why."""
+    monkeypatch.setattr(_backend, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match="needs the package triton"):
+        normlab.set_backend("triton")
+    assert normlab.get_backend() == "auto"
+    normlab.set_backend("torch")  # the others still work
+    normlab.set_backend(None)
+    monkeypatch.setenv("NORMLAB_BACKEND", "triton")
+    x = torch.randn(3, 8)
+    assert not _backend.use_triton("layer_norm", x, lambda: kernels.supports("layer_norm", x, (8,)))
+    assert normlab.last_choice() == ("layer_norm", "torch", "triton cannot be imported")

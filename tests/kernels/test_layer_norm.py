@@ -238,3 +238,78 @@ def test_create_graph_gradients_of_half_input_match_the_kernels(op):
     for a, r in zip(graph, fast):
         assert a.dtype == r.dtype
         torch.testing.assert_close(a.float(), r.float(), rtol=2e-2, atol=2e-2)
+
+
+@cpu
+@pytest.mark.parametrize("own", [8, 32])
+@pytest.mark.parametrize("rms", [False, True])
+def test_long_rows_split_last_part_holds_data(own, rms, monkeypatch):
+    """Wrong version (layer_norm.py: ``range(0, SPLIT)`` -> ``range(0, SPLIT - 1)``): the row
+    sums of split programs skip the last column part. The existing split test (N=37, own=8)
+    has an all-padding last part (cols 56..63), so dropping it changed nothing; N=57 puts data
+    there (own=32: SPLIT=2, the GPU's N=16384 layout)."""
+    monkeypatch.setitem(ln_mod.TUNING, "bwd_max_own", own)
+    N = 57
+    x = leaf(torch.randn(5, N, dtype=torch.float64))
+    w = leaf(torch.randn(N, dtype=torch.float64))
+    b = None if rms else leaf(torch.randn(N, dtype=torch.float64))
+    dy = torch.randn(5, N, dtype=torch.float64)
+    if rms:
+        f, ref = (lambda x, w: kernels.rms_norm(x, (N,), w, 1e-5)), (lambda x, w: F.rms_norm(x, (N,), w, 1e-5))
+        ins = (x, w)
+    else:
+        f, ref = (lambda x, w, b: kernels.layer_norm(x, (N,), w, b)), (lambda x, w, b: F.layer_norm(x, (N,), w, b))
+        ins = (x, w, b)
+    y, g = grads(f, ins, dy)
+    yr, gr = grads(ref, tuple(leaf(t) for t in ins), dy)
+    assert_close(y, yr, torch.float64, "y")
+    for name, a, r in zip(("dx", "dw", "db"), g, gr):
+        assert_close(a, r, torch.float64, name)
+
+
+@cpu
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_non_contiguous_output_gradient(op):
+    """Wrong version (layer_norm.py: drop ``dy = dy.contiguous()``): the backward kernel reads dy
+    as ``rows * N + cols``; a transposed (or expanded) incoming gradient must be made contiguous
+    first. No existing test hands the kernels a non-contiguous dy."""
+    x = leaf(torch.randn(6, 37, dtype=torch.float64))
+    w = leaf(torch.randn(37, dtype=torch.float64))
+    dy = torch.randn(37, 6, dtype=torch.float64).t()
+    assert not dy.is_contiguous()
+    if op == "layer_norm":
+        f, ref = (lambda x, w: kernels.layer_norm(x, (37,), w)), (lambda x, w: F.layer_norm(x, (37,), w))
+    else:
+        f, ref = (lambda x, w: kernels.rms_norm(x, (37,), w, 1e-5)), (lambda x, w: F.rms_norm(x, (37,), w, 1e-5))
+    _, g = grads(f, (x, w), dy)
+    _, gr = grads(ref, (leaf(x), leaf(w)), dy.contiguous())
+    assert_close(g[0], gr[0], torch.float64, "dx")
+    assert_close(g[1], gr[1], torch.float64, "dw")
+
+
+@cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_supports_takes_rows_of_exactly_max_n(dtype):
+    """Wrong version (_supports.py: ``N > max_n`` -> ``N >= max_n``): the largest row the kernels
+    hold is accepted (only MAX_N + 1 was tested). Meta tensors: nothing is allocated."""
+    n = ln_mod.max_n(dtype)
+    for op in ("layer_norm", "rms_norm"):
+        ok, why = kernels.supports(op, torch.empty(2, n, dtype=dtype, device="meta"), (n,))
+        assert ok, why
+
+
+@cpu
+def test_supports_refuses_2_to_the_31_elements():
+    """Wrong version (_supports.py: ``n >= 2**31`` -> ``n > 2**31``): exactly 2**31 elements
+    overflows the kernels' int32 offsets and is refused (a meta tensor, nothing allocated)."""
+    ok, why = kernels.supports("layer_norm", torch.empty(2**28, 8, device="meta"), (8,))
+    assert not ok and "2**31" in why
+    ok, why = kernels.supports("layer_norm", torch.empty(2**31 - 8, device="meta").view(-1, 8), (8,))
+    assert ok, why
+
+
+@cpu
+def test_supports_refuses_an_eps_that_is_not_a_number():
+    """Wrong version (_supports.py: the eps check removed)."""
+    ok, why = kernels.supports("layer_norm", torch.randn(4, 8), (8,), None, None, "1e-5")
+    assert not ok and "eps" in why

@@ -2,10 +2,13 @@
 support the claim and "not reproduced" when they contradict it."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from normlab.lab import experiments
-from normlab.lab.verdict import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, check, combine, fmt, over_seeds, paired
+from normlab.lab.verdict import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Verdict, check, combine, fmt, mean_sd,
+                                 over_seeds, paired, too_few_seeds)
 
 NOISE = (0.0, 0.01, -0.01)  # per-seed jitter
 
@@ -164,3 +167,69 @@ def test_an_experiment_specific_set_beats_a_global_one_in_any_order():
     for sets in (["invariance.n=10", "n=20"], ["n=20", "invariance.n=10"]):
         tasks = runner.plan(["invariance", "activations"], scale="smoke", seeds=1, sets=sets)
         assert {t.experiment: t.config["n"] for t in tasks} == {"invariance": 10, "activations": 20}
+
+
+def test_check_below_the_bound_is_strict():
+    """Wrong version (verdict.py: ``a < bound`` -> ``a <= bound``): a seed exactly at the bound is
+    not below it (the above=True side of this was tested, the below side not)."""
+    assert check([0.3, 0.3], 0.3, above=False) == NOT_REPRODUCED
+    assert check([0.2, 0.3], 0.3, above=False) == INCONCLUSIVE
+    assert check([0.2, 0.29], 0.3, above=False) == REPRODUCED
+
+
+def test_a_diverged_seed_makes_the_rest_decide_between_inconclusive_and_not():
+    """Wrong version (verdict.py: ``np.nanmean`` -> ``np.mean``): one NaN seed (a diverged run)
+    caps the label at inconclusive, and the other seeds' mean decides the rest."""
+    nan = float("nan")
+    assert check([0.2, 0.3, nan], 0.0) == INCONCLUSIVE
+    assert check([-0.2, -0.3, nan], 0.0) == NOT_REPRODUCED
+    assert check([0.1, 0.2, nan], 0.5, above=False) == INCONCLUSIVE
+    assert check([nan, nan], 0.0) == NOT_REPRODUCED
+
+
+def test_combine_is_order_independent():
+    """Wrong version (verdict.py: INCONCLUSIVE looked for after the first part only): the test
+    had the inconclusive part second; first must count too."""
+    assert combine([(INCONCLUSIVE, "a"), (REPRODUCED, "b")]).label == INCONCLUSIVE
+    assert combine([(INCONCLUSIVE, "a"), (REPRODUCED, "b"), (NOT_REPRODUCED, "c")]).label == NOT_REPRODUCED
+    assert combine([(REPRODUCED, "a")]).label == REPRODUCED
+
+
+def test_combine_of_one_part_keeps_its_text():
+    """Wrong version (verdict.py: ``len(parts) > 1`` -> ``> 0``): one part's reason is its own
+    text, without a ``[label]`` suffix."""
+    v = combine([(INCONCLUSIVE, "values 0.1 ± 0.2 > 0")])
+    assert v.reason == "values 0.1 ± 0.2 > 0" and v.label == INCONCLUSIVE
+
+
+def test_mean_sd_of_one_seed():
+    """A single seed's sd is 0, not NaN (``len(v) > 0`` for ``> 1`` would make it NaN); ``fmt``
+    then shows the value alone, a spread of one seed being no spread at all."""
+    assert mean_sd([0.5]) == (0.5, 0.0)
+    assert fmt([0.5]) == "0.500"
+    m, s = mean_sd([0.94, 0.95, 0.93])
+    assert math.isclose(m, 0.94) and math.isclose(s, 0.01)
+
+
+def test_fmt_signed():
+    """Wrong version (verdict.py: the ``+`` sign flag dropped): signed=True shows the sign of a
+    positive mean (used for gaps and gains in the reasons), never on the sd."""
+    assert fmt([0.01, 0.03], signed=True) == "+0.020 ± 0.014"
+    assert fmt([-0.01, -0.03], signed=True) == "-0.020 ± 0.014"
+    assert fmt([0.01, 0.03]) == "0.020 ± 0.014"
+    assert fmt([0.1, 0.2], percent=True, signed=True) == "+15.0 ± 7.1%"
+
+
+def test_too_few_seeds_text():
+    """Wrong version (verdict.py: ``n < MIN_SEEDS`` -> ``<=``) and (``n != 1`` -> ``n > 1``)."""
+    assert too_few_seeds(2) == "" and too_few_seeds(5) == ""
+    assert too_few_seeds(1) == " (only 1 seed: a verdict needs at least 2)"
+    assert too_few_seeds(0) == " (only 0 seeds: a verdict needs at least 2)"
+
+
+def test_verdict_rejects_an_unknown_label():
+    """Wrong version (verdict.py: the label check removed): a typo in a rule is an error, not a
+    fourth label in the report."""
+    with pytest.raises(ValueError, match="verdict label must be one of"):
+        Verdict("reproducd", "x")
+    assert Verdict(REPRODUCED, "x").label == REPRODUCED
