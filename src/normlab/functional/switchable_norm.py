@@ -88,7 +88,7 @@ class _SwitchableNorm(torch.autograd.Function):
         y = torch.addcmul(offset.reshape(-1, 1), d, scale.reshape(-1, 1))
         ctx.save_for_backward(d, weight)
         ctx.small = (small, mean, rstd, scale)
-        ctx.meta = (x.shape, x.dtype, bias is not None)
+        ctx.meta = (x.shape, x.dtype, None if bias is None else bias.dtype)
         return y.view(x.shape).to(x.dtype)
 
     @staticmethod
@@ -98,7 +98,7 @@ class _SwitchableNorm(torch.autograd.Function):
         d, weight = ctx.saved_tensors
         small, mean, rstd, scale = ctx.small
         mu_rel = small[0]
-        shape, dtype, has_bias = ctx.meta
+        shape, dtype, bias_dtype = ctx.meta
         n, c = shape[:2]
         s = d.shape[1]
         dy2 = dy.reshape(n * c, -1).to(d.dtype)
@@ -118,8 +118,8 @@ class _SwitchableNorm(torch.autograd.Function):
         dweight = dbias = None
         if weight is not None:
             dweight = (rstd * s_dyc).sum(dim=0).to(weight.dtype)
-            if has_bias:
-                dbias = s_dy.sum(dim=0).to(weight.dtype)
+        if bias_dtype is not None:  # a bias without a weight (the functional form allows it) learns too
+            dbias = s_dy.sum(dim=0).to(bias_dtype)
         return (dx.view(shape).to(dtype), dweight, dbias, dmw, dvw) + (None,) * 6
 
 
