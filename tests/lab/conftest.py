@@ -1,6 +1,8 @@
-"""Shared fixtures for the lab tests: a tiny registered fake experiment, and a temp output folder."""
+"""Shared fixtures for the lab tests: a tiny registered fake experiment, a temp output folder,
+and a fresh data cache for the session."""
 from __future__ import annotations
 
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -9,6 +11,20 @@ import pytest
 
 from normlab.lab import experiments, plotting
 from normlab.lab.verdict import Verdict, check, fmt
+
+
+@pytest.fixture(autouse=True, scope="session")
+def fresh_data_cache(tmp_path_factory):
+    """The generated data sets are cached under a versioned key (``digits-v1.npz``); a cache left
+    by an earlier version of the generator would hide a change to it from every test. The
+    session generates its own (seconds), and the CLI's subprocesses inherit the variable."""
+    before = os.environ.get("NORMLAB_CACHE_DIR")
+    os.environ["NORMLAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("normlab-cache"))
+    yield
+    if before is None:
+        os.environ.pop("NORMLAB_CACHE_DIR", None)
+    else:
+        os.environ["NORMLAB_CACHE_DIR"] = before
 
 
 @dataclass(frozen=True)

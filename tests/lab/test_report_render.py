@@ -79,12 +79,3 @@ def test_report_renders_with_every_image_and_experiment(smoke_report, tmp_path):
     n_images = int(parser.check.split()[0].split("=")[1])
     assert n_images >= len(experiments.names()) and " broken=0" in parser.check, parser.check
     assert parser.rows == experiments.names()
-
-
-@pytest.mark.parametrize("values,want", [([7.9e-08, 9.7e-08], "8.8e-08 ± 1.3e-08"), ([0.5, 0.7], "0.6000 ± 0.1414"),
-                                         ([0.0, 0.0], "0.0000 ± 0.0000"), ([1e-08, -1e-08], "0 ± 1.4e-08")])
-def test_numbers_table_keeps_the_digits_of_tiny_numbers(values, want):
-    """A masked error of 8e-08 read "0.0000 ± 0.0000" while the verdict beside it quoted 8.8e-08."""
-    from normlab.lab.report import _over_seeds
-
-    assert _over_seeds(values) == want

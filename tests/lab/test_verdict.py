@@ -233,3 +233,12 @@ def test_verdict_rejects_an_unknown_label():
     with pytest.raises(ValueError, match="verdict label must be one of"):
         Verdict("reproducd", "x")
     assert Verdict(REPRODUCED, "x").label == REPRODUCED
+
+
+@pytest.mark.parametrize("values,want", [([7.9e-08, 9.7e-08], "8.8e-08 ± 1.3e-08"), ([0.5, 0.7], "0.6000 ± 0.1414"),
+                                         ([0.0, 0.0], "0.0000 ± 0.0000"), ([1e-08, -1e-08], "0 ± 1.4e-08")])
+def test_numbers_table_keeps_the_digits_of_tiny_numbers(values, want):
+    """A masked error of 8e-08 read "0.0000 ± 0.0000" while the verdict beside it quoted 8.8e-08."""
+    from normlab.lab.report import _over_seeds
+
+    assert _over_seeds(values) == want
