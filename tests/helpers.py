@@ -277,3 +277,14 @@ def run_against_reference(module: torch.nn.Module, ref_step: Callable, make_inpu
             assert_close(module.running_var, running.var, rtol, atol, f"{tag}: running_var")
             assert int(module.num_batches_tracked) == running.num_batches_tracked, f"{tag}: num_batches_tracked"
     return running
+
+
+def cli_runner():
+    """typer's CliRunner with stderr apart from stdout (``mix_stderr=False`` before click 8.2,
+    which always separates them and no longer takes the argument)."""
+    from typer.testing import CliRunner
+
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()

@@ -84,6 +84,23 @@ def test_out_of_range_dim_is_refused_in_every_tier_as_torch_does(dim):
         R.weight_norm_forward(randn((4, 3), 0), randn((4, 1), 1), dim)
 
 
+def test_a_0d_weight_has_no_dim_to_keep_as_torch_says():
+    """A 0-D weight with dim=0: torch raises IndexError ("no dimensions"); it was taken as a 1-D
+    weight and gave g * sign(v). dim=None (the whole tensor) still has a meaning there."""
+    class Scalar(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.tensor(3.0))
+
+    with pytest.raises(IndexError):
+        P.weight_norm(Scalar(), dim=0)
+    with pytest.raises(IndexError, match=r"weight_norm: dim=0 needs a weight with at least 1 dimension, got a 0-D"):
+        NN.weight_norm(Scalar(), dim=0)
+    with pytest.raises(IndexError, match="0-D"):
+        R.weight_norm_forward(np.array(3.0), np.array(3.0), 0)
+    assert NN.weight_norm(Scalar(), dim=None).weight.item() == pytest.approx(3.0)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")  # what made the checkpoint
 def test_loads_a_checkpoint_of_the_older_weight_norm_as_torch_does():
     """torch.nn.utils.weight_norm saved weight_g / weight_v; the parametrized layers load it."""

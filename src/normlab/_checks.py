@@ -211,7 +211,9 @@ def check_renorm_limits(rmax, dmax, op: str, warmup_steps=None) -> None:
 def check_dim(dim: int, ndim: int, op: str) -> int:
     """``dim`` as a non-negative axis of an ``ndim``-D weight (negative counts from the end);
     IndexError when it is out of range, as torch raises."""
-    ndim = max(int(ndim), 1)
+    ndim = int(ndim)
+    if ndim == 0:  # torch: "Dimension specified as 0 but tensor has no dimensions"
+        raise IndexError(f"{op}: dim={dim!r} needs a weight with at least 1 dimension, got a 0-D weight")
     if isinstance(dim, bool) or not -ndim <= dim < ndim:
         raise IndexError(f"{op}: dim must be in [-{ndim}, {ndim - 1}] for a {ndim}-D weight, got {dim!r}")
     return int(dim) % ndim

@@ -6,14 +6,11 @@ import os
 import stat
 
 import pytest
-from typer.testing import CliRunner
 
+from helpers import cli_runner
 from normlab.lab.cli import app
 
-try:
-    runner = CliRunner(mix_stderr=False)
-except TypeError:  # click >= 8.2 always separates stderr
-    runner = CliRunner()
+runner = cli_runner()
 
 
 def _bad(args, needle, out_dir):

@@ -5,7 +5,6 @@ data-parallel are handled before anything runs.
 """
 from __future__ import annotations
 
-import functools
 import json
 import multiprocessing
 import os
@@ -17,16 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import typer.testing
 
+from helpers import cli_runner
 from normlab.lab import experiments, report, runner
 from normlab.lab.cli import app
 
-try:
-    CliRunner = functools.partial(typer.testing.CliRunner, mix_stderr=False)
-    CliRunner()
-except TypeError:  # click >= 8.2 always separates stderr
-    CliRunner = typer.testing.CliRunner
+CliRunner = cli_runner
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()
                                      and "fork" in multiprocessing.get_all_start_methods()),
