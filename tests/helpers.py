@@ -288,3 +288,40 @@ def cli_runner():
         return CliRunner(mix_stderr=False)
     except TypeError:
         return CliRunner()
+
+
+def randomize_bn_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial running statistics and affine parameters, so folding has something to do."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "running_mean", None) is not None:
+                c = m.running_mean.numel()
+                m.running_mean.copy_(torch.rand(c, generator=g) * 2 - 1)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
+            if getattr(m, "running_mean", None) is not None or isinstance(m, torch.nn.modules.batchnorm._NormBase):
+                if getattr(m, "weight", None) is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 1.5 + 0.25)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    return model
+
+
+def randomize_norms_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every norm layer's affine parameters and running statistics set to values of its own
+    (7 batches tracked), so what a tool copies or leaves is visible."""
+    from normlab.tools import norm_kind
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if norm_kind(m) is None:
+                continue
+            for name in ("weight", "bias"):
+                p = getattr(m, name, None)
+                if p is not None:
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            if getattr(m, "running_mean", None) is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.num_batches_tracked.fill_(7)
+    return model

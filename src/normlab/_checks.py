@@ -58,6 +58,11 @@ def check_channels(shape, num_features: int, op: str, axis: int = 1, arg: str = 
         )
 
 
+def _when(running_stats: bool) -> str:
+    """When batch statistics are used: in training, or always for a layer without running ones."""
+    return "in training" if running_stats else "without running statistics (batch statistics in evaluation too)"
+
+
 def check_enough_values(shape, reduce_axes: Sequence[int], op: str, what: str = "per channel", *,
                         allow_empty: bool = False, running_stats: bool = True) -> None:
     """Training statistics need more than one value per statistic (else the variance is 0/undefined).
@@ -71,11 +76,9 @@ def check_enough_values(shape, reduce_axes: Sequence[int], op: str, what: str = 
     if count == 0 and allow_empty:
         return
     if count <= 1:
-        when, hint = ("in training", "use eval mode or a larger batch") if running_stats else (
-            "without running statistics (batch statistics in evaluation too)",
-            "use a larger batch")
+        hint = "use eval mode or a larger batch" if running_stats else "use a larger batch"
         raise ValueError(
-            f"{op} {when} needs more than 1 value {what} to compute its statistics, got input of shape "
+            f"{op} {_when(running_stats)} needs more than 1 value {what} to compute its statistics, got input of shape "
             f"{shape_str(shape)} ({count} value {what}); {hint}"
         )
 
@@ -271,6 +274,13 @@ def check_mask(x_shape, mask, op: str) -> None:
 def all_padding_rows(valid_per_row) -> list:
     """Indices of the sequences that have no valid position (a list of ints)."""
     return [i for i, v in enumerate(valid_per_row) if v == 0]
+
+
+def check_enough_valid(count: int, shape, op: str, running_stats: bool = True) -> None:
+    """Masked batch statistics need more than one valid position per channel (``count`` of them)."""
+    if count <= 1:
+        raise ValueError(f"{op} {_when(running_stats)} needs more than 1 valid position per channel, got {count} "
+                         f"(input shape {shape_str(shape)})")
 
 
 def check_no_empty_rows(valid_per_row, op: str) -> None:

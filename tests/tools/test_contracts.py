@@ -13,21 +13,8 @@ import torch
 from torch import nn
 
 import normlab.nn as NN
+from helpers import randomize_bn_, randomize_norms_
 from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
-
-
-def _randomized_bn(cls, c, **kw):
-    m = cls(c, **kw)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        if m.weight is not None:
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.copy_(torch.rand(c, generator=g) - 0.5)
-        if m.running_mean is not None:
-            m.running_mean.copy_(torch.randn(c, generator=g))
-            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-            m.num_batches_tracked.fill_(7)
-    return m
 
 
 def test_convert_between_batch_statistics_kinds_carries_momentum_and_track_running_stats():
@@ -39,7 +26,7 @@ def test_convert_between_batch_statistics_kinds_carries_momentum_and_track_runni
     and -> ``("momentum",)``."""
     from normlab.tools import convert
 
-    src = _randomized_bn(nn.BatchNorm2d, 4, momentum=0.01)
+    src = randomize_norms_(nn.BatchNorm2d(4, momentum=0.01))
     out, _ = convert(nn.Sequential(copy.deepcopy(src)), "sync_batch")
     assert out[0].momentum == 0.01
     x = torch.randn(3, 4, 5, 5)
@@ -59,7 +46,7 @@ def test_convert_batch_to_instance_with_running_stats_does_not_copy_them_and_say
     widened from batch-statistics kinds to all channel-wise kinds."""
     from normlab.tools import convert
 
-    src = _randomized_bn(nn.BatchNorm2d, 4)
+    src = randomize_norms_(nn.BatchNorm2d(4))
     out, changes = convert(nn.Sequential(src), "instance", track_running_stats=True)
     target = out[0]
     assert type(target) is NN.InstanceNorm2d and target.track_running_stats
@@ -109,17 +96,8 @@ def test_convert_keeps_a_frozen_affine_that_is_not_a_parameter_frozen():
     assert not out[0].weight.requires_grad and not out[0].bias.requires_grad
 
 
-def _fold_randomized(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_mean.copy_(torch.rand(c, generator=g) * 2 - 1)
-                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-                m.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
-    return model.double().eval()
+def _randomized(model):
+    return randomize_bn_(model).double().eval()
 
 
 def _same_outputs(a, b, x):
@@ -141,7 +119,7 @@ def test_fold_leaves_a_layer_whose_bias_alone_is_parametrized(method):
         def forward(self, b):
             return b + 1.0
 
-    model = _fold_randomized(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
+    model = _randomized(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
     parametrize.register_parametrization(model[0], "bias", Shift())
     folded, report = fold(model, method=method)
     assert not report.folded and "parametrization" in report.left[0][1], report
@@ -154,7 +132,7 @@ def test_fold_a_global_forward_pre_hook_blocks_every_fold():
     Wrong version: fold.py _hook_problem: the ``_global_forward_pre_hooks`` half of the check dropped."""
     from normlab.tools import fold
 
-    model = _fold_randomized(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
+    model = _randomized(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))
     handle = nn.modules.module.register_module_forward_pre_hook(
         lambda m, args: (args[0].clamp(max=0.3),) if isinstance(m, nn.BatchNorm2d) else None)
     try:
@@ -173,7 +151,7 @@ def test_fold_leaves_a_linear_whose_outputs_are_not_the_batch_norms_channels(met
     Wrong version: fold.py _pair_problem: the output-channel count check removed."""
     from normlab.tools import fold
 
-    model = _fold_randomized(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(3)))
+    model = _randomized(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(3)))
     folded, report = fold(model, method=method)
     assert not report.folded and "output channels but the batch norm has 3" in report.left[0][1], report
     _same_outputs(model, folded, torch.randn(2, 3, 4, dtype=torch.float64))
@@ -187,7 +165,7 @@ def test_fold_modules_method_leaves_a_conv_shared_by_two_sequentials():
     from normlab.tools import fold
 
     conv = nn.Conv2d(3, 3, 1)
-    model = _fold_randomized(nn.Sequential(nn.Sequential(conv, nn.BatchNorm2d(3)),
+    model = _randomized(nn.Sequential(nn.Sequential(conv, nn.BatchNorm2d(3)),
                                            nn.Sequential(conv, nn.BatchNorm2d(3))))
     folded, report = fold(model, method="modules")
     assert not report.folded and len(report.left) == 2, report

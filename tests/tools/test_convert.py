@@ -8,24 +8,8 @@ import torch
 from torch import nn
 
 import normlab.nn as nlnn
+from helpers import randomize_norms_
 from normlab.tools import convert, norm_kind
-
-
-def _randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if norm_kind(m) is None:
-                continue
-            for name in ("weight", "bias"):
-                p = getattr(m, name, None)
-                if p is not None:
-                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            if getattr(m, "running_mean", None) is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                m.num_batches_tracked.fill_(7)
-    return model
 
 
 def cnn(norm=nn.BatchNorm2d) -> nn.Sequential:
@@ -34,7 +18,7 @@ def cnn(norm=nn.BatchNorm2d) -> nn.Sequential:
 
 
 def test_batch_to_group_keeps_channels_dtype_mode_and_gamma_beta():
-    model = _randomize_(cnn()).double()
+    model = randomize_norms_(cnn()).double()
     model[4].eval()
     old = [model[1], model[4]]
     out, changes = convert(model, "group:2", only="batch", dim=None)
@@ -54,7 +38,7 @@ def test_batch_to_group_keeps_channels_dtype_mode_and_gamma_beta():
 
 def test_converted_group_norm_computes_torch_group_norm_with_the_old_gamma_beta():
     torch.manual_seed(0)
-    model = _randomize_(nn.Sequential(nn.Conv2d(2, 6, 1), nn.BatchNorm2d(6)))
+    model = randomize_norms_(nn.Sequential(nn.Conv2d(2, 6, 1), nn.BatchNorm2d(6)))
     gamma, beta = model[1].weight.detach().clone(), model[1].bias.detach().clone()
     convert(model, "group:3")
     x = torch.randn(4, 2, 5, 5)
@@ -64,8 +48,8 @@ def test_converted_group_norm_computes_torch_group_norm_with_the_old_gamma_beta(
 
 def test_sync_batch_and_back_is_the_identity_on_state_and_outputs():
     torch.manual_seed(1)
-    model = _randomize_(cnn())
-    reference = _randomize_(cnn())  # same values: same seed, same layout
+    model = randomize_norms_(cnn())
+    reference = randomize_norms_(cnn())  # same values: same seed, same layout
     reference.load_state_dict(model.state_dict())
     synced, changes = convert(model, "sync_batch")
     assert [type(m).__name__ for m in synced if norm_kind(m)] == ["SyncBatchNorm"] * 3
@@ -94,7 +78,7 @@ def test_torch_sync_batch_norm_needs_its_dims_from_dim_or_an_example():
 
 def test_running_statistics_carry_between_batch_statistics_layers():
     torch.manual_seed(2)
-    bn = _randomize_(nn.Sequential(nn.BatchNorm1d(5))).eval()
+    bn = randomize_norms_(nn.Sequential(nn.BatchNorm1d(5))).eval()
     brn, changes = convert(bn, "batch_renorm")
     assert "running_var" in changes[0].copied
     x = torch.randn(7, 5, 3)
@@ -103,7 +87,7 @@ def test_running_statistics_carry_between_batch_statistics_layers():
 
 def test_layer_norm_over_features_and_rms_norm():
     torch.manual_seed(3)
-    model = _randomize_(nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 6), nn.LayerNorm(6, bias=False)))
+    model = randomize_norms_(nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 6), nn.LayerNorm(6, bias=False)))
     out, changes = convert(model, "rms")
     assert [type(m) for m in (out[1], out[3])] == [nlnn.RMSNorm, nlnn.RMSNorm]
     assert changes[0].copied == ("weight",) and "bias: RMSNorm has none" in changes[0].not_copied[0]
@@ -117,7 +101,7 @@ def test_layer_norm_over_features_and_rms_norm():
 
 
 def test_layer_norm_over_channels_and_positions_becomes_group_norm_without_copying_elementwise_gamma():
-    model = _randomize_(nn.Sequential(nn.Conv2d(1, 4, 1), nn.LayerNorm([4, 3, 3])))
+    model = randomize_norms_(nn.Sequential(nn.Conv2d(1, 4, 1), nn.LayerNorm([4, 3, 3])))
     x = torch.randn(2, 1, 3, 3)
     expected = model(x)
     out, changes = convert(model, "layer")  # torch's LayerNorm -> normlab's: the same shape, gamma and beta
@@ -218,7 +202,7 @@ def test_untracked_batch_norm_to_a_layer_with_running_statistics_says_evaluation
 
 def test_instance_to_instance_keeps_running_statistics_and_evaluates_the_same():
     torch.manual_seed(4)
-    src = _randomize_(nn.Sequential(nn.Conv2d(2, 4, 1), nn.InstanceNorm2d(4, affine=True, track_running_stats=True)))
+    src = randomize_norms_(nn.Sequential(nn.Conv2d(2, 4, 1), nn.InstanceNorm2d(4, affine=True, track_running_stats=True)))
     src.eval()
     x = torch.randn(3, 2, 5, 5)
     expected = src(x)
@@ -237,8 +221,8 @@ def test_same_kind_keeps_momentum_none_with_its_meaning():
     # are a cumulative average; converting to the same kind keeps None (not the default 0.1) and so the behaviour
     for torch_layer, spec in ((nn.InstanceNorm2d(3, track_running_stats=True, momentum=None), "instance"),
                               (nn.BatchNorm2d(3, momentum=None), "batch")):
-        theirs = _randomize_(nn.Sequential(torch_layer))
-        ours, _ = convert(_randomize_(nn.Sequential(type(torch_layer)(3, track_running_stats=True, momentum=None))),
+        theirs = randomize_norms_(nn.Sequential(torch_layer))
+        ours, _ = convert(randomize_norms_(nn.Sequential(type(torch_layer)(3, track_running_stats=True, momentum=None))),
                           spec)
         assert type(ours[0]).__module__.startswith("normlab") and ours[0].momentum is None, ours[0]
         torch.testing.assert_close(ours[0].running_mean, theirs[0].running_mean)
@@ -266,7 +250,7 @@ def test_bias_false_gains_no_trainable_bias_in_any_target(spec, dim):
 
     assert {s.partition(":")[0] for s, _ in ALL_TARGETS} == set(norm_specs())  # a new spec gets checked too
     torch.manual_seed(6)
-    src = _randomize_(nn.Sequential(nn.BatchNorm1d(4, bias=False))).eval()
+    src = randomize_norms_(nn.Sequential(nn.BatchNorm1d(4, bias=False))).eval()
     x = torch.randn(5, 4, 3) if dim is None else torch.randn(5, 4)
     expected = src(x)
     out, changes = convert(src, spec, dim=dim)

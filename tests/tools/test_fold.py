@@ -10,22 +10,7 @@ from torch import fx, nn
 import normlab.nn as nlnn
 from normlab.tools import fold
 from normlab.tools.fold import fold_pair_
-
-
-def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial running statistics and affine parameters, so folding has something to do."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if getattr(m, "running_mean", None) is not None:
-                c = m.running_mean.numel()
-                m.running_mean.copy_(torch.rand(c, generator=g) * 2 - 1)
-                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-            if getattr(m, "running_mean", None) is not None or isinstance(m, nn.modules.batchnorm._NormBase):
-                if getattr(m, "weight", None) is not None:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 1.5 + 0.25)
-                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-    return model
+from helpers import randomize_bn_
 
 
 def assert_same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor, rel: float = 1e-5) -> None:

@@ -159,10 +159,7 @@ def masked_batch_norm(
     batch_stats = training or running_mean is None
     if batch_stats:
         _checks.check_training_eps(eps, op)  # as batch norm: a constant channel would give 0/0
-        if count <= 1:
-            when = "in training" if running_mean is not None else "without running statistics (batch statistics in evaluation too)"
-            raise ValueError(f"{op} {when} needs more than 1 valid position per channel, got {count} "
-                             f"(input shape {_checks.shape_str(input.shape)})")
+        _checks.check_enough_valid(count, input.shape, op, running_stats=running_mean is not None)
     if use_kernel("masked_batch_norm", input, mask, running_mean, running_var, weight, bias, training):
         return kernels().masked_batch_norm(input, mask, running_mean, running_var, weight, bias, training, momentum, eps)
     m = mask.to(acc_dtype(input.dtype))

@@ -50,12 +50,7 @@ def masked_batch_norm_forward(
     w, b = per_channel(gamma, 3), per_channel(beta, 3)
     if training or running is None:
         count = x.shape[0] * x.shape[2] if mask is None else int(mask.sum())
-        if count <= 1:
-            when = "in training" if running is not None else "without running statistics (batch statistics in evaluation too)"
-            raise ValueError(
-                f"{op} {when} needs more than 1 valid position per channel, got {count} "
-                f"(input shape {_checks.shape_str(x.shape)})"
-            )
+        _checks.check_enough_valid(count, x.shape, op, running_stats=running is not None)
         y, cache, (mean, var, n) = normalize_forward(x, (0, 2), w, b, eps, mask=m3)
         if training and running is not None:
             running = update_running(running, mean, var, n, momentum)
