@@ -257,3 +257,45 @@ def test_the_reference_takes_per_channel_parameters_of_any_shape_with_one_value_
     gamma, beta = np.array([1.5, 2.0, 0.5]), np.array([0.1, -0.2, 0.3])
     flat = R.batch_norm_forward(x, gamma, beta)[0]
     np.testing.assert_array_equal(R.batch_norm_forward(x, gamma.reshape(1, 3, 1), beta.reshape(3, 1))[0], flat)
+
+
+FUNC_TWINS = {
+    "BatchNorm2d": (lambda m: m.BatchNorm2d(3), (3, 5, 5)),
+    "InstanceNorm1d": (lambda m: m.InstanceNorm1d(3, affine=True, track_running_stats=True), (3, 6)),
+    "LayerNorm": (lambda m: m.LayerNorm(5), (3, 5)),
+    "RMSNorm": (lambda m: m.RMSNorm(5), (3, 5)),
+    "GroupNorm": (lambda m: m.GroupNorm(3, 3), (3, 4)),
+    "LocalResponseNorm": (lambda m: m.LocalResponseNorm(2), (3, 4)),
+    "SyncBatchNorm": (lambda m: m.SyncBatchNorm(3), (3, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(FUNC_TWINS))
+def test_torch_func_transforms_in_eval_give_torchs_results(name):
+    """What the README says of torch.func: vmap over samples, grad and jvp of a layer in eval
+    (and functional_call with other parameters) give what they give with torch's twin."""
+    make, sample = FUNC_TWINS[name]
+    torch.manual_seed(0)
+    theirs = make(torch.nn).double()
+    ours = make(NN).double()
+    with torch.no_grad():  # non-trivial parameters and running statistics, the same on both
+        for p in theirs.parameters():
+            p.uniform_(0.5, 1.5)
+        for k, b in theirs.named_buffers():
+            if b.is_floating_point():
+                b.uniform_(0.5, 1.5)
+    theirs.eval()
+    ours.load_state_dict(theirs.state_dict())
+    ours.eval()
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn((6, 1) + sample, generator=g, dtype=torch.float64)
+    v = torch.randn((1,) + sample, generator=g, dtype=torch.float64)
+    params = {k: p.detach() * 2 for k, p in theirs.named_parameters()}
+    results = []
+    for m in (ours, theirs):
+        results.append((torch.func.vmap(m)(xs),
+                        torch.func.grad(lambda z: m(z).sin().sum())(xs[0]),
+                        torch.func.jvp(m, (xs[0],), (v,))[1],
+                        torch.func.functional_call(m, params, (xs[0],))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)

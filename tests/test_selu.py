@@ -84,6 +84,25 @@ def test_alpha_dropout_module_same_seed_same_output(p):
     assert torch.equal(ours(t(x)), t(x))
 
 
+def test_alpha_dropout_module_ignores_inplace_as_torch_does():
+    """torch's AlphaDropout keeps ``inplace`` but never passes it on, so SELU(inplace=True) then
+    AlphaDropout(inplace=True), the usual self-normalizing block, has a backward, and a leaf
+    input is not written to. Writing in place broke both ("modified by an inplace operation")."""
+    for make in (NN, torch.nn):
+        torch.manual_seed(3)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 8), make.SELU(inplace=True),
+                                  make.AlphaDropout(0.2, inplace=True), torch.nn.Linear(8, 2)).double()
+        net(t(randn((4, 8), 0))).sum().backward()  # torch's runs; ours must too
+    x = t(randn((3, 5), 1)).requires_grad_()
+    before = x.detach().clone()
+    torch.manual_seed(5)
+    y1 = NN.AlphaDropout(0.4, inplace=True)(x)
+    torch.manual_seed(5)
+    y2 = torch.nn.AlphaDropout(0.4, inplace=True)(x)
+    assert torch.equal(y1, y2) and torch.equal(x.detach(), before)
+    assert repr(NN.AlphaDropout(0.4, inplace=True)) == repr(torch.nn.AlphaDropout(0.4, inplace=True))
+
+
 def test_lecun_normal_variance():
     w = torch.empty(400, 250, dtype=torch.float64)
     NN.lecun_normal_(w)

@@ -79,6 +79,29 @@ def test_module_matches_torch_parametrization(make, shape, n_iter):
     assert_state_dict_roundtrip(ours, theirs)
 
 
+@pytest.mark.parametrize("transform", ["grad", "jvp", "vmap"])
+def test_training_works_under_torch_func_transforms_as_torchs_does(transform):
+    """Under torch.func the power iteration's in-place update of the captured u, v must go
+    through ``out=`` (as torch's does): ``copy_`` is refused there ("mutate a captured Tensor").
+    Gradients, tangents and batched outputs equal torch's, and u, v move as torch's do."""
+    torch.manual_seed(0)
+    base = torch.nn.Conv2d(4, 6, 3).double()
+    theirs = P.spectral_norm(base)
+    ours = NN.spectral_norm(torch.nn.Conv2d(4, 6, 3).double())
+    ours.load_state_dict(theirs.state_dict())
+    x, v = t(randn((3, 4, 7, 7), 0)), t(randn((3, 4, 7, 7), 1))
+    outs = []
+    for m in (ours, theirs):
+        if transform == "grad":
+            outs.append(torch.func.grad(lambda z: m(z).square().sum())(x))
+        elif transform == "jvp":
+            outs.append(torch.func.jvp(m, (x,), (v,))[1])
+        else:
+            outs.append(torch.func.vmap(m)(x.unsqueeze(1)))
+    assert_close(outs[0], outs[1])
+    assert_state_equal(ours, theirs, rtol=1e-12, atol=1e-14)
+
+
 def test_same_seed_same_registration():
     """Registration draws u, v and runs 15 power iterations exactly as torch does."""
     for seed in (0, 1):

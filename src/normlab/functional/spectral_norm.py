@@ -17,10 +17,14 @@ def weight_as_matrix(weight: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def power_iteration_(weight_mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int, eps: float = 1e-12) -> None:
-    """``n`` steps of ``u = normalize(W v)``, ``v = normalize(W^T u)``, in place on ``u`` and ``v``."""
+    """``n`` steps of ``u = normalize(W v)``, ``v = normalize(W^T u)``, in place on ``u`` and ``v``.
+
+    Written through ``out=`` rather than ``copy_``: under a ``torch.func`` transform (grad, jvp,
+    vmap) ``copy_`` into the captured buffers is refused, ``out=`` is not, as with torch's own
+    spectral_norm."""
     for _ in range(n):
-        u.copy_(F.normalize(torch.mv(weight_mat, v), dim=0, eps=eps))
-        v.copy_(F.normalize(torch.mv(weight_mat.H, u), dim=0, eps=eps))
+        F.normalize(torch.mv(weight_mat, v), dim=0, eps=eps, out=u)
+        F.normalize(torch.mv(weight_mat.H, u), dim=0, eps=eps, out=v)
 
 
 def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int = 0, eps: float = 1e-12) -> torch.Tensor:

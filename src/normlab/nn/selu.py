@@ -35,7 +35,12 @@ class AlphaDropout(nn.Module):
     keeps the mean and variance. Identity in evaluation.
 
     Args:
-        p: drop probability. Default 0.5. inplace: default False.
+        p: drop probability. Default 0.5.
+        inplace: default False. Kept and shown, but ignored, as in torch (its ``AlphaDropout``
+            never passes it on): the output is always a new tensor, so the usual
+            ``SELU(inplace=True)`` then ``AlphaDropout(inplace=True)`` still has a backward.
+            ``normlab.functional.alpha_dropout(..., inplace=True)`` does work in place, as
+            ``torch.nn.functional.alpha_dropout`` does.
 
     Examples::
 
@@ -49,7 +54,7 @@ class AlphaDropout(nn.Module):
         self.p, self.inplace = p, inplace
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return NF.alpha_dropout(input, self.p, self.training, self.inplace)
+        return NF.alpha_dropout(input, self.p, self.training)  # inplace ignored, as torch does
 
     def extra_repr(self) -> str:
         return f"p={self.p}, inplace={self.inplace}"
