@@ -86,6 +86,18 @@ def fake_experiment(monkeypatch):
 
 
 @pytest.fixture
+def saves(monkeypatch):
+    """The paths ``plotting.save`` wrote, in order."""
+    calls, save = [], plotting.save
+
+    def counting(fig, path):
+        calls.append(path)
+        save(fig, path)
+    monkeypatch.setattr(plotting, "save", counting)
+    return calls
+
+
+@pytest.fixture
 def out_dir(tmp_path):
     return tmp_path / "report"
 

@@ -388,18 +388,6 @@ def test_color_of_a_spec_with_an_argument_is_its_kinds_colour():
 
 # -- report.py: what the plot functions get, and how the figures are shown --------------------------
 
-@pytest.fixture
-def saves(monkeypatch):
-    """The paths ``plotting.save`` wrote, in order."""
-    calls, save = [], plotting.save
-
-    def counting(fig, path):
-        calls.append(path)
-        save(fig, path)
-    monkeypatch.setattr(plotting, "save", counting)
-    return calls
-
-
 def _run(out, name, seeds=2):
     runner.execute(runner.plan([name], "quick", seeds), out, jobs=1, show_progress=False)
 

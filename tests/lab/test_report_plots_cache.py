@@ -18,18 +18,6 @@ from normlab.lab import experiments, plotting, report, runner
 KEY = report.PLOT_KEY_FILE
 
 
-@pytest.fixture
-def saves(monkeypatch):
-    """The paths ``plotting.save`` wrote, in order."""
-    calls, save = [], plotting.save
-
-    def counting(fig, path):
-        calls.append(path)
-        save(fig, path)
-    monkeypatch.setattr(plotting, "save", counting)
-    return calls
-
-
 def _run(out, name, seeds=2, sets=()):
     tasks = runner.plan([name], "quick", seeds, list(sets))
     runner.execute(tasks, out, jobs=1, show_progress=False)
