@@ -38,6 +38,7 @@ import dataclasses
 import datetime
 import hashlib
 import html
+import inspect
 import json
 import math
 import platform
@@ -160,7 +161,9 @@ def _plots(sec: Section, config, metrics: list, plot_dir: Path) -> list:
         keyfile.unlink()  # before drawing: a redraw cut short must not leave an old key over new files
     except FileNotFoundError:
         pass
-    plots = list(sec.exp.module.plots(config, metrics, sec.summary, plot_dir))
+    draw = sec.exp.module.plots
+    kw = {"seeds": [r.seed for r in sec.runs]} if _takes_seeds(draw) else {}
+    plots = list(draw(config, metrics, sec.summary, plot_dir, **kw))
     if key and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p)
                    for p in plots):
         try:
@@ -170,6 +173,15 @@ def _plots(sec: Section, config, metrics: list, plot_dir: Path) -> list:
         except OSError:  # a listed file that is not there, a read-only folder: redraw next time
             pass
     return plots
+
+
+def _takes_seeds(plots) -> bool:
+    """Whether an experiment's ``plots`` takes the optional ``seeds`` keyword (see
+    :mod:`normlab.lab.experiments`); a callable whose signature cannot be read does not."""
+    try:
+        return "seeds" in inspect.signature(plots).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def plot_key(sec: Section, metrics: list) -> Optional[str]:

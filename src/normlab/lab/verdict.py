@@ -55,6 +55,12 @@ def over_seeds(n: int, what: str = "mean ± sd") -> str:
     return f"{what} over {n} seeds" if n > 1 else f"{n} seed"
 
 
+def one_seed(seeds=None) -> str:
+    """A caption's words for a plot of ``runs[0]`` alone: ``"seed 3"`` when the report passed
+    the seed numbers (``plots(..., seeds=...)``), else ``"the first seed"``."""
+    return f"seed {seeds[0]}" if seeds else "the first seed"
+
+
 def fmt(values: Iterable[float], digits: int = 3, percent: bool = False, signed: bool = False) -> str:
     """Mean ± sd over seeds: ``"0.941 ± 0.012"``, or with ``percent=True`` ``"94.1 ± 1.2%"``;
     one seed: ``"0.941"``."""

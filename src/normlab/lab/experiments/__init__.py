@@ -18,7 +18,9 @@ How to add one (``normlab lab run my-claim`` then just works, cached, in paralle
      aggregates), with ``"measured"``: one line for the report's summary table.
    - ``verdict(summary) -> normlab.lab.verdict.Verdict``: the rule, as code, quoting mean ± sd.
    - ``plots(config, runs, summary, out_dir) -> list[(filename, caption)]``: PNGs written
-     into ``out_dir`` (helpers in :mod:`normlab.lab.plotting`).
+     into ``out_dir`` (helpers in :mod:`normlab.lab.plotting`). A plot of one seed names it:
+     give ``plots`` a keyword ``seeds`` and the report passes the seed numbers of ``runs``
+     (same order, ascending), so a caption can say which seed ``runs[0]`` is.
 
    Optional: ``ZERO_ALLOWED`` (int fields where 0 means something: every other int field
    with a default of 1 or more is a count that must stay at least 1, and a tuple with a

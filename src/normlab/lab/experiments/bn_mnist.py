@@ -14,7 +14,7 @@ import torch
 
 from normlab.lab import data as lab_data
 from normlab.lab import models, plotting, training
-from normlab.lab.verdict import combine, fmt, over_seeds, paired
+from normlab.lab.verdict import combine, fmt, one_seed, over_seeds, paired
 
 CLAIM = ("Batch normalization helps the network train faster and achieve higher accuracy, and makes the distribution "
          "of a sigmoid's input more stable over training (less internal covariate shift).")
@@ -131,7 +131,7 @@ def verdict(s: dict):
     ])
 
 
-def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
+def plots(config: Config, runs: list, summary: dict, out_dir, seeds=None) -> list:
     fig, ax = plotting.figure()
     for key, label in (("plain", "without BN"), ("bn", "with BN")):
         plotting.band(ax, runs[0][key]["step"], [r[key]["test_acc"] for r in runs], label,
@@ -154,5 +154,5 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     plotting.save(fig, out_dir / "percentiles.png")
     return [("accuracy.png", f"Test accuracy vs training steps ({over_seeds(len(runs))}), as Fig. 1(a)."),
             ("percentiles.png", "15th/50th/85th percentiles of one last-hidden-layer sigmoid's input on "
-                                f"{config.probe} test images over training (seed 0), as Fig. 1(b, c). The step-0 "
+                                f"{config.probe} test images over training ({one_seed(seeds)}), as Fig. 1(b, c). The step-0 "
                                 "point of the BN net uses initial running statistics.")]

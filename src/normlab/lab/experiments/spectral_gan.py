@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.lab import plotting, training
-from normlab.lab.verdict import combine, fmt, over_seeds, paired
+from normlab.lab.verdict import combine, fmt, one_seed, over_seeds, paired
 from normlab.nn import SpectralNorm, spectral_norm
 
 CLAIM = ("Spectral normalization of the discriminator makes GAN training robust to the choice of optimizer "
@@ -200,7 +200,7 @@ def verdict(s: dict):
     ])
 
 
-def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
+def plots(config: Config, runs: list, summary: dict, out_dir, seeds=None) -> list:
     mu = centers(config).numpy()
     ns = len(config.settings)
     fig, axes = plotting.subplots(2, ns, figsize=(3.6 * ns, 7.0), squeeze=False)
@@ -236,7 +236,8 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
                 ylim=(-0.3, config.modes + 0.3))
     axes[0].legend(fontsize=8)
     plotting.save(fig, out_dir / "curves.png")
-    return [("samples.png", "500 generated points at the end of training (seed 0) for each optimizer setting, without "
+    return [("samples.png", f"500 generated points at the end of training ({one_seed(seeds)}) for each optimizer "
+                            "setting, without "
                             "(top) and with (bottom) spectral norm on the discriminator; crosses: the 8 mode centres."),
             ("curves.png", f"Share of good samples and modes covered along training ({over_seeds(len(runs))}); "
                            "line style = optimizer setting.")]
