@@ -82,6 +82,20 @@ def test_rnn_reads_each_sequence_up_to_its_length(cell, norm):
         torch.testing.assert_close(m(x[k: k + 1, : lengths[k]]), out[k: k + 1])
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_rnn_refuses_masked_batch_norm_and_its_batch_norm_sees_finished_sequences(cell):
+    """The cells normalize one step's (N, C): masked batch norm needs (N, C, L) and is refused
+    when the model is built, with make_norm's error; plain batch norm pools each step over the
+    whole batch, finished sequences included, as the models' docstring says."""
+    with pytest.raises(ValueError, match="'masked_batch' is not available for dim=0"):
+        models.RNNClassifier(3, 6, 4, cell=cell, norm="masked_batch")
+    m = models.RNNClassifier(3, 6, 4, cell=cell, norm="batch").train()
+    x, mask, _ = _padded()
+    a = m(x, mask)
+    b = m(x + 5.0 * (~mask)[..., None], mask)
+    assert not torch.allclose(a[mask.all(1)], b[mask.all(1)])  # even the unpadded sequence moves
+
+
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("norm", ["layer", "rms", "masked_batch"])
 def test_transformer_ignores_padding(norm_first, norm):

@@ -119,8 +119,8 @@ def test_ln_lstm_cell_follows_ba_et_al_equations_with_each_norm_in_its_place():
     N_1(W_h h) + N_2(W_x x) + b, c' = sigma(f) c + sigma(i) tanh(g), h' = sigma(o) tanh(N_3(c')),
     each N with its own gain and bias (set apart here, so two swapped norms show). The existing
     test only checks that the three norms exist.
-    Wrong version: models.py NormLSTMCell ``torch.tanh(apply_norm(self.norm_c, c, mask))`` ->
-    ``torch.tanh(c)``; ``apply_norm(self.norm_hh, self.weight_hh(h), mask)`` -> ``self.weight_hh(h)``;
+    Wrong version: models.py NormLSTMCell ``torch.tanh(self.norm_c(c))`` ->
+    ``torch.tanh(c)``; ``self.norm_hh(self.weight_hh(h))`` -> ``self.weight_hh(h)``;
     ``norm_hh``/``norm_ih`` swapped; ``torch.tanh(g)`` -> ``torch.sigmoid(g)``."""
     torch.manual_seed(0)
     cell = models.NormLSTMCell(3, 4, norm="layer")
@@ -142,7 +142,7 @@ def test_ln_lstm_cell_follows_ba_et_al_equations_with_each_norm_in_its_place():
 def test_ln_gru_cell_follows_its_equations_with_each_norm_in_its_place():
     """Pins NormGRUCell's equations with norm="layer": a = N_1(W_x x), b = N_2(W_h h),
     (r, z) = sigma(a_rz + b_rz + c_rz), n = tanh(a_n + r * b_n + c_n), h' = (1 - z) n + z h.
-    Wrong version: models.py NormGRUCell ``a = apply_norm(self.norm_ih, self.weight_ih(x), mask)`` ->
+    Wrong version: models.py NormGRUCell ``a = self.norm_ih(self.weight_ih(x))`` ->
     ``a = self.weight_ih(x)``."""
     torch.manual_seed(0)
     cell = models.NormGRUCell(3, 4, norm="layer")

@@ -15,10 +15,13 @@ the transformer the mean over valid positions.
 
 Norm specs are those of :func:`normlab.nn.make_norm` (``"none"``, ``"batch"``, ``"layer"``,
 ``"group:4"``, ``"batch_renorm"``, ``"masked_batch"`` ...); during a data-parallel run
-(``--nproc N``) ``"batch"`` builds :class:`normlab.nn.SyncBatchNorm`. In the sequence models the
+(``--nproc N``) ``"batch"`` builds :class:`normlab.nn.SyncBatchNorm`. In the transformer the
 token-wise norms (``"layer"``, ``"rms"``, ``"none"``) act on each position's features; the
 others see the sequence as (N, C, L), so ``"batch"`` pools its statistics over the batch and
-time, padding included, and ``"masked_batch"`` over valid positions only.
+time, padding included, and ``"masked_batch"`` over valid positions only. The RNN's cells
+normalize one step's (N, C) vectors (``make_norm``'s ``dim=0``), so ``"batch"`` pools over the
+batch at each step, finished (padded) sequences included, and ``"masked_batch"``, which needs
+(N, C, L), is refused there with make_norm's error.
 """
 from __future__ import annotations
 
@@ -44,13 +47,8 @@ def make_activation(name: str) -> nn.Module:
 
 
 def apply_norm(norm: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``norm(x)``, or ``norm(x, mask)`` for a masked batch norm, also on a single step
-    (x (N, C), mask (N,)) by viewing it as a length-1 sequence."""
-    if not isinstance(norm, MaskedBatchNorm1d):
-        return norm(x)
-    if x.dim() == 2:
-        return norm(x[:, :, None], None if mask is None else mask[:, None])[:, :, 0]
-    return norm(x, mask)
+    """``norm(x, mask)`` for a masked batch norm on (N, C, L), ``norm(x)`` for any other norm."""
+    return norm(x, mask) if isinstance(norm, MaskedBatchNorm1d) else norm(x)
 
 
 class MLP(nn.Module):
@@ -152,12 +150,12 @@ class NormLSTMCell(nn.Module):
         z = x.new_zeros(x.shape[0], self.hidden_size)
         return z, z
 
-    def forward(self, x: torch.Tensor, state, mask: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, state):
         h, c = state
-        gates = apply_norm(self.norm_hh, self.weight_hh(h), mask) + apply_norm(self.norm_ih, self.weight_ih(x), mask) + self.bias
+        gates = self.norm_hh(self.weight_hh(h)) + self.norm_ih(self.weight_ih(x)) + self.bias
         f, i, o, g = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(apply_norm(self.norm_c, c, mask))
+        h = torch.sigmoid(o) * torch.tanh(self.norm_c(c))
         return h, (h, c)
 
 
@@ -185,10 +183,10 @@ class NormGRUCell(nn.Module):
     def init_state(self, x: torch.Tensor):
         return x.new_zeros(x.shape[0], self.hidden_size)
 
-    def forward(self, x: torch.Tensor, state, mask: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, state):
         h = state
-        a = apply_norm(self.norm_ih, self.weight_ih(x), mask)
-        b = apply_norm(self.norm_hh, self.weight_hh(h), mask)
+        a = self.norm_ih(self.weight_ih(x))
+        b = self.norm_hh(self.weight_hh(h))
         hh = self.hidden_size
         rz = torch.sigmoid(a[:, : 2 * hh] + b[:, : 2 * hh] + self.bias[: 2 * hh])
         r, z = rz.chunk(2, dim=1)
@@ -203,7 +201,8 @@ class RNNClassifier(nn.Module):
 
     Args:
         input_size: F. hidden_size: H. num_classes: outputs. cell: ``"gru"`` or ``"lstm"``.
-        norm: spec for the cell's norms (``"layer"`` is Ba et al.'s LN; ``"none"`` the plain cell).
+        norm: spec for the cell's norms (``"layer"`` is Ba et al.'s LN; ``"none"`` the plain cell),
+            each applied to one step's (N, C) (``make_norm``'s ``dim=0``; no ``"masked_batch"``).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_classes: int, cell: str = "lstm",
@@ -220,7 +219,7 @@ class RNNClassifier(nn.Module):
         h = None
         for t in range(x.shape[1]):
             m = None if mask is None else mask[:, t]
-            h_new, new = self.cell(x[:, t], state, m)
+            h_new, new = self.cell(x[:, t], state)
             if m is None:
                 h, state = h_new, new
             else:  # keep the state of finished sequences
