@@ -1,6 +1,7 @@
 """Contracts of synchronized batch norm and of the lab's data-parallel helpers that
 ``test_sync_batch_norm.py`` and ``tests/lab/test_nproc.py`` leave open. SyncBatchNorm: one
-value across all ranks refused on every rank with nothing moved, two accepted; a process group
+value across all ranks refused on every rank with nothing moved, two accepted, none (every rank
+empty) batch norm on an empty batch; a process group
 smaller than the world; evaluation without running statistics sending nothing; one collective
 per forward and per backward once a group is checked; half inputs; float32 input gradients at
 a large mean; statistics bit-identical on every rank; :func:`merge_moments` of empty parts.
@@ -104,6 +105,31 @@ def _run_two_values(rank):
     (y * torch.arange(1.0, 3.0, dtype=torch.float64)).sum().backward()
     return {"y": y.detach(), "dx": x.grad, "running_mean": bn.running_mean.clone(),
             "running_var": bn.running_var.clone()}
+
+
+def _run_all_empty(rank, counter):
+    """Every rank's batch empty, twice (momentum=None: the cumulative average, which counts steps),
+    then a real batch: what came out and what moved, and the collectives sent."""
+    bn = NN.SyncBatchNorm(2, momentum=None).double()
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+        bn.running_var.fill_(2.0)
+        bn.weight.fill_(1.5)
+    out = {}
+    for step in range(2):
+        x = torch.zeros(0, 2, 3, dtype=torch.float64, requires_grad=True)
+        counter.take()
+        y = bn(x)
+        y.sum().backward()
+        out[step] = {"y": y.detach(), "dx": x.grad, "calls": counter.take(),
+                     "running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone(),
+                     "num_batches_tracked": int(bn.num_batches_tracked),
+                     "grads": (bn.weight.grad.clone(), bn.bias.grad.clone())}
+    x = _data(2 + rank, 2, 30 + rank, tail=(3,))
+    y = bn(x)
+    out["after"] = {"x": x, "y": y.detach(), "running_mean": bn.running_mean.clone(),
+                    "running_var": bn.running_var.clone(), "num_batches_tracked": int(bn.num_batches_tracked)}
+    return out
 
 
 def _run_eval_without_running_stats(rank, counter):
@@ -266,6 +292,7 @@ def _sbn_rank(rank, world, store, out_dir):
         sub = dist.new_group(list(SUB))  # every rank must call new_group
         res["one_value"] = _guard(_run_one_value, rank, (0, 1, 0))
         res["two_values"] = _guard(_run_two_values, rank)
+        res["all_empty"] = _guard(_run_all_empty, rank, counter)
         res["eval_no_stats"] = _guard(_run_eval_without_running_stats, rank, counter)
         res["counts"] = _guard(_run_collective_counts, rank, counter, sub)
         res["half"] = _guard(_run_half, rank)
@@ -330,6 +357,42 @@ def test_two_values_over_all_ranks_are_batch_norm_on_them(ranks):
     for g in got:
         torch.testing.assert_close(g["running_mean"], bn.running_mean, **TOL)
         torch.testing.assert_close(g["running_var"], bn.running_var, **TOL)
+
+
+def test_every_rank_empty_is_batch_norm_on_an_empty_batch(ranks):
+    """No values at all over the ranks: as torch's BatchNorm1d on an empty batch, an empty output,
+    zero gradients, the running statistics unmoved and the step counted (with momentum=None the
+    next real batch then weighs 1/3, as after torch's two empty steps); every rank sends one
+    all_gather per forward (after the first's channel check) and nothing in backward. The batch after that is batch norm on the
+    concatenation.
+    Wrong version: sync_batch_norm.py ``if n_total == 0:`` branch removed (a ValueError "got 0",
+    or NaN statistics if the check says ``n_total == 1``)."""
+    bn = nn.BatchNorm1d(2, momentum=None).double()
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+        bn.running_var.fill_(2.0)
+        bn.weight.fill_(1.5)
+    got = [_ok(r["all_empty"]) for r in ranks]
+    for step in range(2):
+        x = torch.zeros(0, 2, 3, dtype=torch.float64, requires_grad=True)
+        y = bn(x)
+        y.sum().backward()
+        for g in got:
+            res = g[step]
+            assert res["y"].shape == (0, 2, 3) and res["dx"].shape == (0, 2, 3)
+            assert res["calls"] == ["all_gather"] * (2 if step == 0 else 1)  # step 0: the channel check too
+            torch.testing.assert_close(res["running_mean"], bn.running_mean, rtol=0, atol=0)
+            torch.testing.assert_close(res["running_var"], bn.running_var, rtol=0, atol=0)
+            assert res["num_batches_tracked"] == int(bn.num_batches_tracked) == step + 1
+            for ours, theirs in zip(res["grads"], (bn.weight.grad, bn.bias.grad)):
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    full = torch.cat([g["after"]["x"] for g in got])
+    y = bn(full)
+    torch.testing.assert_close(torch.cat([g["after"]["y"] for g in got]), y.detach(), **TOL)
+    for g in got:
+        torch.testing.assert_close(g["after"]["running_mean"], bn.running_mean, **TOL)
+        torch.testing.assert_close(g["after"]["running_var"], bn.running_var, **TOL)
+        assert g["after"]["num_batches_tracked"] == 3
 
 
 def test_evaluation_without_running_statistics_is_local_and_sends_nothing(ranks):

@@ -88,7 +88,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         table = torch.stack(parts)
         n, mean, m2 = merge_moments(table[:, 0], table[:, 1:c + 1], table[:, c + 1:])
         n_total = int(n.item())
-        if n_total <= 1:
+        ctx.n_total, ctx.group, ctx.has_bias = n_total, group, bias is not None
+        if n_total == 0:  # every rank's batch is empty: as batch norm on an empty batch, an empty
+            ctx.save_for_backward(x, weight)  # output, the running statistics left as they are
+            return torch.empty_like(x)
+        if n_total == 1:
             raise ValueError(
                 f"SyncBatchNorm in training needs more than 1 value per channel across all ranks to compute its "
                 f"statistics, got {n_total} (per-rank counts {[int(v) for v in table[:, 0].tolist()]}, this rank's "
@@ -108,12 +112,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if bias is not None:
             y = y + bias.to(acc).view(view)
         ctx.save_for_backward(x, weight, mean_hi, mean_lo, rstd)
-        ctx.n_total, ctx.group, ctx.has_bias = n_total, group, bias is not None
         return y.to(x.dtype)
 
     @staticmethod
     @first_order_only("SyncBatchNorm", why="its backward all-reduces closed-form sums across the ranks")
     def backward(ctx, dy):
+        if ctx.n_total == 0:  # every rank knows it (the same gathered table): none all-reduces
+            x, weight = ctx.saved_tensors
+            zeros = lambda t, i: torch.zeros_like(t) if t is not None and ctx.needs_input_grad[i] else None  # noqa: E731
+            return (torch.zeros_like(x) if ctx.needs_input_grad[0] else None, zeros(weight, 1),
+                    zeros(weight, 2) if ctx.has_bias else None, None, None, None, None, None, None)
         x, weight, mean_hi, mean_lo, rstd = ctx.saved_tensors
         c = x.shape[1]
         dims = (0,) + tuple(range(2, x.dim()))
@@ -150,7 +158,10 @@ class SyncBatchNorm(_BatchNorm):
 
     - Any device and backend: gloo on the CPU, NCCL on CUDA.
     - Uneven batch sizes per rank; a rank with zero samples sends count 0 (it must still call
-      forward and backward, as every rank must for any collective).
+      forward and backward, as every rank must for any collective). One value per channel over
+      all ranks is refused, as batch norm refuses it; none at all (every rank empty) is batch
+      norm on an empty batch: an empty output, zero gradients, the running statistics as they
+      were and the step counted.
     - Evaluation (and ``track_running_stats=False`` in evaluation) communicates nothing.
     - Without an initialized process group, in a group of one, or on a rank that is not in
       ``process_group``, it is plain batch norm (as torch's).
