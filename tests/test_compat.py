@@ -294,3 +294,38 @@ def test_torch_func_transforms_in_eval_give_torchs_results(name):
                         torch.func.functional_call(m, params, (xs[0],))))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+CL = {  # our layer, the layer whose output layout it must match (torch's twin, or BatchNorm for our own)
+    "BatchNorm2d": (lambda: NN.BatchNorm2d(4), lambda: torch.nn.BatchNorm2d(4)),
+    "GroupNorm": (lambda: NN.GroupNorm(2, 4), lambda: torch.nn.GroupNorm(2, 4)),
+    "InstanceNorm2d": (lambda: NN.InstanceNorm2d(4, affine=True), lambda: torch.nn.InstanceNorm2d(4, affine=True)),
+    "LocalResponseNorm": (lambda: NN.LocalResponseNorm(3), lambda: torch.nn.LocalResponseNorm(3)),
+    "BatchRenorm2d": (lambda: NN.BatchRenorm2d(4), lambda: torch.nn.BatchNorm2d(4)),
+    "SwitchableNorm2d": (lambda: NN.SwitchableNorm2d(4), lambda: torch.nn.BatchNorm2d(4)),
+    "BatchNorm3d": (lambda: NN.BatchNorm3d(4), lambda: torch.nn.BatchNorm3d(4)),
+}
+
+
+@pytest.mark.parametrize("name", list(CL))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_channels_last_input_gives_the_layout_torch_gives(name, training):
+    """A channels_last model keeps its layout through our layers where torch's twin (or, for a
+    layer of our own, torch's batch norm) keeps it, with the values of a contiguous input. (The
+    switchable norm's output came back contiguous: a copy for the next channels_last layer.)"""
+    make, make_twin = CL[name]
+    fmt = torch.channels_last_3d if name.endswith("3d") else torch.channels_last
+    shape = (3, 4, 2, 5, 5) if name.endswith("3d") else (3, 4, 5, 5)
+    ours, twin = make().train(training), make_twin().train(training)
+    x = torch.randn(shape, dtype=torch.float64).to(memory_format=fmt)
+    ours.double(), twin.double()
+    y, want = ours(x.requires_grad_()), twin(x.detach())
+    assert y.is_contiguous(memory_format=fmt) == want.is_contiguous(memory_format=fmt), name
+    assert y.stride() == want.stride()
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x2 = x.detach().contiguous().requires_grad_()
+    y2 = make().train(training).double()(x2)
+    (dx2,) = torch.autograd.grad(y2, x2, dy.contiguous())
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(dx, dx2)

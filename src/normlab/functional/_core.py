@@ -47,6 +47,17 @@ def pivoted(x: torch.Tensor, pivot: Optional[torch.Tensor]) -> torch.Tensor:
     return x if pivot is None else x - pivot
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` (4-D) or ``channels_last_3d`` (5-D) for an input laid out so, else
+    ``contiguous_format``: the layout batch norm gives its output, for an output computed
+    contiguous (``y.to(dtype, memory_format=memory_format_of(x))``: one copy at most)."""
+    if not x.is_contiguous():
+        for fmt, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+            if x.dim() == dim and x.is_contiguous(memory_format=fmt):
+                return fmt
+    return torch.contiguous_format
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for float16/bfloat16/float32, float64 for float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from normlab import _checks
-from normlab.functional._core import acc_dtype, check_channel_input, finite_or_zero, first_order_only, outside_autocast, update_running_
+from normlab.functional._core import (acc_dtype, check_channel_input, finite_or_zero, first_order_only, memory_format_of,
+                                     outside_autocast, update_running_)
 
 
 def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_batch: bool, has_spatial: bool,
@@ -88,8 +89,9 @@ class _SwitchableNorm(torch.autograd.Function):
         y = torch.addcmul(offset.reshape(-1, 1), d, scale.reshape(-1, 1))
         ctx.save_for_backward(d, weight)
         ctx.small = (small, mean, rstd, scale)
-        ctx.meta = (x.shape, x.dtype, None if bias is None else bias.dtype)
-        return y.view(x.shape).to(x.dtype)
+        fmt = memory_format_of(x)  # channels_last in, channels_last out (as BatchNorm2d)
+        ctx.meta = (x.shape, x.dtype, fmt, None if bias is None else bias.dtype)
+        return y.view(x.shape).to(x.dtype, memory_format=fmt)
 
     @staticmethod
     @first_order_only("SwitchableNorm")
@@ -98,7 +100,7 @@ class _SwitchableNorm(torch.autograd.Function):
         d, weight = ctx.saved_tensors
         small, mean, rstd, scale = ctx.small
         mu_rel = small[0]
-        shape, dtype, bias_dtype = ctx.meta
+        shape, dtype, fmt, bias_dtype = ctx.meta
         n, c = shape[:2]
         s = d.shape[1]
         dy2 = dy.reshape(n * c, -1).to(d.dtype)
@@ -120,7 +122,7 @@ class _SwitchableNorm(torch.autograd.Function):
             dweight = (rstd * s_dyc).sum(dim=0).to(weight.dtype)
         if bias_dtype is not None:  # a bias without a weight (the functional form allows it) learns too
             dbias = s_dy.sum(dim=0).to(bias_dtype)
-        return (dx.view(shape).to(dtype), dweight, dbias, dmw, dvw) + (None,) * 6
+        return (dx.view(shape).to(dtype, memory_format=fmt), dweight, dbias, dmw, dvw) + (None,) * 6
 
 
 def switchable_norm(
