@@ -88,6 +88,20 @@ def test_half_precision_on_cpu(dtype):
         assert_close(y.detach().float(), torch.from_numpy(ry).float(), rtol=2e-3, atol=2e-3, what="y vs reference")
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 5), (2, 6, 5, 5), (2, 6, 3, 4, 4)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_under_cpu_autocast_it_is_torchs_result_in_torchs_dtype(dtype, shape):
+    """Under CPU autocast torch's LRN runs its 3-D average pool in float32, so a 4-D or 5-D half
+    input comes back float32 (3-D: in the input's dtype). Ours rounded its float32 result back to
+    the input's dtype there; now it gives torch's tensor, dtype and bits.
+    Wrong version: local_response_norm.py without the ``not autocast_enabled("cpu")`` condition."""
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, want = NN.LocalResponseNorm(3)(x), torch.nn.LocalResponseNorm(3)(x)
+    assert y.dtype == want.dtype
+    assert torch.equal(y, want)
+
+
 def test_size_may_be_any_integer_torch_accepts():
     x = torch.randn(2, 5, 3)
     for size in (np.int64(3), torch.tensor(3)):

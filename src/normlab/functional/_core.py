@@ -75,7 +75,7 @@ def update_running_(running_mean, running_var, mean, var, count, momentum: float
         running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
-def _autocast_enabled(device_type: str) -> bool:
+def autocast_enabled(device_type: str) -> bool:
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: no device argument
@@ -90,7 +90,7 @@ def outside_autocast(fn):
     batch norm is not autocast either); the output keeps the input's dtype, as torch's does."""
     @functools.wraps(fn)
     def run(ctx, x, *args):
-        if not _autocast_enabled(x.device.type):
+        if not autocast_enabled(x.device.type):
             return fn(ctx, x, *args)
         with torch.autocast(x.device.type, enabled=False):
             return fn(ctx, x, *args)
