@@ -474,3 +474,104 @@ def test_a_layer_with_its_own_forward_is_not_folded(make, method):
     folded, report = fold(model, method=method)
     assert not report.folded and "defines its own forward" in report.left[0][1]
     torch.testing.assert_close(folded(x), model(x))
+
+
+class _WSConvInner(nn.Conv2d):
+    """Weight standardization through ``_conv_forward``, torch's ``forward`` kept."""
+
+    def _conv_forward(self, x, w, b):
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(x, w, b)
+
+
+class _Doubling(nn.Identity):
+    def forward(self, x):
+        return 2 * x
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def _hooked_identity(model):
+    model[1].register_forward_hook(lambda m, args, out: out.clamp(min=0))
+    return model
+
+
+@pytest.mark.parametrize("method", ["auto", "modules", "fx"])
+@pytest.mark.parametrize("make,why", [
+    (lambda: _hooked_identity(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.BatchNorm2d(4))), "hook"),
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), _Doubling(), nn.BatchNorm2d(4)), "mul"),
+    (lambda: nn.Sequential(_WSConvInner(3, 4, 3), nn.BatchNorm2d(4)), "conv2d"),
+], ids=["hooked-identity", "identity-subclass", "conv-forward-override"])
+def test_what_sits_between_or_computes_inside_the_pair_stops_the_fold(make, why, method):
+    """An Identity with a hook (even one that only reads) or a forward of its own between the
+    layer and the batch norm, and a conv subclass that overrides ``_conv_forward``: folding went
+    past them (outputs 0.5 to 16 off, the report saying folded). Now the pair is left, with a
+    reason where the method can give one."""
+    torch.manual_seed(0)
+    model = make()
+    randomize_bn_(model)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = fold(model, method=method)
+    assert not report.folded and len(report.left) == 1
+    if method != "modules":
+        assert why in report.left[0][1]
+    torch.testing.assert_close(folded(x), model(x))
+
+
+@pytest.mark.parametrize("method", ["auto", "fx"])
+@pytest.mark.parametrize("where", ["root-pre", "root", "block"])
+def test_hooks_a_traced_graph_would_drop_keep_the_model_unfolded(where, method):
+    """torch.fx runs the forward of the model itself and of every block it traces through: a
+    pre-hook on the model (scaling its input) was gone from the folded graph, and a hook that
+    records (features, a monitor) no longer fired. Such a model is left as it is, each batch norm
+    reported with the hooks named; its hooks still work."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), _Block()) if where == "block" else _Block()
+    randomize_bn_(model)
+    model.eval()
+    seen = []
+    hooked = model[1] if where == "block" else model
+    if where == "root-pre":
+        hooked.register_forward_pre_hook(lambda m, args: (args[0] * 10,))
+    else:
+        hooked.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    x = torch.randn(2, 3, 8, 8)
+    want = model(x)
+    folded, report = fold(model, method=method)
+    assert not report.folded and report.method == "modules" and not isinstance(folded, fx.GraphModule)
+    ((bn, why),) = report.left
+    assert bn.endswith("bn") and "hooks on" in why and ("1" if where == "block" else "the model itself") in why
+    seen.clear()
+    torch.testing.assert_close(folded(x), want)
+    assert len(seen) == (0 if where == "root-pre" else 1)
+
+
+def test_hooks_on_leaf_layers_elsewhere_do_not_stop_a_traced_fold():
+    """A hook on a layer the graph calls (a leaf) survives tracing: it does not block the fold."""
+    class ReLUBlock(_Block):
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.bn(self.conv(x)))
+    torch.manual_seed(0)
+    model = ReLUBlock()
+    seen = []
+    model.relu.register_forward_hook(lambda m, args, out: seen.append(1))
+    randomize_bn_(model)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = fold(model, method="fx")
+    assert report.folded == [("bn", "conv")]
+    seen.clear()
+    torch.testing.assert_close(folded(x), model(x))
+    assert len(seen) == 2

@@ -130,17 +130,34 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
+# the methods a layer's output comes from: a subclass that overrides one computes something else
+# (a weight-standardized conv may override ``_conv_forward`` and keep ``forward``)
+_COMPUTING = ("forward", "_conv_forward")
+
+
 def _own_forward(m: nn.Module) -> Optional[Tuple[str, str]]:
     """``(subclass, library class)`` when a subclass of torch's or normlab's layer gives ``m`` a
-    ``forward`` of its own (a weight-standardized conv, a scaled batch norm): the folding formula
-    holds only for the library's forward. None when the forward is the library's."""
+    ``forward`` (or a conv's ``_conv_forward``) of its own (a weight-standardized conv, a scaled
+    batch norm, an Identity that scales): the folding formula holds only for the library's
+    forward. None when the forward is the library's."""
     custom = None
     for cls in type(m).__mro__:
         if cls.__module__.startswith(("torch.nn.", "normlab.nn")):
             return None if custom is None else (custom, cls.__name__)
-        if custom is None and "forward" in cls.__dict__:
+        if custom is None and any(name in cls.__dict__ for name in _COMPUTING):
             custom = cls.__name__
     return None
+
+
+def _has_forward_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _passes_through(m: nn.Module) -> bool:
+    """An ``nn.Identity`` that the layer's output crosses unchanged and unseen on its way to the
+    batch norm: torch's own forward and no hook (a hook there, even one that only reads, would
+    see the normalized values once the pair is one layer)."""
+    return isinstance(m, nn.Identity) and _own_forward(m) is None and not _has_forward_hooks(m)
 
 
 def _pair_problem(layer: nn.Module, bn: nn.Module, owners: Dict[int, int]) -> Optional[str]:
@@ -188,6 +205,34 @@ def _hook_problem(layer: nn.Module, bn: nn.Module) -> Optional[str]:
             f"before folding")
 
 
+def _identity_problem(name: str, m: nn.Module) -> str:
+    """Why an Identity between a layer and its batch norm stops the fold (see :func:`_passes_through`)."""
+    custom = _own_forward(m)
+    if custom is not None:
+        return (f"{name} between it and the layer before is a {custom[0]}, which defines its own forward: the "
+                f"batch norm cannot move past it")
+    return (f"{name} (Identity) between it and the layer before has a forward or pre-forward hook, which would see "
+            f"the normalized values once the pair is one layer; remove the hook before folding")
+
+
+def _graph_hook_problem(tracer: fx.Tracer, graph: fx.Graph) -> Optional[str]:
+    """Hooks a traced graph would drop: tracing runs the forward of the root and of every module
+    that is not a leaf (they become plain operations in the graph), so hooks on those modules
+    either ran once while tracing (one that records) or are not in the graph at all (the
+    root's). Hooks on leaf modules stay: the graph calls those modules."""
+    leaves = {n.target for n in graph.nodes if n.op == "call_module"}
+    hooked = []
+    for name, m in tracer.root.named_modules():
+        inside_leaf = any(name == leaf or name.startswith(leaf + ".") for leaf in leaves)
+        if not inside_leaf and (_has_forward_hooks(m) or m._backward_hooks or m._backward_pre_hooks):
+            hooked.append(name or "the model itself")
+    if not hooked:
+        return None
+    shown = ", ".join(hooked[:3]) + (f" and {len(hooked) - 3} more" if len(hooked) > 3 else "")
+    return (f"hooks on {shown}, which torch.fx traces through (the folded graph would not keep them); remove them "
+            f"or use method='modules'")
+
+
 def _check_eval(model: nn.Module) -> None:
     training = [name or "<root>" for name, m in model.named_modules() if _is_bn(m) and m.training]
     if training:
@@ -217,7 +262,8 @@ def _owner_counts(model: nn.Module) -> Dict[int, int]:
 def _fold_sequential(model: nn.Module, report: FoldReport, graph: Optional[FoldReport] = None) -> None:
     """Fold [..., layer, (Identity ...,) bn, ...] inside every nn.Sequential; each folded bn becomes Identity.
 
-    Identity (a batch norm folded already) passes the layer on, so consecutive batch norms all fold.
+    A plain Identity (a batch norm folded already; no hook, torch's forward) passes the layer on,
+    so consecutive batch norms all fold.
     Only containers that run ``nn.Sequential.forward`` itself count (a subclass with its own
     ``forward`` may use its layers any way). ``graph`` (a dry run of :func:`_fold_fx` on the
     model, when it can be traced) vets each pair: the walk sees one container, the graph sees
@@ -233,7 +279,7 @@ def _fold_sequential(model: nn.Module, report: FoldReport, graph: Optional[FoldR
             if isinstance(m, FOLDABLE_INTO):
                 last = key
                 continue
-            if isinstance(m, nn.Identity):
+            if _passes_through(m):  # (an Identity with a hook or its own forward ends the pair, as any module)
                 continue
             if not _is_bn(m) or last is None:
                 last = None
@@ -265,10 +311,18 @@ def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Option
     """Trace the graph and fold each batch norm whose input is the single-use output of a Conv/Linear.
 
     With ``apply=False`` nothing changes: ``report`` gets the pairs that would fold and why the
-    rest would not (the vetting for :func:`_fold_sequential`), and None is returned."""
+    rest would not (the vetting for :func:`_fold_sequential`), and None is returned. With
+    ``apply=True`` and hooks the graph would drop (:func:`_graph_hook_problem`), nothing
+    changes either: every batch norm is reported left, and None is returned."""
     tracer = _LeafTracer()
     graph = tracer.trace(model)
     modules = dict(tracer.root.named_modules())
+    if apply:
+        problem = _graph_hook_problem(tracer, graph)
+        if problem is not None:
+            bns = dict.fromkeys(n.target for n in graph.nodes if n.op == "call_module" and _is_bn(modules[n.target]))
+            report.left += [(name, problem) for name in bns]
+            return None
     calls: Dict[str, int] = {}
     read: set = set()  # modules whose parameter values the forward reads directly (self.conv.weight * 2)
     for node in graph.nodes:
@@ -285,9 +339,12 @@ def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Option
         bn = modules[node.target]
         src = node.args[0] if node.args else None
         while (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1 and src.args
-               and (src in passed or isinstance(modules[src.target], nn.Identity))):
+               and (src in passed or _passes_through(modules[src.target]))):
             src = src.args[0]  # through batch norms folded already
         fed_by_layer = isinstance(src, fx.Node) and src.op == "call_module"
+        if fed_by_layer and isinstance(modules[src.target], nn.Identity):
+            report.left.append((node.target, _identity_problem(src.target, modules[src.target])))
+            continue
         if not (fed_by_layer and isinstance(modules[src.target], FOLDABLE_INTO)):
             what = _describe_node(src, modules)
             report.left.append((node.target, f"its input comes from {what}, not from a Conv, ConvTranspose or Linear"))
@@ -391,7 +448,11 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
     several layers is folded into each of them by ``"fx"``, which reports each pair, and left
     by ``"modules"``), a pair
     with a hook between its two halves (a forward hook on the layer, any forward hook on the
-    batch norm, a global module hook: it would see or change other values), and a
+    batch norm or on an Identity between them, a global module hook: it would see or change
+    other values), a layer (or Identity between the two) whose subclass overrides ``forward``
+    (or a conv's ``_conv_forward``), any pair for a traced graph when the model itself or a
+    module that fx traces through (not a leaf: a custom block) has hooks, which the graph
+    would not keep (then ``"fx"`` folds nothing and ``"auto"`` keeps the Sequential folds), and a
     pair whose folded weight or bias overflows the layer's dtype where the originals are
     finite (float16 holds at most 65504: a weight of 1000 over a running variance of 1e-4
     folds to 1e5), which would make the folded layer compute inf where the pair did not.
@@ -462,7 +523,10 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
                    f"({type(e).__name__}: {str(e)[:200]})")
             report.left += [(name, why) for name in remaining if name not in done]
         else:
-            if method == "fx" or len(fx_report.folded) > len(by_walk):
+            if traced is None:  # hooks the graph would drop: the walk's model stands
+                done = {b for b, _ in report.left}
+                report.left += [(b, why) for b, why in fx_report.left if b not in done]
+            elif method == "fx" or len(fx_report.folded) > len(by_walk):
                 out, report = traced, fx_report
             else:  # fx found nothing more: keep the model's class, with fx's reasons for what is left
                 report.left = fx_report.left
