@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -356,3 +357,35 @@ def test_switchable_norms_mixing_logits_are_reported_when_dropped():
     _, changes = convert(model, "batch")
     dropped = " ".join(changes[0].not_copied)
     assert "mean_weight: BatchNorm2d has no counterpart" in dropped and "var_weight" in dropped
+
+
+class _TwoLayouts(nn.Module):
+    """One norm applied to a 3-D and to a 4-D (or a token-first) view of the same activations."""
+
+    def __init__(self, norm, second):
+        super().__init__()
+        self.norm, self.second = norm, second
+
+    def forward(self, x):
+        return self.norm(x).mean() + self.norm(self.second(x)).mean()
+
+
+@pytest.mark.parametrize("norm,shape,second,to,hint", [
+    (lambda: nn.GroupNorm(2, 4), (3, 4, 5), lambda x: x.unsqueeze(-1), "batch", True),
+    (lambda: nn.LayerNorm(4), (3, 4), lambda x: x[:, None].expand(3, 2, 4), "batch", False),
+], ids=["groupnorm-3d-and-4d", "layernorm-channels-and-tokens"])
+def test_a_layer_seen_in_two_layouts_is_refused_naming_both(norm, shape, second, to, hint):
+    """example_input showing a layer called on two layouts: convert used the first one and built a
+    BatchNorm1d that the 4-D call then refused (or one that normalizes the wrong dim); now it says
+    so before changing anything, and with only the rank differing ``dim=`` decides."""
+    model = _TwoLayouts(norm(), second)
+    x = torch.randn(shape)
+    before = model.norm
+    with pytest.raises(ValueError, match=re.escape(f"called it on inputs of shapes {tuple(shape)}, (3, ")) as err:
+        convert(model, to, example_input=x)
+    assert ("pass dim=" in str(err.value)) == hint
+    assert model.norm is before
+    if hint:
+        out, _ = convert(model, "group:2", example_input=x, dim=2)
+        assert isinstance(out.norm, nlnn.GroupNorm)
+        out(x)

@@ -395,14 +395,16 @@ def _selector(only: Only) -> Callable[[str, nn.Module, str], bool]:
     return lambda name, m, kind: kind in strs or (bool(types) and isinstance(m, types))
 
 
-def _input_shapes(model: nn.Module, modules: Dict[int, nn.Module], example_input) -> Dict[int, torch.Size]:
-    """Shape of the first input each of ``modules`` receives on one forward of ``example_input``
-    (in eval mode, without gradients; the modes are restored)."""
-    shapes: Dict[int, torch.Size] = {}
+def _input_shapes(model: nn.Module, modules: Dict[int, nn.Module], example_input) -> Dict[int, List[torch.Size]]:
+    """The distinct shapes of the inputs each of ``modules`` receives on one forward of
+    ``example_input``, in order (in eval mode, without gradients; the modes are restored)."""
+    shapes: Dict[int, List[torch.Size]] = {}
 
     def hook(m, args):
         if args and isinstance(args[0], torch.Tensor):
-            shapes.setdefault(id(m), args[0].shape)
+            seen = shapes.setdefault(id(m), [])
+            if args[0].shape not in seen:
+                seen.append(args[0].shape)
 
     handles = [m.register_forward_pre_hook(hook) for m in modules.values()]
     modes = {m: m.training for m in model.modules()}
@@ -443,7 +445,9 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
         example_input: a tensor (or tuple of forward arguments) run once through ``model`` (in
             eval mode, no gradients, nothing updated) to read each layer's input shape. It
             tells the spatial dims of ``GroupNorm``/``SyncBatchNorm``, the channel count of
-            ``LocalResponseNorm``, and whether a ``LayerNorm``'s input is (N, C, ...).
+            ``LocalResponseNorm``, and whether a ``LayerNorm``'s input is (N, C, ...). A layer
+            called on inputs of different ranks or channel counts is refused (pass ``dim=`` when
+            only the rank differs).
             Without it a ``LayerNorm(C)``/``RMSNorm(C)`` is taken to normalize the channels of
             an (N, C) input (so ``convert(LayerNorm(8), "batch")`` builds ``BatchNorm1d(8)``
             even if the layer really sees (N, L, 8) tokens); the Change notes that assumption.
@@ -497,7 +501,14 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
                              f"normalizes only the unmasked positions; no other layer takes that mask")
         if _is_lazy(module):
             raise ValueError(f"convert: {label} is a lazy module with no channel count yet; run one forward first")
-        seen = _seen(module, kind, shapes.get(key), dim)
+        inputs = shapes.get(key, [])
+        layouts = {(len(s), int(s[1]) if len(s) > 1 else None) for s in inputs}
+        if len(layouts) > 1 and (dim is None or len({c for _, c in layouts}) > 1):
+            raise ValueError(
+                f"convert: cannot replace {label} by {to!r}: example_input called it on inputs of shapes "
+                f"{', '.join(str(tuple(s)) for s in inputs)}, and convert builds one layer for one layout (N, C, "
+                f"*spatial){'' if len({c for _, c in layouts}) > 1 else '; pass dim= to choose the spatial dims'}")
+        seen = _seen(module, kind, inputs[0] if inputs else None, dim)
         try:
             target = _build(to, seen, module, kind, dict(kwargs))
         except (ValueError, TypeError) as e:
