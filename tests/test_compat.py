@@ -33,6 +33,40 @@ def test_an_empty_batch_passes_as_in_torch(make, shape):
         assert (a is None and b is None) or torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("make,twin,shape,mask", [
+    (lambda: NN.BatchRenorm1d(3, rmax=1.0, dmax=0.0), torch.nn.BatchNorm1d, (0, 3, 5), False),
+    (lambda: NN.BatchRenorm1d(3), torch.nn.BatchNorm1d, (2, 3, 0), False),
+    (lambda: NN.SwitchableNorm2d(3), torch.nn.BatchNorm2d, (0, 3, 4, 4), False),
+    (lambda: NN.SwitchableNorm1d(3), torch.nn.BatchNorm1d, (0, 3), False),
+    (lambda: NN.SwitchableNorm1d(3), torch.nn.BatchNorm1d, (2, 3, 0), False),
+    (lambda: NN.SwitchableNorm2d(3), torch.nn.BatchNorm2d, (2, 3, 0, 4), False),
+    (lambda: NN.MaskedBatchNorm1d(3), torch.nn.BatchNorm1d, (0, 3, 5), True),
+], ids=["renorm-N0", "renorm-L0", "switchable2d-N0", "switchable1d-N0-2d", "switchable1d-L0", "switchable2d-H0",
+        "masked-N0"])
+def test_our_own_layers_pass_an_empty_batch_as_torchs_batch_norm_does(make, twin, shape, mask, training):
+    """An input with no values: torch's batch norm returns an empty output with zero parameter
+    gradients, leaves the running statistics and counts a training step. Ours refused it in
+    training (renorm, switchable, masked with a mask) or crashed (switchable in evaluation: a
+    reshape of 0 elements; its backward divided by 0 positions)."""
+    ours, theirs = make().train(training), twin(3).train(training)
+    x = torch.randn(shape, requires_grad=True)
+    args = (torch.ones(shape[0], shape[2], dtype=torch.bool),) if mask else ()
+    y, want = ours(x, *args), theirs(x)
+    assert y.shape == want.shape == x.shape and y.dtype == want.dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(ours.weight.grad, torch.zeros(3))
+    torch.testing.assert_close(ours.bias.grad, torch.zeros(3))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+
+
+def test_sync_batch_norm_without_channels_says_so_as_torchs_does():
+    with pytest.raises(ValueError, match=r"SyncBatchNorm needs at least one channel, got input of shape \(2, 0, 3\)"):
+        NN.SyncBatchNorm(0)(torch.randn(2, 0, 3))
+
+
 def test_one_value_per_channel_without_running_statistics_says_why_eval_does_not_help():
     bn = NN.BatchNorm1d(3, track_running_stats=False).eval()
     with pytest.raises(ValueError, match=r"without running statistics.*got input of shape \(1, 3\).*use a larger batch"):

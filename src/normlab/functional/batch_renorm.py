@@ -39,7 +39,9 @@ def batch_renorm(
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     c = check_channel_input(input, op, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     dims = (0,) + tuple(range(2, input.dim()))
-    _checks.check_enough_values(input.shape, dims, op)
+    _checks.check_enough_values(input.shape, dims, op, allow_empty=True)
+    if input.numel() == 0:  # no statistics, so no r and d: batch norm on an empty batch
+        return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     acc = acc_dtype(input.dtype)
     with torch.no_grad():
         # r and d from the batch statistics (two-pass; no gradient) and the running statistics

@@ -153,6 +153,8 @@ def masked_batch_norm(
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{op} expects the mask as a torch.Tensor (bool, shape (N, L)), got {type(mask).__name__}")
     _checks.check_mask(input.shape, mask, op)
+    if input.shape[0] == 0:  # no sequences (none all padding): batch norm on an empty batch
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     valid_per_row = mask.sum(dim=1).tolist()
     _checks.check_no_empty_rows(valid_per_row, op)
     count = int(sum(valid_per_row))

@@ -151,7 +151,15 @@ def switchable_norm(
     use_batch = training or running_mean is None
     if use_batch:
         _checks.check_training_eps(eps, op)  # as batch norm: a constant input would give 0/0
-        _checks.check_enough_values(input.shape, (0,) + tuple(range(2, input.dim())), op,
+        _checks.check_enough_values(input.shape, (0,) + tuple(range(2, input.dim())), op, allow_empty=True,
                                     running_stats=running_mean is not None)
+    if input.numel() == 0:
+        # nothing to normalize (an empty batch, or no positions): as torch's batch norm, an empty
+        # output whose gradients are zeros, the running statistics left as they are
+        y = input * 0
+        for p in (weight, bias, mean_weight, var_weight):
+            if p is not None:
+                y = y + p.sum().to(input.dtype) * 0
+        return y
     return _SwitchableNorm.apply(input, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch,
                                  training, momentum, eps)

@@ -212,6 +212,8 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"{name} expects an input of shape {self._layout} with at least 2 dims, got a "
                              f"{input.dim()}-D input of shape {_checks.shape_str(input.shape)}")
         _checks.check_channels(input.shape, self.num_features, name)
+        if input.shape[1] == 0:  # torch's SyncBatchNorm refuses it too (its BatchNorm raises an IndexError)
+            raise ValueError(f"{name} needs at least one channel, got input of shape {_checks.shape_str(input.shape)}")
 
     def _group_size(self) -> int:
         """World size of the group to synchronize over; 1 when there is none (then: local batch
