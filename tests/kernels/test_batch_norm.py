@@ -123,6 +123,35 @@ def test_dispatcher_picks_the_kernel():
 
 
 @cpu
+def test_functional_momentum_none_with_running_buffers_is_torchs_error_on_either_backend():
+    """normlab.functional.batch_norm(momentum=None) with running buffers to update is torch's
+    TypeError on the torch path; the triton backend skipped the update silently (the dispatcher
+    was not given momentum, so its refusal never fired): now it falls back, with that reason."""
+    import normlab.functional as NF
+
+    x = torch.randn(4, 3, 5)
+    for name in ("torch", "triton"):
+        rm, rv = torch.zeros(3), torch.ones(3)
+        with normlab.backend(name), pytest.raises(TypeError, match="momentum"):
+            NF.batch_norm(x, rm, rv, training=True, momentum=None)
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+        if name == "triton":
+            assert _backend.last_choice()[1] == "torch" and "momentum=None" in _backend.last_choice()[2]
+
+
+@cpu
+def test_interpreter_switched_on_after_the_kernels_were_defined_falls_back(monkeypatch):
+    """TRITON_INTERPRET=1 set after normlab.kernels was imported: the kernels are compiled (CUDA
+    only), so a CPU input must take torch's path, saying why, instead of failing in Triton's
+    launcher ("0 active drivers")."""
+    from normlab.kernels import _supports
+
+    monkeypatch.setattr(_supports, "_INTERPRET_AT_IMPORT", False)
+    ok, reason = kernels.supports("batch_norm", torch.randn(4, 3, 5), None, None, training=True)
+    assert not ok and "set after normlab.kernels was imported" in reason
+
+
+@cpu
 def test_bitwise_deterministic():
     x = leaf(torch.randn(4, 3, 5, 7))
     w, b, dy = leaf(torch.randn(3)), leaf(torch.randn(3)), torch.randn(4, 3, 5, 7)

@@ -84,8 +84,8 @@ def _param(t, name, x, numel, vector=False):
 
 
 # Triton decides interpreter or compiled when the kernels are defined, i.e. when
-# normlab.kernels is imported, which imports this module first: read the variable once for
-# CUDA inputs. CPU inputs (the interpreter's, tests and CI) read it on every call.
+# normlab.kernels is imported, which imports this module first: read the variable once. CPU
+# inputs (the interpreter's, tests and CI) need it set then, and still set now.
 _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -118,6 +118,9 @@ def _common(x):
             return "TRITON_INTERPRET=1 with a CUDA input: the interpreter runs CPU tensors"
     elif os.environ.get("TRITON_INTERPRET", "0") != "1":
         return f"input on {x.device}: the kernels need CUDA (or TRITON_INTERPRET=1 for the interpreter)"
+    elif not _INTERPRET_AT_IMPORT:
+        return (f"input on {x.device}: TRITON_INTERPRET=1 was set after normlab.kernels was imported, so its kernels "
+                f"are compiled for CUDA; set it before importing normlab.kernels")
     n = x.numel()
     if n == 0:
         return "empty input"
