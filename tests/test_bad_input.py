@@ -276,7 +276,8 @@ def test_reference_takes_lists_for_per_channel_parameters_and_running_statistics
     np.testing.assert_array_equal(running.var, want_running.var)
 
 
-_CONST = np.concatenate([np.random.default_rng(0).standard_normal((4, 2, 5)), np.full((4, 1, 5), 3.0)], axis=1)
+def _const(value):
+    return np.concatenate([np.random.default_rng(0).standard_normal((4, 2, 5)), np.full((4, 1, 5), value)], axis=1)
 
 
 @pytest.mark.parametrize("call", [
@@ -293,8 +294,23 @@ def test_reference_eps_zero_on_a_constant_group_is_an_error_not_nan(call):
     """0/0: the reference returned NaN (with a RuntimeWarning); eps=0 itself stays allowed (the
     lab's invariance experiment uses it on data with spread)."""
     with pytest.raises(ValueError, match=r"eps=0 divides 0 by 0 .* groups here; pass eps > 0"):
-        call(_CONST)
-    assert np.isfinite(R.batch_norm_forward(_CONST[:, :2], eps=0.0)[0]).all()
+        call(_const(3.0))
+    assert np.isfinite(R.batch_norm_forward(_const(3.0)[:, :2], eps=0.0)[0]).all()
+
+
+@pytest.mark.parametrize("call", [
+    lambda: R.batch_norm_forward(np.full((3, 2), 0.1), eps=0),
+    lambda: R.layer_norm_forward(np.full((1, 3), 0.1), 3, eps=0),
+    lambda: R.group_norm_forward(np.full((1, 2, 3), 0.1), 1, eps=0),
+    lambda: R.instance_norm_forward(np.full((1, 2, 3), 0.1), eps=0),
+], ids=["batch", "layer", "group", "instance"])
+def test_reference_eps_zero_on_a_constant_its_mean_rounds_is_an_error_too(call):
+    """Three values of 0.1 sum to a mean 1 ulp off: the deviations were -1.4e-17, the variance
+    1.9e-34 rather than 0, and with eps=0 every output came out -1 without an error. The corrected
+    two-pass mean recovers the ulp, so the variance is 0 and the check fires.
+    Wrong version: reference/_core.py centered_moments without the ``r`` correction."""
+    with pytest.raises(ValueError, match=r"eps=0 divides 0 by 0"):
+        call()
 
 
 def _trained(m, x, *args):

@@ -118,6 +118,30 @@ def test_numpy_tier_in_float16(name):
     assert_lowp_close(y16, y64, np.float16, name)
 
 
+@pytest.mark.parametrize("name", [n for n in _ref_calls(np.ones((2, 2, 2))) if n != "rms_norm"])
+def test_numpy_tier_with_large_groups_at_a_large_mean(name):
+    """Groups of 16384 to 32768 values near 1000: the float32 sum behind the mean lost digits,
+    and every output carried that offset times rstd (float32 outputs 1e-4 to 2.4e-4 off, a
+    constant channel up to 0.6 from its bias). The corrected two-pass mean recovers them:
+    float32 within 1e-5 (1e-6 measured), the constant channel at its bias, float16 within its
+    tolerance. Wrong version: reference/_core.py centered_moments without the ``r`` correction."""
+    shape = (2, 2, 16384) if name == "masked_batch_norm" else (2, 2, 128, 128)
+    x16 = big_mean_input(shape, torch.float16).numpy()
+    assert_lowp_close(_ref_calls(x16)[name](), _ref_calls(x16.astype(np.float64))[name](), np.float16, name)
+    x32 = big_mean_input(shape, torch.float32).numpy()
+    err = np.abs(_ref_calls(x32)[name]().astype(np.float64) - _ref_calls(x32.astype(np.float64))[name]()).max()
+    # (switchable norm mixes means near 1000 in float32 after this: 1.2e-4, as torch's float32 BN's 5e-5)
+    assert err < (2e-4 if name == "switchable_norm" else 1e-5), f"{name}: float32 error {err:.3g}"
+    if name not in ("batch_norm_eval", "layer_norm", "group_norm", "switchable_norm"):  # (these mix channels)
+        x32[:, 1] = np.float32(1000.1)
+        y = _ref_calls(x32)[name]()[:, 1].astype(np.float64)
+        # the constant channel's output is its bias (renorm: plus gamma * d, d clipped to dmax = 5)
+        want = 0.2 + (5 * 1.2 if name == "batch_renorm" else 0)
+        if name == "masked_batch_norm":
+            y = y[_mask(shape[0], shape[2]).numpy()]
+        assert np.abs(y - want).max() < 1e-5, f"{name}: constant channel {np.abs(y - want).max():.3g}"
+
+
 @pytest.mark.parametrize("dtype", HALVES, ids=str)
 def test_functional_half_matches_float64(dtype):
     x = big_mean_input((8, 4, 6), dtype)

@@ -20,8 +20,9 @@ Backward, with ``g = dy * gamma`` and means taken over ``S``:
 
 (without the ``mean(g)`` term for RMS, and just ``g / sqrt(var + eps)`` when the statistics
 are fixed, as in evaluation). Statistics are accumulated in float32 for float16 input and
-in the input's precision otherwise, with a two-pass variance (mean first, then the mean of
-squared deviations), which stays accurate when the mean is large against the spread.
+in the input's precision otherwise, with a corrected two-pass variance (mean first, then the
+mean of the deviations, which recovers what the first sum rounded away, and the mean of their
+squares), which stays accurate when the mean is large against the spread.
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def centered_moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.nd
     no mask and ``copy=False``, ``d`` may be ``x`` itself (read-only to the caller): no copy pass."""
     axes = tuple(axes)
     xa = x.astype(acc_dtype(x.dtype), copy=False)
+    m = None
     if mask is None:
         count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
         mean = reduce_sum(xa, axes) / count if center else np.zeros((), xa.dtype)
@@ -82,8 +84,31 @@ def centered_moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.nd
             mean = reduce_sum(xa, axes, m) / count if center else mean
         d = xa - mean
         d *= m
-    var = reduce_sum(d, axes, d) / count  # two-pass: the mean first, then squared deviations
+    if not center:
+        return mean, reduce_sum(d, axes, d) / count, count, d
+    # Corrected two-pass (Chan, Golub & LeVeque 1983): the sum behind ``mean`` rounds (in float32,
+    # 65536 values near 1000 sum to a mean ~1e-3 off, and every output inherits that offset times
+    # rstd: a constant channel came out at 0.6 instead of 0). The deviations' own mean ``r`` is a
+    # sum of small numbers and recovers what was lost; the variance is then E[d^2] - r^2.
+    r = reduce_sum(d, axes) / count
+    var = reduce_sum(d, axes, d) / count
+    with np.errstate(divide="ignore", invalid="ignore"):
+        off = np.abs(r) / np.sqrt(np.maximum(var - r * r, 0) + np.finfo(d.dtype).tiny)  # the offset in outputs
+    if np.any(off > _OFFSET_TOL):  # (NaN input: off is NaN, so no correction)
+        # visible in the outputs: centre again, and take the variance of what is now centred
+        # (E[d^2] - r^2 cancels when r is large against the spread)
+        d -= r if m is None else r * m
+        mean = mean + r
+        var = reduce_sum(d, axes, d) / count
+    else:
+        var = np.maximum(var - r * r, 0)
+        mean = mean + r
     return mean, var, count, d
+
+
+# an offset of the centred input below this fraction of its spread stays: ~ 30 float32 ulps of an
+# output of size 1 (rounding the outputs costs about as much); above it, one more pass removes it
+_OFFSET_TOL = 4e-6
 
 
 def moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.ndarray] = None, center: bool = True):
