@@ -286,3 +286,64 @@ def test_selu_gradient_has_the_inputs_dtype():
     assert dx.dtype == np.float32
     ty, (tdx,) = torch_grads(F.selu, (x.astype(np.float64),), randn((3, 4), 1))
     np.testing.assert_allclose(dx, tdx, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- found by an audit
+def test_instance_norm_momentum_none_leaves_the_running_statistics_as_torch_does():
+    """torch's InstanceNorm passes momentum=None on as 0.0 (no cumulative average): the running
+    statistics stay. The reference replaced them with the batch's (a cumulative average's first
+    step). Wrong version: reference/instance_norm.py without ``and momentum is not None``."""
+    x = randn((2, 3, 4), 0)
+    run = R.RunningStats(np.full(3, 0.5), np.full(3, 2.0))
+    _, _, got = R.instance_norm_forward(x, running=run, momentum=None)
+    m = torch.nn.InstanceNorm1d(3, momentum=None, track_running_stats=True).double()
+    with torch.no_grad():
+        m.running_mean.fill_(0.5)
+        m.running_var.fill_(2.0)
+    m(t(x))
+    np.testing.assert_array_equal(got.mean, m.running_mean.numpy())
+    np.testing.assert_array_equal(got.var, m.running_var.numpy())
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0), (0, 3, 4), (2, 3, 0, 2)], ids=str)
+def test_switchable_norm_in_evaluation_on_an_empty_input_has_zero_gradients(shape):
+    """No positions: the instance statistics are 0/0, and the gradients of gamma and of both
+    mixes came back NaN (NaN times an empty sum); they are sums of nothing: 0.
+    Wrong version: reference/switchable_norm.py backward without the ``x.size == 0`` return."""
+    y, cache, _ = R.switchable_norm_forward(np.ones(shape), np.ones(3), np.zeros(3), np.zeros(3), np.zeros(3),
+                                            R.RunningStats(np.zeros(3), np.ones(3)), training=False)
+    dx, dg, db, dmw, dvw = R.switchable_norm_backward(np.ones(shape), cache)
+    assert y.shape == dx.shape == shape
+    for g, n in ((dg, 3), (db, 3), (dmw, 3), (dvw, 3)):
+        np.testing.assert_array_equal(g, np.zeros(n))
+
+
+def test_one_d_spectral_norm_below_eps_divides_by_the_constant_eps():
+    """||w|| < eps: the forward divides by eps (torch's F.normalize clamps so), a constant, but
+    the backward still subtracted the norm's own gradient: 3% off torch's.
+    Wrong version: reference/spectral_norm.py backward without the ``clamped`` branch."""
+    w, d = np.array([1e-13, 0.0, 2e-13]), np.array([1.0, 0.5, -2.0])
+    _, cache, _ = R.spectral_norm_forward(w, None, None)
+    tw = t(w).requires_grad_()
+    F.normalize(tw, dim=0, eps=1e-12).backward(t(d))
+    assert_close(R.spectral_norm_backward(d, cache), tw.grad.numpy())
+    w = np.array([1.0, -2.0, 0.5])  # above eps: the full gradient, as before
+    _, cache, _ = R.spectral_norm_forward(w, None, None)
+    tw = t(w).requires_grad_()
+    F.normalize(tw, dim=0, eps=1e-12).backward(t(d))
+    assert_close(R.spectral_norm_backward(d, cache), tw.grad.numpy())
+
+
+def test_parameters_and_dy_may_be_lists_everywhere():
+    """layer_norm and rms_norm took gamma and beta only as arrays (AttributeError on a list,
+    which batch_norm takes); a backward took dy only as an array."""
+    x = randn((4, 3), 0)
+    y, cache = R.layer_norm_forward(x, 3, [1.0, 2.0, 0.5], [0.0, 0.1, 0.2])
+    want_y, want_cache = R.layer_norm_forward(x, 3, np.array([1.0, 2.0, 0.5]), np.array([0.0, 0.1, 0.2]))
+    np.testing.assert_array_equal(y, want_y)
+    for got, want in zip(R.layer_norm_backward(y.tolist(), cache), R.layer_norm_backward(y, want_cache)):
+        np.testing.assert_array_equal(got, want)
+    y, cache = R.rms_norm_forward(x, 3, [1.0, 2.0, 0.5])
+    np.testing.assert_array_equal(y, R.rms_norm_forward(x, 3, np.array([1.0, 2.0, 0.5]))[0])
+    y, cache, _ = R.batch_norm_forward(x)
+    np.testing.assert_array_equal(R.batch_norm_backward(y.tolist(), cache)[0], R.batch_norm_backward(y, cache)[0])

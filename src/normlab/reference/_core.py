@@ -290,7 +290,7 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
     """
     c = cache
     check_grad_shape(dy, c.u.shape)
-    dy = dy.astype(c.rstd.dtype, copy=False)
+    dy = np.asarray(dy).astype(c.rstd.dtype, copy=False)
     u, f, axes = c.u, c.xfactor, c.axes  # xhat = u * f, f one number per group (see NormCache)
 
     def constant_along_axes(shape) -> bool:  # a parameter of this (broadcast) shape is one value per group

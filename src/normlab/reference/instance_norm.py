@@ -28,10 +28,13 @@ def instance_norm_forward(
     running: Optional[RunningStats] = None,
     *,
     use_input_stats: bool = True,
-    momentum: float = 0.1,
+    momentum: Optional[float] = 0.1,
     eps: float = 1e-5,
 ):
-    """Forward pass: ``(y, cache, running)``. ``use_input_stats=False`` normalizes with ``running``."""
+    """Forward pass: ``(y, cache, running)``. ``use_input_stats=False`` normalizes with ``running``.
+
+    ``momentum=None`` leaves ``running`` as it is, as torch's ``InstanceNorm*d(momentum=None)``
+    does (it passes 0.0: instance norm has no cumulative average)."""
     op = "instance_norm"
     _checks.check_floating(x, op, "array")
     _checks.check_rank(x.shape, (3, 4, 5), op, "(N, C, *spatial)")
@@ -44,7 +47,7 @@ def instance_norm_forward(
         _checks.check_enough_values(x.shape, axes, op, "per instance (spatial positions)",
                                     running_stats=running is not None)
         y, cache, (mean, var, n) = normalize_forward(x, axes, w, b, eps)
-        if use_input_stats and running is not None:
+        if use_input_stats and running is not None and momentum is not None:
             # average the per-instance statistics over the batch (every instance has the same
             # count n, so averaging biased variances and then unbiasing is the same thing)
             running = update_running(running, mean.mean(axis=0), var.mean(axis=0), n, momentum)

@@ -31,6 +31,8 @@ def layer_norm_forward(
     _checks.check_floating(x, op, "array")
     ns = _checks.check_normalized_shape(x.shape, _checks.as_normalized_shape(normalized_shape, op), op)
     _checks.check_eps(eps, op)
+    # lists too, as the other forwards take them
+    gamma, beta = (None if p is None else np.asarray(p) for p in (gamma, beta))
     _checks.check_param_shape(ns, op, gamma=gamma, beta=beta)
     axes = tuple(range(x.ndim - len(ns), x.ndim))
     y, cache, _ = normalize_forward(x, axes, gamma, beta, eps)

@@ -29,6 +29,7 @@ def rms_norm_forward(
     op = "rms_norm"
     _checks.check_floating(x, op, "array")
     ns = _checks.check_normalized_shape(x.shape, _checks.as_normalized_shape(normalized_shape, op), op)
+    gamma = None if gamma is None else np.asarray(gamma)  # a list too, as the other forwards take
     _checks.check_param_shape(ns, op, gamma=gamma)
     if eps is None:
         eps = float(np.finfo(acc_dtype(x.dtype)).eps)

@@ -48,8 +48,9 @@ def spectral_norm_forward(w: np.ndarray, u: np.ndarray, v: np.ndarray, *, n_powe
     _checks.check_floating(w, op, "array")
     _checks.check_positive_int(n_power_iterations, op, "n_power_iterations")  # torch refuses 0 too
     if w.ndim == 1:  # the norm in float64 (float16 squares overflow from |w| = 256)
-        norm = max(float(np.linalg.norm(w.astype(np.float64))), eps)
-        return (w / norm).astype(w.dtype, copy=False), dict(w=w, norm=norm, one_d=True), (u, v)
+        raw = float(np.linalg.norm(w.astype(np.float64)))
+        norm = max(raw, eps)
+        return (w / norm).astype(w.dtype, copy=False), dict(w=w, norm=norm, clamped=raw < eps, one_d=True), (u, v)
     dim = _checks.check_dim(dim, w.ndim, op)  # torch takes a negative dim too
     wm = as_matrix(w, dim).astype(np.float64)  # float16's squares overflow (sigma above ~256: NaN)
     for name, vec, n in (("u", u, wm.shape[0]), ("v", v, wm.shape[1])):
@@ -69,6 +70,8 @@ def spectral_norm_backward(dw_sn: np.ndarray, cache) -> np.ndarray:
     wa, dwa = w.astype(np.float64), np.asarray(dw_sn, np.float64)
     if cache["one_d"]:
         n = cache["norm"]
+        if cache.get("clamped"):  # ||w|| below eps: the divisor is the constant eps, with no gradient
+            return (dwa / n).astype(w.dtype)
         return (dwa / n - wa * (dwa * wa).sum() / n ** 3).astype(w.dtype)
     sigma, u, v, dim = cache["sigma"], cache["u"], cache["v"], cache["dim"]
     outer = np.outer(u, v).reshape((w.shape[dim],) + tuple(s for i, s in enumerate(w.shape) if i != dim))
