@@ -177,6 +177,24 @@ def test_check_below_the_bound_is_strict():
     assert check([0.2, 0.29], 0.3, above=False) == REPRODUCED
 
 
+def test_an_inclusive_bound_holds_at_the_bound():
+    """A claim of "at most" (or "at least") holds at the bound itself; a mean on the bound with a
+    seed beyond it is then on the claim's side (inconclusive, not the split-flags rule)."""
+    assert check([0.3, 0.3], 0.3, above=False, inclusive=True) == REPRODUCED
+    assert check([0.2, 0.35], 0.3, above=False, inclusive=True) == INCONCLUSIVE
+    assert check([0.35, 0.4], 0.3, above=False, inclusive=True) == NOT_REPRODUCED
+    assert check([0.5, 0.5], 0.5, above=True, inclusive=True) == REPRODUCED
+    assert check([0.4, 0.45], 0.5, above=True, inclusive=True) == NOT_REPRODUCED
+
+
+def test_convergence_at_exactly_the_claimed_share_of_epochs_reproduces():
+    """The claim is that BN needs at most 30% of the baseline's epochs (20-30 of 100): 12 of 40
+    epochs is that 30%, and was judged not reproduced by a strict "<", while the measured line
+    said "claim <= 0.3". Wrong version: convergence.py verdict without ``inclusive=True``."""
+    assert _decide("convergence", _convergence(12)).label == REPRODUCED  # 12/40 = 0.3 exactly
+    assert _decide("convergence", _convergence(13)).label == NOT_REPRODUCED
+
+
 def test_a_diverged_seed_makes_the_rest_decide_between_inconclusive_and_not():
     """Wrong version (verdict.py: ``np.nanmean`` -> ``np.mean``): one NaN seed (a diverged run)
     caps the label at inconclusive, and the other seeds' mean decides the rest."""

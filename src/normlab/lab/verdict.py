@@ -70,8 +70,9 @@ def fmt(values: Iterable[float], digits: int = 3, percent: bool = False, signed:
     return pm(f"{scale * m:{'+' if signed else ''}.{digits}f}", f"{scale * s:.{digits}f}", len(values)) + unit
 
 
-def check(values: Sequence[float], bound: float, above: bool = True) -> str:
-    """The label for per-seed ``values`` that the claim says lie above (or below) ``bound``.
+def check(values: Sequence[float], bound: float, above: bool = True, inclusive: bool = False) -> str:
+    """The label for per-seed ``values`` that the claim says lie above (or below) ``bound``
+    (``inclusive``: at or above, at or below: a claim of "at most 30%" holds at 30%).
 
     A NaN seed (a run that diverged where the quantity needs a trained net) never supports the
     claim, so the label is at best inconclusive; the mean that decides between not reproduced
@@ -79,11 +80,14 @@ def check(values: Sequence[float], bound: float, above: bool = True) -> str:
     v = np.asarray(list(values), dtype=float)
     if len(v) < MIN_SEEDS:
         return INCONCLUSIVE
-    side = (lambda a: a > bound) if above else (lambda a: a < bound)
+    if inclusive:
+        side = (lambda a: a >= bound) if above else (lambda a: a <= bound)
+    else:
+        side = (lambda a: a > bound) if above else (lambda a: a < bound)
     if np.all(side(v)):
         return REPRODUCED
     mean = np.nanmean(v) if not np.all(np.isnan(v)) else np.nan
-    if mean == bound and np.any(side(v)):  # seeds split evenly (per-seed 0/1 flags): neither side
+    if mean == bound and np.any(side(v)) and not inclusive:  # seeds split evenly (0/1 flags): neither side
         return INCONCLUSIVE
     if np.isnan(mean) or not side(mean):
         return NOT_REPRODUCED
