@@ -180,3 +180,26 @@ def test_an_experiment_asked_for_whose_every_run_failed_still_has_its_section(fa
         shown = doc[fake_experiment]
         assert shown["seeds"] == [] and shown["verdict"] == "inconclusive"
         assert "no finished run of the config" in shown["reason"] and "other config" not in shown["reason"]
+
+
+def test_a_run_another_process_finished_first_is_kept_not_a_failure(tmp_path, monkeypatch):
+    """Two `lab run` into one folder: the other process renamed its copy of the same run into
+    place between write_run's check and its rename, and the rename failed ("Directory not
+    empty"), failing a run that was on disk and done. Its copy now stands; ours is dropped."""
+    final = tmp_path / "runs" / "exp" / "abc-seed0"
+    rename = runner.os.rename
+
+    def racing(src, dst):
+        if str(dst) == str(final) and not final.exists():  # the other process wins the race here
+            final.mkdir(parents=True)
+            (final / "metrics.json").write_text('{"value": 1}')
+        return rename(src, dst)
+    monkeypatch.setattr(runner.os, "rename", racing)
+    runner.write_run(final, {"metrics.json": {"value": 1}, "config.json": {}})
+    assert json.loads((final / "metrics.json").read_text()) == {"value": 1}
+    assert [p.name for p in final.parent.iterdir()] == ["abc-seed0"]  # no temporary folder left
+    final2 = tmp_path / "runs" / "exp" / "def-seed0"  # a folder without a finished run is still an error
+    monkeypatch.setattr(runner.os, "rename", lambda src, dst: (final2.mkdir(exist_ok=True),
+                                                              (final2 / "x").write_text(""), rename(src, dst)))
+    with pytest.raises(OSError):
+        runner.write_run(final2, {"metrics.json": {}})

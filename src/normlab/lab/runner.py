@@ -205,7 +205,15 @@ def write_run(final: Path, files: dict) -> None:
         if final.exists():  # --force: move the old run aside, then swap the new one in
             old = final.parent / f".{final.name}.old-{os.getpid()}-{random.randrange(1 << 30)}"
             os.rename(final, old)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if old is None and is_done(final):
+                # a second `lab run` into this folder finished the same run (same config, seed and
+                # code: the same numbers) between the check above and here: its copy stands
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not final.exists():
