@@ -129,7 +129,13 @@ def test_run_then_report_end_to_end(out_dir):
                                             ("transformer.patch=7", "patch=7 must divide the input length"),
                                             ("bn-mnist.init_gain=nan", "init_gain must be positive and finite"),
                                             ("init-scale.n_train=100000", "but digits has 1437 training examples"),
-                                            ("padding.pad_fractions=0.5", "at least 2 different fractions")])
+                                            ("padding.pad_fractions=0.5", "at least 2 different fractions"),
+                                            # accepted, then NaN stored as null broke the report's analysis
+                                            ("padding.noise=nan", "noise must be finite, got nan"),
+                                            ("learning-rate.multipliers=1,inf", "must be positive and finite"),
+                                            # negative widths failed inside every run
+                                            ("convergence.hidden=32,-4", "hidden holds counts, each at least 1"),
+                                            ("batch-size.batch_sizes=0,8", "batch_sizes holds counts")])
 def test_counts_and_lists_that_would_fail_inside_a_run_are_refused_up_front(out_dir, setting, needle):
     _bad([setting.split(".")[0], "--set", setting], needle, out_dir)
 
