@@ -203,3 +203,18 @@ def test_a_run_another_process_finished_first_is_kept_not_a_failure(tmp_path, mo
                                                               (final2 / "x").write_text(""), rename(src, dst)))
     with pytest.raises(OSError):
         runner.write_run(final2, {"metrics.json": {}})
+
+
+def test_the_scale_note_says_when_the_runs_shown_are_not_the_quick_scale(fake_experiment, out_dir, monkeypatch):
+    """SCALE_NOTE describes the quick scale ("2000 steps ..."): shown over a --set or full-scale
+    run it misstated what ran. The heading then says it is the quick scale's, and each field that
+    differs is named with both values."""
+    module = experiments.get(fake_experiment).module
+    monkeypatch.setattr(module, "SCALE_NOTE", "Quick scale pretends 3 steps.", raising=False)
+    _run(out_dir, fake_experiment)
+    page = report.build(out_dir).read_text()
+    assert "<b>What this scale can show.</b> Quick scale pretends 3 steps.</p>" in page
+    _run(out_dir, fake_experiment, sets=["lr=0.3", "steps=7"])
+    page = report.build(out_dir).read_text()
+    assert "<b>What the quick scale can show.</b> Quick scale pretends 3 steps." in page
+    assert "differ from the quick scale in lr 0.3 (quick: 0.1); steps 7 (quick: 3)" in page

@@ -403,7 +403,7 @@ def _section_html(s: Section) -> str:
             p.append(f"<p><b>Published.</b> {e(s.exp.published)}</p>")
     p.append(f"<p><b>Verdict.</b> {_badge(s.verdict)} {e(s.verdict.reason)}</p>")
     if s.exp and s.exp.scale_note:
-        p.append(f"<p class=note><b>What this scale can show.</b> {e(s.exp.scale_note)}</p>")
+        p.append(_scale_note_html(s))
     for fname, caption in s.plots:
         src = f"plots/{s.name}/{fname}"
         p.append(f'<figure><img src="{e(src)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>')
@@ -463,6 +463,23 @@ def _mean_sd(v: list) -> str:
     m, sd = verdict_rules.mean_sd(v)
     size = max(abs(m), sd)
     return verdict_rules.pm(f"{m:.4g}", f"{sd:.2g}", len(v)) if size and not 1e-3 <= size < 1e6 else fmt(v, 4)
+
+
+def _scale_note_html(s: Section) -> str:
+    """The experiment's SCALE_NOTE, written for its quick scale: when the runs shown used another
+    config (``--scale full``, a ``--set``), the note says so and names each field that differs,
+    so its figures (steps, widths, data) are not read as this run's."""
+    e = html.escape
+    try:
+        quick = json.loads(json.dumps(dataclasses.asdict(s.exp.module.SCALES["quick"])))  # tuples as lists
+    except (AttributeError, KeyError, TypeError, ValueError):
+        quick = None
+    if quick is None or quick == s.config:
+        return f"<p class=note><b>What this scale can show.</b> {e(s.exp.scale_note)}</p>"
+    diff = [f"{k} {_num(s.config.get(k))} (quick: {_num(quick.get(k))})"
+            for k in sorted(set(quick) | set(s.config)) if quick.get(k) != s.config.get(k)]
+    return (f"<p class=note><b>What the quick scale can show.</b> {e(s.exp.scale_note)} <em>These runs differ "
+            f"from the quick scale in {e('; '.join(diff))}: the note's figures are the quick scale's.</em></p>")
 
 
 def _num(v) -> str:
