@@ -218,3 +218,16 @@ def test_the_scale_note_says_when_the_runs_shown_are_not_the_quick_scale(fake_ex
     page = report.build(out_dir).read_text()
     assert "<b>What the quick scale can show.</b> Quick scale pretends 3 steps." in page
     assert "differ from the quick scale in lr 0.3 (quick: 0.1); steps 7 (quick: 3)" in page
+
+
+def test_the_config_line_names_every_commit_and_torch_the_pooled_seeds_ran_on(fake_experiment, out_dir):
+    """Seeds run on different commits are pooled under one config: the report showed seed 0's git
+    SHA and torch version alone. Each value is now listed with its seeds when they differ."""
+    tasks, _ = _run(out_dir, fake_experiment, seeds=3)
+    for t, (sha, tv) in zip(tasks, [("a" * 40, "2.13.0"), ("a" * 40, "2.13.0"), ("b" * 40, "2.14.0")]):
+        env_file = t.path(out_dir) / "env.json"
+        env = json.loads(env_file.read_text())
+        env.update(git_sha=sha, torch=tv)
+        env_file.write_text(json.dumps(env))
+    page = report.build(out_dir).read_text()
+    assert "torch 2.13.0 (seeds 0, 1), 2.14.0 (seed 2), git aaaaaaaaaa (seeds 0, 1), bbbbbbbbbb (seed 2)" in page

@@ -429,7 +429,8 @@ def _section_html(s: Section) -> str:
     p.append(f"<h3>Config</h3><p class=note>hash <code>{e(s.config_hash)}</code>; seeds {e(seeds)} (every seed "
              f"stored for this config); "
              f"{_processes(s.nproc)}; seconds per run {e(seconds)}; "
-             f"torch {e(str(s.runs[0].env.get('torch')))}, git {e(str(s.runs[0].env.get('git_sha') or 'n/a')[:10])}"
+             f"torch {e(_per_run(s.runs, lambda env: str(env.get('torch'))))}, "
+             f"git {e(_per_run(s.runs, lambda env: str(env.get('git_sha') or 'n/a')[:10]))}"
              + (f"; {s.other_configs} other config(s) of this experiment on disk are not shown" if s.other_configs
                 else "") + "</p>")
     p.append("<table><tr><th>field</th><th>value</th><th>meaning</th></tr>" + "".join(
@@ -463,6 +464,17 @@ def _mean_sd(v: list) -> str:
     m, sd = verdict_rules.mean_sd(v)
     size = max(abs(m), sd)
     return verdict_rules.pm(f"{m:.4g}", f"{sd:.2g}", len(v)) if size and not 1e-3 <= size < 1e6 else fmt(v, 4)
+
+
+def _per_run(runs: list, what) -> str:
+    """``what(env)`` of the runs: one value when they agree, else each with its seeds ("abc
+    (seeds 0, 1), def (seed 2)"): seeds pooled from different commits or torch versions say so."""
+    seen: dict = {}
+    for r in runs:
+        seen.setdefault(what(r.env), []).append(r.seed)
+    if len(seen) == 1:
+        return next(iter(seen))
+    return ", ".join(f"{v} (seed{'s' if len(sd) > 1 else ''} {', '.join(map(str, sd))})" for v, sd in seen.items())
 
 
 def _scale_note_html(s: Section) -> str:
