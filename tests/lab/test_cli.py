@@ -22,6 +22,24 @@ def _bad(args, needle, out_dir):
     return lines[0]
 
 
+def test_a_data_dir_no_run_reads_is_refused(out_dir, tmp_path):
+    """--data-dir is read only by data=mnist: without it, bn-mnist ran on the shipped subset and
+    the folder given was silently ignored."""
+    _bad(["bn-mnist", "--data-dir", str(tmp_path)], "only data=mnist reads it, and none of these runs uses it",
+         out_dir)
+
+
+def test_more_processes_than_cpus_get_a_note(out_dir, monkeypatch):
+    """--nproc above the CPU count runs (ranks share the CPUs) but says it will be slower."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    result = runner.invoke(app, ["run", "invariance", "--scale", "smoke", "--seeds", "1", "--nproc", "2",
+                                 "--no-report", "--out", str(out_dir)])
+    assert result.exit_code == 0, result.stderr
+    assert "note: --nproc 2 is more than this machine's 1 CPU(s)" in result.stderr
+
+
 def test_unknown_experiment(out_dir):
     line = _bad(["no-such-claim"], "unknown experiment 'no-such-claim'", out_dir)
     assert "bn-mnist" in line  # lists the known ones

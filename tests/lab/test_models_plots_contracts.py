@@ -619,6 +619,8 @@ def test_activation_histograms_show_each_bins_share_averaged_over_seeds_on_zero_
                                        [(b / cfg.bins, (b + 1) / cfg.bins) for b in range(cfg.bins)])
     _, grads = drawn["variance_gradients.png"].axes
     assert grads.get_yscale() == "log"
+    one = dict(m.plots(cfg, runs[:1], {}, tmp_path))  # one seed: no "mean ± sd over seeds" in a caption
+    assert "(1 seed)" in one["variance_gradients.png"] and "over seeds" not in one["variance_gradients.png"]
     got = _lines(grads)
     for key, label in (("plain", "plain"), ("bn", "with BN")):
         np.testing.assert_allclose(got[label][1], np.mean([r[key]["grad_norm"] for r in runs], axis=0))

@@ -6,6 +6,7 @@ stderr and exit code 2, before anything is written.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -120,6 +121,9 @@ def run(
     data = str(data_dir) if data_dir else None
     try:
         tasks = runner.plan(names or [], scale, seeds, sets or [], data, nproc=nproc)
+        if data is not None and not any(t.config.get("data") == "mnist" for t in tasks):
+            raise ConfigError(f"--data-dir {data}: only data=mnist reads it, and none of these runs uses it; add "
+                              f"--set data=mnist (for the experiments with a data field) or leave --data-dir out")
         if rank == 0:
             runner.prepare_output(out)
     except ConfigError as e:
@@ -129,6 +133,10 @@ def run(
                   + (f", {nproc} processes per run" if nproc > 1 else "") + f" -> {out}")
     for note in runner.serial_notes(tasks, nproc):
         console.print(f"note: {note}")
+    cpus = os.cpu_count() or 1
+    if world == 1 and nproc > cpus:
+        console.print(f"note: --nproc {nproc} is more than this machine's {cpus} CPU(s): the processes share them, "
+                      f"so each run is slower than with fewer")
     if world > 1:
         outcome = runner.execute_torchrun(tasks, out, force=force, data_dir=data, console=console)
         if rank != 0:

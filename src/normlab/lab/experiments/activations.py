@@ -155,6 +155,6 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     return [("histograms.png", f"Sigmoid outputs per layer (share of the {config.n}x{config.width} activations, "
                                f"{over_seeds(len(runs), 'mean')}): plain (top) and with batch norm (bottom)."),
             ("variance_gradients.png", "Variance of the activations and gradient norm of each layer's weights "
-                                       "(mean ± sd over seeds). Vanishing is the fall from the last layer to the "
+                                       f"({over_seeds(len(runs))}). Vanishing is the fall from the last layer to the "
                                        "first; the levels differ because batch norm divides by the pre-activations' "
                                        "spread, which N(0, 1) weights make large.")]

@@ -228,4 +228,4 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     return [("gap.png", f"Generalization gap and test accuracy per variant ({over_seeds(len(runs))}); "
                         f"ghost BN normalizes over sub-batches of the {config.batch_size}-example mini-batch."),
             ("curves.png", "Train and test accuracy along training (eval mode: running statistics, no dropout), "
-                           "mean ± sd over seeds.")]
+                           f"{over_seeds(len(runs))}.")]

@@ -247,6 +247,6 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     plotting.save(fig, out_dir / "gradients.png")
     return [("training.png", f"Test accuracy along training per norm and placement ({over_seeds(len(runs))}); "
                              "solid: pre-LN placement, dashed: post-LN."),
-            ("gradients.png", "Gradient norm of the second feed-forward weight at initialization (LN models, mean ± "
-                              "sd over seeds): left, of the last block vs depth, with Theorem 1's 1/sqrt(L) for "
+            ("gradients.png", "Gradient norm of the second feed-forward weight at initialization (LN models, "
+                              f"{over_seeds(len(runs))}): left, of the last block vs depth, with Theorem 1's 1/sqrt(L) for "
                               "pre-LN; right, per block of the deepest model.")]
