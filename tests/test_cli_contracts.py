@@ -280,3 +280,12 @@ def test_interleaved_reports_the_median_seconds_per_call(monkeypatch):
     got = _timing.interleaved({"a": make("a", 1.0), "b": make("b", 3.0)}, rounds=rounds, inner=inner, warmup=warmup)
     assert got == {"a": pytest.approx(1.0), "b": pytest.approx(3.0)}
     assert calls == {"a": warmup + rounds * inner, "b": warmup + rounds * inner}
+
+
+def test_python_dash_m_normlab_is_the_normlab_command():
+    """``python -m normlab`` failed ("is a package and cannot be directly executed")."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "normlab", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "lab" in out.stdout and "demo" in out.stdout

@@ -102,7 +102,7 @@ def run(
 
       normlab lab run bn-mnist --nproc 2               # each run data-parallel over 2 processes
 
-      torchrun --nproc-per-node 2 -m normlab.cli lab run bn-mnist   # the same, processes from torchrun
+      torchrun --nproc-per-node 2 -m normlab lab run bn-mnist       # the same, processes from torchrun
 
     A second run reuses finished runs (--force redoes them). The report shows, per experiment,
     the config this command asked for, over every seed stored for that config. Ctrl-C keeps
