@@ -231,3 +231,13 @@ def test_the_config_line_names_every_commit_and_torch_the_pooled_seeds_ran_on(fa
         env_file.write_text(json.dumps(env))
     page = report.build(out_dir).read_text()
     assert "torch 2.13.0 (seeds 0, 1), 2.14.0 (seed 2), git aaaaaaaaaa (seeds 0, 1), bbbbbbbbbb (seed 2)" in page
+
+
+def test_runs_of_an_older_experiment_version_are_marked_outdated(fake_experiment, out_dir, monkeypatch):
+    """A VERSION bump means cached runs no longer mean what the code does; `lab report` on such a
+    folder showed them with no mark."""
+    _run(out_dir, fake_experiment)
+    assert "Outdated runs" not in report.build(out_dir).read_text()
+    monkeypatch.setattr(experiments.get(fake_experiment).module, "VERSION", 2, raising=False)
+    page = report.build(out_dir).read_text()
+    assert "<b>Outdated runs.</b> These runs were made by version 1 of the experiment; its code is now version 2" in page

@@ -402,6 +402,11 @@ def _section_html(s: Section) -> str:
         if s.exp.published:
             p.append(f"<p><b>Published.</b> {e(s.exp.published)}</p>")
     p.append(f"<p><b>Verdict.</b> {_badge(s.verdict)} {e(s.verdict.reason)}</p>")
+    old = sorted({str(r.config.get("version")) for r in s.runs if s.exp and r.config.get("version") != s.exp.version})
+    if old:
+        p.append(f"<p class=note><b>Outdated runs.</b> These runs were made by version {e(', '.join(old))} of the "
+                 f"experiment; its code is now version {s.exp.version}, whose runs mean something else (VERSION "
+                 f"was bumped). Run <code>normlab lab run {e(s.name)}</code> again to replace them.</p>")
     if s.exp and s.exp.scale_note:
         p.append(_scale_note_html(s))
     for fname, caption in s.plots:
