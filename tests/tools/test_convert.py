@@ -360,7 +360,7 @@ def test_switchable_norms_mixing_logits_are_reported_when_dropped():
 
 
 class _TwoLayouts(nn.Module):
-    """One norm applied to a 3-D and to a 4-D (or a token-first) view of the same activations."""
+    """One norm applied to two views of the same activations."""
 
     def __init__(self, norm, second):
         super().__init__()
@@ -370,22 +370,38 @@ class _TwoLayouts(nn.Module):
         return self.norm(x).mean() + self.norm(self.second(x)).mean()
 
 
-@pytest.mark.parametrize("norm,shape,second,to,hint", [
-    (lambda: nn.GroupNorm(2, 4), (3, 4, 5), lambda x: x.unsqueeze(-1), "batch", True),
-    (lambda: nn.LayerNorm(4), (3, 4), lambda x: x[:, None].expand(3, 2, 4), "batch", False),
-], ids=["groupnorm-3d-and-4d", "layernorm-channels-and-tokens"])
-def test_a_layer_seen_in_two_layouts_is_refused_naming_both(norm, shape, second, to, hint):
+@pytest.mark.parametrize("norm,shape,second,to,dim,why", [
+    (lambda: nn.GroupNorm(2, 4), (3, 4, 5), lambda x: x.unsqueeze(-1), "batch", None,
+     "the BatchNorm1d it would build takes 2-D or 3-D inputs only"),
+    (lambda: nn.GroupNorm(2, 4), (3, 4, 5), lambda x: x.unsqueeze(-1), "batch", 2,
+     "the BatchNorm2d it would build takes 4-D inputs only"),
+    (lambda: nn.LayerNorm(4), (3, 4), lambda x: x[:, None].expand(3, 2, 4), "batch", None,
+     "it normalizes the channels of some and trailing dims of others"),
+], ids=["groupnorm-3d-and-4d", "groupnorm-dim-2", "layernorm-channels-and-tokens"])
+def test_a_layer_seen_in_layouts_its_replacement_cannot_take_is_refused(norm, shape, second, to, dim, why):
     """example_input showing a layer called on two layouts: convert used the first one and built a
-    BatchNorm1d that the 4-D call then refused (or one that normalizes the wrong dim); now it says
-    so before changing anything, and with only the rank differing ``dim=`` decides."""
+    BatchNorm1d that the 4-D call then refused (or took a LayerNorm over tokens for a channel
+    norm); now it says so, naming the shapes, before changing anything."""
     model = _TwoLayouts(norm(), second)
     x = torch.randn(shape)
     before = model.norm
     with pytest.raises(ValueError, match=re.escape(f"called it on inputs of shapes {tuple(shape)}, (3, ")) as err:
-        convert(model, to, example_input=x)
-    assert ("pass dim=" in str(err.value)) == hint
+        convert(model, to, example_input=x, dim=dim)
+    assert why in str(err.value)
     assert model.norm is before
-    if hint:
-        out, _ = convert(model, "group:2", example_input=x, dim=2)
-        assert isinstance(out.norm, nlnn.GroupNorm)
-        out(x)
+
+
+@pytest.mark.parametrize("norm,second,to,want", [
+    (lambda: nn.GroupNorm(2, 4), lambda x: x.unsqueeze(-1), "group:2", nlnn.GroupNorm),
+    (lambda: nn.GroupNorm(2, 4), lambda x: x.unsqueeze(-1), "sync_batch", nlnn.SyncBatchNorm),
+    (lambda: nn.LayerNorm(5), lambda x: x[:, :1], "rms", nlnn.RMSNorm),  # tokens of two lengths
+], ids=["group", "sync_batch", "layernorm-two-lengths-to-rms"])
+def test_a_layer_seen_in_layouts_its_replacement_takes_converts(norm, second, to, want):
+    """Several input shapes are fine when the replacement takes them all: GroupNorm and
+    SyncBatchNorm take any rank, and a token-wise norm any leading dims (a LayerNorm over
+    (N, L, C) called at two lengths was refused by a first version of the check above)."""
+    model = _TwoLayouts(norm(), second)
+    x = torch.randn(3, 4, 5)
+    out, _ = convert(model, to, example_input=x)
+    assert isinstance(out.norm, want)
+    out(x)

@@ -166,6 +166,28 @@ def _seen(module: nn.Module, kind: str, shape: Optional[torch.Size], dim: Option
     return _Seen(kind, channels, _class_dim(module) if dim is None else dim, True)
 
 
+def _layouts_problem(module: nn.Module, kind: str, target: nn.Module, inputs: list) -> str:
+    """Why ``target`` (built from the first of ``inputs``, the shapes ``module`` was called on)
+    cannot stand in for ``module`` on all of them, or ''. A LayerNorm/RMSNorm seen both as a
+    channel norm ((N, C)) and over the trailing dims of a longer input means two things; a target
+    that takes one rank (BatchNorm2d ...) or one channel count cannot take the others."""
+    if len(inputs) < 2:
+        return ""
+    if kind in TRAILING:
+        ns = _normalized_shape(module)
+        if len({len(s) == len(ns) + 1 for s in inputs}) > 1:
+            return "it normalizes the channels of some and trailing dims of others"
+        if norm_kind(target) in TRAILING:
+            return ""  # to another trailing-dims norm: any leading dims
+    ranks = getattr(target, "_ranks", ())
+    if ranks and any(len(s) not in ranks for s in inputs):
+        return f"the {type(target).__name__} it would build takes {' or '.join(f'{r}-D' for r in ranks)} inputs only"
+    channels = getattr(target, "num_features", None) or getattr(target, "num_channels", None)
+    if channels is not None and any(len(s) > 1 and s[1] != channels for s in inputs):
+        return f"the {type(target).__name__} it would build takes {channels} channels only"
+    return ""
+
+
 def _tensors_like(module: nn.Module, fallback: nn.Module) -> dict:
     for m in (module, fallback):
         for t in list(m.parameters()) + list(m.buffers()):
@@ -446,8 +468,8 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
             eval mode, no gradients, nothing updated) to read each layer's input shape. It
             tells the spatial dims of ``GroupNorm``/``SyncBatchNorm``, the channel count of
             ``LocalResponseNorm``, and whether a ``LayerNorm``'s input is (N, C, ...). A layer
-            called on inputs of different ranks or channel counts is refused (pass ``dim=`` when
-            only the rank differs).
+            called on several input shapes is refused when the layer built for the first would
+            refuse another (``BatchNorm1d`` for a ``GroupNorm`` also called on 4-D inputs).
             Without it a ``LayerNorm(C)``/``RMSNorm(C)`` is taken to normalize the channels of
             an (N, C) input (so ``convert(LayerNorm(8), "batch")`` builds ``BatchNorm1d(8)``
             even if the layer really sees (N, L, 8) tokens); the Change notes that assumption.
@@ -502,17 +524,15 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
         if _is_lazy(module):
             raise ValueError(f"convert: {label} is a lazy module with no channel count yet; run one forward first")
         inputs = shapes.get(key, [])
-        layouts = {(len(s), int(s[1]) if len(s) > 1 else None) for s in inputs}
-        if len(layouts) > 1 and (dim is None or len({c for _, c in layouts}) > 1):
-            raise ValueError(
-                f"convert: cannot replace {label} by {to!r}: example_input called it on inputs of shapes "
-                f"{', '.join(str(tuple(s)) for s in inputs)}, and convert builds one layer for one layout (N, C, "
-                f"*spatial){'' if len({c for _, c in layouts}) > 1 else '; pass dim= to choose the spatial dims'}")
         seen = _seen(module, kind, inputs[0] if inputs else None, dim)
         try:
             target = _build(to, seen, module, kind, dict(kwargs))
         except (ValueError, TypeError) as e:
             raise ValueError(f"convert: cannot replace {label} by {to!r}: {e}") from None
+        problem = _layouts_problem(module, kind, target, inputs)
+        if problem:
+            raise ValueError(f"convert: cannot replace {label} by {to!r}: example_input called it on inputs of shapes "
+                             f"{', '.join(str(tuple(s)) for s in inputs)}, and {problem}")
         if (type(target) is type(module) and target.extra_repr() == module.extra_repr()
                 and getattr(target, "process_group", None) is getattr(module, "process_group", None)):
             continue
