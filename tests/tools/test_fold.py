@@ -575,3 +575,32 @@ def test_hooks_on_leaf_layers_elsewhere_do_not_stop_a_traced_fold():
     seen.clear()
     torch.testing.assert_close(folded(x), model(x))
     assert len(seen) == 2
+
+
+class _IdentityTwice(nn.Module):
+    def __init__(self, hook=False, relu=False):
+        super().__init__()
+        self.conv, self.id, self.bn = nn.Conv2d(3, 4, 3), nn.Identity(), nn.BatchNorm2d(4)
+        self.relu = relu
+        if hook:
+            self.id.register_forward_hook(lambda m, args, out: None)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = self.id(torch.relu(h) if self.relu else h)
+        return self.bn(h) + h if not self.relu else self.bn(h)
+
+
+@pytest.mark.parametrize("hook,relu,why", [
+    (False, False, "its input comes from id (Identity)"),  # a plain Identity whose output is used twice
+    (True, True, "its input comes from id (Identity)"),  # a hooked Identity that no layer feeds
+], ids=["plain-identity-used-twice", "hooked-identity-after-relu"])
+def test_the_hook_reason_is_given_only_where_a_hook_stops_a_layers_fold(hook, relu, why):
+    """The Identity reason ("has a forward or pre-forward hook ... remove the hook") was given for
+    a plain Identity the walk stopped at for another reason, and for one no layer feeds."""
+    model = _IdentityTwice(hook, relu)
+    randomize_bn_(model)
+    model.eval()
+    _, report = fold(model, method="fx")
+    ((bn, reason),) = report.left
+    assert bn == "bn" and why in reason and "hook" not in reason

@@ -342,9 +342,15 @@ def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Option
                and (src in passed or _passes_through(modules[src.target]))):
             src = src.args[0]  # through batch norms folded already
         fed_by_layer = isinstance(src, fx.Node) and src.op == "call_module"
-        if fed_by_layer and isinstance(modules[src.target], nn.Identity):
-            report.left.append((node.target, _identity_problem(src.target, modules[src.target])))
-            continue
+        if fed_by_layer and isinstance(modules[src.target], nn.Identity) and not _passes_through(modules[src.target]):
+            inner = src.args[0] if src.args else None
+            while (isinstance(inner, fx.Node) and inner.op == "call_module"
+                   and _passes_through(modules[inner.target]) and inner.args):
+                inner = inner.args[0]
+            if (isinstance(inner, fx.Node) and inner.op == "call_module"
+                    and isinstance(modules[inner.target], FOLDABLE_INTO)):  # a layer would feed it but for this
+                report.left.append((node.target, _identity_problem(src.target, modules[src.target])))
+                continue
         if not (fed_by_layer and isinstance(modules[src.target], FOLDABLE_INTO)):
             what = _describe_node(src, modules)
             report.left.append((node.target, f"its input comes from {what}, not from a Conv, ConvTranspose or Linear"))
