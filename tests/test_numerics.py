@@ -142,6 +142,20 @@ def test_numpy_tier_with_large_groups_at_a_large_mean(name):
         assert np.abs(y - want).max() < 1e-5, f"{name}: constant channel {np.abs(y - want).max():.3g}"
 
 
+def test_numpy_tier_in_float64_at_a_very_large_mean_is_exact_to_rounding():
+    """The corrected mean's threshold is in ulps of the accumulation dtype: a fixed 4e-6 (float32's
+    32 ulps) left float64 outputs at 1e8 + randn ~1e-9 off; now ~1e-15 (exact rational truth).
+    Wrong version: reference/_core.py ``_OFFSET_ULPS * np.finfo(d.dtype).eps`` -> ``4e-6``."""
+    from fractions import Fraction
+
+    x = np.random.default_rng(0).standard_normal((20000, 1)) + 1e8
+    y = R.batch_norm_forward(x)[0][:, 0]
+    mean = sum(map(Fraction, x[:, 0])) / len(x)
+    d = [Fraction(v) - mean for v in x[:, 0]]
+    rstd = 1 / np.sqrt(float(sum(t * t for t in d) / len(d)) + 1e-5)
+    assert np.abs(y - np.array([float(t) for t in d]) * rstd).max() < 1e-13
+
+
 @pytest.mark.parametrize("dtype", HALVES, ids=str)
 def test_functional_half_matches_float64(dtype):
     x = big_mean_input((8, 4, 6), dtype)

@@ -2,4 +2,5 @@
 on PATH, or with ``python -m torch.distributed.run``)."""
 from normlab.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 
 from normlab import _checks
-from normlab.functional._core import (acc_dtype, check_channel_input, finite_or_zero, first_order_only, memory_format_of,
-                                     outside_autocast, update_running_)
+from normlab.functional._core import (acc_dtype, check_channel_input, finite_or_zero, first_order_only,
+                                     memory_format_of, outside_autocast, update_running_)
 
 
 def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_batch: bool, has_spatial: bool,

@@ -94,7 +94,7 @@ def centered_moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.nd
     var = reduce_sum(d, axes, d) / count
     with np.errstate(divide="ignore", invalid="ignore"):
         off = np.abs(r) / np.sqrt(np.maximum(var - r * r, 0) + np.finfo(d.dtype).tiny)  # the offset in outputs
-    if np.any(off > _OFFSET_TOL):  # (NaN input: off is NaN, so no correction)
+    if np.any(off > _OFFSET_ULPS * np.finfo(d.dtype).eps):  # (NaN input: off is NaN, so no correction)
         # visible in the outputs: centre again, and take the variance of what is now centred
         # (E[d^2] - r^2 cancels when r is large against the spread)
         d -= r if m is None else r * m
@@ -106,9 +106,10 @@ def centered_moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.nd
     return mean, var, count, d
 
 
-# an offset of the centred input below this fraction of its spread stays: ~ 30 float32 ulps of an
-# output of size 1 (rounding the outputs costs about as much); above it, one more pass removes it
-_OFFSET_TOL = 4e-6
+# an offset of the centred input below this many ulps (of the accumulation dtype) of its spread
+# stays: 32 ulps of an output of size 1, about what rounding the outputs costs (float32: 4e-6,
+# float64: 7e-15); above it, one more pass removes it
+_OFFSET_ULPS = 32
 
 
 def moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.ndarray] = None, center: bool = True):

@@ -66,7 +66,8 @@ def switchable_norm_forward(
     nd = x.ndim
     spatial = tuple(range(2, nd))
     if nd > 2:
-        with np.errstate(invalid="ignore"):  # no positions (evaluation): 0/0, for an empty output
+        # no positions (evaluation): 0/0, for an empty output, and nothing to warn about
+        with np.errstate(invalid="ignore" if 0 in x.shape[2:] else np.geterr()["invalid"]):
             mu_in, var_in, n_in, centered = centered_moments(x, spatial)
     else:  # (N, C): each "instance" is a single value
         mu_in, var_in, n_in = x.astype(acc_dtype(x.dtype)), np.zeros(x.shape, acc_dtype(x.dtype)), 1
@@ -123,7 +124,7 @@ def switchable_norm_backward(dy: np.ndarray, cache):
     if x.size == 0:  # an empty output (evaluation): every gradient is a sum of nothing
         zeros = np.zeros(c["c"], rstd.dtype)
         return (np.zeros(x.shape, x.dtype), None if c["gamma"] is None else zeros,
-                zeros.copy() if c["has_beta"] else None, np.zeros(3), np.zeros(3))
+                zeros.copy() if c["has_beta"] else None, np.zeros(3, rstd.dtype), np.zeros(3, rstd.dtype))
     dy = dy.astype(rstd.dtype, copy=False)
     # per (sample, channel): sum(dy) and sum(dy * xhat), with xhat = (centered + shift) * rstd
     s_dy = reduce_sum(dy, spatial) if spatial else dy
