@@ -241,3 +241,10 @@ def test_runs_of_an_older_experiment_version_are_marked_outdated(fake_experiment
     monkeypatch.setattr(experiments.get(fake_experiment).module, "VERSION", 2, raising=False)
     page = report.build(out_dir).read_text()
     assert "<b>Outdated runs.</b> These runs were made by version 1 of the experiment; its code is now version 2" in page
+
+
+def test_an_unfinished_section_shows_the_scale_note_without_a_list_of_differences():
+    """A config asked for but with no finished runs has no config to compare: every field was
+    listed as differing ("bins None (quick: 25); ...")."""
+    page = report._section_html(report._unfinished_section("activations", "abc", 1))
+    assert "<b>What this scale can show.</b>" in page and "differ from the quick scale" not in page

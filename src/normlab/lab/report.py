@@ -406,7 +406,8 @@ def _section_html(s: Section) -> str:
     if old:
         p.append(f"<p class=note><b>Outdated runs.</b> These runs were made by version {e(', '.join(old))} of the "
                  f"experiment; its code is now version {s.exp.version}, whose runs mean something else (VERSION "
-                 f"was bumped). Run <code>normlab lab run {e(s.name)}</code> again to replace them.</p>")
+                 f"was bumped). Run <code>normlab lab run {e(s.name)}</code> again (with the same --scale and --set) "
+                 f"for runs of this version; these stay on disk under their own config hash.</p>")
     if s.exp and s.exp.scale_note:
         p.append(_scale_note_html(s))
     for fname, caption in s.plots:
@@ -491,10 +492,12 @@ def _scale_note_html(s: Section) -> str:
         quick = json.loads(json.dumps(dataclasses.asdict(s.exp.module.SCALES["quick"])))  # tuples as lists
     except (AttributeError, KeyError, TypeError, ValueError):
         quick = None
-    if quick is None or quick == s.config:
+    # (fields present in both: one added to Config since the runs were made is not theirs to differ in)
+    diff = [] if quick is None or not s.runs else [
+        f"{k} {_num(s.config[k])} (quick: {_num(quick[k])})" for k in sorted(set(quick) & set(s.config))
+        if quick[k] != s.config[k]]
+    if not diff:
         return f"<p class=note><b>What this scale can show.</b> {e(s.exp.scale_note)}</p>"
-    diff = [f"{k} {_num(s.config.get(k))} (quick: {_num(quick.get(k))})"
-            for k in sorted(set(quick) | set(s.config)) if quick.get(k) != s.config.get(k)]
     return (f"<p class=note><b>What the quick scale can show.</b> {e(s.exp.scale_note)} <em>These runs differ "
             f"from the quick scale in {e('; '.join(diff))}: the note's figures are the quick scale's.</em></p>")
 
