@@ -169,3 +169,15 @@ def test_reference_refuses_what_torch_refuses_and_keeps_the_weight_dtype():
         R.spectral_norm_forward(np.ones((4, 3), np.int64), u, v)
     _, cache, _ = R.spectral_norm_forward(w, u, v)
     assert R.spectral_norm_backward(np.ones_like(w), cache).dtype == np.float32  # was float64 (u, v promoted it)
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("nan")])
+def test_a_negative_or_nan_eps_is_refused_as_every_layer_refuses_it(eps):
+    """torch accepts eps=NaN and returns NaN weights; the README says every layer refuses a
+    negative or NaN eps at construction, and spectral norm did not."""
+    with pytest.raises(ValueError, match=r"spectral_norm: eps must be a number >= 0 \(the smallest norm it divides by\)"):
+        NN.spectral_norm(torch.nn.Linear(3, 3), eps=eps)
+    with pytest.raises(ValueError, match="eps must be a number >= 0"):
+        NN.SpectralNorm(torch.randn(3, 3), eps=eps)
+    with pytest.raises(ValueError, match="eps must be a number >= 0"):
+        R.spectral_norm_forward(np.ones((3, 3)), np.ones(3) / 3 ** 0.5, np.ones(3) / 3 ** 0.5, eps=eps)

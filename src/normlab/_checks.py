@@ -119,15 +119,15 @@ def _real(value) -> float:
     return float(value)
 
 
-def check_eps(eps, op: str) -> None:
+def check_eps(eps, op: str, role: str = "added to the variance") -> None:
     """eps >= 0 (a negative or NaN eps turns a small variance into NaN outputs; torch accepts it
-    silently, normlab's layers refuse it at construction)."""
+    silently, normlab's layers refuse it at construction). ``role`` says what eps does there."""
     try:
         ok = _real(eps) >= 0  # NumPy and 0-d tensor scalars are numbers too
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"{op}: eps must be a number >= 0 (added to the variance), got eps={eps!r}")
+        raise ValueError(f"{op}: eps must be a number >= 0 ({role}), got eps={eps!r}")
 
 
 def check_training_eps(eps, op: str) -> None:

@@ -23,6 +23,7 @@ class SpectralNorm(nn.Module):
         super().__init__()
         ndim = weight.dim()
         _checks.check_dim(dim, ndim, "spectral_norm")
+        _checks.check_eps(eps, "spectral_norm", "the smallest norm it divides by")  # NaN: NaN weights (torch)
         if n_power_iterations <= 0:
             raise ValueError(f"spectral_norm: n_power_iterations must be positive, got {n_power_iterations}")
         self.dim = dim if dim >= 0 else dim + ndim

@@ -47,6 +47,7 @@ def spectral_norm_forward(w: np.ndarray, u: np.ndarray, v: np.ndarray, *, n_powe
     op = "spectral_norm"
     _checks.check_floating(w, op, "array")
     _checks.check_positive_int(n_power_iterations, op, "n_power_iterations")  # torch refuses 0 too
+    _checks.check_eps(eps, op, "the smallest norm it divides by")
     if w.ndim == 1:  # the norm in float64 (float16 squares overflow from |w| = 256)
         raw = float(np.linalg.norm(w.astype(np.float64)))
         norm = max(raw, eps)
