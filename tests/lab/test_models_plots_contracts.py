@@ -487,12 +487,14 @@ def test_one_seed_captions_name_the_seed_drawn(name, plot, drawn, tmp_path):
         net = {"step": [0, 10], "test_acc": [0.1, 0.5], "pct_unit0": [[-1, 0, 1]] * 2}
         runs, cfg = [{"plain": net, "bn": net}], m.Config()
     else:
-        cfg = m.Config()
+        cfg = m.Config(modes=6, samples=300)
         h = {"step": [0, 10], "good": [0.1, 0.5], "modes": [1, 4], "points": [[0.0, 0.0], [1.0, 1.0]],
              "good_final": 0.5, "modes_final": 4, "n_dis": 1}
         runs = [{st: {"plain": h, "sn": h} for st in cfg.settings}]
     captions = dict(m.plots(cfg, runs, {}, tmp_path, seeds=[4]))
     assert "(seed 4)" in captions[plot] and "seed 0" not in captions[plot]
+    if name == "spectral_gan":  # (the caption said 500 points and 8 centres whatever the config)
+        assert captions[plot].startswith("300 generated points") and "the 6 mode centres" in captions[plot]
     captions = dict(m.plots(cfg, runs, {}, tmp_path))
     assert "(the first seed)" in captions[plot]
 

@@ -87,6 +87,28 @@ def test_padding_rule():
     assert _decide("padding", _padding(bn_error=1.0, masked_error=0.3)).label == NOT_REPRODUCED  # mask broken
 
 
+def test_padding_with_one_fraction_above_zero_compares_it_with_no_padding():
+    """With pad_fractions (0.0, 0.5) the least padding above 0 was 0.5 itself: "the more padding,
+    the larger" compared 0.5 with 0.5 and could never hold. It now compares with 0."""
+    runs = _padding(bn_error=1.0)
+    for r in runs:
+        pr = r["probe"]
+        for key in ("fraction", "batch_mean", "batch_var", "masked_mean", "masked_var", "sampling"):
+            pr[key] = [pr[key][0], pr[key][2]]  # fractions 0.0 and 0.5
+    cfg = padding.Config(pad_fractions=(0.0, 0.5))
+    s = padding.summarize(cfg, runs)
+    assert s["min_fraction"] == 0.0 and s["max_fraction"] == 0.5
+    assert padding.verdict(s).label == REPRODUCED
+
+
+@pytest.mark.parametrize("fractions,max_len", [((0.0, 0.02), 24), ((0.5, 0.51), 24)])
+def test_padding_fractions_that_round_to_one_length_are_refused(fractions, max_len):
+    """Fractions are measured on whole tokens of max_len: 0.0 and 0.02 of 24 tokens are both 24
+    valid tokens, one measurement; the check counted the fractions as given."""
+    with pytest.raises(ValueError, match="at least 2 different fractions once rounded to whole tokens"):
+        padding.validate(padding.Config(pad_fractions=fractions, max_len=max_len))
+
+
 # -- transformer --------------------------------------------------------------------------------
 
 def _transformer(acc, post_over_pre_growth):

@@ -98,9 +98,11 @@ def validate(config: Config) -> None:
         raise ValueError(f"need 1 <= min_len <= max_len, got {config.min_len}, {config.max_len}")
     if any(not 0.0 <= p < 1.0 for p in config.pad_fractions) or not config.pad_fractions:
         raise ValueError("pad_fractions must lie in [0, 1)")
-    if len(set(config.pad_fractions)) < 2:  # "the more padding, the larger" compared a number with itself
-        raise ValueError(f"pad_fractions needs at least 2 different fractions (the verdict compares the least "
-                         f"padding with the most), got {config.pad_fractions}")
+    measured = {1.0 - valid_len(p, config.max_len) / config.max_len for p in config.pad_fractions}
+    if len(measured) < 2:  # "the more padding, the larger" compared a number with itself
+        raise ValueError(f"pad_fractions needs at least 2 different fractions once rounded to whole tokens of "
+                         f"max_len={config.max_len} (the verdict compares the least padding with the most), got "
+                         f"{config.pad_fractions}")
     if config.batch_size < 2:
         raise ValueError("batch_size must be at least 2 (batch statistics)")
 
@@ -136,6 +138,11 @@ def stat_errors(x: torch.Tensor, mask: torch.Tensor) -> dict:
     return out
 
 
+def valid_len(p: float, max_len: int) -> int:
+    """Valid tokens of a probe sequence padded by the fraction ``p`` (whole tokens, at least 2)."""
+    return max(2, round((1.0 - p) * max_len))
+
+
 def _probe(config: Config, model, probe_x: torch.Tensor) -> dict:
     """Statistic errors at the first norm's input of ``model`` for each padding fraction."""
     seen = {}
@@ -146,8 +153,8 @@ def _probe(config: Config, model, probe_x: torch.Tensor) -> dict:
     model.eval()
     try:
         for p in config.pad_fractions:
-            valid_len = max(2, round((1.0 - p) * L))
-            mask = (torch.arange(L)[None, :] < valid_len).expand(len(probe_x), L)
+            n_valid = valid_len(p, L)
+            mask = (torch.arange(L)[None, :] < n_valid).expand(len(probe_x), L)
             x = probe_x * mask[..., None]
             with torch.no_grad():
                 model(x, mask)
@@ -155,7 +162,7 @@ def _probe(config: Config, model, probe_x: torch.Tensor) -> dict:
             errs = [stat_errors(h[i: i + b], mask[i: i + b]) for i in range(0, len(h) - b + 1, b)]
             pooled = h.transpose(1, 2)[mask].mean(0)
             sampling = [((e["valid_mean"] - pooled).abs() / e["valid_sd"]).mean().item() for e in errs]
-            out["fraction"].append(1.0 - valid_len / L)
+            out["fraction"].append(1.0 - n_valid / L)
             for key, spec in (("batch", "batch"), ("masked", "masked_batch")):
                 out[f"{key}_mean"].append(float(np.mean([e[spec]["mean"] for e in errs])))
                 out[f"{key}_var"].append(float(np.mean([e[spec]["var"] for e in errs])))
@@ -194,8 +201,11 @@ def summarize(config: Config, runs: list) -> dict:
          "max_fraction": probe[0]["fraction"][k], "norms": list(config.norms)}
     for key in ("batch_mean", "batch_var", "masked_mean", "masked_var", "sampling"):
         s[f"{key}_by_fraction"] = [p[key] for p in probe]
-    nonzero = [j for j, f in enumerate(probe[0]["fraction"]) if f > 0]
-    j = min(nonzero, key=lambda i: probe[0]["fraction"][i]) if nonzero else k
+    fr = probe[0]["fraction"]
+    # the least padding above 0, or 0 itself when only one fraction above 0 was measured (never k:
+    # validate asks for 2 different measured fractions)
+    nonzero = [i for i, f in enumerate(fr) if 0 < f < fr[k]]
+    j = min(nonzero, key=lambda i: fr[i]) if nonzero else int(np.argmin(fr))
     s["min_fraction"] = probe[0]["fraction"][j]
     s["bn_mean_error_at_min"] = [p["batch_mean"][j] for p in probe]
     s["bn_mean_error_at_max"] = [p["batch_mean"][k] for p in probe]

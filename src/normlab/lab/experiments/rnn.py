@@ -238,4 +238,5 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
     return [("curves.png", f"Test accuracy along training for each cell and norm ({over_seeds(len(runs))}); "
                            "the dashed line is the target for steps-to-target."),
             ("statistics.png", "Final test accuracy in inference mode vs with batch statistics at every time step "
-                               "(mean ± sd). Only BN differs: its running averages pool all time steps.")]
+                               f"({over_seeds(len(runs))}). Only BN differs: its running averages pool all time "
+                               "steps.")]

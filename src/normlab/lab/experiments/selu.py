@@ -269,7 +269,8 @@ def plots(config: Config, runs: list, summary: dict, out_dir) -> list:
                                 "probed in training mode."),
             ("attraction.png", "Variance per layer at initialization for inputs scaled by each factor: SELU pulls them "
                                "towards 1, ReLU (positively homogeneous) keeps the input's scale."),
-            ("training.png", "Test accuracy along training, and the variance per layer after training.")]
+            ("training.png", f"Test accuracy along training, and the variance per layer after training "
+                             f"({over_seeds(len(runs))}).")]
 
 
 def plt_color(j: int, n: int):

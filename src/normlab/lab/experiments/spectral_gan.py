@@ -67,7 +67,7 @@ class Config:
     min_mode_share: float = 0.01
     """A mode is covered when at least this share of the samples lie within 3 std of it (20 of 2000)."""
     quality_margin: float = 0.05
-    """The smallest difference in the share of good samples that counts as better (the end point of a GAN
+    """A share of good samples better by more than this counts as better (the end point of a GAN
     wanders; 0.05 is several times the sampling noise of 2000 samples)."""
     samples: int = 2000
     """Generator samples per evaluation."""
@@ -236,8 +236,8 @@ def plots(config: Config, runs: list, summary: dict, out_dir, seeds=None) -> lis
                 ylim=(-0.3, config.modes + 0.3))
     axes[0].legend(fontsize=8)
     plotting.save(fig, out_dir / "curves.png")
-    return [("samples.png", f"500 generated points at the end of training ({one_seed(seeds)}) for each optimizer "
-                            "setting, without "
-                            "(top) and with (bottom) spectral norm on the discriminator; crosses: the 8 mode centres."),
+    return [("samples.png", f"{min(500, config.samples)} generated points at the end of training ({one_seed(seeds)}) "
+                            "for each optimizer setting, without (top) and with (bottom) spectral norm on the "
+                            f"discriminator; crosses: the {config.modes} mode centres."),
             ("curves.png", f"Share of good samples and modes covered along training ({over_seeds(len(runs))}); "
                            "line style = optimizer setting.")]
