@@ -458,6 +458,17 @@ class _Untraceable(nn.Module):
         return x
 
 
+def _fold_a_random(make, method):
+    """``(model, x, folded, report)``: ``make()`` with random batch-norm state, in eval, folded."""
+    torch.manual_seed(0)
+    model = make()
+    randomize_bn_(model)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = fold(model, method=method)
+    return model, x, folded, report
+
+
 @pytest.mark.parametrize("make,method", [
     (lambda: nn.Sequential(_WSConv2d(3, 4, 3), nn.BatchNorm2d(4)), "modules"),
     (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), _ScaledBN(4)), "modules"),
@@ -466,12 +477,7 @@ class _Untraceable(nn.Module):
 def test_a_layer_with_its_own_forward_is_not_folded(make, method):
     """The folded weight goes through a subclass's own forward, where the formula does not hold:
     outputs were off by up to 38 while the report said every pair was folded."""
-    torch.manual_seed(0)
-    model = make()
-    randomize_bn_(model)
-    model.eval()
-    x = torch.randn(2, 3, 8, 8)
-    folded, report = fold(model, method=method)
+    model, x, folded, report = _fold_a_random(make, method)
     assert not report.folded and "defines its own forward" in report.left[0][1]
     torch.testing.assert_close(folded(x), model(x))
 
@@ -514,12 +520,7 @@ def test_what_sits_between_or_computes_inside_the_pair_stops_the_fold(make, why,
     layer and the batch norm, and a conv subclass that overrides ``_conv_forward``: folding went
     past them (outputs 0.5 to 16 off, the report saying folded). Now the pair is left, with a
     reason where the method can give one."""
-    torch.manual_seed(0)
-    model = make()
-    randomize_bn_(model)
-    model.eval()
-    x = torch.randn(2, 3, 8, 8)
-    folded, report = fold(model, method=method)
+    model, x, folded, report = _fold_a_random(make, method)
     assert not report.folded and len(report.left) == 1
     if method != "modules":
         assert why in report.left[0][1]
