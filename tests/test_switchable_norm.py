@@ -243,3 +243,28 @@ def test_a_nan_in_one_channel_leaves_the_others_running_statistics():
     bn(x)
     torch.testing.assert_close(m.running_mean[1:], bn.running_mean[1:])
     torch.testing.assert_close(m.running_var[1:], bn.running_var[1:])
+
+
+@pytest.mark.parametrize("branch", [0, 2, None], ids=["in", "bn", "mix"])
+def test_float32_backward_with_a_large_mean_dy_keeps_its_digits(branch):
+    """x and dy both near 1000 in float32: the rows' float32 mean is off by ~1e-4, so the centred
+    rows summed to s * 1e-4 instead of 0, and backward's sum(dy * d) took mean(dy) times that: dx
+    0.75 off (one-hot IN) where it is ~4 (torch's float32 BatchNorm: 0.1). The rows' own mean
+    corrects it (corrected two-pass): now within 1e-4 of max |dx| (2e-4 for the default mix,
+    whose LN branch cancels like torch's own layer norm does).
+    Wrong version: functional/switchable_norm.py without ``r`` (the rows' own mean)."""
+    torch.manual_seed(0)
+    m = NN.SwitchableNorm2d(8)
+    if branch is not None:
+        with torch.no_grad():
+            for logits in (m.mean_weight, m.var_weight):
+                logits.fill_(-100.0)
+                logits[branch] = 100.0
+    m64 = copy.deepcopy(m).double()
+    x = (1000 + torch.randn(16, 8, 5, 5, dtype=torch.float64)).float().requires_grad_()
+    dy = (1000 + torch.randn(16, 8, 5, 5, dtype=torch.float64)).float()
+    x64 = x.detach().double().requires_grad_()
+    m(x).backward(dy)
+    m64(x64).backward(dy.double())
+    err = (x.grad.double() - x64.grad).abs().max().item() / x64.grad.abs().max().item()
+    assert err < (2e-4 if branch is None else 1e-4), err

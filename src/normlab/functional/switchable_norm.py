@@ -57,7 +57,14 @@ class _SwitchableNorm(torch.autograd.Function):
         s = x2.shape[1]
         mu_in = x2.mean(dim=1, keepdim=True)
         d = x2 - mu_in  # centred rows, kept for backward (not x: so no double backward)
-        var_in = torch.linalg.vecdot(d, d, dim=1).unsqueeze(1) / s
+        # Corrected two-pass (as the NumPy reference's core): the float32 sum behind mu_in rounds
+        # at a large mean, so d's rows do not sum to 0; every output shifted by that times rstd, and
+        # backward's sum(dy * d) took mean(dy) times it (0.75 off at dy ~ 1000 + randn). The rows'
+        # own mean r (a sum of small numbers) recovers it; d stays as it is (no pass to rewrite it):
+        # x - mu_in is d - r, and r goes into the per-row terms below.
+        r = d.mean(dim=1, keepdim=True)
+        mu_in = mu_in + r
+        var_in = (torch.linalg.vecdot(d, d, dim=1).unsqueeze(1) / s - r * r).clamp_min(0)
         # Mix means relative to a pivot per channel (the output does not depend on it): mixing
         # values near 1000 in float32 rounds them by ~1e-4, which rstd magnifies where a variance
         # is ~0 (half inputs rounded to a few distinct values); and one pivot for every channel
@@ -83,12 +90,13 @@ class _SwitchableNorm(torch.autograd.Function):
             update_running_(running_mean, running_var, mu_bn.detach() + pivot, var_bn.detach(), n * s, momentum)
         rstd = (var + eps).rsqrt()
         scale = rstd if weight is None else rstd * weight.to(acc)
-        offset = (mu_rel - mean) * scale  # y = d * scale + offset + bias
+        shift = mu_rel - mean - r.view(n, c)  # x - mean = (d - r) + (mu_in - mean): y = d * scale + offset + bias
+        offset = shift * scale
         if bias is not None:
             offset = offset + bias.to(acc)
         y = torch.addcmul(offset.reshape(-1, 1), d, scale.reshape(-1, 1))
         ctx.save_for_backward(d, weight)
-        ctx.small = (small, mean, rstd, scale)
+        ctx.small = (small, mean, rstd, scale, shift, r)
         fmt = memory_format_of(x)  # channels_last in, channels_last out (as BatchNorm2d)
         ctx.meta = (x.shape, x.dtype, fmt, None if bias is None else bias.dtype)
         return y.view(x.shape).to(x.dtype, memory_format=fmt)
@@ -98,15 +106,14 @@ class _SwitchableNorm(torch.autograd.Function):
     @outside_autocast
     def backward(ctx, dy):
         d, weight = ctx.saved_tensors
-        small, mean, rstd, scale = ctx.small
-        mu_rel = small[0]
+        small, mean, rstd, scale, shift, r = ctx.small
         shape, dtype, fmt, bias_dtype = ctx.meta
         n, c = shape[:2]
         s = d.shape[1]
         dy2 = dy.reshape(n * c, -1).to(d.dtype)
         s_dy = dy2.sum(dim=1).view(n, c)
-        # sum over a row of dy * (x - mean) = sum(dy * d) + (mu_in - mean) * sum(dy)  (both relative to the pivot)
-        s_dyc = torch.linalg.vecdot(dy2, d, dim=1).view(n, c) + (mu_rel - mean) * s_dy
+        # sum over a row of dy * (x - mean) = sum(dy * d) + (mu_in - mean - r) * sum(dy)  (see forward)
+        s_dyc = torch.linalg.vecdot(dy2, d, dim=1).view(n, c) + shift * s_dy
         dmean = -scale * s_dy
         dvar = -0.5 * (scale * rstd) * (rstd * s_dyc)  # not rstd^3 first: it overflows (tiny eps) or underflows
         with torch.enable_grad():  # the small (N, C) graph of the mix, rebuilt from what forward kept
@@ -114,8 +121,9 @@ class _SwitchableNorm(torch.autograd.Function):
             mix_mean, mix_var, _, _ = _mix(*leaves, *small[4:])
         grads = torch.autograd.grad((mix_mean, mix_var), leaves, (dmean, dvar), allow_unused=True)
         dmu_in, dvar_in, dmw, dvw = (torch.zeros_like(l) if g is None else g for g, l in zip(grads, leaves))
-        # dx = dy * scale + d(mu_in)/s + 2 d(var_in) (x - mu_in)/s
-        dx = torch.addcmul((dmu_in / s).reshape(-1, 1), d, (2.0 / s * dvar_in).reshape(-1, 1))
+        # dx = dy * scale + d(mu_in)/s + 2 d(var_in) (x - mu_in)/s, with x - mu_in = d - r
+        dx = torch.addcmul((dmu_in / s).reshape(-1, 1) - (2.0 / s * dvar_in).reshape(-1, 1) * r, d,
+                           (2.0 / s * dvar_in).reshape(-1, 1))
         dx.addcmul_(dy2, scale.reshape(-1, 1))
         dweight = dbias = None
         if weight is not None:
