@@ -3,6 +3,8 @@ central finite differences, padded outputs and gradients exactly 0, nn vs functi
 NumPy reference over training steps and eval."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -233,3 +235,25 @@ def test_non_finite_gradient_at_padding_is_ignored():
         for a, b in zip(got, want):
             assert np.isfinite(a).all()
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_float32_at_a_large_mean_keeps_its_digits_forward_and_backward():
+    """x and dy near 1000 in float32: the float32 sum behind the mean is off by ~1e-4, and the
+    outputs carried that times rstd (1.7e-4 off) and backward's sum(dy * d) mean(dy) times it (dx
+    0.65 off where |dx| ~ 5; torch's float32 BatchNorm1d: 0.12). The centred values' own mean
+    corrects it: outputs ~4e-7, dx ~2e-4.
+    Wrong version: functional/masked_batch_norm.py without ``r``."""
+    torch.manual_seed(0)
+    n, c, length = 32, 8, 1024
+    mask = torch.arange(length)[None] < torch.randint(length // 2, length + 1, (n,))[:, None]
+    m = NN.MaskedBatchNorm1d(c)
+    m64 = copy.deepcopy(m).double()
+    x = (1000 + torch.randn(n, c, length, dtype=torch.float64)).float().requires_grad_()
+    dy = (1000 + torch.randn(n, c, length, dtype=torch.float64)).float()
+    x64 = x.detach().double().requires_grad_()
+    y, y64 = m(x, mask), m64(x64, mask)
+    y.backward(dy)
+    y64.backward(dy.double())
+    assert (y.double() - y64).abs().max().item() < 5e-6
+    assert (x.grad.double() - x64.grad).abs().max().item() < 2e-3
+    torch.testing.assert_close(m.running_mean.double(), m64.running_mean, rtol=0, atol=1e-4)

@@ -65,10 +65,16 @@ class _MaskedBatchNorm(torch.autograd.Function):
         if dirty:
             xa = xa.masked_fill(m3 == 0, 0)
             sums = torch.bmm(xa, mv)
+        r = None
         if batch_stats:
             mean = sums.sum(dim=0).view(1, c, 1) / count
             d = (xa - mean).mul_(m3)
-            var = torch.linalg.vecdot(d, d, dim=2).sum(dim=0).view(1, c, 1) / count
+            # corrected two-pass (as SwitchableNorm's): the float32 sum behind mean rounds at a large
+            # mean, and the centred values' own mean r recovers it; d is kept as it is, x - mean
+            # being d - r at valid positions, and r goes into the per-channel terms
+            r = d.sum(dim=(0, 2)).view(1, c, 1) / count  # (d is 0 at padding)
+            mean = mean + r
+            var = (torch.linalg.vecdot(d, d, dim=2).sum(dim=0).view(1, c, 1) / count - r * r).clamp_min(0)
             if running_mean is not None:
                 update_running_(running_mean, running_var, mean, var, count, momentum)
         else:
@@ -77,12 +83,16 @@ class _MaskedBatchNorm(torch.autograd.Function):
         rstd = (var + eps).rsqrt_()
         scale = rstd if weight is None else rstd * weight.to(acc).view(1, c, 1)
         y = d * scale
+        shift = None if r is None else -r * scale  # y = (d - r) * scale + bias at valid positions
         if bias is not None:
-            y.addcmul_(m3, bias.to(acc).view(1, c, 1))
+            shift = bias.to(acc).view(1, c, 1) if shift is None else shift + bias.to(acc).view(1, c, 1)
+        if shift is not None:
+            y.addcmul_(m3, shift)
         if dirty:  # a NaN at a valid position makes its channel's factors NaN: padding must still be 0
             y.masked_fill_(m3 == 0, 0)
         ctx.dirty = dirty
         ctx.save_for_backward(d, m, rstd, weight)
+        ctx.r = r
         ctx.batch_stats, ctx.count, ctx.in_dtype = batch_stats, count, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.to(x.dtype)
@@ -107,6 +117,9 @@ class _MaskedBatchNorm(torch.autograd.Function):
             dy = dy.masked_fill(m3 == 0, 0)
             dirty = True
             s_dy, s_dyd = masked_sums(dy)
+        r = ctx.r  # d is x - mean + r at valid positions (see forward)
+        if r is not None:
+            s_dyd = s_dyd - r * s_dy
         w = None if weight is None else weight.to(d.dtype).view(1, c, 1)
         scale = rstd if w is None else rstd * w
         dweight = (s_dyd * rstd).view(c).to(weight.dtype) if w is not None and ctx.needs_input_grad[2] else None
@@ -115,8 +128,10 @@ class _MaskedBatchNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if ctx.batch_stats:
                 k = ctx.count
-                # dx = scale (dy - s_dy/k - d rstd^2 s_dyd/k) at valid positions, 0 at padding
-                dx = torch.addcmul(-scale * s_dy / k, d, -(scale * rstd) * (rstd * s_dyd) / k)  # no rstd^3: it overflows
+                # dx = scale (dy - s_dy/k - (d - r) rstd^2 s_dyd/k) at valid positions, 0 at padding
+                coef = -(scale * rstd) * (rstd * s_dyd) / k  # no rstd^3: it overflows
+                const = -scale * s_dy / k if r is None else -scale * s_dy / k - coef * r
+                dx = torch.addcmul(const, d, coef)
                 dx.addcmul_(dy, scale)
             else:
                 dx = dy * scale
