@@ -257,3 +257,45 @@ def test_float32_at_a_large_mean_keeps_its_digits_forward_and_backward():
     assert (y.double() - y64).abs().max().item() < 5e-6
     assert (x.grad.double() - x64.grad).abs().max().item() < 2e-3
     torch.testing.assert_close(m.running_mean.double(), m64.running_mean, rtol=0, atol=1e-4)
+
+
+def _masked_bn_by_formula(x, mask, w, b, eps=1e-5):
+    """Batch norm over the valid positions written out with autograd-able float64 ops: the truth."""
+    m = mask[:, None, :].to(x.dtype)
+    k = m.sum() * 1.0
+    mean = (x * m).sum(dim=(0, 2), keepdim=True) / k
+    var = (((x - mean) * m) ** 2).sum(dim=(0, 2), keepdim=True) / k
+    y = (x - mean) / torch.sqrt(var + eps)
+    if w is not None:
+        y = y * w.view(1, -1, 1)
+    if b is not None:
+        y = y + b.view(1, -1, 1)
+    return y * m
+
+
+@pytest.mark.parametrize("shift", [0.0, 30.0, 1000.0])
+@pytest.mark.parametrize("affine", ["both", "none", "bias"])
+def test_the_corrected_mean_path_matches_the_formula_with_any_affine(shift, affine):
+    """The correction runs only for channels 4+ sd from 0 (shift 30 and 1000 here, not 0): with
+    weight and bias, neither, or a bias alone (functional), outputs, dx and the parameter
+    gradients, in float32 and float64, match batch norm over the valid positions written out in
+    float64 (padding 0)."""
+    torch.manual_seed(1)
+    n, c, length = 6, 3, 40
+    mask = torch.arange(length)[None] < torch.tensor([40, 3, 17, 40, 25, 1])[:, None]
+    x = (shift + torch.randn(n, c, length, dtype=torch.float64))
+    dy = torch.randn(n, c, length, dtype=torch.float64)
+    w = torch.randn(c, dtype=torch.float64) if affine == "both" else None
+    b = torch.randn(c, dtype=torch.float64) if affine != "none" else None
+
+    def run(fn, dt):
+        xs = x.to(dt).clone().requires_grad_()
+        ps = [p.to(dt).clone().requires_grad_() if p is not None else None for p in (w, b)]
+        y = fn(xs, ps[0], ps[1])
+        y.backward(dy.to(dt))
+        return [y.detach().double(), xs.grad.double()] + [p.grad.double() for p in ps if p is not None]
+    want = run(lambda xs, ws, bs: _masked_bn_by_formula(xs, mask, ws, bs), torch.float64)
+    for dt, tol in ((torch.float64, 1e-9), (torch.float32, 2e-4)):
+        got = run(lambda xs, ws, bs: NF.masked_batch_norm(xs, mask, None, None, ws, bs, training=True), dt)
+        for g, h in zip(got, want):
+            torch.testing.assert_close(g, h, rtol=tol, atol=tol * max(1.0, h.abs().max().item()))
