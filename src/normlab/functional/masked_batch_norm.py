@@ -42,7 +42,8 @@ class _MaskedBatchNorm(torch.autograd.Function):
     """Forward and the closed-form backward over the valid positions,
     ``dx = gamma rstd (dy - mean(dy) - xhat mean(dy xhat))`` (means over valid positions, 0 at
     padding), written to touch each full-size tensor as few times as possible: masked sums
-    are batched matrix-vector products with the mask, and the centred input ``d = (x - mean) m``
+    are batched matrix-vector products with the mask (no full-size temporary: ``vecdot`` with
+    the broadcast mask made one, and was slower for it), and the centred input ``d = (x - mean) m``
     is kept instead of ``xhat`` (or ``x``: so there is no double backward, see
     :func:`~normlab.functional._core.first_order_only`)."""
 
@@ -69,16 +70,14 @@ class _MaskedBatchNorm(torch.autograd.Function):
         if batch_stats:
             mean = sums.sum(dim=0).view(1, c, 1) / count
             d = (xa - mean).mul_(m3)
-            var = torch.linalg.vecdot(d, d, dim=2).sum(dim=0).view(1, c, 1) / count
-            if (mean.abs() > 4 * var.sqrt()).any():
-                # corrected two-pass (as SwitchableNorm's): the float32 sum behind a mean far from 0
-                # against the spread rounds, and the centred values' own mean r recovers it; d is
-                # kept as it is, x - mean being d - r at valid positions, and r goes into the
-                # per-channel terms. (One more pass, so only where the rounding can show: the
-                # layer's benchmark sits near its 2x-BatchNorm target.)
-                r = d.sum(dim=(0, 2)).view(1, c, 1) / count  # (d is 0 at padding)
-                mean = mean + r
-                var = (var - r * r).clamp_min(0)
+            # corrected two-pass (as SwitchableNorm's): the float32 sum behind mean rounds, and the
+            # centred values' own mean r recovers it; d is kept as it is, x - mean being d - r at
+            # valid positions, and r goes into the per-channel terms. Needed for outputs where the
+            # mean is far from 0 against the spread, and for dx and dweight wherever dy's mean is
+            # large (backward's sum(dy * d) takes sum(dy) * r), so on every call.
+            r = d.sum(dim=(0, 2)).view(1, c, 1) / count  # (d is 0 at padding)
+            mean = mean + r
+            var = (torch.linalg.vecdot(d, d, dim=2).sum(dim=0).view(1, c, 1) / count - r * r).clamp_min(0)
             if running_mean is not None:
                 update_running_(running_mean, running_var, mean, var, count, momentum)
         else:
