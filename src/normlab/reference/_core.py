@@ -91,6 +91,7 @@ def centered_moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.nd
     # rstd: a constant channel came out at 0.6 instead of 0). The deviations' own mean ``r`` is a
     # sum of small numbers and recovers what was lost; the variance is then E[d^2] - r^2.
     r = reduce_sum(d, axes) / count
+    mean = mean + r
     var = reduce_sum(d, axes, d) / count
     with np.errstate(divide="ignore", invalid="ignore"):
         off = np.abs(r) / np.sqrt(np.maximum(var - r * r, 0) + np.finfo(d.dtype).tiny)  # the offset in outputs
@@ -98,11 +99,9 @@ def centered_moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.nd
         # visible in the outputs: centre again, and take the variance of what is now centred
         # (E[d^2] - r^2 cancels when r is large against the spread)
         d -= r if m is None else r * m
-        mean = mean + r
         var = reduce_sum(d, axes, d) / count
     else:
         var = np.maximum(var - r * r, 0)
-        mean = mean + r
     return mean, var, count, d
 
 

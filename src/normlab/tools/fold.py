@@ -194,7 +194,7 @@ def _hook_problem(layer: nn.Module, bn: nn.Module) -> Optional[str]:
     hooks = []
     if layer._forward_hooks:
         hooks.append(f"a forward hook on its {type(layer).__name__}")
-    if bn._forward_pre_hooks or bn._forward_hooks:
+    if _has_forward_hooks(bn):
         hooks.append("a forward or pre-forward hook on the batch norm")
     if getattr(torch_module, "_global_forward_hooks", None) or getattr(torch_module, "_global_forward_pre_hooks", None):
         hooks.append("a global module forward or pre-forward hook (torch.nn.modules.module."

@@ -266,11 +266,10 @@ def parse_value(what: str, text: str, tp):
     if tp not in parsers:
         raise ConfigError(f"--set {what}: unsupported field type {tp}")
     try:
-        value = parsers[tp](text)
+        return parsers[tp](text)
     except ValueError:
         kind = {bool: "a bool (true/false)", int: "an int", float: "a float"}[tp]
         raise ConfigError(f"--set {what}={text}: {what.split('.')[-1]} must be {kind}, got {text!r}") from None
-    return value
 
 
 def _parse_bool(text: str) -> bool:
