@@ -113,6 +113,10 @@ def _init_scale(plain, bn):
 def test_init_scale_rule():
     assert _decide("init-scale", _init_scale([0.1, 0.1, 0.5, 0.9, 0.2], [0.8, 0.9, 0.9, 0.9, 0.9])).label == REPRODUCED
     assert _decide("init-scale", _init_scale([0.9] * 5, [0.1, 0.5, 0.9, 0.9, 0.9])).label == NOT_REPRODUCED
+    # "much more robust": BN's worst scale 5 points above the plain net's is not much (margin 0.1)
+    small = _init_scale([0.75, 0.8, 0.9, 0.9, 0.85], [0.8, 0.85, 0.9, 0.9, 0.9])
+    assert _decide("init-scale", small).label == NOT_REPRODUCED
+    assert _decide("init-scale", small, robust_margin=0.02).label == REPRODUCED
 
 
 def _batch_size(bn, gn):
@@ -124,9 +128,16 @@ def _batch_size(bn, gn):
 @pytest.mark.parametrize("bn,gn,label", [
     ([0.65, 0.7, 0.75, 0.76, 0.76], [0.75] * 5, REPRODUCED),          # Wu & He's picture
     ([0.76] * 5, [0.7, 0.72, 0.74, 0.75, 0.75], NOT_REPRODUCED),      # BN flat, GN worse at batch 2
+    ([0.73, 0.74, 0.75, 0.76, 0.76], [0.75] * 5, NOT_REPRODUCED),     # the same direction, 2-3 points: not "far"
 ])
 def test_batch_size_rule(bn, gn, label):
     assert _decide("batch-size", _batch_size(bn, gn)).label == label
+
+
+def test_batch_size_margin_is_a_config_field():
+    small = _batch_size([0.73, 0.74, 0.75, 0.76, 0.76], [0.75] * 5)  # GN +2, BN's loss 3 points more than GN's
+    assert _decide("batch-size", small, margin=0.01).label == REPRODUCED
+    assert "by more than 0.01" in _decide("batch-size", small, margin=0.01).reason
 
 
 def test_seeds_split_evenly_on_a_flag_are_inconclusive():
