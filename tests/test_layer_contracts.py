@@ -272,3 +272,19 @@ def test_masked_batch_norm_without_a_mask_is_batch_norm1d_in_training_and_evalua
     ours = NN.MaskedBatchNorm1d(3, track_running_stats=track, dtype=torch.float64)
     theirs = torch.nn.BatchNorm1d(3, track_running_stats=track, dtype=torch.float64)
     run_twins(ours, theirs, lambda s: t(randn((4, 3, 5), s, 1.5, 0.3)), steps=2, eval_steps=2)
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: NN.SwitchableNorm2d(4, device="meta"), (2, 4, 3, 3)),
+                                        (lambda: NN.SwitchableNorm1d(4, device="meta"), (2, 4, 5)),
+                                        (lambda: NN.MaskedBatchNorm1d(4, device="meta"), (2, 4, 5)),
+                                        (lambda: NN.BatchNorm2d(4, device="meta"), (2, 4, 3, 3))],
+                         ids=["switchable2d", "switchable1d", "masked-no-mask", "batch2d"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_layers_run_on_the_meta_device_as_torchs(make, shape, training):
+    """A forward on meta tensors (deferred initialization, shape inference) gives the output's shape,
+    as torch's layers do. Wrong version: functional/_core.py autocast_enabled without
+    ``except RuntimeError`` (torch.is_autocast_enabled("meta") raises): SwitchableNorm's Function failed
+    with "unknown device type for autocast"."""
+    m = make().train(training)
+    y = m(torch.empty(shape, device="meta"))
+    assert y.shape == shape and y.device.type == "meta"

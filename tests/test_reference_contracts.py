@@ -48,13 +48,14 @@ def test_running_statistics_keep_their_dtype(name):
     }
     new = calls[name]()[2]
     assert new.mean.dtype == np.float32 and new.var.dtype == np.float32
-    assert new.num_batches_tracked == 1
+    assert new.num_batches_tracked == (0 if name == "instance" else 1)  # torch's InstanceNorm counts no steps
 
 
 def _f16_backward_calls(x, dy):
     c = x.shape[1]
-    # parameters rounded to float16 first: both sides must see the same values
-    g, b = (np.linspace(lo, hi, c).astype(np.float16).astype(x.dtype) for lo, hi in ((0.8, 1.2), (-0.2, 0.2)))
+    # parameters rounded to float16 first: both sides must see the same values; kept in float32 as
+    # under mixed precision (their gradients, in their dtype, would overflow float16 here)
+    g, b = (np.linspace(lo, hi, c).astype(np.float16).astype(np.float32) for lo, hi in ((0.8, 1.2), (-0.2, 0.2)))
     run = R.RunningStats(np.zeros(c), np.ones(c))
     mask = (np.arange(x.shape[2])[None, :] < np.arange(x.shape[2], 0, -1)[: x.shape[0], None]) if x.ndim == 3 else None
     w3 = np.array([0.3, -0.5, 0.8])
@@ -347,3 +348,113 @@ def test_parameters_and_dy_may_be_lists_everywhere():
     np.testing.assert_array_equal(y, R.rms_norm_forward(x, 3, np.array([1.0, 2.0, 0.5]))[0])
     y, cache, _ = R.batch_norm_forward(x)
     np.testing.assert_array_equal(R.batch_norm_backward(y.tolist(), cache)[0], R.batch_norm_backward(y, cache)[0])
+
+
+# ----------------------------------------------------------------------------- ninth-session audit
+def test_every_backward_takes_dy_as_a_list():
+    """group_norm, local_response_norm, switchable_norm, weight_norm and alpha_dropout backwards
+    took dy only as an array (AttributeError on a list), as the normalize family no longer does."""
+    x = randn((2, 4, 3, 3), 0)
+    w3 = np.array([0.3, -0.5, 0.8])
+    caches = {
+        "group_norm": (R.group_norm_backward, R.group_norm_forward(x, 2)),
+        "local_response_norm": (R.local_response_norm_backward, R.local_response_norm_forward(x, 3)),
+        "switchable_norm": (R.switchable_norm_backward, R.switchable_norm_forward(x, None, None, w3, w3)),
+        "weight_norm": (R.weight_norm_backward, R.weight_norm_forward(x[0], np.ones((4, 1, 1)))),
+        "alpha_dropout": (R.alpha_dropout_backward, R.alpha_dropout_forward(x, 0.3, rng=np.random.default_rng(0))),
+        "alpha_dropout_eval": (R.alpha_dropout_backward, R.alpha_dropout_forward(x, 0.3, training=False)),
+    }
+    for name, (backward, (y, cache, *_)) in caches.items():
+        want = backward(np.ones_like(y), cache)
+        got = backward(np.ones_like(y).tolist(), cache)
+        for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (got, want))):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_alpha_dropout_gradient_is_fresh_in_xs_dtype_and_checks_dy(training):
+    """Wrong version: in evaluation (or p=0) the gradient was dy itself (aliasing the caller's
+    array), in dy's dtype, and a dy of any shape came back unchecked; in training dx took dy's dtype."""
+    x = randn((3, 4), 0).astype(np.float32)
+    _, cache = R.alpha_dropout_forward(x, 0.5, training=training, rng=np.random.default_rng(1))
+    dy = np.ones((3, 4))
+    dx = R.alpha_dropout_backward(dy, cache)
+    assert dx.dtype == np.float32 and not np.shares_memory(dx, dy)
+    with pytest.raises(ValueError, match=r"shape \(3, 4\)"):
+        R.alpha_dropout_backward(np.ones(7), cache)
+
+
+@pytest.mark.parametrize("name", ["batch", "instance", "renorm", "masked", "switchable"])
+def test_integer_running_statistics_are_updated_as_floats(name):
+    """RunningStats([0, 0, 0], [1, 1, 1]) (lists of ints): the update rounded back to the integers
+    every step, so the running statistics never moved. They become float64, as float lists do."""
+    x = randn((6, 3, 5), 0, 2.0, 5.0)
+    runs = {"int": R.RunningStats([0, 0, 0], [1, 1, 1]), "float": R.RunningStats([0.0] * 3, [1.0] * 3)}
+    calls = {
+        "batch": lambda run: R.batch_norm_forward(x, running=run),
+        "instance": lambda run: R.instance_norm_forward(x, running=run),
+        "renorm": lambda run: R.batch_renorm_forward(x, None, None, run),
+        "masked": lambda run: R.masked_batch_norm_forward(x, np.ones((6, 5), bool), running=run),
+        "switchable": lambda run: R.switchable_norm_forward(x, None, None, np.zeros(3), np.zeros(3), run),
+    }
+    got, want = (calls[name](runs[k])[2] for k in ("int", "float"))
+    assert got.mean.dtype == got.var.dtype == np.float64
+    np.testing.assert_array_equal(got.mean, want.mean)
+    np.testing.assert_array_equal(got.var, want.var)
+    assert np.all(got.mean > 0.3)  # moved a tenth of the way towards the batch mean, 5
+
+
+def _param_grads(x, p, eps):
+    """Parameter gradients of every reference technique with parameters, float16/32 params ``p``."""
+    c = x.shape[1]
+    g, b = np.linspace(0.8, 1.2, c).astype(p), np.linspace(-0.2, 0.2, c).astype(p)
+    run = R.RunningStats(np.zeros(c, p), np.ones(c, p))
+    mask = np.ones((x.shape[0], x.shape[2]), bool)
+    w3 = np.array([0.3, -0.5, 0.8], p)
+    dy = np.ones_like(x)
+    ln = R.layer_norm_forward(x, x.shape[1:], np.ones(x.shape[1:], p), np.zeros(x.shape[1:], p), eps=eps)[1]
+    return {
+        "batch_norm": R.batch_norm_backward(dy, R.batch_norm_forward(x, g, b, run, eps=eps)[1])[1:],
+        "layer_norm": R.layer_norm_backward(dy, ln)[1:],
+        "group_norm": R.group_norm_backward(dy, R.group_norm_forward(x, 2, g, b, eps=eps)[1])[1:],
+        "instance_norm": R.instance_norm_backward(dy, R.instance_norm_forward(x, g, b, eps=eps)[1])[1:],
+        "rms_norm": R.rms_norm_backward(dy, R.rms_norm_forward(x, x.shape[-1], np.ones(x.shape[-1], p), eps=eps)[1])[1:],
+        "batch_renorm": R.batch_renorm_backward(dy, R.batch_renorm_forward(x, g, b, run, eps=eps)[1])[1:],
+        "masked_batch_norm": R.masked_batch_norm_backward(dy, R.masked_batch_norm_forward(x, mask, g, b, run,
+                                                                                           eps=eps)[1])[1:],
+        "switchable_norm": R.switchable_norm_backward(dy, R.switchable_norm_forward(x, g, b, w3, w3, run,
+                                                                                     eps=eps)[1])[1:],
+    }
+
+
+@pytest.mark.parametrize("x_dtype,p_dtype,eps", [(np.float16, np.float16, 1e-5), (np.float32, np.float32, np.float64(1e-5)),
+                                                 (np.float32, np.float64, 1e-5)], ids=["f16", "f32-eps64", "f32-p64"])
+def test_parameter_gradients_have_the_parameters_dtype(x_dtype, p_dtype, eps):
+    """As torch's autograd: dgamma, dbeta (and switchable's logits) in their parameter's dtype.
+    Wrong version: float32 for float16 parameters, and float64 for float32 ones when eps came as
+    np.float64 (NumPy's promotion widened rstd, and every gradient with it)."""
+    x = randn((4, 4, 6), 0).astype(x_dtype)
+    for name, grads in _param_grads(x, p_dtype, eps).items():
+        assert all(g.dtype == p_dtype for g in grads), f"{name}: {[g.dtype for g in grads]}"
+
+
+def test_moments_without_centring_ignores_a_nan_where_the_mask_is_0():
+    """Wrong version: with center=False the mean is 0, so the check for a non-finite masked mean
+    never ran, and NaN * 0 made the mean square NaN."""
+    x = np.array([[1.0, 2.0, np.nan], [3.0, 4.0, 5.0]])
+    m = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    assert float(np.squeeze(R.moments(x, (0, 1), mask=m, center=False)[1])) == pytest.approx(55 / 5)
+    assert float(np.squeeze(R.moments(x, (0, 1), mask=m)[1])) == pytest.approx(np.var([1, 2, 3, 4, 5]))
+
+
+def test_instance_norm_leaves_num_batches_tracked_as_torch_does():
+    """torch's InstanceNorm (track_running_stats=True) never counts steps; the reference counted one
+    per training forward."""
+    x = randn((4, 3, 5), 0)
+    ref = R.instance_norm_forward(x, running=R.RunningStats(np.zeros(3), np.ones(3), 7))[2]
+    m = torch.nn.InstanceNorm1d(3, track_running_stats=True).double()
+    m.num_batches_tracked.fill_(7)
+    m(t(x))
+    assert ref.num_batches_tracked == int(m.num_batches_tracked) == 7
+    assert_close(ref.mean, m.running_mean.numpy())
+    assert_close(ref.var, m.running_var.numpy())

@@ -5,6 +5,12 @@ Functions come in pairs, ``<technique>_forward(...) -> (y, cache[, running])`` a
 :class:`RunningStats` and return the updated one as the third value: nothing is hidden in
 globals. The batch/layer/instance/group/RMS/masked family is written once in
 :mod:`normlab.reference._core`; each technique only says which axes it reduces.
+
+Dtypes, as torch's autograd: ``y`` and ``dx`` in the input's dtype, each parameter's gradient
+in that parameter's dtype, running statistics in their own (integers become float64).
+Statistics accumulate in float32 for float16 input. Nothing writes into the caller's arrays and
+every gradient is a fresh array; a cache may keep references to the caller's ``x`` and
+parameters, so change those in place between a forward and its backward and the gradients follow.
 """
 from normlab.reference._core import RunningStats, moments, normalize_backward, normalize_forward, update_running
 from normlab.reference.batch_norm import batch_norm_backward, batch_norm_forward

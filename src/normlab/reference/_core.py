@@ -78,10 +78,13 @@ def centered_moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.nd
         # axes, times x's extent along the reduced axes the mask is broadcast over (an int, so
         # the statistics keep their dtype)
         count = reduce_sum(m, axes) * math.prod(x.shape[a] for a in axes if m.shape[a] == 1)
-        mean = reduce_sum(xa, axes, m) / count if center else np.zeros((), xa.dtype)
-        if not np.all(np.isfinite(mean)):  # NaN * 0 is NaN: a NaN or inf where the mask is 0 must not count
+        # NaN * 0 is NaN: a NaN or inf where the mask is 0 must not count. A non-finite sum says
+        # one may be there (without centring, the sum of squares below says it)
+        total = reduce_sum(xa, axes, m)
+        if not np.all(np.isfinite(total)):
             xa = np.where(m != 0, xa, 0)
-            mean = reduce_sum(xa, axes, m) / count if center else mean
+            total = reduce_sum(xa, axes, m)
+        mean = total / count if center else np.zeros((), xa.dtype)
         d = xa - mean
         d *= m
     if not center:
@@ -150,6 +153,7 @@ class NormCache:
     scale: Optional[np.ndarray] = None  # batch renorm's r: z = r * xhat + d, no gradient through r, d
     shift: Optional[np.ndarray] = None
     bias_shape: Optional[tuple] = None  # None: there was no bias (and no gradient for one)
+    bias_dtype: Optional[np.dtype] = None  # a parameter's gradient has the parameter's dtype
 
     @property
     def xhat(self) -> np.ndarray:
@@ -213,7 +217,7 @@ def normalize_forward(
                 u = np.where(m != 0, u, 0)  # not u * m: a NaN or inf where the mask is 0 must give 0
     if batch_stats:
         check_zero_variance(var, eps)
-    rstd = 1.0 / np.sqrt(var + eps)
+    rstd = inv_std(var, eps)
     renorm = scale is not None
     if weight is None or constant_along(weight.shape, x.ndim, axes):
         # y = gamma * (r * (u * rstd) + d) + beta = u * (rstd * r * gamma) + (gamma * d + beta):
@@ -241,7 +245,8 @@ def normalize_forward(
     if m is not None and not np.all(np.isfinite(rstd)):
         y = zero_masked_out(y, m, rstd)
     cache = NormCache(u, xfactor, rstd, weight, axes, None if weight is None else weight.shape, center, batch_stats,
-                      m, count, x.dtype, scale, shift, None if bias is None else bias.shape)
+                      m, count, x.dtype, scale, shift, None if bias is None else bias.shape,
+                      None if bias is None else bias.dtype)
     return y.astype(x.dtype, copy=False), cache, (mean, var, count)
 
 
@@ -250,6 +255,12 @@ def check_grad_shape(dy, shape: tuple) -> None:
     if np.shape(dy) != tuple(shape):
         raise ValueError(f"backward: dy must have the forward output's shape {_checks.shape_str(shape)}, "
                          f"got {_checks.shape_str(np.shape(dy))}")
+
+
+def inv_std(var: np.ndarray, eps) -> np.ndarray:
+    """``1 / sqrt(var + eps)`` in ``var``'s dtype (an ``eps`` given as ``np.float64`` would widen float32
+    statistics to float64, and every gradient with them)."""
+    return 1.0 / np.sqrt(var + np.asarray(eps, dtype=var.dtype))
 
 
 def check_zero_variance(var: np.ndarray, eps) -> None:
@@ -320,11 +331,14 @@ def normalize_backward(dy: np.ndarray, cache: NormCache):
     if c.bias_shape is not None:
         dbias = sum_to_shape(s_dy, c.bias_shape) if w_const and constant_along_axes(c.bias_shape) else \
             sum_to_shape(dy, c.bias_shape)
+    if dbias is not None:
+        dbias = dbias.astype(c.bias_dtype, copy=False)  # a gradient has its parameter's dtype, as in torch
     if c.weight is not None:
         if w_const:  # with batch renorm, z = r * xhat + d (r, d per group): sum(dy z) = r sum(dy xhat) + d sum(dy)
             dweight = sum_to_shape(s_dyx if c.scale is None else s_dyx * c.scale + s_dy * c.shift, c.param_shape)
         else:
             dweight = sum_to_shape(dy, c.param_shape, c.z())
+        dweight = dweight.astype(c.weight.dtype, copy=False)
     if not c.batch_stats:
         dx = dy * (factor if w_const else factor * c.weight)
         if sum_mask is not None:
@@ -365,7 +379,14 @@ def update_running(running: RunningStats, batch_mean, batch_var, count, momentum
     unbiased = np.asarray(batch_var, np.float64) * (count / np.maximum(count - 1, 1))
     mean = (1 - f) * np.asarray(running.mean, np.float64) + f * np.asarray(batch_mean, np.float64).reshape(running.mean.shape)
     var = (1 - f) * np.asarray(running.var, np.float64) + f * unbiased.reshape(running.var.shape)
-    return RunningStats(mean.astype(running.mean.dtype), var.astype(running.var.dtype), tracked)
+    # the buffers keep their dtype (float32 stays float32); integers (RunningStats([0, 0], [1, 1]))
+    # would round every update away, so they become float64
+    return RunningStats(mean.astype(_float_or_64(running.mean.dtype)), var.astype(_float_or_64(running.var.dtype)),
+                        tracked)
+
+
+def _float_or_64(dtype) -> np.dtype:
+    return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
 
 
 def check_channel_params(x: np.ndarray, op: str, eps, gamma=None, beta=None, running: Optional[RunningStats] = None,

@@ -75,8 +75,9 @@ def batch_renorm_forward(
     _checks.check_enough_values(x.shape, axes, op)
     mean, var, n, centered = centered_moments(x, axes)
     sigma = np.sqrt(rv.astype(mean.dtype) + eps)
-    r = np.clip(np.sqrt(var + eps) / sigma, 1.0 / rmax, rmax)
-    d = np.clip((mean - rm.astype(mean.dtype)) / sigma, -dmax, dmax)  # in the statistics dtype, as r
+    # r and d in the statistics' dtype (an eps, rmax or dmax given as np.float64 would widen them)
+    r = np.clip(np.sqrt(var + eps) / sigma, 1.0 / rmax, rmax).astype(mean.dtype, copy=False)
+    d = np.clip((mean - rm.astype(mean.dtype)) / sigma, -dmax, dmax).astype(mean.dtype, copy=False)
     y, cache, _ = normalize_forward(x, axes, w, b, eps, stats=(mean, var, n), scale=r, shift=d, centered=centered)
     return y, cache, update_running(running, mean, var, n, momentum)
 

@@ -46,5 +46,5 @@ def group_norm_forward(
 def group_norm_backward(dy: np.ndarray, cache):
     """Backward pass: ``(dx, dgamma, dbeta)``."""
     check_grad_shape(dy, cache.shape)  # before the reshape, which would take any dy of the right size
-    dx, dw, db = normalize_backward(dy.reshape(cache.u.shape), cache)
+    dx, dw, db = normalize_backward(np.asarray(dy).reshape(cache.u.shape), cache)
     return dx.reshape(cache.shape), flat(dw), flat(db)

@@ -50,7 +50,9 @@ def instance_norm_forward(
         if use_input_stats and running is not None and momentum is not None:
             # average the per-instance statistics over the batch (every instance has the same
             # count n, so averaging biased variances and then unbiasing is the same thing)
-            running = update_running(running, mean.mean(axis=0), var.mean(axis=0), n, momentum)
+            # torch's InstanceNorm leaves num_batches_tracked where it is (it never counts steps)
+            running = update_running(running, mean.mean(axis=0), var.mean(axis=0), n, momentum)._replace(
+                num_batches_tracked=running.num_batches_tracked)
     else:
         stats = (per_channel(running.mean, x.ndim), per_channel(running.var, x.ndim), None)
         y, cache, _ = normalize_forward(x, axes, w, b, eps, stats=stats, batch_stats=False)

@@ -56,7 +56,7 @@ def local_response_norm_backward(db: np.ndarray, cache):
     the transposed window running from ``c - after`` to ``c + before``."""
     a, s, n, alpha, beta = cache["a"], cache["s"], cache["size"], cache["alpha"], cache["beta"]
     check_grad_shape(db, a.shape)
-    db = db.astype(a.dtype, copy=False)
+    db = np.asarray(db).astype(a.dtype, copy=False)
     t = db * a * s ** (-beta - 1)
     da = db * s ** -beta - (2 * alpha * beta / n) * a * _window_sum(t, cache["after"], cache["before"])
     return da.astype(cache["dtype"], copy=False)

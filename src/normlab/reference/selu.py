@@ -55,9 +55,9 @@ def alpha_dropout_forward(x: np.ndarray, p: float = 0.5, training: bool = True, 
     if not 0 <= p <= 1:
         raise ValueError(f"alpha_dropout: p must be a probability in [0, 1], got {p}")
     if not training or p == 0:
-        return x, dict(a=1.0, keep=None)
+        return x, dict(a=1.0, keep=None, shape=x.shape, dtype=x.dtype)
     if p == 1:
-        return np.zeros_like(x), dict(a=0.0, keep=np.zeros(x.shape, bool))
+        return np.zeros_like(x), dict(a=0.0, keep=np.zeros(x.shape, bool), shape=x.shape, dtype=x.dtype)
     if keep is None:
         rng = np.random.default_rng() if rng is None else rng
         keep = rng.random(x.shape) >= p
@@ -68,14 +68,16 @@ def alpha_dropout_forward(x: np.ndarray, p: float = 0.5, training: bool = True, 
                              f"(True = kept), got {keep.dtype} of shape {_checks.shape_str(keep.shape)}")
     a, b = alpha_dropout_affine(p)
     y = a * np.where(keep, x, ALPHA_PRIME) + b
-    return y.astype(x.dtype, copy=False), dict(a=a, keep=keep)
+    return y.astype(x.dtype, copy=False), dict(a=a, keep=keep, shape=x.shape, dtype=x.dtype)
 
 
 def alpha_dropout_backward(dy: np.ndarray, cache):
-    """``dx = a * dy`` on kept units, 0 on dropped ones."""
-    if cache["keep"] is not None:
-        check_grad_shape(dy, cache["keep"].shape)
-    return dy if cache["keep"] is None else cache["a"] * dy * cache["keep"]
+    """``dx = a * dy`` on kept units, 0 on dropped ones (``dy`` itself, copied, when the forward was the
+    identity); in x's dtype, a fresh array."""
+    check_grad_shape(dy, cache["shape"])
+    dy = np.asarray(dy)
+    dx = dy.astype(cache["dtype"]) if cache["keep"] is None else cache["a"] * dy * cache["keep"]
+    return dx.astype(cache["dtype"], copy=False)
 
 
 def lecun_normal(shape, fan_in: int | None = None, rng=None) -> np.ndarray:

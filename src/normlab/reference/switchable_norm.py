@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import RunningStats, check_channel_params, check_grad_shape, check_zero_variance, acc_dtype, centered_moments, per_channel, reduce_sum, update_running
+from normlab.reference._core import RunningStats, check_channel_params, check_grad_shape, check_zero_variance, acc_dtype, centered_moments, inv_std, per_channel, reduce_sum, update_running
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -89,7 +89,7 @@ def switchable_norm_forward(
     mean = wm[0] * mu_in + wm[1] * mu_ln + wm[2] * mu_bn
     var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
     check_zero_variance(var, eps)
-    rstd = 1.0 / np.sqrt(var + eps)
+    rstd = inv_std(var, eps)
     # xhat = (x - mean) * rstd = (centered + shift) * rstd, with centered = x - mu_in and
     # shift = mu_in - mean one number per (sample, channel); y = gamma * xhat + beta is then
     # one multiply and one add over the tensor, and xhat is never formed (the backward needs
@@ -99,8 +99,10 @@ def switchable_norm_forward(
     offset = shift * a if beta is None else shift * a + per_channel(beta, nd)
     y = centered * a
     y += offset
+    # a parameter's gradient has the parameter's dtype, as in torch
+    dtypes = [None if p is None else np.asarray(p).dtype for p in (gamma, beta, mean_weight, var_weight)]
     cache = dict(x=x, centered=centered, shift=shift, rstd=rstd, gamma=gamma, has_beta=beta is not None, wm=wm,
-                 wv=wv, use_batch=use_batch, n_in=n_in, stats=((mu_in, var_in), (mu_ln, var_ln), (mu_bn, var_bn)), c=c)
+                 wv=wv, dtypes=dtypes, use_batch=use_batch, n_in=n_in, stats=((mu_in, var_in), (mu_ln, var_ln), (mu_bn, var_bn)), c=c)
     return y.astype(x.dtype, copy=False), cache, running
 
 
@@ -121,11 +123,11 @@ def switchable_norm_backward(dy: np.ndarray, cache):
     nd = x.ndim
     spatial = tuple(range(2, nd))
     check_grad_shape(dy, x.shape)
+    dt = c["dtypes"]
     if x.size == 0:  # an empty output (evaluation): every gradient is a sum of nothing
-        zeros = np.zeros(c["c"], rstd.dtype)
-        return (np.zeros(x.shape, x.dtype), None if c["gamma"] is None else zeros,
-                zeros.copy() if c["has_beta"] else None, np.zeros(3, rstd.dtype), np.zeros(3, rstd.dtype))
-    dy = dy.astype(rstd.dtype, copy=False)
+        return (np.zeros(x.shape, x.dtype), None if c["gamma"] is None else np.zeros(c["c"], dt[0]),
+                np.zeros(c["c"], dt[1]) if c["has_beta"] else None, np.zeros(3, dt[2]), np.zeros(3, dt[3]))
+    dy = np.asarray(dy).astype(rstd.dtype, copy=False)
     # per (sample, channel): sum(dy) and sum(dy * xhat), with xhat = (centered + shift) * rstd
     s_dy = reduce_sum(dy, spatial) if spatial else dy
     s_dyx = (reduce_sum(dy, spatial, c["centered"]) if spatial else dy * c["centered"]) + c["shift"] * s_dy
@@ -161,4 +163,6 @@ def switchable_norm_backward(dy: np.ndarray, cache):
     dmean_weight = wm * (gm - (wm * gm).sum())  # the sum is ~0: it takes out what rounding left of the mean
     gv = np.array([(dvar * s[1]).sum() for s in c["stats"]])
     dvar_weight = wv * (gv - (wv * gv).sum())
-    return dx.astype(x.dtype, copy=False), dgamma, dbeta, dmean_weight, dvar_weight
+    grads = (dgamma, dbeta, dmean_weight, dvar_weight)
+    return (dx.astype(x.dtype, copy=False),) + tuple(None if g is None else g.astype(t, copy=False)
+                                                     for g, t in zip(grads, dt))

@@ -57,7 +57,7 @@ def weight_norm_backward(dw: np.ndarray, cache):
     """``(dv, dg)``."""
     vhat, norm, g, axes = cache["vhat"], cache["norm"], cache["g"], cache["axes"]
     check_grad_shape(dw, vhat.shape)
-    dw = dw.astype(vhat.dtype, copy=False)
+    dw = np.asarray(dw).astype(vhat.dtype, copy=False)
     dg = (dw * vhat).sum(axis=axes, keepdims=True)
     dv = (g / norm) * (dw - dg * vhat)
     v_dtype, g_dtype = cache["dtypes"]
