@@ -269,6 +269,63 @@ def test_two_forwards_before_one_backward_keep_their_gradients(flush_every):
         assert r["grad_norm"] == pytest.approx(g, rel=1e-5) and r["weight_grad_norm"] == pytest.approx(w, rel=1e-5)
 
 
+@pytest.mark.parametrize("flush_every,read_inside", [(1, False), (16, True)])
+def test_three_forwards_before_one_backward_keep_every_steps_gradients(flush_every, read_inside):
+    """A triplet loss: three recorded forwards, then one backward. Wrong version (monitor.py
+    ``_reduce`` held back only the last late step): a reduction while two steps waited (flush_every=1,
+    or reading .records between forwards) reduced the older one at once, without its gradients."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 4))
+    expected = []
+    with monitor(m, every=1, flush_every=flush_every) as mon:
+        for _ in range(4):
+            outs = []
+            for _ in range(3):
+                outs.append(m(torch.randn(8, 6)))
+                outs[-1].retain_grad()
+                if read_inside:
+                    mon.records
+            m.zero_grad()
+            F.triplet_margin_loss(*outs).backward()
+            w = torch.cat([m[2].weight.grad.flatten(), m[2].bias.grad]).norm().item()
+            expected += [(o.grad.norm().item(), w) for o in outs]
+    out = [r for r in mon.records if r["layer"] == "2"]
+    assert [r["step"] for r in out] == list(range(12))
+    for r, (g, w) in zip(out, expected):
+        assert r["grad_norm"] == pytest.approx(g, rel=1e-5) and r["weight_grad_norm"] == pytest.approx(w, rel=1e-5)
+
+
+def test_steps_whose_loss_is_never_backpropagated_are_not_held_forever():
+    """Training-mode forwards with no backward (a loss only logged) wait for a gradient that never
+    comes: at most HOLD_MAX of them are held back, the rest reduced without gradients."""
+    m = nn.Sequential(nn.Linear(3, 3))
+    with monitor(m, every=1, flush_every=1) as mon:
+        for _ in range(Monitor.HOLD_MAX + 10):
+            m(torch.randn(2, 3))
+        assert len(mon._captured) <= Monitor.HOLD_MAX
+        assert len(mon.records) == 9  # the last forward is still in progress, HOLD_MAX of the rest held
+    assert len(mon.records) == Monitor.HOLD_MAX + 10 and all("grad_norm" not in r for r in mon.records)
+
+
+@pytest.mark.parametrize("exact_limit", [1 << 16, 0])
+def test_std_of_finite_outputs_beyond_float32_squares_is_finite(exact_limit):
+    """Exploding but finite float32 activations (~1e20): their squares overflow float32. Wrong
+    version: std came out inf (with a RuntimeWarning from NumPy on the copied path)."""
+    class Scale(nn.Module):
+        def forward(self, x):
+            return x * 1e20
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), Scale())
+    x = torch.randn(32, 8)
+    with monitor(m, every=1, exact_limit=exact_limit, modules=["1"]) as mon:
+        y = m(x)
+    r = mon.records[0]
+    assert r["nonfinite"] == 0
+    assert r["std"] == pytest.approx(y.double().std(unbiased=False).item(), rel=1e-4)
+    assert r["mean"] == pytest.approx(y.double().mean().item(), rel=1e-4, abs=1e-4 * r["std"])
+
+
 def test_autograd_grad_before_backward_is_not_the_loss_pass():
     # a gradient penalty or a PINN: torch.autograd.grad first, then loss.backward()
     torch.manual_seed(0)

@@ -45,6 +45,9 @@ SKIPPED = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.D
 SATURATING = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
 RECTIFIERS = (nn.ReLU, nn.ReLU6)
 _HOST = ("cpu",)  # devices whose values Python reads without waiting for queued work
+# |values| above this have float32 squares that overflow (or, summed, may): std is then taken in float64
+# (on the host; on a GPU the float32 sum of squares overflows to inf past about 1e19)
+_SQUARE_LIMIT = 1e18
 
 Selection = Union[None, Iterable[str], Callable[[str, nn.Module], bool]]
 
@@ -82,7 +85,8 @@ class Monitor:
          "grad_norm": ..,   # ||dL/dy|| of the layer's output, when it got a gradient
          "weight_grad_norm": ..}  # ||dL/dθ|| over the layer's own parameters, when it has any
 
-    NaN and inf: ``nonfinite`` counts them in the whole output. ``mean``, ``std``, ``min`` and
+    NaN and inf: ``nonfinite`` counts them in the whole output (finite values whose float32 squares
+    overflow have their ``std`` taken in float64 on the CPU; on a GPU it reads inf past about 1e19). ``mean``, ``std``, ``min`` and
     ``max`` take every value, so they are NaN or inf too when ``nonfinite > 0`` (JSON ``NaN``,
     ``Infinity``), and so may ``saturated``, ``zero`` and ``dead`` be; ``percentiles`` and
     ``hist`` describe the finite values of the sample (``None`` values and zero counts if it
@@ -91,7 +95,8 @@ class Monitor:
 
     Only layers run inside the model's own forward are recorded (not an evaluation forward or a
     layer called on its own before the next step). Gradients: a step's backward pass may come
-    after the next forward (two forwards, one loss); ``weight_grad_norm`` is the norm of the
+    after later forwards (several forwards, one loss: up to :attr:`HOLD_MAX` steps wait for it);
+    ``weight_grad_norm`` is the norm of the
     parameters' ``.grad`` after it, so it includes what earlier steps accumulated when ``.grad``
     was not zeroed; with several backward passes in one step the last pass that wrote a watched
     parameter's gradient counts, and ``torch.autograd.grad`` passes are ignored (see ``_Backward``).
@@ -289,16 +294,20 @@ class Monitor:
         sample = flat[self._positions(n, flat.device)]
         self._pending_bytes += sample.numel() * sample.element_size()
         acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        lo, hi = torch.aminmax(flat)  # NaN if any value is NaN
+        nonfinite = None
+        host = flat.device.type in _HOST
+        if host:  # reading min and max costs nothing here: count only if one is not finite
+            lo_, hi_ = lo.item(), hi.item()
+            finite = math.isfinite(lo_) and math.isfinite(hi_)
+            nonfinite = 0 if finite else n - int(torch.isfinite(flat).sum())
+            if finite and max(-lo_, hi_) > _SQUARE_LIMIT:  # squares would overflow float32: take them in float64
+                acc = torch.float64
         shift = sample.to(acc).mean()
         d = flat.to(acc) - shift
-        lo, hi = torch.aminmax(flat)  # NaN if any value is NaN
-        raw = [shift, d.sum(), torch.dot(d, d), lo, hi]
+        raw = [shift, d.sum(), torch.dot(d, d), lo.to(acc), hi.to(acc)]
         keys = ["_shift", "_s1", "_s2", "min", "max"]
-        nonfinite = None
-        if flat.device.type in _HOST:  # reading min and max costs nothing here: count only if one is not finite
-            finite = math.isfinite(lo.item()) and math.isfinite(hi.item())
-            nonfinite = 0 if finite else n - int(torch.isfinite(flat).sum())
-        else:  # reading them would wait for the device: count on it, in the batch's one transfer
+        if not host:  # reading them would wait for the device: count on it, in the batch's one transfer
             raw.append(torch.isfinite(flat).logical_not_().sum(dtype=acc))  # exact up to 2**24 in float32
             keys.append("nonfinite")
         if kind in ("sigmoid", "tanh"):
@@ -328,24 +337,40 @@ class Monitor:
                 backward.release()
             return
         self._captured.append((step, pending, backward, held))
-        late = _late(self._captured[-1])
         if backward is not None:
             backward.retired = True
-            if not late:  # its backward has run: later passes (a leaf output, a kept graph) belong to later steps
-                backward.release()
+            if not _late(self._captured[-1]):  # its backward has run: later passes (a leaf output, a kept
+                backward.release()             # graph) belong to later steps
+        late = len(self._late_steps())
         if len(self._captured) - late >= self.flush_every or sum(c[3] for c in self._captured) >= self.flush_bytes:
             self._reduce(hold_late=True)
+
+    # at most this many steps wait for one backward pass (a loss over several forwards); more, and the
+    # oldest are taken as never getting one (a training-mode forward whose loss is not backpropagated)
+    HOLD_MAX = 64
+
+    def _late_steps(self) -> list:
+        """The queued steps that wait for a backward pass: the last ones, those after every step whose
+        backward has run (a backward that ran for a later step will not come for an earlier one), at
+        most :attr:`HOLD_MAX` of them and ``flush_bytes`` of captures."""
+        late, held = [], 0
+        for c in reversed(self._captured):
+            held += c[3]
+            if not _late(c) or len(late) == self.HOLD_MAX or (late and held > self.flush_bytes):
+                break
+            late.append(c)
+        return late[::-1]
 
     def _reduce(self, hold_late: bool = False) -> None:
         """Records from every queued step at once: the same layer's outputs over the batch's steps
         are reduced in one NumPy call, all samples sorted in one, all scalars and gradient norms
         brought to the host in one transfer per device.
 
-        ``hold_late``: keep the last queued step back if its backward pass has not run yet (two
-        forwards before one backward: a GAN's discriminator on real and fake data, the two views
-        of a contrastive loss), so its gradient norms are not lost."""
-        captured = self._captured
-        held = [captured.pop()] if hold_late and captured and _late(captured[-1]) else []
+        ``hold_late``: keep the last queued steps back while their backward pass has not run (several
+        forwards before one backward: a GAN's discriminator on real and fake data, the views of a
+        contrastive or triplet loss), so their gradient norms are not lost."""
+        held = self._late_steps() if hold_late else []
+        captured = self._captured[:len(self._captured) - len(held)]
         self._captured = held
         if not captured:
             return
@@ -445,7 +470,10 @@ def _exact(a, shape: tuple, kind: Optional[str], saturation: float, work) -> lis
     # NaN or inf make a row's mean and std NaN or inf (see nonfinite): without warnings
     with contextlib.nullcontext() if finite else np.errstate(invalid="ignore", over="ignore"):
         mean = a.mean(axis=1, dtype=np.float64)
-        d = np.subtract(a, mean[:, None].astype(a.dtype), out=work("d", a.shape, a.dtype))
+        if finite and max(map(abs, lo + hi)) > _SQUARE_LIMIT and a.dtype != np.float64:
+            d = a - mean[:, None]  # float64: the squares of these overflow float32
+        else:
+            d = np.subtract(a, mean[:, None].astype(a.dtype), out=work("d", a.shape, a.dtype))
         std = np.sqrt(np.square(d, out=d).sum(axis=1, dtype=np.float64) / n)
     outs = [{"mean": m, "std": s, "min": mn, "max": mx, "nonfinite": 0}
             for m, s, mn, mx in zip(mean.tolist(), std.tolist(), lo, hi)]
