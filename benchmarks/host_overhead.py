@@ -105,11 +105,11 @@ def cases(torch):
     x = torch.randn(8, 1024, dtype=bf).requires_grad_()
     w, b = p(1024), p(1024)
     out.append(("layer_norm 8x1024 bf16", (x, w, b),
-                lambda: K.layer_norm(x, (1024,), w, b),
+                lambda: K.unchecked.layer_norm(x, (1024,), w, b),
                 lambda: NF.layer_norm(x, (1024,), w, b),
                 lambda: K.supports("layer_norm", x, (1024,), w, b)))
     out.append(("rms_norm 8x1024 bf16", (x, w),
-                lambda: K.rms_norm(x, (1024,), w, 1e-6),
+                lambda: K.unchecked.rms_norm(x, (1024,), w, 1e-6),
                 lambda: NF.rms_norm(x, (1024,), w, 1e-6),
                 lambda: K.supports("rms_norm", x, (1024,), w, 1e-6)))
     for layout in ("nchw", "cl"):
@@ -119,19 +119,19 @@ def cases(torch):
         xc.requires_grad_()
         wc, bc = p(64), p(64)
         out.append((f"group_norm 2x64x4x4 bf16 {layout}", (xc, wc, bc),
-                    lambda xc=xc, wc=wc, bc=bc: K.group_norm(xc, 32, wc, bc),
+                    lambda xc=xc, wc=wc, bc=bc: K.unchecked.group_norm(xc, 32, wc, bc),
                     lambda xc=xc, wc=wc, bc=bc: NF.group_norm(xc, 32, wc, bc),
                     lambda xc=xc, wc=wc, bc=bc: K.supports("group_norm", xc, 32, wc, bc)))
         wf, bf_ = p(64, torch.float32), p(64, torch.float32)
         rm, rv = torch.zeros(64), torch.ones(64)
         out.append((f"batch_norm 2x64x4x4 bf16 {layout} train", (xc, wf, bf_),
-                    lambda xc=xc, wf=wf, bf_=bf_, rm=rm, rv=rv: K.batch_norm(xc, rm, rv, wf, bf_, True, 0.1, 1e-5),
+                    lambda xc=xc, wf=wf, bf_=bf_, rm=rm, rv=rv: K.unchecked.batch_norm(xc, rm, rv, wf, bf_, True, 0.1, 1e-5),
                     lambda xc=xc, wf=wf, bf_=bf_, rm=rm, rv=rv: NF.batch_norm(xc, rm, rv, wf, bf_, True, 0.1, 1e-5),
                     lambda xc=xc, wf=wf, bf_=bf_, rm=rm, rv=rv: K.supports("batch_norm", xc, rm, rv, wf, bf_, True, 0.1, 1e-5)))
     xi = torch.randn(2, 64, 4, 4, dtype=bf).requires_grad_()
     wi, bi = p(64), p(64)
     out.append(("instance_norm 2x64x4x4 bf16", (xi, wi, bi),
-                lambda: K.instance_norm(xi, wi, bi),
+                lambda: K.unchecked.instance_norm(xi, wi, bi),
                 lambda: NF.instance_norm(xi, weight=wi, bias=bi),
                 lambda: K.supports("instance_norm", xi, wi, bi)))
     xm = torch.randn(4, 64, 32, dtype=bf).requires_grad_()
@@ -139,7 +139,7 @@ def cases(torch):
     wm, bm = p(64, torch.float32), p(64, torch.float32)
     rmm, rvm = torch.zeros(64), torch.ones(64)
     out.append(("masked_batch_norm 4x64x32 bf16 train", (xm, wm, bm),
-                lambda: K.masked_batch_norm(xm, mask, rmm, rvm, wm, bm, True, 0.1, 1e-5),
+                lambda: K.unchecked.masked_batch_norm(xm, mask, rmm, rvm, wm, bm, True, 0.1, 1e-5),
                 lambda: NF.masked_batch_norm(xm, mask, rmm, rvm, wm, bm, True, 0.1, 1e-5),
                 lambda: K.supports("masked_batch_norm", xm, mask, rmm, rvm, wm, bm, True, 0.1, 1e-5)))
     return out

@@ -385,13 +385,13 @@ def test_nbytes_counts_the_tensors_make_inputs_builds(gpu_on_cpu, op, shape, dty
 
 def _kernels_by_torch():
     """The kernels' signatures, computed by torch: what the normlab lambdas must pass through."""
-    return SimpleNamespace(
+    return SimpleNamespace(unchecked=SimpleNamespace(
         layer_norm=lambda x, ns, w=None, b=None, eps=1e-5: F.layer_norm(x, ns, w, b, eps),
         rms_norm=lambda x, ns, w=None, eps=None: F.rms_norm(x, ns, w, eps),
         group_norm=lambda x, g, w=None, b=None, eps=1e-5: F.group_norm(x, g, w, b, eps),
         instance_norm=lambda x, w=None, b=None, eps=1e-5: F.instance_norm(x, weight=w, bias=b, eps=eps),
         batch_norm=lambda x, rm, rv, w=None, b=None, tr=False, mom=0.1, eps=1e-5: F.batch_norm(x, rm, rv, w, b, tr, mom, eps),
-    )
+    ))
 
 
 @pytest.mark.parametrize("op,shape,layout", [("ln", (4, 8), "rows"), ("rms", (4, 8), "rows"), ("gn", (2, 64, 3, 3), "cl"),

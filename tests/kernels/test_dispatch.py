@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 import normlab  # noqa: E402
 import normlab.nn as N  # noqa: E402
 from normlab import _backend, kernels  # noqa: E402
-from kernels.ktest import cpu  # noqa: E402
+from kernels.ktest import cpu, gpu  # noqa: E402
 
 
 def _run(module, x, *extra, steps=2):
@@ -295,3 +295,92 @@ def test_set_backend_triton_without_triton_raises(local_backend, monkeypatch):
     x = torch.randn(3, 8)
     assert not _backend.use_triton("layer_norm", x, lambda: kernels.supports("layer_norm", x, (8,)))
     assert normlab.last_choice() == ("layer_norm", "torch", "triton cannot be imported")
+
+
+@cpu
+def test_a_kernel_called_directly_refuses_what_it_has_no_kernel_for():
+    """normlab.kernels.<op> is public: called without asking supports first, a strided weight was read
+    as a contiguous one (layer norm 3.4 off, batch norm 5.2 off, no error) and a refused layout
+    failed with an AttributeError. Now a ValueError gives supports' reason; ``unchecked`` is the
+    functional tier's entry, for calls supports accepted."""
+    w = torch.randn(16)[::2]
+    with pytest.raises(ValueError, match=r"layer_norm: no kernel for this call: weight is not contiguous"):
+        kernels.layer_norm(torch.randn(4, 8), (8,), w)
+    with pytest.raises(ValueError, match=r"batch_norm: no kernel.*weight is not contiguous"):
+        kernels.batch_norm(torch.randn(4, 8, 3), None, None, w, None, True)
+    with pytest.raises(ValueError, match="group_norm: no kernel"):
+        kernels.group_norm(torch.randn(2, 6, 4, 4)[:, ::2], 3)
+    x, wc = torch.randn(4, 8), torch.randn(8)
+    torch.testing.assert_close(kernels.layer_norm(x, (8,), wc), F.layer_norm(x, (8,), wc))
+
+
+@cpu
+def test_zero_d_per_channel_tensors_take_the_torch_path():
+    """A 0-D weight or running statistic for C = 1: supports accepted it, then the kernel's
+    torch.cat failed in evaluation and training ran where torch's path fails. torch decides."""
+    x = torch.randn(4, 1, 3)
+    zero_d = torch.tensor(1.0)
+    ok, why = kernels.supports("batch_norm", x, zero_d, torch.tensor(1.0), None, None, False)
+    assert not ok and "expected (1,)" in why
+    assert not kernels.supports("batch_norm", x, None, None, zero_d, None, True)[0]
+
+
+@cpu
+@pytest.mark.parametrize("make", [lambda: N.BatchNorm1d(4), lambda: N.GroupNorm(2, 4), lambda: N.InstanceNorm1d(4)],
+                         ids=["batch", "group", "instance"])
+def test_kernel_output_of_a_transposed_input_is_laid_out_as_torchs(make):
+    """An (N, L, C) tensor transposed to (N, C, L): torch returns a contiguous output; the kernel path
+    returned one with the input's strides, so ``y.view(N, -1)`` failed there only."""
+    x = torch.randn(2, 6, 4).transpose(1, 2)
+    with normlab.backend("torch"):
+        want = make()(x)
+    with normlab.backend("triton"):
+        got = make()(x)
+        assert normlab.last_choice()[1] == "triton"
+    assert got.stride() == want.stride() == (24, 6, 1)
+    torch.testing.assert_close(got.view(2, -1), want.view(2, -1))
+
+
+@cpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_masked_batch_norm_of_a_transposed_input_is_contiguous_as_batch_norms(backend):
+    """With a mask, as without one (where it is BatchNorm1d): a transposed (N, L, C) input gives a
+    contiguous output on both paths (the torch path kept the input's strides)."""
+    x = torch.randn(2, 6, 4).transpose(1, 2)
+    mask = torch.arange(6)[None, :] < torch.tensor([6, 3])[:, None]
+    with normlab.backend(backend):
+        y = N.MaskedBatchNorm1d(4)(x, mask)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, N.MaskedBatchNorm1d(4)(x.contiguous(), mask))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("make,shape", [(lambda: N.LayerNorm(64), (8, 64)), (lambda: N.RMSNorm(64), (8, 64)),
+                                        (lambda: N.GroupNorm(4, 16), (2, 16, 5, 5)), (lambda: N.BatchNorm2d(16), (2, 16, 5, 5))],
+                         ids=["layer", "rms", "group", "batch"])
+def test_under_cuda_autocast_the_kernel_path_gives_torchs_dtype(make, shape, dtype):
+    """torch's CUDA autocast runs layer_norm, group_norm and rms_norm in float32 (a half input gives
+    a float32 output) and leaves batch_norm in the input's dtype; the kernel path, which torch's
+    autocast never sees, must do the same (it returned the half dtype for all)."""
+    torch.manual_seed(0)
+    m = make().cuda()
+    x = torch.randn(shape, device="cuda").to(dtype)
+    with normlab.backend("torch"), torch.autocast("cuda", dtype=dtype):
+        want = m(x)
+    with normlab.backend("triton"), torch.autocast("cuda", dtype=dtype):
+        got = m(x)
+        assert normlab.last_choice()[1] == "triton"
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@cpu
+def test_autocast_float32_leaves_cpu_tensors_alone():
+    """CPU autocast does not touch layer_norm or group_norm: their kernel inputs stay as they are."""
+    from normlab.functional._core import autocast_float32
+
+    x, w = torch.randn(2, 4, dtype=torch.bfloat16), torch.randn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = autocast_float32(x, w, None)
+    assert got[0] is x and got[1] is w and got[2] is None

@@ -190,6 +190,18 @@ def kernels():
     return k
 
 
+def autocast_float32(*tensors):
+    """The kernel path's share of torch's CUDA autocast for the ops on its float32 list (layer_norm,
+    group_norm, rms_norm: autocast registers them on CUDA, and runs norms in float32): under
+    autocast on CUDA, float16/bfloat16 tensors become float32, so the output is float32 as torch's
+    is. torch's own op is never called on that path, so its autocast never sees the call. Off
+    autocast, or off CUDA (CPU autocast leaves these ops alone), the tensors are returned as they are."""
+    x = tensors[0]
+    if x.device.type != "cuda" or not autocast_enabled("cuda"):
+        return tensors
+    return tuple(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
+
+
 def use_kernel(op: str, x: torch.Tensor, *args) -> bool:
     """True when ``op`` on ``x`` should run on a Triton kernel (see :mod:`normlab._backend`)."""
     return _backend.use_triton(op, x, lambda: kernels().supports(op, x, *args))

@@ -39,7 +39,7 @@ def batch_norm(
     """
     _check_batch_norm(input, running_mean, running_var, weight, bias, training, eps, "batch_norm")
     if use_kernel("batch_norm", input, running_mean, running_var, weight, bias, training, momentum):
-        return kernels().batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return kernels().unchecked.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if cpu_half(input):
         return _upcast(F.batch_norm, input, running_mean, running_var, weight, bias, training, momentum, eps)
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)

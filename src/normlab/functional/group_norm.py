@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from normlab import _checks
-from normlab.functional._core import as_float32, check_channel_input, cpu_half, kernels, pivot_of, pivoted, use_kernel
+from normlab.functional._core import (as_float32, autocast_float32, check_channel_input, cpu_half, kernels, pivot_of,
+                                     pivoted, use_kernel)
 
 
 def group_norm(
@@ -24,8 +25,9 @@ def group_norm(
     # F.group_norm refuses an input that is a single value per group in all ("Expected more than
     # 1 value per channel when training"); normlab refuses one value per group at any batch size
     _checks.check_group_size(input.shape, num_groups, op)
-    if use_kernel("group_norm", input, num_groups, weight, bias):
-        return kernels().group_norm(input, num_groups, weight, bias, eps)
+    xk, wk, bk = autocast_float32(input, weight, bias)  # (the kernel's inputs: torch's autocast never sees them)
+    if use_kernel("group_norm", xk, num_groups, wk, bk):
+        return kernels().unchecked.group_norm(xk, num_groups, wk, bk, eps)
     if weight is None and bias is not None and torch.is_grad_enabled() and (input.requires_grad or bias.requires_grad):
         # torch's group_norm backward fails on a bias without a weight ("tensor does not have a
         # device"): a weight of ones gives the same output and the gradients it should

@@ -32,7 +32,7 @@ def instance_norm(
                                     allow_empty=True, running_stats=running_mean is not None)
         if running_mean is None and running_var is None:
             if use_kernel("instance_norm", input, weight, bias):
-                return kernels().instance_norm(input, weight, bias, eps)
+                return kernels().unchecked.instance_norm(input, weight, bias, eps)
         else:  # recorded, so last_choice() says why torch runs it
             use_triton("instance_norm", input, lambda: (False, "running statistics: the kernel has none"))
     else:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab import _checks
-from normlab.functional._core import as_float32, cpu_half, kernels, pivot_of, pivoted, use_kernel
+from normlab.functional._core import as_float32, autocast_float32, cpu_half, kernels, pivot_of, pivoted, use_kernel
 
 
 def check_trailing(input, normalized_shape, weight, op, params=("weight", "bias"), bias=None) -> tuple:
@@ -26,8 +26,9 @@ def layer_norm(
 ) -> torch.Tensor:
     """Layer normalization over the trailing ``normalized_shape`` dims, exactly ``torch.nn.functional.layer_norm``."""
     ns = check_trailing(input, normalized_shape, weight, "layer_norm", bias=bias)
-    if use_kernel("layer_norm", input, ns, weight, bias):
-        return kernels().layer_norm(input, ns, weight, bias, eps)
+    xk, wk, bk = autocast_float32(input, weight, bias)  # (the kernel's inputs: torch's autocast never sees them)
+    if use_kernel("layer_norm", xk, ns, wk, bk):
+        return kernels().unchecked.layer_norm(xk, ns, wk, bk, eps)
     if cpu_half(input):
         # torch's CPU kernel keeps the mean and rstd its backward uses in the half dtype (dx and
         # dweight 0.02-0.2 off at mean 1000): float32, less a per-row pivot (see pivoted)

@@ -52,7 +52,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
     def forward(ctx, x, m, weight, bias, running_mean, running_var, batch_stats, momentum, eps, count):
         n, c, length = x.shape
         acc = acc_dtype(x.dtype)
-        xa = x.to(acc)
+        xa = x.to(acc).contiguous()  # y contiguous, as batch norm's for (N, C, L)
         m3 = m.view(n, 1, length)
         mv = m.view(n, length, 1)
         # Padding is zeroed by a multiply with the mask (fast; torch's masked_fill with a
@@ -181,6 +181,6 @@ def masked_batch_norm(
         _checks.check_training_eps(eps, op)  # as batch norm: a constant channel would give 0/0
         _checks.check_enough_valid(count, input.shape, op, running_stats=running_mean is not None)
     if use_kernel("masked_batch_norm", input, mask, running_mean, running_var, weight, bias, training):
-        return kernels().masked_batch_norm(input, mask, running_mean, running_var, weight, bias, training, momentum, eps)
+        return kernels().unchecked.masked_batch_norm(input, mask, running_mean, running_var, weight, bias, training, momentum, eps)
     m = mask.to(acc_dtype(input.dtype))
     return _MaskedBatchNorm.apply(input, m, weight, bias, running_mean, running_var, batch_stats, momentum, eps, count)

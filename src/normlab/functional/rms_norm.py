@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from normlab.functional._core import kernels, use_kernel
+from normlab.functional._core import autocast_float32, kernels, use_kernel
 from normlab.functional.layer_norm import check_trailing
 
 
@@ -19,6 +19,7 @@ def rms_norm(
     """RMS normalization over the trailing dims; ``eps=None`` is the machine epsilon of the
     computation dtype, as torch (float32's for float16/bfloat16/float32 input, float64's for float64)."""
     ns = check_trailing(input, normalized_shape, weight, "rms_norm", params=("weight",))
-    if use_kernel("rms_norm", input, ns, weight):
-        return kernels().rms_norm(input, ns, weight, eps)
+    xk, wk = autocast_float32(input, weight)  # (the kernel's inputs: torch's autocast never sees them)
+    if use_kernel("rms_norm", xk, ns, wk):
+        return kernels().unchecked.rms_norm(xk, ns, wk, eps)
     return F.rms_norm(input, ns, weight, eps)

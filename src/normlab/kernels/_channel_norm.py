@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from normlab.functional._core import twice_differentiable, upcast_for_recompute
+from normlab.functional._core import memory_format_of, twice_differentiable, upcast_for_recompute
 from normlab.kernels._common import (
     _ADD,
     Launch,
@@ -798,6 +798,9 @@ class ChannelNormFunction(torch.autograd.Function):
         m = None if mask is None else mask.contiguous().view(torch.uint8)
         f = forward_plan(x, num_groups, batch, training, m, weight, bias, running_mean, running_var)
         y, stats = forward(f, x, m, weight, bias, running_mean, running_var, float(momentum or 0.0), eps)
+        fmt = memory_format_of(x)  # torch's layout: channels-last kept, any other layout made contiguous
+        if not y.is_contiguous(memory_format=fmt):  # (e.g. an (N, L, C) tensor transposed to (N, C, L))
+            y = y.contiguous(memory_format=fmt)
         ctx.save_for_backward(x, weight, m, stats)
         ctx.plan = f
         # a double backward's recompute only: bias as a plain reference (no gradient depends on

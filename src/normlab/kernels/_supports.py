@@ -62,7 +62,8 @@ def _bind(op, x, args, kwargs):
 
 def _param(t, name, x, numel, vector=False):
     """Refusal reason for a per-feature tensor argument (weight, bias, running stats), or '';
-    ``vector``: a per-channel one, a vector of ``numel`` (0-D when ``numel`` is 1, as torch takes)."""
+    ``vector``: a per-channel one, a vector of ``numel`` (not 0-D even when ``numel`` is 1: torch's
+    kernels fail on that, in evaluation or backward, and so its path decides)."""
     if t is None:
         return ""
     if not isinstance(t, torch.Tensor):
@@ -76,7 +77,7 @@ def _param(t, name, x, numel, vector=False):
         return f"{name} on {t.device}, input on {x.device}"
     if t.numel() != numel:
         return f"{name} has {t.numel()} elements, expected {numel}"
-    if vector and t.dim() != 1 and not (t.dim() == 0 and numel == 1):
+    if vector and t.dim() != 1:
         return f"{name} has shape {tuple(t.shape)}, expected ({numel},)"
     if not t.is_contiguous():
         return f"{name} is not contiguous"
