@@ -137,3 +137,19 @@ def test_reference_alpha_dropout_refuses_a_keep_mask_that_is_not_bool_of_x_shape
     broadcastable one silently changed the output's shape."""
     with pytest.raises(ValueError, match=r"keep must be a bool array of x's shape \(1, 3\)"):
         R.alpha_dropout_forward(np.ones((1, 3)), 0.5, keep=keep)
+
+
+def test_functional_inplace_flags_write_into_the_input_as_torchs():
+    """NF.selu(x, inplace=True) and NF.alpha_dropout(..., inplace=True) overwrite x and return it,
+    as torch's functional forms do (outputs alone could not tell)."""
+    x = torch.tensor([-1.0, 2.0, -0.5])
+    want = F.selu(x.clone())
+    y = NF.selu(x, True)
+    assert y.data_ptr() == x.data_ptr() and torch.equal(x, want)
+    x1, x2 = torch.randn(64), None
+    x2 = x1.clone()
+    torch.manual_seed(3)
+    y1 = NF.alpha_dropout(x1, 0.4, True, True)
+    torch.manual_seed(3)
+    F.alpha_dropout(x2, 0.4, True, True)
+    assert y1.data_ptr() == x1.data_ptr() and torch.equal(x1, x2)

@@ -181,3 +181,41 @@ def test_a_negative_or_nan_eps_is_refused_as_every_layer_refuses_it(eps):
         NN.SpectralNorm(torch.randn(3, 3), eps=eps)
     with pytest.raises(ValueError, match="eps must be a number >= 0"):
         R.spectral_norm_forward(np.ones((3, 3)), np.ones(3) / 3 ** 0.5, np.ones(3) / 3 ** 0.5, eps=eps)
+
+
+def _twins(scale=1.0):
+    torch.manual_seed(0)
+    theirs = P.spectral_norm(torch.nn.Linear(4, 3).double())
+    ours = NN.spectral_norm(torch.nn.Linear(4, 3).double())
+    with torch.no_grad():
+        theirs.parametrizations.weight.original.mul_(scale)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def test_two_training_forwards_then_one_backward_as_torchs():
+    """A GAN discriminator on real then fake data: two forwards (each a power-iteration step) and one
+    backward. The weight must be computed from copies of u and v (torch clones them), or the second
+    step's in-place update breaks the first graph ("modified by an inplace operation")."""
+    x = torch.randn(5, 4, dtype=torch.float64)
+    grads = []
+    for m in _twins():
+        (m(x).sum() + m(x).sum()).backward()
+        grads.append(m.parametrizations.weight.original.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+def test_power_iteration_of_a_tiny_weight_matches_torchs():
+    """Weights at 1e-8: u and v are normalized with eps=1e-12 as torch's (a larger clamp left the
+    output 61 off torch's, whose largest entry is 0.5)."""
+    x = torch.randn(5, 4, dtype=torch.float64)
+    ours, theirs = _twins(1e-8)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-9, atol=0)
+    torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-9, atol=0)
+
+
+def test_functional_one_d_spectral_norm_takes_eps():
+    """A 1-D weight is divided by max(norm, eps), as F.normalize (0.01 each here, not 1/sqrt(3))."""
+    w = torch.full((3,), 1e-4, dtype=torch.float64)
+    torch.testing.assert_close(NF.spectral_norm(w, None, None, eps=1e-2), F.normalize(w, dim=0, eps=1e-2))
+    assert float(NF.spectral_norm(w, None, None, eps=1e-2)[0]) == pytest.approx(0.01)

@@ -268,3 +268,17 @@ def test_float32_backward_with_a_large_mean_dy_keeps_its_digits(branch):
     m64(x64).backward(dy.double())
     err = (x.grad.double() - x64.grad).abs().max().item() / x64.grad.abs().max().item()
     assert err < (2e-4 if branch is None else 1e-4), err
+
+
+def test_mixture_names_each_branch_its_own_weight():
+    """mixture() labels the softmax weights IN, LN, BN in the logits' order (uniform logits could not
+    tell a reversed order)."""
+    m = NN.SwitchableNorm2d(3)
+    with torch.no_grad():
+        m.mean_weight.copy_(torch.tensor([0.0, 1.0, 2.0]))
+        m.var_weight.copy_(torch.tensor([2.0, 0.0, 1.0]))
+    mix = m.mixture()
+    for key, logits in (("mean", [0.0, 1.0, 2.0]), ("var", [2.0, 0.0, 1.0])):
+        want = torch.softmax(torch.tensor(logits), 0).tolist()
+        assert list(mix[key]) == ["IN", "LN", "BN"]
+        assert list(mix[key].values()) == pytest.approx(want)

@@ -106,6 +106,7 @@ def test_loads_a_checkpoint_of_the_older_weight_norm_as_torch_does():
     """torch.nn.utils.weight_norm saved weight_g / weight_v; the parametrized layers load it."""
     torch.manual_seed(0)
     old = torch.nn.utils.weight_norm(torch.nn.Linear(5, 3)).state_dict()
+    old["weight_g"] = old["weight_g"] * torch.tensor([[1.0], [-2.0], [0.5]])  # a trained g may be negative
     ours, theirs = NN.weight_norm(torch.nn.Linear(5, 3)), P.weight_norm(torch.nn.Linear(5, 3))
     ours.load_state_dict(dict(old))
     theirs.load_state_dict(dict(old))
