@@ -79,7 +79,7 @@ def centered_moments(x: np.ndarray, axes: Sequence[int], *, mask: Optional[np.nd
         # the statistics keep their dtype)
         count = reduce_sum(m, axes) * math.prod(x.shape[a] for a in axes if m.shape[a] == 1)
         # NaN * 0 is NaN: a NaN or inf where the mask is 0 must not count. A non-finite sum says
-        # one may be there (without centring, the sum of squares below says it)
+        # one may be there (the sum is taken without centring too, where only the squares use it)
         total = reduce_sum(xa, axes, m)
         if not np.all(np.isfinite(total)):
             xa = np.where(m != 0, xa, 0)

@@ -85,13 +85,14 @@ class Monitor:
          "grad_norm": ..,   # ||dL/dy|| of the layer's output, when it got a gradient
          "weight_grad_norm": ..}  # ||dL/dθ|| over the layer's own parameters, when it has any
 
-    NaN and inf: ``nonfinite`` counts them in the whole output (finite values whose float32 squares
-    overflow have their ``std`` taken in float64 on the CPU; on a GPU it reads inf past about 1e19). ``mean``, ``std``, ``min`` and
+    NaN and inf: ``nonfinite`` counts them in the whole output. ``mean``, ``std``, ``min`` and
     ``max`` take every value, so they are NaN or inf too when ``nonfinite > 0`` (JSON ``NaN``,
     ``Infinity``), and so may ``saturated``, ``zero`` and ``dead`` be; ``percentiles`` and
     ``hist`` describe the finite values of the sample (``None`` values and zero counts if it
     has none). Each layer's record comes from its own values only: one layer's NaN leaves the
-    others' records as they would be without it.
+    others' records as they would be without it. Finite float32 values past about 1e19, whose
+    squares overflow float32, have their ``std`` taken in float64 on the CPU (on a GPU, a large
+    output's ``std`` reads inf there).
 
     Only layers run inside the model's own forward are recorded (not an evaluation forward or a
     layer called on its own before the next step). Gradients: a step's backward pass may come
