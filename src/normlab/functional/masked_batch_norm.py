@@ -133,8 +133,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
                 k = ctx.count
                 # dx = scale (dy - s_dy/k - (d - r) rstd^2 s_dyd/k) at valid positions, 0 at padding
                 coef = -(scale * rstd) * (rstd * s_dyd) / k  # no rstd^3: it overflows
-                const = -scale * s_dy / k if r is None else -scale * s_dy / k - coef * r
-                dx = torch.addcmul(const, d, coef)
+                dx = torch.addcmul(-scale * s_dy / k - coef * r, d, coef)  # (r: batch statistics have one)
                 dx.addcmul_(dy, scale)
             else:
                 dx = dy * scale

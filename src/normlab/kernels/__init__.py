@@ -57,14 +57,15 @@ else:  # pragma: no cover - depends on the machine
 
 def _checked(op):
     fn = getattr(unchecked, op)
+    if not _backend.triton_available():  # pragma: no cover - depends on the machine
+        return fn  # (it says that Triton is missing)
 
     @functools.wraps(fn)
     def run(x, *args, **kwargs):
-        if _backend.triton_available():
-            ok, why = supports(op, x, *args, **kwargs)
-            if not ok:
-                raise ValueError(f"normlab.kernels.{op}: no kernel for this call: {why} "
-                                 f"(normlab.functional.{op} runs such a call on torch)")
+        ok, why = supports(op, x, *args, **kwargs)
+        if not ok:
+            raise ValueError(f"normlab.kernels.{op}: no kernel for this call: {why} "
+                             f"(normlab.functional.{op} runs such a call on torch)")
         return fn(x, *args, **kwargs)
 
     return run
