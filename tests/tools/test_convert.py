@@ -405,3 +405,14 @@ def test_a_layer_seen_in_layouts_its_replacement_takes_converts(norm, second, to
     out, _ = convert(model, to, example_input=x)
     assert isinstance(out.norm, want)
     out(x)
+
+
+@pytest.mark.parametrize("source, kwargs", [(nn.GroupNorm(2, 4), {"dim": 2}), (nn.InstanceNorm2d(4), {}),
+                                            (nn.LayerNorm(4), {})], ids=["group", "instance", "layer"])
+def test_a_target_with_running_statistics_from_a_layer_without_them_says_evaluation_changes(source, kwargs):
+    """GroupNorm -> BatchNorm2d said nothing about the new running statistics (mean 0, var 1),
+    which evaluation then uses: only an untracked batch norm as the source got that note."""
+    out, changes = convert(nn.Sequential(source).eval(), "batch", **kwargs)
+    assert norm_kind(out[0]) == "batch" and not out[0].training
+    assert any(s.startswith("running statistics:") and "start at mean 0, var 1" in s and "precise_bn" in s
+               for s in changes[0].not_copied), changes[0]

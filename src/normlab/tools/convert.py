@@ -25,7 +25,8 @@ What it does, for each normalization layer found (torch's or normlab's):
    norm over a (N, C) input), element-wise γ/β between layer and RMS norm of the same shape,
    and running statistics (with ``num_batches_tracked``) between the batch-statistics layers
    (batch, sync batch, batch renorm, switchable, masked batch) and between two layers of the
-   same kind (instance -> instance);
+   same kind (instance -> instance); a new layer with running statistics where the old one kept
+   none (group -> batch) starts them at mean 0, var 1, and the Change says so;
 4. only when every replacement could be built, puts them in place.
 
 So a failure leaves the model as it was. Kinds, as :func:`make_norm` names them: ``batch``,
@@ -339,10 +340,14 @@ def _copy(source: nn.Module, kind: str, seen: _Seen, target: nn.Module) -> Tuple
                 dropped.append(f"running statistics: {type(target).__name__} keeps none")
             else:
                 dropped.append(f"running statistics: {kind} and {target_kind} average different statistics")
-        elif tgt_stats and kind in BATCH_STATS:
-            dropped.append(f"running statistics: {type(source).__name__} kept none and normalized with batch statistics "
-                           f"in evaluation too; {type(target).__name__} evaluates with its own, which start at mean 0, "
-                           f"var 1 (train it, or run normlab.tools.precise_bn, before evaluating)")
+        elif tgt_stats:
+            # from any layer without them (an untracked batch norm, group, layer, instance norm): the new layer's
+            # evaluation uses statistics nothing has measured yet
+            how = "batch statistics" if kind in BATCH_STATS else "each input's own statistics"
+            precise = ", or run normlab.tools.precise_bn," if target_kind in BATCH_STATS else ""
+            dropped.append(f"running statistics: {type(source).__name__} kept none and normalized with {how} in "
+                           f"evaluation too; {type(target).__name__} evaluates with its own, which start at mean 0, "
+                           f"var 1 (train it{precise} before evaluating)")
         # any other tensor of the old layer (switchable norm's mixing logits): the same name and shape
         # in the new one is copied, anything else is reported as dropped
         handled = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}

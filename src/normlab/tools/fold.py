@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from normlab.tools.convert import norm_kind
+from normlab.tools.convert import _is_lazy, norm_kind
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -35,7 +35,9 @@ class FoldReport:
     """What :func:`fold` did: ``folded`` holds (batch norm, layer it went into) names; ``left``
     holds (batch norm, why it stayed) for each one left in place; ``method`` is
     ``"modules"`` (only Sequential neighbours: the model keeps its class) or ``"fx"`` (the model
-    became a ``torch.fx.GraphModule``)."""
+    became a ``torch.fx.GraphModule``). It says what was returned, not what was asked for:
+    ``fold(method="fx")`` reports ``"modules"`` when hooks the graph would drop keep the model
+    untraced."""
 
     folded: List[Tuple[str, str]] = field(default_factory=list)
     left: List[Tuple[str, str]] = field(default_factory=list)
@@ -89,6 +91,8 @@ def _folded(layer: nn.Module, bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor
     b = layer.bias.to(acc) if layer.bias is not None else torch.zeros_like(scale)
     ba = b * scale + shift
     w_new, b_new = wa.to(w.dtype), ba.to(w.dtype)
+    if w.device.type == "meta":  # no values, so nothing to check (the fold changes only the model's structure)
+        return w_new, b_new, None
     if bool(torch.isfinite(w_new).all()) and bool(torch.isfinite(b_new).all()):
         return w_new, b_new, None
     # non-finite results whose inputs (the weight, s; the bias, s, running mean, beta) were finite
@@ -112,10 +116,15 @@ def fold_pair_(layer: nn.Module, bn: nn.Module) -> None:
     Computed in float64 and rounded once to the layer's dtype; a layer without bias gets one.
 
     Raises:
-        ValueError: the folded weight or bias overflows the layer's dtype (float16 past 65504)
-            where the originals are finite; nothing is changed then.
+        ValueError: the folded layer would not compute ``bn(layer(x))`` (a batch norm in training
+            mode or without running statistics, channel counts that differ, a weight or bias
+            computed by a parametrization or pruning, a subclass with its own forward), or the
+            folded weight or bias overflows the layer's dtype (float16 past 65504) where the
+            originals are finite; nothing is changed then.
     """
-    w_new, b_new, why = _folded(layer, bn)
+    why = _fold_problem(layer, bn)
+    if why is None:
+        w_new, b_new, why = _folded(layer, bn)
     if why is not None:
         raise ValueError(f"fold_pair_: {why}")
     w = layer.weight
@@ -153,19 +162,30 @@ def _has_forward_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
+def _has_backward_hooks(m: nn.Module) -> bool:
+    return bool(m._backward_hooks or m._backward_pre_hooks)
+
+
 def _passes_through(m: nn.Module) -> bool:
     """An ``nn.Identity`` that the layer's output crosses unchanged and unseen on its way to the
     batch norm: torch's own forward and no hook (a hook there, even one that only reads, would
-    see the normalized values once the pair is one layer)."""
-    return isinstance(m, nn.Identity) and _own_forward(m) is None and not _has_forward_hooks(m)
+    see the normalized values, or their gradients, once the pair is one layer)."""
+    return (isinstance(m, nn.Identity) and _own_forward(m) is None and not _has_forward_hooks(m)
+            and not _has_backward_hooks(m))
 
 
-def _pair_problem(layer: nn.Module, bn: nn.Module, owners: Dict[int, int]) -> Optional[str]:
-    """Why ``bn`` cannot fold into ``layer`` (None: it can). ``owners`` counts, per parameter, the
-    modules that hold it (:func:`_owner_counts`)."""
+def _fold_problem(layer: nn.Module, bn: nn.Module) -> Optional[str]:
+    """Why the folded layer would not compute ``bn(layer(x))`` whatever the model around the two
+    (None: it would), overflow aside (:func:`_folded`)."""
     if not isinstance(layer, FOLDABLE_INTO):
-        return None
+        return f"{type(layer).__name__} is not a Conv, ConvTranspose or Linear"
+    if not _is_bn(bn):
+        return f"{type(bn).__name__} is not a batch norm"
+    if bn.training:
+        return "the batch norm is in training mode, where it normalizes with batch statistics; call eval() first"
     for m, what in ((layer, "the layer"), (bn, "the batch norm")):
+        if _is_lazy(m):
+            return f"{what} is a lazy module with no parameters yet; run one forward first"
         custom = _own_forward(m)
         if custom is not None:
             return (f"{what} is a {custom[0]}, which defines its own forward: the folded weight and bias would go "
@@ -173,32 +193,53 @@ def _pair_problem(layer: nn.Module, bn: nn.Module, owners: Dict[int, int]) -> Op
     if _out_channels(layer) != bn.num_features:
         return (f"{type(layer).__name__} has {_out_channels(layer)} output channels but the batch norm has "
                 f"{bn.num_features}")
-    if parametrize.is_parametrized(layer) or not isinstance(layer._parameters.get("weight"), nn.Parameter):
-        return ("its layer's weight is computed (a parametrization such as weight_norm or spectral_norm, or a hook): "
-                "remove it first (torch.nn.utils.parametrize.remove_parametrizations)")
+    # a weight or bias the layer does not hold (a Parameter; a bias may also be a buffer, or None) is computed
+    # before each forward (a parametrization; torch.nn.utils.prune and the old weight_norm set a plain tensor
+    # from a pre-hook): the folded values written into it would be overwritten at the next call
+    held = {"weight": isinstance(layer._parameters.get("weight"), nn.Parameter),
+            "bias": isinstance(layer._parameters.get("bias"), nn.Parameter) or "bias" in layer._buffers
+            or layer.bias is None}
+    for name in ("weight", "bias"):
+        if parametrize.is_parametrized(layer, name) or not held[name]:
+            return (f"its layer's {name} is computed (a parametrization such as weight_norm or spectral_norm, "
+                    f"pruning, or a hook): remove it first (torch.nn.utils.parametrize.remove_parametrizations, "
+                    f"torch.nn.utils.prune.remove)")
+    return _why_not_foldable_bn(bn)
+
+
+def _pair_problem(layer: nn.Module, bn: nn.Module, owners: Dict[int, int]) -> Optional[str]:
+    """Why ``bn`` cannot fold into ``layer`` (None: it can). ``owners`` counts, per parameter, the
+    modules that hold it (:func:`_owner_counts`)."""
+    problem = _fold_problem(layer, bn)
+    if problem is not None:
+        return problem
     for name in ("weight", "bias"):
         p = layer._parameters.get(name)
         if p is not None and owners.get(id(p), 0) > 1:
             return f"its layer's {name} is shared with another module (tied weights)"
-    return _hook_problem(layer, bn) or _why_not_foldable_bn(bn) or _folded(layer, bn)[2]
+    return _hook_problem(layer, bn) or _folded(layer, bn)[2]
 
 
 def _hook_problem(layer: nn.Module, bn: nn.Module) -> Optional[str]:
     """Hooks that act between the layer's output and the batch norm's (a forward hook on the
-    layer, any forward or pre-forward hook on the batch norm, a global module hook: clipping,
-    quantization observers, monitors) would see or change different values after folding, and
-    the batch norm's hooks would be lost with it. A pre-forward hook on the layer acts before
-    it and stays valid."""
+    layer, any hook on the batch norm, a global module hook: clipping, quantization observers,
+    monitors) would see or change different values after folding, and the batch norm's hooks
+    would be lost with it. Backward hooks too: the layer's would get the gradient of the batch
+    norm's output instead of its own. A pre-forward hook on the layer acts before it and stays
+    valid."""
     from torch.nn.modules import module as torch_module
 
     hooks = []
     if layer._forward_hooks:
         hooks.append(f"a forward hook on its {type(layer).__name__}")
-    if _has_forward_hooks(bn):
-        hooks.append("a forward or pre-forward hook on the batch norm")
-    if getattr(torch_module, "_global_forward_hooks", None) or getattr(torch_module, "_global_forward_pre_hooks", None):
-        hooks.append("a global module forward or pre-forward hook (torch.nn.modules.module."
-                     "register_module_forward_hook / register_module_forward_pre_hook)")
+    if _has_backward_hooks(layer):
+        hooks.append(f"a backward hook on its {type(layer).__name__}")
+    if _has_forward_hooks(bn) or _has_backward_hooks(bn):
+        hooks.append("a forward, pre-forward or backward hook on the batch norm")
+    if any(getattr(torch_module, f"_global_{kind}", None) for kind in (
+            "forward_hooks", "forward_pre_hooks", "backward_hooks", "backward_pre_hooks")):
+        hooks.append("a global module forward or pre-forward hook, or backward hook (torch.nn.modules.module."
+                     "register_module_forward_hook, _forward_pre_hook, _full_backward_hook, _full_backward_pre_hook)")
     if not hooks:
         return None
     return (f"{' and '.join(hooks)} would see or change other values once the pair is one layer; remove the hooks "
@@ -211,8 +252,8 @@ def _identity_problem(name: str, m: nn.Module) -> str:
     if custom is not None:
         return (f"{name} between it and the layer before is a {custom[0]}, which defines its own forward: the "
                 f"batch norm cannot move past it")
-    return (f"{name} (Identity) between it and the layer before has a forward or pre-forward hook, which would see "
-            f"the normalized values once the pair is one layer; remove the hook before folding")
+    return (f"{name} (Identity) between it and the layer before has a hook, which would see the normalized values "
+            f"(or their gradients) once the pair is one layer; remove the hook before folding")
 
 
 def _graph_hook_problem(tracer: fx.Tracer, graph: fx.Graph) -> Optional[str]:
@@ -224,7 +265,7 @@ def _graph_hook_problem(tracer: fx.Tracer, graph: fx.Graph) -> Optional[str]:
     hooked = []
     for name, m in tracer.root.named_modules():
         inside_leaf = any(name == leaf or name.startswith(leaf + ".") for leaf in leaves)
-        if not inside_leaf and (_has_forward_hooks(m) or m._backward_hooks or m._backward_pre_hooks):
+        if not inside_leaf and (_has_forward_hooks(m) or _has_backward_hooks(m)):
             hooked.append(name or "the model itself")
     if not hooked:
         return None
@@ -336,17 +377,14 @@ def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Option
     for node in list(graph.nodes):
         if node in handled or node.op != "call_module" or not _is_bn(modules[node.target]):
             continue
+        if node.kwargs or len(node.args) != 1:  # bn(input=x): its input is not where the graph walk looks
+            report.left.append((node.target, "it is called with keyword or extra arguments"))
+            continue
         bn = modules[node.target]
-        src = node.args[0] if node.args else None
-        while (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1 and src.args
-               and (src in passed or _passes_through(modules[src.target]))):
-            src = src.args[0]  # through batch norms folded already
+        src = _unchanged_from(node.args[0], modules, passed)
         fed_by_layer = isinstance(src, fx.Node) and src.op == "call_module"
         if fed_by_layer and isinstance(modules[src.target], nn.Identity) and not _passes_through(modules[src.target]):
-            inner = src.args[0] if src.args else None
-            while (isinstance(inner, fx.Node) and inner.op == "call_module"
-                   and _passes_through(modules[inner.target]) and inner.args):
-                inner = inner.args[0]
+            inner = _unchanged_from(src.args[0] if src.args else None, modules, passed)
             if (isinstance(inner, fx.Node) and inner.op == "call_module"
                     and isinstance(modules[inner.target], FOLDABLE_INTO)):  # a layer would feed it but for this
                 report.left.append((node.target, _identity_problem(src.target, modules[src.target])))
@@ -374,8 +412,6 @@ def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Option
             problem = f"{src.target} is applied at more than one place"
         if problem is None and src.target in read:
             problem = f"the forward also reads the parameters of {src.target} directly"
-        if problem is None and (node.kwargs or len(node.args) > 1):
-            problem = "it is called with extra arguments"
         if problem is not None:
             report.left.append((node.target, problem))
             continue
@@ -395,6 +431,15 @@ def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Option
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def _unchanged_from(src, modules: Dict[str, nn.Module], passed: set):
+    """Where the value ``src`` comes from: back through what hands it on unchanged and unseen (a plain
+    Identity, a batch norm a dry run folds already: ``passed``), each used only on this path."""
+    while (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1 and src.args
+           and (src in passed or _passes_through(modules[src.target]))):
+        src = src.args[0]
+    return src
 
 
 _METADATA = {"dtype", "shape", "device", "ndim", "is_cuda", "requires_grad", "layout"}
@@ -448,25 +493,29 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
       (data-dependent control flow), the Sequential folds stand, trusting that the layers in
       a plain ``nn.Sequential`` are used only through it, and the rest is reported as left.
 
-    Never folded (left in place, with the reason in the report): a layer whose weight is a
-    parametrization (weight_norm, spectral_norm) or is tied to another module's, a batch
-    norm without running statistics, a layer used at several places (a batch norm used after
-    several layers is folded into each of them by ``"fx"``, which reports each pair, and left
-    by ``"modules"``), a pair
-    with a hook between its two halves (a forward hook on the layer, any forward hook on the
-    batch norm or on an Identity between them, a global module hook: it would see or change
-    other values), a layer (or Identity between the two) whose subclass overrides ``forward``
-    (or a conv's ``_conv_forward``), any pair for a traced graph when the model itself or a
-    module that fx traces through (not a leaf: a custom block) has hooks, which the graph
-    would not keep (then ``"fx"`` folds nothing and ``"auto"`` keeps the Sequential folds), and a
-    pair whose folded weight or bias overflows the layer's dtype where the originals are
-    finite (float16 holds at most 65504: a weight of 1000 over a running variance of 1e-4
-    folds to 1e5), which would make the folded layer compute inf where the pair did not.
+    Never folded (left in place, with the reason in the report): a layer whose weight or bias is
+    computed (a parametrization such as weight_norm or spectral_norm, pruning) or is tied to
+    another module's, a batch norm without running statistics, a lazy module not yet run, a
+    layer used at several places (a batch norm used after several layers is folded into each
+    of them by ``"fx"``, which reports each pair, and left by ``"modules"``), a pair with a
+    hook between its two halves (a forward or backward hook on the layer, any hook on the batch
+    norm or on an Identity between them, a global module hook: it would see or change other
+    values), a layer (or Identity between the two) whose subclass overrides ``forward`` (or a
+    conv's ``_conv_forward``), any pair for a traced graph when the model itself or a module
+    that fx traces through (not a leaf: a custom block) has hooks, which the graph would not
+    keep (then ``"fx"`` folds nothing and ``"auto"`` keeps the Sequential folds), a batch norm
+    the traced forward never calls (one used only in training), and a pair whose folded
+    weight or bias overflows the layer's dtype where the originals are finite (float16 holds
+    at most 65504: a weight of 1000 over a running variance of 1e-4 folds to 1e5), which
+    would make the folded layer compute inf where the pair did not. On the ``meta`` device
+    only the structure folds (there are no values to check).
 
     Note: a ``Linear`` is folded with the ``BatchNorm1d`` after it when the norm's channels are
-    the Linear's output features, i.e. for (N, features) activations; a model that applies
-    the pair to (N, L, features) tensors does not normalize the Linear's outputs per feature
-    and is not a fold candidate (check with the returned model's outputs).
+    the Linear's output features, i.e. for (N, features) activations. fold never sees the
+    activations' shapes: a model that applies the pair to (N, L, features) tensors (the norm
+    over L, not per output feature) is left only when L differs from the Linear's output
+    features; where they happen to be equal it is folded, wrongly. Check such a model with the
+    returned model's outputs.
 
     Args:
         model: a model in evaluation mode (``model.eval()``).
@@ -540,6 +589,11 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
         done = {b for b, _ in report.left}
         report.left += [(name, "not in a Sequential right after a Conv/ConvTranspose/Linear (method='modules')")
                         for name in remaining if name not in done]
+    # a batch norm the traced graph never calls (used only in training, or not at all) gets no reason from fx but
+    # stays in the model: it is left all the same (and strict says so)
+    done = {b for b, _ in report.left}
+    report.left += [(name or "<root>", "the traced forward (in evaluation mode) never calls it")
+                    for name, m in out.named_modules() if _is_bn(m) and (name or "<root>") not in done]
     out.eval()
     if strict and report.left:
         raise ValueError("fold(strict=True): batch norm layer(s) could not be folded:\n" + "\n".join(
