@@ -764,3 +764,33 @@ def test_a_hooked_identity_gets_the_hook_reason_only_if_removing_the_hook_would_
     _, report = fold(Block().eval(), method="fx")
     ((bn, why),) = report.left
     assert bn == "bn" and "its input comes from id2 (Identity)" in why and "hook" not in why
+
+
+class _TokenMLP(nn.Module):
+    """A Linear applied to (N, L, features) and a BatchNorm1d(L) after it: the norm is over the
+    L positions, not per output feature, so the pair is no per-feature affine map of the Linear."""
+
+    def __init__(self, seq_len, features):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, features), nn.BatchNorm1d(seq_len))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("method", ["auto", "modules", "fx"])
+def test_example_inputs_show_a_linear_whose_batch_norm_gets_3d_inputs(method):
+    model = _TokenMLP(seq_len=4, features=4).double()  # L equal to the features: the channel counts agree
+    randomize_bn_(model.body[1])
+    model.eval()
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    folded, _ = fold(model, method=method)  # without shapes it cannot tell (the documented limit)
+    assert not torch.allclose(folded(x), model(x))
+    folded, report = fold(model, method=method, example_inputs=(x,))
+    assert not report.folded and report.left[0][0] == "body.1" and "3-D" in report.left[0][1]
+    torch.testing.assert_close(folded(x), model(x))
+    # the same pair on (N, features) folds, and a bare tensor is taken for a one-argument tuple
+    flat = nn.Sequential(nn.Linear(5, 4), randomize_bn_(nn.BatchNorm1d(4))).double().eval()
+    folded, report = fold(flat, method=method, example_inputs=x[:, 0])
+    assert report.folded == [("1", "0")]
+    torch.testing.assert_close(folded(x[:, 0]), flat(x[:, 0]))

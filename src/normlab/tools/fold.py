@@ -207,12 +207,18 @@ def _fold_problem(layer: nn.Module, bn: nn.Module) -> Optional[str]:
     return _why_not_foldable_bn(bn)
 
 
-def _pair_problem(layer: nn.Module, bn: nn.Module, owners: Dict[int, int]) -> Optional[str]:
+def _pair_problem(layer: nn.Module, bn: nn.Module, owners: Dict[int, int], seen: set) -> Optional[str]:
     """Why ``bn`` cannot fold into ``layer`` (None: it can). ``owners`` counts, per parameter, the
-    modules that hold it (:func:`_owner_counts`)."""
+    modules that hold it (:func:`_owner_counts`); ``seen`` holds the ranks of the inputs ``bn``
+    got on the example inputs (:func:`_input_ranks`; empty without them)."""
     problem = _fold_problem(layer, bn)
     if problem is not None:
         return problem
+    if isinstance(layer, nn.Linear) and seen - {2}:
+        # a Linear's features are its output's last dim; batch norm normalizes dim 1, which is a
+        # feature only for (N, features): on (N, L, features) the pair is no per-feature map
+        return (f"on the example inputs it normalizes a {max(seen - {2})}-D tensor, whose dim 1 is not the "
+                f"Linear's output features (its last dim)")
     for name in ("weight", "bias"):
         p = layer._parameters.get(name)
         if p is not None and owners.get(id(p), 0) > 1:
@@ -300,7 +306,27 @@ def _owner_counts(model: nn.Module) -> Dict[int, int]:
     return {k: len(v) for k, v in owners.items()}
 
 
-def _fold_sequential(model: nn.Module, report: FoldReport, graph: Optional[FoldReport] = None) -> None:
+def _input_ranks(model: nn.Module, example_inputs: tuple) -> Dict[str, set]:
+    """Per batch norm (by qualified name), the ranks of the inputs it gets when ``model`` runs on
+    ``example_inputs``."""
+    by_id: Dict[int, set] = {}
+
+    def record(m, args):
+        if args and isinstance(args[0], torch.Tensor):
+            by_id.setdefault(id(m), set()).add(args[0].dim())
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules() if _is_bn(m)]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: by_id[id(m)] for name, m in model.named_modules(remove_duplicate=False) if id(m) in by_id}
+
+
+def _fold_sequential(model: nn.Module, report: FoldReport, graph: Optional[FoldReport] = None,
+                     ranks: Optional[Dict[str, set]] = None) -> None:
     """Fold [..., layer, (Identity ...,) bn, ...] inside every nn.Sequential; each folded bn becomes Identity.
 
     A plain Identity (a batch norm folded already; no hook, torch's forward) passes the layer on,
@@ -309,7 +335,7 @@ def _fold_sequential(model: nn.Module, report: FoldReport, graph: Optional[FoldR
     ``forward`` may use its layers any way). ``graph`` (a dry run of :func:`_fold_fx` on the
     model, when it can be traced) vets each pair: the walk sees one container, the graph sees
     the whole model (a layer also called directly, its output used twice, its weight read)."""
-    uses, owners = _use_counts(model), _owner_counts(model)
+    uses, owners, ranks = _use_counts(model), _owner_counts(model), ranks or {}
     vetted = None if graph is None else set(graph.folded)
     why_not = {} if graph is None else dict(graph.left)
     for name, seq in list(model.named_modules()):
@@ -326,7 +352,7 @@ def _fold_sequential(model: nn.Module, report: FoldReport, graph: Optional[FoldR
                 last = None
                 continue
             layer, bn_name, layer_name = seq._modules[last], _join(name, key), _join(name, last)
-            problem = _pair_problem(layer, m, owners)
+            problem = _pair_problem(layer, m, owners, ranks.get(bn_name, set()))
             if problem is None and (uses.get(id(layer), 0) > 1 or uses.get(id(m), 0) > 1):
                 problem = f"{layer_name} or the batch norm is shared with another place in the model"
             if problem is None and vetted is not None and (bn_name, layer_name) not in vetted:
@@ -348,7 +374,8 @@ class _LeafTracer(fx.Tracer):
         return type(m).__module__.startswith("normlab.") or super().is_leaf_module(m, qualname)
 
 
-def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Optional[nn.Module]:
+def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True, ranks: Optional[Dict[str, set]] = None
+             ) -> Optional[nn.Module]:
     """Trace the graph and fold each batch norm whose input is the single-use output of a Conv/Linear.
 
     With ``apply=False`` nothing changes: ``report`` gets the pairs that would fold and why the
@@ -371,7 +398,7 @@ def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Option
             calls[node.target] = calls.get(node.target, 0) + 1
         elif node.op == "get_attr" and any(not _metadata_only(u) for u in node.users):
             read.add(node.target.rpartition(".")[0])
-    uses, owners = _use_counts(model), _owner_counts(model)
+    uses, owners, ranks = _use_counts(model), _owner_counts(model), ranks or {}
     passed: set = set()  # batch norms a dry run would fold: later ones see through them
     handled: set = set()  # batch norm calls already folded along with an earlier one
     for node in list(graph.nodes):
@@ -394,7 +421,7 @@ def _fold_fx(model: nn.Module, report: FoldReport, apply: bool = True) -> Option
             report.left.append((node.target, f"its input comes from {what}, not from a Conv, ConvTranspose or Linear"))
             continue
         layer = modules[src.target]
-        problem = _pair_problem(layer, bn, owners)
+        problem = _pair_problem(layer, bn, owners, ranks.get(node.target, set()))
         if problem is None and len(src.users) > 1:
             others = ", ".join(str(u) for u in src.users if u is not node)
             problem = f"the output of {src.target} is also used by {others}"
@@ -468,8 +495,8 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: bool = False
-         ) -> Tuple[nn.Module, FoldReport]:
+def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: bool = False,
+         example_inputs: Optional[tuple] = None) -> Tuple[nn.Module, FoldReport]:
     """Fold every evaluation-mode batch norm into the Conv/ConvTranspose/Linear that feeds it.
 
     ``W' = W * s`` along the output channels and ``b' = (b - running_mean) * s + beta``, with
@@ -512,10 +539,10 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
 
     Note: a ``Linear`` is folded with the ``BatchNorm1d`` after it when the norm's channels are
     the Linear's output features, i.e. for (N, features) activations. fold never sees the
-    activations' shapes: a model that applies the pair to (N, L, features) tensors (the norm
-    over L, not per output feature) is left only when L differs from the Linear's output
-    features; where they happen to be equal it is folded, wrongly. Check such a model with the
-    returned model's outputs.
+    activations' shapes unless given ``example_inputs``: a model that applies the pair to
+    (N, L, features) tensors (the norm over L, not per output feature) is left when L differs
+    from the Linear's output features, but where they happen to be equal only
+    ``example_inputs`` shows it (the batch norm's input is then 3-D, and the pair is left).
 
     Args:
         model: a model in evaluation mode (``model.eval()``).
@@ -526,6 +553,10 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
         method: ``"auto"``, ``"modules"`` or ``"fx"``.
         strict: raise if any batch norm is left unfolded. Default False (left in place and
             reported).
+        example_inputs: positional arguments of one forward (a tensor or a tuple), as for
+            ``torch.ao.quantization``'s ``prepare_fx``: the model runs on them once, under
+            ``no_grad``, so that a Linear -> BatchNorm1d pair whose norm gets more than 2-D
+            inputs is left (see the note). Default None: shapes are not checked.
 
     Returns:
         ``(folded_model, report)``: the model (in evaluation mode) and a :class:`FoldReport`.
@@ -547,6 +578,9 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
         raise ValueError(f"fold: method must be 'auto', 'modules' or 'fx', got {method!r}")
     _check_eval(model)
     out = model if inplace else copy.deepcopy(model)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    ranks = {} if example_inputs is None else _input_ranks(out, tuple(example_inputs))
     report = FoldReport(method="modules")
     if _is_bn(out):
         report.left.append(("<root>", "the model is a single batch norm layer; nothing feeds it"))
@@ -556,10 +590,10 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
         if method == "auto" and not _is_bn(out):  # vet the walk's pairs against the whole traced model
             graph = FoldReport()
             try:
-                _fold_fx(out, graph, apply=False)
+                _fold_fx(out, graph, apply=False, ranks=ranks)
             except Exception:  # cannot be traced: the walk trusts the Sequential containers
                 graph = None
-        _fold_sequential(out, report, graph)
+        _fold_sequential(out, report, graph, ranks)
     remaining = [name or "<root>" for name, m in out.named_modules() if _is_bn(m)]
     if method == "fx" or (method == "auto" and remaining):
         by_walk = report.folded
@@ -568,7 +602,7 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
             # with inplace, ``model`` keeps only the walk's folds (each batch norm became Identity):
             # folding the graph's pairs in it too would change its layers' weights while its own
             # forward still applied those batch norms
-            traced = _fold_fx(copy.deepcopy(out) if inplace else out, fx_report)
+            traced = _fold_fx(copy.deepcopy(out) if inplace else out, fx_report, ranks=ranks)
         except Exception as e:  # torch.fx raises many kinds on untraceable code
             if method == "fx":
                 raise ValueError(f"fold: torch.fx cannot trace {type(model).__name__}: {type(e).__name__}: {e}; "
