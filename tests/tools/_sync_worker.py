@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import normlab.nn as nlnn
+from normlab.nn.sync_batch_norm import _SyncBatchNormFunction
 from normlab.tools import convert, precise_bn
 
 # scenario name -> (per-rank batch sizes, sample shape after C, C, momentum)
@@ -249,6 +250,43 @@ def run_precise_uneven(rank, device):
             "running_var": model[0].running_var.cpu().clone()}
 
 
+class CpuTorchSyncBatchNorm(nn.SyncBatchNorm):
+    """torch's SyncBatchNorm as it trains on CUDA, for the CPU (where its training forward in a process
+    group refuses the input): statistics over the group, one all_gather per training forward."""
+
+    def forward(self, input):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(input)
+        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, None, None, 0.0, self.eps,
+                                            self.process_group, dist.get_world_size(self.process_group))
+
+
+def _uneven_precise_batches(rank):
+    g = torch.Generator().manual_seed(6)
+    return [torch.randn(n, 3, 2, generator=g, dtype=torch.float64) + 10 * rank for n in UNEVEN_BATCHES[rank]]
+
+
+def run_precise_other_sync_layers(rank, device):
+    """precise_bn with a batch more on rank 0 and sync layers it used to leave out of the ranks' agreement on
+    each batch: torch's SyncBatchNorm (its statistics not merged either), and normlab's without running
+    statistics (which precise_bn does not update, but which gathers on every training forward)."""
+    batches = [b.to(device) for b in _uneven_precise_batches(rank)]
+    out = {"batches": _uneven_precise_batches(rank)}
+    torch_sync = nn.SyncBatchNorm if device.type == "cuda" else CpuTorchSyncBatchNorm
+    for key, model in (("untracked", nn.Sequential(nn.Identity(), nlnn.BatchNorm1d(3),
+                                                   nlnn.SyncBatchNorm(3, track_running_stats=False))),
+                       ("torch", nn.Sequential(nn.Identity(), torch_sync(3)))):
+        model = model.double().to(device)
+        try:
+            report = precise_bn(model, batches)
+        except RuntimeError as e:  # a collective paired with another one
+            out[key] = str(e)
+            continue
+        out[key] = {"count": report["1"], "running_mean": model[1].running_mean.cpu().clone(),
+                    "running_var": model[1].running_var.cpu().clone()}
+    return out
+
+
 def run_outside_group(rank, device):
     """A SyncBatchNorm of the group {rank 0}: rank 0 normalizes alone (a group of one), and rank 1,
     outside the group, runs plain batch norm, as torch's SyncBatchNorm does."""
@@ -278,6 +316,7 @@ def run_rank(rank: int, world: int, init_method: str, out_dir: str, device: str 
         results["outside_group"] = run_outside_group(rank, device)
         results["precision"] = run_precision(rank, device)
         results["double_backward"] = run_double_backward(rank, device)
+        results["precise_other_sync"] = run_precise_other_sync_layers(rank, device)  # last: a mismatch hangs
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()

@@ -193,6 +193,23 @@ def test_precise_bn_with_a_batch_more_on_one_rank_stops_every_rank_at_the_shorte
         torch.testing.assert_close(p["running_var"], flat.var(1, unbiased=True), **TOL)
 
 
+def test_precise_bn_agrees_on_batches_for_every_sync_layer_and_merges_torchs(ranks):
+    """With a batch more on rank 0, a layer that gathers on every training forward but that precise_bn
+    left out (normlab's SyncBatchNorm without running statistics, torch's SyncBatchNorm) paired rank 0's
+    extra forward with another collective of rank 1 (an error, a hang, or mixed statistics); torch's
+    SyncBatchNorm also kept each rank's own statistics. Both ranks stop after one batch; torch's layer
+    gets the statistics of both ranks' first batches, a plain batch norm those of its rank's."""
+    first = [r["precise_other_sync"]["batches"][0] for r in ranks]
+    both = torch.cat(first).transpose(0, 1).reshape(3, -1)
+    for rank, r in enumerate(ranks):
+        p = r["precise_other_sync"]
+        for key, seen in (("untracked", first[rank].transpose(0, 1).reshape(3, -1)), ("torch", both)):
+            assert isinstance(p[key], dict), f"rank {rank}, {key}: {p[key]}"
+            assert p[key]["count"] == seen.shape[1], (rank, key)
+            torch.testing.assert_close(p[key]["running_mean"], seen.mean(1), **TOL)
+            torch.testing.assert_close(p[key]["running_var"], seen.var(1, unbiased=True), **TOL)
+
+
 def test_a_rank_outside_the_process_group_runs_plain_batch_norm(ranks):
     for r in ranks:
         o = r["outside_group"]
@@ -224,6 +241,7 @@ def test_two_ranks_on_cuda(tmp_path):
     test_mismatched_channel_counts_fail_on_every_rank_naming_both(ranks)
     test_ddp_training_with_sync_bn_matches_single_process_training(ranks)
     test_precise_bn_merges_statistics_across_ranks(ranks)
+    test_precise_bn_agrees_on_batches_for_every_sync_layer_and_merges_torchs(ranks)  # torch's own SyncBatchNorm
 
 
 # -- one process, no process group ---------------------------------------------------------------

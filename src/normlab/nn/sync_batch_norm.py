@@ -151,10 +151,10 @@ class SyncBatchNorm(_BatchNorm):
     with mean and biased variance over the batch and positions of **all** ranks together, so
     training on R processes with batches B_1..B_R matches batch norm on their concatenation:
     outputs, input gradients and running statistics (parameter gradients once summed over
-    ranks, which DDP does). Each rank sends its count, mean and M2 per channel (one
-    ``all_gather``) and merges them with Chan's formula (:func:`merge_moments`), which stays
-    accurate when the mean is large against the spread; backward all-reduces
-    (sum dy, sum dy·xhat) per channel.
+    ranks; DDP averages them, the gradient of the ranks' mean loss). Each rank sends its
+    count, mean and M2 per channel (one ``all_gather``) and merges them with Chan's formula
+    (:func:`merge_moments`), which stays accurate when the mean is large against the spread;
+    backward all-reduces (sum dy, sum dy·xhat) per channel.
 
     - Any device and backend: gloo on the CPU, NCCL on CUDA.
     - Uneven batch sizes per rank; a rank with zero samples sends count 0 (it must still call

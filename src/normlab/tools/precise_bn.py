@@ -89,8 +89,9 @@ def precise_bn(model: nn.Module, batches: Batches, num_batches: int = 200,
     statistics, as in training, so every layer sees the inputs it saw in training); other
     modules keep their mode (call ``model.eval()`` first to run with dropout off, which is
     what evaluation will see). Statistics are accumulated in float64 and merged batch by
-    batch with Chan's formula. A normlab ``SyncBatchNorm`` in an initialized process group
-    merges its statistics across ranks too (every rank must call ``precise_bn``; the ranks
+    batch with Chan's formula. A ``SyncBatchNorm`` (normlab's, or torch's on the GPU) in an
+    initialized process group merges its statistics across ranks too (every rank must call
+    ``precise_bn``; the ranks of every sync layer's group, with running statistics or not,
     agree before each batch, so with unequal batch counts all of them stop at the smallest
     count, and the returned counts say how many values each layer saw). Afterwards
     each layer's ``momentum``, ``num_batches_tracked`` and mode are what they were; the
@@ -148,7 +149,7 @@ def precise_bn(model: nn.Module, batches: Batches, num_batches: int = 200,
             m.train()
             m.momentum = 0.0  # the layers' own running updates leave the buffers as they are
         source = batches() if callable(batches) else batches
-        groups = _sync_groups(layers.values())
+        groups = _sync_groups(model)
         stopped_by_other_rank = False
         with torch.no_grad():
             for batch in itertools.islice(iter(source), num_batches):
@@ -190,17 +191,32 @@ def precise_bn(model: nn.Module, batches: Batches, num_batches: int = 200,
     return out
 
 
-def _sync_groups(layers) -> list:
-    """(process group, device) of each distinct group that a normlab SyncBatchNorm among
-    ``layers`` synchronizes over with more than one rank, in model order (the same on every rank)."""
+def _sync_world(module: nn.Module) -> int:
+    """How many ranks ``module``'s training forward gathers statistics over: a SyncBatchNorm's
+    group size (normlab's, or torch's, which syncs only on the GPU but refuses the CPU in a
+    process group), else 1 (also with no group, and on a rank outside the layer's group)."""
     from normlab.nn.sync_batch_norm import SyncBatchNorm
 
-    groups, seen = [], set()
-    for m in layers:
-        if isinstance(m, SyncBatchNorm) and m._group_size() > 1 and id(m.process_group) not in seen:
-            seen.add(id(m.process_group))
-            groups.append((m.process_group, m.running_mean.device))
-    return groups
+    if isinstance(module, SyncBatchNorm):
+        return module._group_size()
+    if isinstance(module, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized():
+        return max(dist.get_world_size(module.process_group), 1)  # -1 outside the group
+    return 1
+
+
+def _sync_groups(model: nn.Module) -> list:
+    """(process group, device) of each distinct group that a SyncBatchNorm of ``model``
+    synchronizes over with more than one rank, in model order (the same on every rank). Every
+    one counts, not only the layers precise_bn updates: one without running statistics still
+    gathers on each training forward, and a batch more on one rank would pair with another
+    collective there."""
+    fallback = next(itertools.chain(model.parameters(), model.buffers()), None)
+    groups = {}
+    for m in model.modules():
+        if _sync_world(m) > 1 and id(m.process_group) not in groups:
+            t = next(itertools.chain(m.buffers(), m.parameters()), fallback)  # a tensor on the group's device
+            groups[id(m.process_group)] = (m.process_group, t.device if t is not None else torch.device("cpu"))
+    return list(groups.values())
 
 
 def _every_rank_has_a_batch(groups, mine: bool) -> bool:
@@ -220,7 +236,7 @@ def _every_rank_has_a_batch(groups, mine: bool) -> bool:
 
 
 def _merge_ranks(module: nn.Module, acc: _Moments) -> None:
-    from normlab.nn.sync_batch_norm import SyncBatchNorm
-
-    if isinstance(module, SyncBatchNorm) and module._group_size() > 1:
+    # torch's SyncBatchNorm too: its forward normalized every rank with the group's statistics,
+    # and each rank's own would leave the replicas with different running statistics
+    if _sync_world(module) > 1:
         acc.merge_across(module.process_group, module.running_mean.device, module.num_features)
