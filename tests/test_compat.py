@@ -157,8 +157,8 @@ def test_constructor_and_forward_signatures_are_torchs(name):
 
 @pytest.mark.parametrize("name", ["BatchNorm2d", "LayerNorm", "SwitchableNorm2d", "BatchRenorm2d eval"])
 def test_torch_export_gives_the_eager_results(name):
-    """What the README says torch.export handles (it refuses MaskedBatchNorm1d and BatchRenorm in
-    training: data-dependent checks)."""
+    """What the README says torch.export handles (it refuses MaskedBatchNorm1d: a data-dependent
+    check)."""
     x = torch.randn(4, 3, 2, 2) if name != "LayerNorm" else torch.randn(4, 3)
     m = {"BatchNorm2d": lambda: NN.BatchNorm2d(3), "LayerNorm": lambda: NN.LayerNorm(3),
          "SwitchableNorm2d": lambda: NN.SwitchableNorm2d(3), "BatchRenorm2d eval": lambda: NN.BatchRenorm2d(3).eval()}[name]()
@@ -169,15 +169,64 @@ def test_torch_export_gives_the_eager_results(name):
 
 
 def test_torch_export_of_batch_renorm_in_training_without_a_warm_up():
-    """Only the warm-up reads the step counter (a data-dependent Python number); without one
-    the training graph exports, running-statistics update included."""
+    """Without a warm-up the step counter is not read; the training graph exports, running-statistics
+    update included."""
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 5) * 2 + 1
     exported, eager = NN.BatchRenorm2d(3), NN.BatchRenorm2d(3)
     module = torch.export.export(exported, (x,)).module()
     torch.testing.assert_close(module(x), eager(x))
-    with pytest.raises(Exception, match="data-dependent"):
-        torch.export.export(NN.BatchRenorm2d(3, warmup_steps=10), (x,))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("how", ["compile", "export", "trace"])
+def test_batch_renorm_warm_up_compiled_exported_or_traced_follows_the_step_counter(how):
+    """The ramp read the step counter as a Python number: torch.compile broke its graph there and,
+    with any compiler past "eager", recompiled at every step of the warm-up (8 times, then ran the
+    rest eagerly); torch.export refused it; jit.trace froze the limits of the traced step. Computed
+    from the counter as tensors, every step gives eager's numbers, bit for bit, in one graph."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    eager, other = NN.BatchRenorm1d(3, warmup_steps=3), NN.BatchRenorm1d(3, warmup_steps=3)
+    x0 = torch.randn(8, 3)
+    if how == "compile":
+        torch._dynamo.reset()
+        counters.clear()
+        module = torch.compile(other, backend="aot_eager")
+    elif how == "export":
+        module = torch.export.export(other, (x0,)).module()
+        other = module  # the exported module holds its own copy of the buffers
+    else:
+        module = torch.jit.trace(other, (x0,), check_trace=False)
+        other.load_state_dict(eager.state_dict())  # undo the tracing call's step
+    for step in range(5):  # through the ramp and past it, with r and d clipped
+        x = torch.randn(8, 3) * (4 + step) + 3 * step
+        assert torch.equal(module(x), eager(x)), step
+    for k, v in eager.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
+    if how == "compile":
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("layer", ["switchable", "masked"])
+def test_a_jit_trace_in_training_moves_the_running_statistics_as_eager(layer):
+    """A traced model replays our autograd.Function, whose forward updates the running
+    statistics; the tracer had also recorded that in-place update beside it, so each traced call
+    moved them twice. MaskedBatchNorm1d's count of valid positions was a constant of the traced
+    mask: a replay with another mask divided by it (outputs ~0.8 off)."""
+    torch.manual_seed(0)
+    make = (lambda: NN.SwitchableNorm1d(3)) if layer == "switchable" else (lambda: NN.MaskedBatchNorm1d(3))
+    eager, traced = make(), make()
+    full = (torch.ones(4, 6, dtype=torch.bool),) if layer == "masked" else ()
+    padded = (torch.arange(6)[None, :] < torch.tensor([[6], [2], [3], [1]]),) if layer == "masked" else ()
+    module = torch.jit.trace(traced, (torch.randn(4, 3, 6), *full), check_trace=False)
+    traced.load_state_dict(eager.state_dict())  # undo the tracing call's step
+    for step in range(2):
+        x = torch.randn(4, 3, 6) * 2 + 1
+        torch.testing.assert_close(module(x, *padded), eager(x, *padded))
+        torch.testing.assert_close(traced.state_dict(), eager.state_dict())
 
 
 def test_momentum_none_compiles_fullgraph_without_a_recompile_per_step():
@@ -328,6 +377,22 @@ def test_torch_func_transforms_in_eval_give_torchs_results(name):
                         torch.func.functional_call(m, params, (xs[0],))))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["BatchNorm2d", "SyncBatchNorm"])
+def test_vmap_in_training_after_what_replace_all_batch_norm_modules_does(name):
+    """The README's recipe: torch.func.replace_all_batch_norm_modules_ passes our layers by (not
+    subclasses), and doing by hand what it does to torch's lets vmap and grad train with batch
+    statistics, giving torch's results."""
+    make, sample = FUNC_TWINS[name]
+    ours, theirs = make(NN).double(), make(torch.nn).double()
+    torch.func.replace_all_batch_norm_modules_(theirs)
+    assert ours.running_mean is not None  # passed by
+    ours.track_running_stats = False
+    ours.running_mean = ours.running_var = ours.num_batches_tracked = None
+    xs = torch.randn((3, 2) + sample, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for transform in (torch.func.vmap, lambda m: torch.func.vmap(torch.func.grad(lambda x: m(x).sin().sum()))):
+        torch.testing.assert_close(transform(ours)(xs), transform(theirs)(xs))
 
 
 CL = {  # our layer, the layer whose output layout it must match (torch's twin, or BatchNorm for our own)

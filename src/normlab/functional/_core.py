@@ -2,6 +2,7 @@
 checks and the kernel dispatch hook."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -98,6 +99,24 @@ def outside_autocast(fn):
             return fn(ctx, x, *args)
 
     return run
+
+
+@contextlib.contextmanager
+def untraced():
+    """``torch.jit.trace``'s tracer paused, for the in-place update of running statistics inside
+    an ``autograd.Function``'s forward. The tracer records the Function as one op, whose replay
+    runs that forward, update included; the ops inside are recorded too, and the in-place
+    update among them survives the trace's dead-code elimination: every call of a traced model
+    moved the running statistics twice."""
+    state = torch._C._get_tracing_state()  # what torch's own Module.__call__ asks
+    if state is None:
+        yield
+        return
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 def twice_differentiable(recompute):

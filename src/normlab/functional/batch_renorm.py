@@ -34,7 +34,8 @@ def batch_renorm(
     op = "batch_renorm"
     if running_mean is None or running_var is None:
         raise ValueError(f"{op} needs running_mean and running_var (r and d compare the batch with them), got None")
-    _checks.check_renorm_limits(rmax, dmax, op)
+    if not isinstance(rmax, torch.Tensor):  # 0-D tensors: nn.BatchRenorm's traced warm-up (checked there)
+        _checks.check_renorm_limits(rmax, dmax, op)
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     c = check_channel_input(input, op, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)

@@ -9,7 +9,7 @@ import torch
 
 from normlab import _checks
 from normlab.functional._core import (acc_dtype, check_channel_input, first_order_only, kernels, outside_autocast,
-                                     update_running_, use_kernel)
+                                     untraced, update_running_, use_kernel)
 from normlab.functional.batch_norm import batch_norm
 
 
@@ -51,6 +51,8 @@ class _MaskedBatchNorm(torch.autograd.Function):
     @outside_autocast
     def forward(ctx, x, m, weight, bias, running_mean, running_var, batch_stats, momentum, eps, count):
         n, c, length = x.shape
+        if count is None:  # traced (see masked_batch_norm): the valid positions of the mask this call got
+            count = int(torch.count_nonzero(m))
         acc = acc_dtype(x.dtype)
         xa = x.to(acc).contiguous()  # y contiguous, as batch norm's for (N, C, L)
         m3 = m.view(n, 1, length)
@@ -79,7 +81,8 @@ class _MaskedBatchNorm(torch.autograd.Function):
             mean = mean + r
             var = (torch.linalg.vecdot(d, d, dim=2).sum(dim=0).view(1, c, 1) / count - r * r).clamp_min(0)
             if running_mean is not None:
-                update_running_(running_mean, running_var, mean, var, count, momentum)
+                with untraced():
+                    update_running_(running_mean, running_var, mean, var, count, momentum)
         else:
             mean, var = running_mean.to(acc).view(1, c, 1), running_var.to(acc).view(1, c, 1)
             d = (xa - mean).mul_(m3)
@@ -182,4 +185,8 @@ def masked_batch_norm(
     if use_kernel("masked_batch_norm", input, mask, running_mean, running_var, weight, bias, training):
         return kernels().unchecked.masked_batch_norm(input, mask, running_mean, running_var, weight, bias, training, momentum, eps)
     m = mask.to(acc_dtype(input.dtype))
-    return _MaskedBatchNorm.apply(input, m, weight, bias, running_mean, running_var, batch_stats, momentum, eps, count)
+    # torch.jit.trace would keep the count as a constant of the traced batch's mask, and a replay
+    # with another mask divide by it; None lets the Function count the mask it is given
+    traced_count = None if torch.jit.is_tracing() else count
+    return _MaskedBatchNorm.apply(input, m, weight, bias, running_mean, running_var, batch_stats, momentum, eps,
+                                  traced_count)

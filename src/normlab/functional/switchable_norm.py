@@ -15,7 +15,7 @@ import torch
 
 from normlab import _checks
 from normlab.functional._core import (acc_dtype, check_channel_input, finite_or_zero, first_order_only,
-                                     memory_format_of, outside_autocast, update_running_)
+                                     memory_format_of, outside_autocast, untraced, update_running_)
 
 
 def _mix(mu_in, var_in, mean_weight, var_weight, running_mean, running_var, use_batch: bool, has_spatial: bool,
@@ -87,7 +87,8 @@ class _SwitchableNorm(torch.autograd.Function):
                  None if use_batch else running_var.detach().clone(), use_batch, s > 1 or x.dim() > 2, ln_shift)
         mean, var, mu_bn, var_bn = _mix(*small)
         if training and running_mean is not None:
-            update_running_(running_mean, running_var, mu_bn.detach() + pivot, var_bn.detach(), n * s, momentum)
+            with untraced():
+                update_running_(running_mean, running_var, mu_bn.detach() + pivot, var_bn.detach(), n * s, momentum)
         rstd = (var + eps).rsqrt()
         scale = rstd if weight is None else rstd * weight.to(acc)
         shift = mu_rel - mean - r.view(n, c)  # x - mean = (d - r) + (mu_in - mean): y = d * scale + offset + bias

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from normlab import _checks
+from normlab import _backend, _checks
 from normlab import functional as NF
 from normlab.nn.batch_norm import _NormBase
 from normlab.reference.batch_renorm import renorm_limits
@@ -21,17 +21,32 @@ class _BatchRenorm(_NormBase):
 
     def limits(self) -> tuple:
         """``(rmax, dmax)`` in force for the next training step (the warm-up ramps them from (1, 0)).
-        Without a warm-up the step count is not read (reading it breaks a ``torch.compile`` graph)."""
+        Without a warm-up the step count is not read (reading it breaks a ``torch.compile`` graph;
+        compiled, exported or traced, the forward takes the ramp as tensors, :meth:`_traced_limits`)."""
         if self.warmup_steps <= 0:
             return float(self.rmax), float(self.dmax)
         return renorm_limits(int(self.num_batches_tracked), self.rmax, self.dmax, self.warmup_steps)
+
+    def _traced_limits(self) -> tuple:
+        """:meth:`limits` as 0-D float64 tensors computed from the step counter, for ``torch.compile``,
+        ``torch.export`` and ``torch.jit.trace``: the Python step count broke the compiled graph,
+        and each step's limits, Python numbers, made a compiler other than "eager" recompile
+        (8 recompiles, dynamo's limit, then eager for good); export refused the count, and a
+        trace froze the limits of the step it saw. The ramp is the same float64 arithmetic, so
+        the limits are the same numbers."""
+        step = self.num_batches_tracked.to(torch.float64)
+        t = (step / self.warmup_steps).clamp(max=1.0)
+        done = step >= self.warmup_steps  # the limits themselves, exactly, once the ramp is over
+        rmax = torch.where(done, float(self.rmax), 1.0 + t * (float(self.rmax) - 1.0))
+        return rmax, torch.where(done, float(self.dmax), t * float(self.dmax))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
         if not self.training:
             return NF.batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias, False,
                                    0.0, self.eps)
-        rmax, dmax = self.limits()
+        traced = _backend._compiling() or torch.jit.is_tracing()
+        rmax, dmax = self._traced_limits() if self.warmup_steps > 0 and traced else self.limits()
         return self._step(lambda momentum, running_mean, running_var: NF.batch_renorm(
             input, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps, rmax, dmax))
 
