@@ -779,18 +779,18 @@ class _TokenMLP(nn.Module):
 
 
 @pytest.mark.parametrize("method", ["auto", "modules", "fx"])
-def test_example_inputs_show_a_linear_whose_batch_norm_gets_3d_inputs(method):
+def test_an_example_input_shows_a_linear_whose_batch_norm_gets_3d_inputs(method):
     model = _TokenMLP(seq_len=4, features=4).double()  # L equal to the features: the channel counts agree
     randomize_bn_(model.body[1])
     model.eval()
     x = torch.randn(3, 4, 5, dtype=torch.float64)
     folded, _ = fold(model, method=method)  # without shapes it cannot tell (the documented limit)
     assert not torch.allclose(folded(x), model(x))
-    folded, report = fold(model, method=method, example_inputs=(x,))
+    folded, report = fold(model, method=method, example_input=x)
     assert not report.folded and report.left[0][0] == "body.1" and "3-D" in report.left[0][1]
     torch.testing.assert_close(folded(x), model(x))
-    # the same pair on (N, features) folds, and a bare tensor is taken for a one-argument tuple
+    # the same pair on (N, features) folds, and a tuple of forward arguments works as well
     flat = nn.Sequential(nn.Linear(5, 4), randomize_bn_(nn.BatchNorm1d(4))).double().eval()
-    folded, report = fold(flat, method=method, example_inputs=x[:, 0])
+    folded, report = fold(flat, method=method, example_input=(x[:, 0],))
     assert report.folded == [("1", "0")]
     torch.testing.assert_close(folded(x[:, 0]), flat(x[:, 0]))

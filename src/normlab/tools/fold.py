@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from normlab.tools.convert import _is_lazy, norm_kind
+from normlab.tools.convert import _input_shapes, _is_lazy, norm_kind
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -306,23 +306,12 @@ def _owner_counts(model: nn.Module) -> Dict[int, int]:
     return {k: len(v) for k, v in owners.items()}
 
 
-def _input_ranks(model: nn.Module, example_inputs: tuple) -> Dict[str, set]:
-    """Per batch norm (by qualified name), the ranks of the inputs it gets when ``model`` runs on
-    ``example_inputs``."""
-    by_id: Dict[int, set] = {}
-
-    def record(m, args):
-        if args and isinstance(args[0], torch.Tensor):
-            by_id.setdefault(id(m), set()).add(args[0].dim())
-
-    handles = [m.register_forward_pre_hook(record) for m in model.modules() if _is_bn(m)]
-    try:
-        with torch.no_grad():
-            model(*example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: by_id[id(m)] for name, m in model.named_modules(remove_duplicate=False) if id(m) in by_id}
+def _input_ranks(model: nn.Module, example_input) -> Dict[str, set]:
+    """Per batch norm (by qualified name), the ranks of the inputs it gets on ``example_input``."""
+    bns = {id(m): m for m in model.modules() if _is_bn(m)}
+    shapes = _input_shapes(model, bns, example_input)
+    return {name: {len(s) for s in shapes[id(m)]} for name, m in model.named_modules(remove_duplicate=False)
+            if id(m) in shapes}
 
 
 def _fold_sequential(model: nn.Module, report: FoldReport, graph: Optional[FoldReport] = None,
@@ -496,7 +485,7 @@ def _join(prefix: str, key: str) -> str:
 
 
 def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: bool = False,
-         example_inputs: Optional[tuple] = None) -> Tuple[nn.Module, FoldReport]:
+         example_input=None) -> Tuple[nn.Module, FoldReport]:
     """Fold every evaluation-mode batch norm into the Conv/ConvTranspose/Linear that feeds it.
 
     ``W' = W * s`` along the output channels and ``b' = (b - running_mean) * s + beta``, with
@@ -539,10 +528,10 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
 
     Note: a ``Linear`` is folded with the ``BatchNorm1d`` after it when the norm's channels are
     the Linear's output features, i.e. for (N, features) activations. fold never sees the
-    activations' shapes unless given ``example_inputs``: a model that applies the pair to
+    activations' shapes unless given ``example_input``: a model that applies the pair to
     (N, L, features) tensors (the norm over L, not per output feature) is left when L differs
     from the Linear's output features, but where they happen to be equal only
-    ``example_inputs`` shows it (the batch norm's input is then 3-D, and the pair is left).
+    ``example_input`` shows it (the batch norm's input is then 3-D, and the pair is left).
 
     Args:
         model: a model in evaluation mode (``model.eval()``).
@@ -553,10 +542,10 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
         method: ``"auto"``, ``"modules"`` or ``"fx"``.
         strict: raise if any batch norm is left unfolded. Default False (left in place and
             reported).
-        example_inputs: positional arguments of one forward (a tensor or a tuple), as for
-            ``torch.ao.quantization``'s ``prepare_fx``: the model runs on them once, under
-            ``no_grad``, so that a Linear -> BatchNorm1d pair whose norm gets more than 2-D
-            inputs is left (see the note). Default None: shapes are not checked.
+        example_input: a tensor (or tuple of forward arguments) run once through the model
+            (without gradients), as :func:`~normlab.tools.convert`'s: a Linear -> BatchNorm1d
+            pair whose norm gets more than 2-D inputs there is left (see the note). Default
+            None: shapes are not checked.
 
     Returns:
         ``(folded_model, report)``: the model (in evaluation mode) and a :class:`FoldReport`.
@@ -578,9 +567,7 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
         raise ValueError(f"fold: method must be 'auto', 'modules' or 'fx', got {method!r}")
     _check_eval(model)
     out = model if inplace else copy.deepcopy(model)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    ranks = {} if example_inputs is None else _input_ranks(out, tuple(example_inputs))
+    ranks = {} if example_input is None else _input_ranks(out, example_input)
     report = FoldReport(method="modules")
     if _is_bn(out):
         report.left.append(("<root>", "the model is a single batch norm layer; nothing feeds it"))
