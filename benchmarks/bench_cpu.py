@@ -94,7 +94,8 @@ def cases(quick: bool):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=positive_int, default=15)
+    ap.add_argument("--rounds", type=positive_int, default=15, help="interleaved timing rounds per measurement; each "
+                                                                    "time is the median over them (default 15)")
     ap.add_argument("--repeat", type=positive_int, default=1, help="measure each case this many times; report medians")
     ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run (written to cpu-quick.json)")
     ap.add_argument("--out", type=Path, default=None, help=f"default {RESULTS} ({RESULTS.stem}-quick.json with --quick)")

@@ -2,7 +2,8 @@
 
 Not a test: it needs a CUDA GPU and prints a table, writing every figure to
 ``benchmarks/results/gpu.json`` (rewritten after each case, so a run cut short keeps what
-it measured).
+it measured); ``--quick`` writes ``gpu-quick.json`` and a subset (``--only``, ``--dtypes``,
+``--no-compile``, ``--no-graph``) ``gpu-partial.json`` instead, unless ``--out`` says where.
 
     python benchmarks/bench_gpu.py            # all shapes, with torch.compile
     python benchmarks/bench_gpu.py --quick    # a subset
@@ -348,10 +349,16 @@ def main(argv=None):
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph (GPU time only) fwd+bwd timings")
     ap.add_argument("--only", type=lambda s: set(s.split(",")), default=None, help="ops, e.g. ln,rms,gn,bn,in")
     ap.add_argument("--dtypes", type=lambda s: set(s.split(",")), default=None, help="e.g. bfloat16,float32")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.json"))
+    ap.add_argument("--out", default=None, help="where to write the results (default: benchmarks/results/gpu.json "
+                                                "for the full run; gpu-quick.json with --quick, gpu-partial.json "
+                                                "with --only, --dtypes, --no-compile or --no-graph)")
     ap.add_argument("--warmup-only", action="store_true", help="compile the kernels of the selected cases; time nothing")
     ap.add_argument("--shard", default=None, help="with --warmup-only: i/n, every n-th case from the i-th")
     args = ap.parse_args(argv)
+    if args.out is None:  # a smoke or partial run must not overwrite the figures RESULTS.md cites
+        partial = args.only or args.dtypes or args.no_compile or args.no_graph
+        tag = "-quick" if args.quick else "-partial" if partial else ""
+        args.out = str(ROOT / "benchmarks" / "results" / f"gpu{tag}.json")
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU")
     warm(args) if args.warmup_only else run(args)

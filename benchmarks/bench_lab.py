@@ -5,11 +5,12 @@
     python benchmarks/bench_lab.py bn-mnist batch-size
 
 Runs everything afresh (no cache) in a temporary folder, builds the report, prints a table
-and writes ``benchmarks/results/lab.json`` for the default run (every experiment, quick scale),
-``lab-<scale>[-<names>].json`` for any other unless ``--json`` says where. Per experiment: the wall time of its runs summed
-over seeds (worker seconds), their CPU seconds, and the slowest seed; for the suite: the
-wall time from start to report on this machine, with the load average before and after
-(other processes on the machine inflate wall time, not CPU time).
+and writes ``benchmarks/results/lab.json`` for the default run (every experiment, quick scale,
+3 seeds), ``lab-<scale>[-<names>][-<K>seed].json`` for any other unless ``--json`` says where.
+Per experiment: the wall time of its runs summed over seeds (worker seconds), their CPU
+seconds, and the slowest seed; for the suite: the wall time from start to report on this
+machine, with the load average before and after (other processes on the machine inflate wall
+time, not CPU time).
 """
 from __future__ import annotations
 
@@ -29,14 +30,16 @@ from _timing import positive_int  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*", help="experiments (default: all)")
-    ap.add_argument("--scale", default="quick")
-    ap.add_argument("--seeds", type=positive_int, default=3)
+    ap.add_argument("--scale", default="quick", help="smoke, quick (default) or full, as `normlab lab run --scale`")
+    ap.add_argument("--seeds", type=positive_int, default=3, help="seeds per experiment (default 3)")
     ap.add_argument("--jobs", type=positive_int, default=None, help="worker processes (default: one per core)")
     ap.add_argument("--json", default=None, help="where to write the results (default: benchmarks/results/lab.json "
-                                                  "for every experiment at quick scale, else lab-<scale>[-<names>].json)")
+                                                  "for every experiment at quick scale with 3 seeds, else "
+                                                  "lab-<scale>[-<names>][-<K>seed].json)")
     args = ap.parse_args()
     if args.json is None:  # a partial run must not overwrite the whole suite's figures
-        tag = "" if not args.names and args.scale == "quick" else "-" + "-".join([args.scale, *args.names])
+        parts = [args.scale, *args.names] + ([f"{args.seeds}seed"] if args.seeds != 3 else [])
+        tag = "" if parts == ["quick"] else "-" + "-".join(parts)
         args.json = str(Path(__file__).parent / "results" / f"lab{tag}.json")
 
     from normlab.lab import experiments, report, runner

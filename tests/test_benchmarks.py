@@ -670,6 +670,26 @@ def test_bench_gpu_main_parses_its_options(gpu_on_cpu, monkeypatch):
     assert (k2, a2.only, a2.shard, a2.out) == ("warm", None, "1/3", str(BENCH / "results" / "gpu.json"))
 
 
+@pytest.mark.parametrize("argv,name", [([], "gpu.json"), (["--quick"], "gpu-quick.json"),
+                                       (["--quick", "--only", "ln"], "gpu-quick.json"),
+                                       (["--only", "ln,gn"], "gpu-partial.json"),
+                                       (["--dtypes", "float32"], "gpu-partial.json"),
+                                       (["--no-compile"], "gpu-partial.json"), (["--no-graph"], "gpu-partial.json")])
+def test_bench_gpu_default_output_keeps_quick_and_partial_runs_off_gpu_json(gpu_on_cpu, monkeypatch, argv, name):
+    """Without --out only the full run writes results/gpu.json (the figures RESULTS.md cites and
+    ``test_committed_gpu_json_agrees_with_the_code_and_results_md`` checks against the full case
+    list); ``--quick`` writes gpu-quick.json and a subset gpu-partial.json beside it (git ignores
+    both), as bench_cpu's --quick does; --out still wins.
+    Wrong version: bench_gpu.py ``args.out`` defaulting to gpu.json whatever the options."""
+    seen = []
+    monkeypatch.setattr(B, "run", lambda args: seen.append(args.out))
+    B.main(argv)
+    B.main([*argv, "--out", "/elsewhere/g.json"])
+    assert seen == [str(BENCH / "results" / name), "/elsewhere/g.json"]
+    ignored = (BENCH.parent / ".gitignore").read_text().splitlines()
+    assert name == "gpu.json" or any(Path(f"benchmarks/results/{name}").match(p) for p in ignored)
+
+
 def test_gpu_session_sh_calls_bench_gpu_with_options_it_accepts(gpu_on_cpu, monkeypatch):
     """Every bench_gpu.py command line of gpu_session.sh parses (a renamed flag would otherwise cost a
     device session), and the script is valid bash."""
@@ -881,11 +901,17 @@ def test_bench_lab_sums_worker_and_cpu_seconds_and_keeps_the_slowest_seed(monkey
 
 @pytest.mark.parametrize("argv,name", [([], "lab.json"), (["--scale", "full"], "lab-full.json"),
                                        (["activations"], "lab-quick-activations.json"),
-                                       (["activations", "rnn", "--scale", "full"], "lab-full-activations-rnn.json")])
+                                       (["activations", "rnn", "--scale", "full"], "lab-full-activations-rnn.json"),
+                                       (["--seeds", "1"], "lab-quick-1seed.json"),
+                                       (["--seeds", "3"], "lab.json"),
+                                       (["--scale", "full", "--seeds", "1"], "lab-full-1seed.json"),
+                                       (["activations", "--seeds", "5"], "lab-quick-activations-5seed.json")])
 def test_bench_lab_default_output_keeps_partial_runs_off_lab_json(monkeypatch, tmp_path, argv, name):
-    """Without --json only the whole suite at quick scale writes results/lab.json; another scale or a
-    subset writes lab-<scale>[-<names>].json, so a partial run cannot overwrite the suite's figures.
-    Wrong version: bench_lab.py ``not args.names and args.scale == "quick"`` -> ``or``."""
+    """Without --json only the whole suite at quick scale with 3 seeds writes results/lab.json; another
+    scale, a subset or another seed count writes lab-<scale>[-<names>][-<K>seed].json, so a partial run
+    cannot overwrite the suite's figures (``--seeds 1`` overwrote them with a one-seed run).
+    Wrong version: bench_lab.py ``not args.names and args.scale == "quick"`` -> ``or``; the
+    ``f"{args.seeds}seed"`` part left out of the name."""
     _fake_lab(monkeypatch, {}, {})
     monkeypatch.setattr(bench_lab, "__file__", str(tmp_path / "bench_lab.py"))
     monkeypatch.setattr(sys, "argv", ["bench_lab.py", *argv])

