@@ -53,7 +53,7 @@ def demo(
 def _add_optional_groups() -> None:
     try:
         from normlab.lab.cli import app as lab_app
-    except ImportError:  # the lab CLI imports nothing of the [lab] extra (its commands say what is missing); the demo works regardless
+    except ImportError:  # its commands import the [lab] extra lazily; the demo works regardless
         return
     app.add_typer(lab_app, name="lab")
 
