@@ -271,3 +271,15 @@ def test_numbers_table_keeps_the_digits_of_tiny_numbers(values, want):
     from normlab.lab.report import _over_seeds
 
     assert _over_seeds(values) == want
+
+
+def test_mean_sd_counts_a_nan_seed_as_nan():
+    """The documented rule: a NaN seed (a diverged run) makes the mean and spread NaN, never silently dropped."""
+    m, s = mean_sd([0.5, float("nan"), 0.7])
+    assert math.isnan(m) and math.isnan(s)
+
+
+def test_one_seed_names_the_first_of_the_seeds_given():
+    from normlab.lab.verdict import one_seed
+    assert one_seed([3, 5, 7]) == "seed 3"
+    assert one_seed() == one_seed([]) == "the first seed"

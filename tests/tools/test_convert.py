@@ -294,7 +294,7 @@ def test_a_registered_target_without_a_bias_argument_gets_its_bias_zeroed_frozen
         def __init__(self, num_features):
             super().__init__()
             self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
+            self.bias = nn.Parameter(torch.full((num_features,), 0.5))  # not 0: convert zeroes it
 
         def forward(self, x):
             shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -416,3 +416,37 @@ def test_a_target_with_running_statistics_from_a_layer_without_them_says_evaluat
     assert norm_kind(out[0]) == "batch" and not out[0].training
     assert any(s.startswith("running statistics:") and "start at mean 0, var 1" in s and "precise_bn" in s
                for s in changes[0].not_copied), changes[0]
+
+
+@pytest.mark.parametrize("source, want", [(nn.InstanceNorm1d(4), nlnn.BatchNorm1d),
+                                          (nn.InstanceNorm2d(4), nlnn.BatchNorm2d),
+                                          (nn.InstanceNorm3d(4), nlnn.BatchNorm3d)], ids=["1d", "2d", "3d"])
+def test_the_spatial_dims_come_from_the_source_class(source, want):
+    assert type(convert(nn.Sequential(source), "batch")[0][0]) is want
+
+
+@pytest.mark.parametrize("to", ["switchable", "layer"])
+def test_a_target_that_depends_on_the_unknown_dims_is_refused_even_with_two_candidates(to):
+    """GroupNorm stores no rank; 'switchable' (SwitchableNorm1d or 2d) and 'layer' (LayerNorm at dim 0,
+    GroupNorm(1, C) with spatial dims) have two possible builds: convert asks for dim= rather than guess."""
+    model = nn.Sequential(nn.GroupNorm(2, 4))
+    with pytest.raises(ValueError, match="pass dim="):
+        convert(model, to)
+    assert type(model[0]) is nn.GroupNorm
+
+
+def test_example_input_leaves_every_modules_mode_as_it_was():
+    """The example runs in eval mode; afterwards every module (not only the converted ones) is back in its mode."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.GroupNorm(2, 4))
+    model[2].eval()
+    out, _ = convert(model, "group:2", only="batch", example_input=torch.randn(2, 3, 5, 5))
+    assert [m.training for m in out] == [True, True, False, True] and out.training
+
+
+def test_a_layer_norm_over_trailing_dims_has_no_local_response_norm_twin():
+    """LocalResponseNorm works for any channel count, but over dim 1 of (N, L, C) it would normalize across
+    positions, not the LayerNorm's features: refused like every other channel-wise target."""
+    model = nn.Sequential(nn.LayerNorm(8))
+    with pytest.raises(ValueError, match="no 'lrn:3' equivalent.*trailing dims"):
+        convert(model, "lrn:3", example_input=torch.randn(2, 5, 8))
+    assert type(model[0]) is nn.LayerNorm

@@ -548,3 +548,94 @@ def test_a_layer_with_no_finite_value_still_plots(tmp_path):
     out = tmp_path / "nan.png"
     mon.plot(str(out))
     assert out.stat().st_size > 0
+
+
+# -- smaller contracts: activation kinds, arguments, and where the reductions draw their lines ----
+
+def test_relu6_outputs_get_zero_and_dead_fractions():
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU6())
+    with torch.no_grad():
+        m[0].bias[:2] = -100.0  # units 0-1 never fire
+    with monitor(m, every=1, modules=["1"]) as mon:
+        m(torch.randn(8, 3)).sum().backward()
+    (r,) = mon.records
+    assert r["dead"] == pytest.approx(0.5) and r["zero"] >= 0.5
+
+
+def test_percentiles_0_and_100_are_the_extremes_and_any_order_is_recorded_sorted():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4))
+    with monitor(m, every=1, percentiles=(100, 50, 0)) as mon:
+        y = m(torch.randn(8, 3))
+    (r,) = mon.records
+    assert list(r["percentiles"]) == ["0", "50", "100"]  # sorted: plots take the first and last as the range
+    assert (r["percentiles"]["0"], r["percentiles"]["100"]) == pytest.approx((r["min"], r["max"]))
+    assert r["percentiles"]["50"] == pytest.approx(np.percentile(y.detach().numpy(), 50), rel=1e-6)
+
+
+def test_an_output_of_exactly_exact_limit_values_is_copied_whole():
+    m = nn.Sequential(nn.Linear(3, 8))
+    with monitor(m, every=1, exact_limit=2 * 8) as mon:  # numel 16 == exact_limit: copied, all values counted
+        m(torch.randn(2, 3))
+    assert sum(mon.records[0]["hist"]["counts"]) == 16
+
+
+def test_a_sparse_gradient_with_a_repeated_index_is_normed_after_summing_its_rows():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Embedding(10, 3, sparse=True))
+    with monitor(m, every=1) as mon:
+        m(torch.tensor([1, 1, 2])).sum().backward()  # uncoalesced: row 1 appears twice
+    assert mon.records[0]["weight_grad_norm"] == pytest.approx(m[0].weight.grad.to_dense().norm().item(), rel=1e-6)
+
+
+def test_a_layer_whose_parameters_are_frozen_still_gets_its_output_gradient_norm():
+    # the backward pass writes no watched parameter's .grad: frozen parameters must not make it look
+    # like a torch.autograd.grad pass, which is ignored
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    m[1].requires_grad_(False)
+    with monitor(m, every=1, modules=["1"]) as mon:
+        m(torch.randn(5, 3)).sum().backward()
+    assert mon.records[0]["grad_norm"] == pytest.approx(10 ** 0.5, rel=1e-6)  # d sum / d y = 1 for 5 x 2 values
+
+
+def test_steps_waiting_for_a_backward_are_held_only_up_to_flush_bytes():
+    m = nn.Sequential(nn.Linear(3, 3))
+    with monitor(m, every=1, flush_bytes=1) as mon:
+        for _ in range(4):
+            m(torch.randn(2, 3))  # never backpropagated
+        # the step in progress is captured on the next read; of the queued ones only the last is held back
+        assert [r["step"] for r in mon.records] == [0, 1]
+
+
+def test_the_captured_copies_hold_no_autograd_graph():
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    with monitor(m, every=1, flush_every=8) as mon:
+        m(torch.randn(2, 3)).sum().backward()
+        assert mon._rows and not any(rows.buf.requires_grad for rows in mon._rows.values())
+
+
+def test_std_of_outputs_far_from_zero_has_no_cancellation_on_the_device_path():
+    torch.manual_seed(0)
+
+    class Offset(nn.Module):
+        def forward(self, x):
+            return x + 1e4
+
+    m = nn.Sequential(nn.Linear(8, 64), Offset())
+    with monitor(m, every=1, exact_limit=0, modules=["1"]) as mon:
+        y = m(torch.randn(512, 8)).detach().double()
+    assert mon.records[0]["std"] == pytest.approx(y.std(unbiased=False).item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("exact_limit", [1 << 16, 0])
+def test_std_of_large_negative_outputs_beyond_float32_squares_is_finite(exact_limit):
+    class Scale(nn.Module):
+        def forward(self, x):
+            return x.abs() * -1e20 - 1e20
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), Scale())
+    with monitor(m, every=1, exact_limit=exact_limit, modules=["1"]) as mon:
+        y = m(torch.randn(32, 8)).detach().double()
+    assert mon.records[0]["std"] == pytest.approx(y.std(unbiased=False).item(), rel=1e-4)

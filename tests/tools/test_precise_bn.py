@@ -157,3 +157,42 @@ def test_a_batch_with_the_wrong_channel_count_names_the_layer(bn):
     with pytest.raises(ValueError, match=r"precise_bn: 1 \(BatchNorm1d\) was built for 3 channels.*shape \(4, 5\)"):
         precise_bn(model, [torch.randn(4, 3), torch.randn(4, 5)])
     torch.testing.assert_close(bn.running_mean, torch.zeros(3))  # untouched
+
+
+def test_an_empty_batch_adds_nothing():
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    m = nn.Sequential(nn.BatchNorm1d(3))
+    assert precise_bn(m, [torch.randn(0, 3), x, torch.randn(0, 3)]) == {"0": 6}
+    torch.testing.assert_close(m[0].running_mean, x.mean(0))
+    torch.testing.assert_close(m[0].running_var, x.var(0, unbiased=True))
+
+
+def test_float64_statistics_far_from_zero_keep_their_variance():
+    """Each batch's M2 is summed around its own mean: x^2 - n mean^2 would cancel to noise at an offset of 1e8."""
+    data = batches(offset=1e8, dtype=torch.float64)
+    m = nn.Sequential(nn.BatchNorm2d(3).double())
+    precise_bn(m, data)
+    _, var, _ = population([x for x, _ in data])
+    torch.testing.assert_close(m[0].running_var, var, rtol=1e-6, atol=0)
+
+
+def test_runs_without_gradients_and_feeds_dict_batches_by_keyword():
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, image, offset=0.0):
+            return self.bn(image - offset)
+
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    k, grad_enabled = Kw(), []
+    k.bn.register_forward_pre_hook(lambda mod, args: grad_enabled.append(torch.is_grad_enabled()))
+    precise_bn(k, [{"offset": 1.0, "image": x}])  # keys in another order than forward's arguments
+    torch.testing.assert_close(k.bn.running_mean, (x - 1.0).mean(0))
+    assert grad_enabled == [False]
+
+
+def test_a_one_dimensional_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"precise_bn: 0 \(BatchNorm1d\) was built for 3 channels.*shape \(3,\)"):
+        precise_bn(nn.Sequential(nn.BatchNorm1d(3)), [torch.randn(3)])

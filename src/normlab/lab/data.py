@@ -209,7 +209,7 @@ def _cached(key: str, make) -> dict:
     try:
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # BadZipFile: a truncated or corrupt archive
         pass
     arrays = make()
     try:
