@@ -99,6 +99,17 @@ def test_batch_renorm_needs_both_running_buffers(which, training):
         NF.batch_renorm(torch.randn(4, 3), rm, rv, training=training)
 
 
+@pytest.mark.parametrize("warmup_steps", [0, 10])
+def test_batch_renorm_layer_with_buffers_set_to_none_says_what_it_needs(warmup_steps):
+    """torch lets a batch norm's buffers be set to None after construction; batch renorm cannot
+    train without them, with or without a warm-up (the warm-up reads the step count), and says so
+    instead of a TypeError from ``int(None)``."""
+    layer = NN.BatchRenorm1d(3, warmup_steps=warmup_steps)
+    layer.running_mean = layer.running_var = layer.num_batches_tracked = None
+    with pytest.raises(ValueError, match=r"needs running_mean and running_var|num_batches_tracked.*got None"):
+        layer(torch.randn(4, 3))
+
+
 def test_batch_renorm_repr_says_bias_false_only_for_an_affine_layer_without_beta():
     """``bias=False`` is a setting of the affine parameters: without them (affine=False) the
     repr does not claim it (the layer was not built with bias=False), and the repr rebuilds

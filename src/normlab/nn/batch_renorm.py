@@ -25,6 +25,10 @@ class _BatchRenorm(_NormBase):
         compiled, exported or traced, the forward takes the ramp as tensors, :meth:`_traced_limits`)."""
         if self.warmup_steps <= 0:
             return float(self.rmax), float(self.dmax)
+        if self.num_batches_tracked is None:  # buffers set to None after construction, as torch allows for BN
+            raise ValueError(f"{type(self).__name__} with warmup_steps={self.warmup_steps} counts its steps in "
+                             "num_batches_tracked (and compares the batch with running_mean and running_var), "
+                             "got None")
         return renorm_limits(int(self.num_batches_tracked), self.rmax, self.dmax, self.warmup_steps)
 
     def _traced_limits(self) -> tuple:
