@@ -458,3 +458,31 @@ def test_instance_norm_leaves_num_batches_tracked_as_torch_does():
     assert ref.num_batches_tracked == int(m.num_batches_tracked) == 7
     assert_close(ref.mean, m.running_mean.numpy())
     assert_close(ref.var, m.running_var.numpy())
+
+
+# ----------------------------------------------------------------------------- eleventh-session audit
+@pytest.mark.parametrize("name", ["batch", "batch_beta", "instance", "group", "layer", "layer_beta", "rms", "renorm",
+                                  "masked", "switchable", "switchable_logits"])
+def test_an_integer_parameter_is_refused_as_weight_norms_g(name):
+    """gamma, beta (and switchable's logits) get their gradients in their own dtype: an integer one
+    was accepted and its gradient came back truncated to integers (dgamma [-2.567, -3.738, 2.647]
+    returned as [-2, -3, 2]). Refused, as weight_norm refuses an integer g and torch an integer
+    tensor that requires grad."""
+    x = randn((4, 3, 5), 0)
+    i3, f3 = np.array([1, 2, 3]), np.ones(3)
+    run = R.RunningStats(np.zeros(3), np.ones(3))
+    calls = {
+        "batch": lambda: R.batch_norm_forward(x, i3, f3),
+        "batch_beta": lambda: R.batch_norm_forward(x, f3, [0, 1, 0]),
+        "instance": lambda: R.instance_norm_forward(x, i3),
+        "group": lambda: R.group_norm_forward(x, 3, i3),
+        "layer": lambda: R.layer_norm_forward(x, 5, np.arange(5)),
+        "layer_beta": lambda: R.layer_norm_forward(x, 5, None, np.arange(5)),
+        "rms": lambda: R.rms_norm_forward(x, 5, np.arange(5)),
+        "renorm": lambda: R.batch_renorm_forward(x, i3, None, run),
+        "masked": lambda: R.masked_batch_norm_forward(x, None, i3),
+        "switchable": lambda: R.switchable_norm_forward(x, i3, None, np.zeros(3), np.zeros(3)),
+        "switchable_logits": lambda: R.switchable_norm_forward(x, None, None, np.zeros(3), np.zeros(3, int)),
+    }
+    with pytest.raises(TypeError, match=r"\((gamma|beta|var_weight)\) expects a floating-point input.*got dtype int"):
+        calls[name]()

@@ -392,11 +392,23 @@ def _float_or_64(dtype) -> np.dtype:
 def check_channel_params(x: np.ndarray, op: str, eps, gamma=None, beta=None, running: Optional[RunningStats] = None,
                          momentum=None) -> None:
     """The argument checks every per-channel reference forward makes: eps >= 0, momentum None or
-    in [0, 1], and gamma, beta and the running statistics one value per channel of ``x``."""
+    in [0, 1], gamma, beta and the running statistics one value per channel of ``x``, and gamma
+    and beta floating-point."""
     _checks.check_eps(eps, op)
     _checks.check_momentum(momentum, op)
     stats = {} if running is None else dict(running_mean=running.mean, running_var=running.var)
     _checks.check_per_channel(x.shape[1], op, any_shape=True, gamma=gamma, beta=beta, **stats)
+    check_float_params(op, gamma=gamma, beta=beta)
+
+
+def check_float_params(op: str, **params) -> None:
+    """TypeError for a learnable parameter that does not hold floating-point numbers: its gradient
+    comes back in its own dtype, so an integer gamma's would be truncated to integers (torch
+    refuses an integer tensor that requires grad). Running statistics are not parameters: they
+    are updated as floats (see :func:`update_running`)."""
+    for name, p in params.items():
+        if p is not None:
+            _checks.check_floating(np.asarray(p), f"{op} ({name})")
 
 
 def per_channel(p: Optional[np.ndarray], ndim: int, axis: int = 1) -> Optional[np.ndarray]:

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import normalize_backward, normalize_forward
+from normlab.reference._core import check_float_params, normalize_backward, normalize_forward
 
 
 def layer_norm_forward(
@@ -34,6 +34,7 @@ def layer_norm_forward(
     # lists too, as the other forwards take them
     gamma, beta = (None if p is None else np.asarray(p) for p in (gamma, beta))
     _checks.check_param_shape(ns, op, gamma=gamma, beta=beta)
+    check_float_params(op, gamma=gamma, beta=beta)
     axes = tuple(range(x.ndim - len(ns), x.ndim))
     y, cache, _ = normalize_forward(x, axes, gamma, beta, eps)
     return y, cache

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import acc_dtype, normalize_backward, normalize_forward
+from normlab.reference._core import acc_dtype, check_float_params, normalize_backward, normalize_forward
 
 
 def rms_norm_forward(
@@ -31,6 +31,7 @@ def rms_norm_forward(
     ns = _checks.check_normalized_shape(x.shape, _checks.as_normalized_shape(normalized_shape, op), op)
     gamma = None if gamma is None else np.asarray(gamma)  # a list too, as the other forwards take
     _checks.check_param_shape(ns, op, gamma=gamma)
+    check_float_params(op, gamma=gamma)
     if eps is None:
         eps = float(np.finfo(acc_dtype(x.dtype)).eps)
     _checks.check_eps(eps, op)

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import RunningStats, check_channel_params, check_grad_shape, check_zero_variance, acc_dtype, centered_moments, inv_std, per_channel, reduce_sum, update_running
+from normlab.reference._core import RunningStats, check_channel_params, check_float_params, check_grad_shape, check_zero_variance, acc_dtype, centered_moments, inv_std, per_channel, reduce_sum, update_running
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -63,6 +63,7 @@ def switchable_norm_forward(
     _checks.check_rank(x.shape, (2, 3, 4, 5), op, "(N, C, *spatial)")
     check_channel_params(x, op, eps, gamma, beta, running, momentum)
     _checks.check_mix_logits(op, mean_weight=np.asarray(mean_weight), var_weight=np.asarray(var_weight))
+    check_float_params(op, mean_weight=mean_weight, var_weight=var_weight)
     nd = x.ndim
     spatial = tuple(range(2, nd))
     if nd > 2:
