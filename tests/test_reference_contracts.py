@@ -486,3 +486,42 @@ def test_an_integer_parameter_is_refused_as_weight_norms_g(name):
     }
     with pytest.raises(TypeError, match=r"\((gamma|beta|var_weight)\) expects a floating-point input.*got dtype int"):
         calls[name]()
+
+
+@pytest.mark.parametrize("name", ["batch", "batch_eval", "instance", "group", "renorm", "renorm_eval", "masked",
+                                  "switchable", "switchable_empty"])
+def test_per_channel_gradients_come_back_in_the_parameters_shapes(name):
+    """The per-channel forwards take gamma and beta of any shape with one value per channel (a
+    broadcastable (1, C, 1) as well as (C,)); dgamma and dbeta came back flat, so ``gamma -= lr *
+    dgamma`` broadcast a (1, 3, 1) gamma to (1, 3, 3), which the next forward refused (as for
+    weight_norm's dg). Now each gradient has its parameter's shape, and the same values."""
+    x = randn((4, 3, 5), 0)
+    dy = randn(x.shape, 1)
+    run = R.RunningStats(np.zeros(3), np.ones(3))
+    w3 = np.array([0.3, -0.5, 0.8])
+    calls = {
+        "batch": (lambda g, b: R.batch_norm_forward(x, g, b, run), R.batch_norm_backward),
+        "batch_eval": (lambda g, b: R.batch_norm_forward(x, g, b, run, training=False), R.batch_norm_backward),
+        "instance": (lambda g, b: R.instance_norm_forward(x, g, b), R.instance_norm_backward),
+        "group": (lambda g, b: R.group_norm_forward(x, 3, g, b), R.group_norm_backward),
+        "renorm": (lambda g, b: R.batch_renorm_forward(x, g, b, run, rmax=1.2, dmax=0.1), R.batch_renorm_backward),
+        "renorm_eval": (lambda g, b: R.batch_renorm_forward(x, g, b, run, training=False), R.batch_renorm_backward),
+        "masked": (lambda g, b: R.masked_batch_norm_forward(x, np.arange(5) < np.array([[5], [2], [3], [4]]), g, b),
+                   R.masked_batch_norm_backward),
+        "switchable": (lambda g, b: R.switchable_norm_forward(x, g, b, w3, w3, run), R.switchable_norm_backward),
+    }
+    if name == "switchable_empty":  # an input with no positions (evaluation): zero gradients, same shapes
+        x, dy = np.zeros((2, 3, 0)), np.zeros((2, 3, 0))
+        name = "switchable"
+        calls[name] = (lambda g, b: R.switchable_norm_forward(x, g, b, w3, w3, run, training=False),
+                       R.switchable_norm_backward)
+    forward, backward = calls[name]
+    g, b = np.array([1.5, 2.0, 0.5]), np.array([0.1, -0.2, 0.3])
+    want = backward(dy, forward(g, b)[1])
+    got = backward(dy, forward(g.reshape(1, 3, 1), b.reshape(3, 1))[1])
+    assert got[1].shape == (1, 3, 1) and got[2].shape == (3, 1)
+    np.testing.assert_array_equal(got[1].reshape(-1), want[1])
+    np.testing.assert_array_equal(got[2].reshape(-1), want[2])
+    assert want[1].shape == want[2].shape == (3,)
+    only_gamma = backward(dy, forward(g.reshape(3, 1), None)[1])
+    assert only_gamma[1].shape == (3, 1) and only_gamma[2] is None

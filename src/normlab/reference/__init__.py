@@ -7,7 +7,8 @@ globals. The batch/layer/instance/group/RMS/masked family is written once in
 :mod:`normlab.reference._core`; each technique only says which axes it reduces.
 
 Dtypes, as torch's autograd: ``y`` and ``dx`` in the input's dtype, each parameter's gradient
-in that parameter's dtype, running statistics in their own (integers become float64).
+in that parameter's dtype and shape (per-channel ones may come in any shape with one value per
+channel), running statistics in their own (integers become float64).
 Statistics accumulate in float32 for float16 input. Nothing writes into the caller's arrays and
 every gradient is a fresh array; a cache may keep references to the caller's ``x`` and
 parameters, so change those in place between a forward and its backward and the gradients follow.

@@ -154,6 +154,7 @@ class NormCache:
     shift: Optional[np.ndarray] = None
     bias_shape: Optional[tuple] = None  # None: there was no bias (and no gradient for one)
     bias_dtype: Optional[np.dtype] = None  # a parameter's gradient has the parameter's dtype
+    given_shapes: tuple = (None, None)  # gamma's and beta's shapes as the caller gave them (see param_grads)
 
     @property
     def xhat(self) -> np.ndarray:
@@ -420,5 +421,14 @@ def per_channel(p: Optional[np.ndarray], ndim: int, axis: int = 1) -> Optional[n
     return np.asarray(p).reshape(shape)
 
 
-def flat(p: Optional[np.ndarray]) -> Optional[np.ndarray]:
-    return None if p is None else p.reshape(-1)
+def given_shapes(*params) -> tuple:
+    """The shapes per-channel parameters came in (``None`` for one not given): any shape with one
+    value per channel is taken, and :func:`param_grads` gives each gradient that shape back."""
+    return tuple(None if p is None else np.shape(p) for p in params)
+
+
+def param_grads(grads, shapes) -> tuple:
+    """Per-channel gradients in their parameters' own shapes (as :func:`given_shapes` recorded them;
+    1-D where none was recorded), so ``gamma -= lr * dgamma`` updates gamma and nothing else: a
+    (1, C, 1, 1) gamma minus a (C,) gradient would broadcast to (1, C, 1, C)."""
+    return tuple(None if g is None else g.reshape(-1 if s is None else s) for g, s in zip(grads, shapes))

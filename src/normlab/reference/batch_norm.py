@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import RunningStats, check_channel_params, flat, normalize_backward, normalize_forward, per_channel, update_running
+from normlab.reference._core import RunningStats, check_channel_params, given_shapes, param_grads, normalize_backward, normalize_forward, per_channel, update_running
 
 
 def batch_norm_forward(
@@ -52,10 +52,11 @@ def batch_norm_forward(
     else:
         stats = (per_channel(running.mean, x.ndim), per_channel(running.var, x.ndim), None)
         y, cache, _ = normalize_forward(x, axes, w, b, eps, stats=stats, batch_stats=False)
+    cache.given_shapes = given_shapes(gamma, beta)
     return y, cache, running
 
 
 def batch_norm_backward(dy: np.ndarray, cache):
     """Backward pass: ``(dx, dgamma, dbeta)`` (``dgamma``/``dbeta`` are ``None`` without affine)."""
     dx, dw, db = normalize_backward(dy, cache)
-    return dx, flat(dw), flat(db)
+    return (dx,) + param_grads((dw, db), cache.given_shapes)

@@ -26,9 +26,10 @@ from normlab.reference._core import (
     RunningStats,
     centered_moments,
     check_channel_params,
-    flat,
+    given_shapes,
     normalize_backward,
     normalize_forward,
+    param_grads,
     per_channel,
     update_running,
 )
@@ -71,6 +72,7 @@ def batch_renorm_forward(
     rm, rv = per_channel(running.mean, x.ndim), per_channel(running.var, x.ndim)
     if not training:
         y, cache, _ = normalize_forward(x, axes, w, b, eps, stats=(rm, rv, None), batch_stats=False)
+        cache.given_shapes = given_shapes(gamma, beta)
         return y, cache, running
     _checks.check_enough_values(x.shape, axes, op)
     mean, var, n, centered = centered_moments(x, axes)
@@ -79,10 +81,11 @@ def batch_renorm_forward(
     r = np.clip(np.sqrt(var + eps) / sigma, 1.0 / rmax, rmax).astype(mean.dtype, copy=False)
     d = np.clip((mean - rm.astype(mean.dtype)) / sigma, -dmax, dmax).astype(mean.dtype, copy=False)
     y, cache, _ = normalize_forward(x, axes, w, b, eps, stats=(mean, var, n), scale=r, shift=d, centered=centered)
+    cache.given_shapes = given_shapes(gamma, beta)
     return y, cache, update_running(running, mean, var, n, momentum)
 
 
 def batch_renorm_backward(dy: np.ndarray, cache):
     """Backward pass: ``(dx, dgamma, dbeta)`` with r and d held constant."""
     dx, dw, db = normalize_backward(dy, cache)
-    return dx, flat(dw), flat(db)
+    return (dx,) + param_grads((dw, db), cache.given_shapes)

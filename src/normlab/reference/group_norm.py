@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import check_channel_params, check_grad_shape, flat, normalize_backward, normalize_forward
+from normlab.reference._core import check_channel_params, check_grad_shape, given_shapes, param_grads, normalize_backward, normalize_forward
 
 
 def _grouped_param(p, num_groups, ndim):
@@ -40,6 +40,7 @@ def group_norm_forward(
         xg, axes, _grouped_param(gamma, num_groups, xg.ndim), _grouped_param(beta, num_groups, xg.ndim), eps
     )
     cache.shape = x.shape
+    cache.given_shapes = given_shapes(gamma, beta)
     return y.reshape(x.shape), cache
 
 
@@ -47,4 +48,4 @@ def group_norm_backward(dy: np.ndarray, cache):
     """Backward pass: ``(dx, dgamma, dbeta)``."""
     check_grad_shape(dy, cache.shape)  # before the reshape, which would take any dy of the right size
     dx, dw, db = normalize_backward(np.asarray(dy).reshape(cache.u.shape), cache)
-    return dx.reshape(cache.shape), flat(dw), flat(db)
+    return (dx.reshape(cache.shape),) + param_grads((dw, db), cache.given_shapes)

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import RunningStats, check_channel_params, flat, normalize_backward, normalize_forward, per_channel, update_running
+from normlab.reference._core import RunningStats, check_channel_params, given_shapes, param_grads, normalize_backward, normalize_forward, per_channel, update_running
 
 
 def masked_batch_norm_forward(
@@ -57,10 +57,11 @@ def masked_batch_norm_forward(
     else:
         stats = (per_channel(running.mean, 3), per_channel(running.var, 3), None)
         y, cache, _ = normalize_forward(x, (0, 2), w, b, eps, mask=m3, stats=stats, batch_stats=False)
+    cache.given_shapes = given_shapes(gamma, beta)
     return y, cache, running
 
 
 def masked_batch_norm_backward(dy: np.ndarray, cache):
     """Backward pass: ``(dx, dgamma, dbeta)``; ``dx`` is 0 at padded positions."""
     dx, dw, db = normalize_backward(dy, cache)
-    return dx, flat(dw), flat(db)
+    return (dx,) + param_grads((dw, db), cache.given_shapes)

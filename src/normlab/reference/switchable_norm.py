@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from normlab import _checks
-from normlab.reference._core import RunningStats, check_channel_params, check_float_params, check_grad_shape, check_zero_variance, acc_dtype, centered_moments, inv_std, per_channel, reduce_sum, update_running
+from normlab.reference._core import RunningStats, check_channel_params, check_float_params, given_shapes, param_grads, check_grad_shape, check_zero_variance, acc_dtype, centered_moments, inv_std, per_channel, reduce_sum, update_running
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -103,7 +103,7 @@ def switchable_norm_forward(
     # a parameter's gradient has the parameter's dtype, as in torch
     dtypes = [None if p is None else np.asarray(p).dtype for p in (gamma, beta, mean_weight, var_weight)]
     cache = dict(x=x, centered=centered, shift=shift, rstd=rstd, gamma=gamma, has_beta=beta is not None, wm=wm,
-                 wv=wv, dtypes=dtypes, use_batch=use_batch, n_in=n_in, stats=((mu_in, var_in), (mu_ln, var_ln), (mu_bn, var_bn)), c=c)
+                 wv=wv, dtypes=dtypes, shapes=given_shapes(gamma, beta), use_batch=use_batch, n_in=n_in, stats=((mu_in, var_in), (mu_ln, var_ln), (mu_bn, var_bn)), c=c)
     return y.astype(x.dtype, copy=False), cache, running
 
 
@@ -126,8 +126,9 @@ def switchable_norm_backward(dy: np.ndarray, cache):
     check_grad_shape(dy, x.shape)
     dt = c["dtypes"]
     if x.size == 0:  # an empty output (evaluation): every gradient is a sum of nothing
-        return (np.zeros(x.shape, x.dtype), None if c["gamma"] is None else np.zeros(c["c"], dt[0]),
-                np.zeros(c["c"], dt[1]) if c["has_beta"] else None, np.zeros(3, dt[2]), np.zeros(3, dt[3]))
+        return ((np.zeros(x.shape, x.dtype),) + param_grads((None if c["gamma"] is None else np.zeros(c["c"], dt[0]),
+                                                            np.zeros(c["c"], dt[1]) if c["has_beta"] else None), c["shapes"])
+                + (np.zeros(3, dt[2]), np.zeros(3, dt[3])))
     dy = np.asarray(dy).astype(rstd.dtype, copy=False)
     # per (sample, channel): sum(dy) and sum(dy * xhat), with xhat = (centered + shift) * rstd
     s_dy = reduce_sum(dy, spatial) if spatial else dy
@@ -164,6 +165,6 @@ def switchable_norm_backward(dy: np.ndarray, cache):
     dmean_weight = wm * (gm - (wm * gm).sum())  # the sum is ~0: it takes out what rounding left of the mean
     gv = np.array([(dvar * s[1]).sum() for s in c["stats"]])
     dvar_weight = wv * (gv - (wv * gv).sum())
-    grads = (dgamma, dbeta, dmean_weight, dvar_weight)
+    grads = param_grads((dgamma, dbeta), c["shapes"]) + (dmean_weight, dvar_weight)
     return (dx.astype(x.dtype, copy=False),) + tuple(None if g is None else g.astype(t, copy=False)
                                                      for g, t in zip(grads, dt))
