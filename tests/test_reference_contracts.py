@@ -525,3 +525,18 @@ def test_per_channel_gradients_come_back_in_the_parameters_shapes(name):
     assert want[1].shape == want[2].shape == (3,)
     only_gamma = backward(dy, forward(g.reshape(3, 1), None)[1])
     assert only_gamma[1].shape == (3, 1) and only_gamma[2] is None
+
+
+@pytest.mark.parametrize("dim", [1, -2, 5])
+def test_one_d_spectral_norm_refuses_an_out_of_range_dim_as_torch(dim):
+    """A 1-D weight is divided by its norm whatever dim says, so its dim was never checked: dim=5
+    went through, where torch's parametrizations.spectral_norm raises IndexError (as the
+    reference already did for 2-D weights)."""
+    with pytest.raises(IndexError, match=rf"spectral_norm: dim must be in \[-1, 0\] for a 1-D weight, got {dim}"):
+        R.spectral_norm_forward(randn(3, 0), None, None, dim=dim)
+    lin = torch.nn.Linear(3, 1)
+    lin.weight = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(IndexError):
+        torch.nn.utils.parametrizations.spectral_norm(lin, dim=dim)
+    for ok in (0, -1):
+        R.spectral_norm_forward(randn(3, 0), None, None, dim=ok)

@@ -48,11 +48,11 @@ def spectral_norm_forward(w: np.ndarray, u: np.ndarray, v: np.ndarray, *, n_powe
     _checks.check_floating(w, op, "array")
     _checks.check_positive_int(n_power_iterations, op, "n_power_iterations")  # torch refuses 0 too
     _checks.check_eps(eps, op, "the smallest norm it divides by")
+    dim = _checks.check_dim(dim, w.ndim, op)  # torch takes a negative dim too, and refuses one out of range, 1-D too
     if w.ndim == 1:  # the norm in float64 (float16 squares overflow from |w| = 256)
         raw = float(np.linalg.norm(w.astype(np.float64)))
         norm = max(raw, eps)
         return (w / norm).astype(w.dtype, copy=False), dict(w=w, norm=norm, clamped=raw < eps, one_d=True), (u, v)
-    dim = _checks.check_dim(dim, w.ndim, op)  # torch takes a negative dim too
     wm = as_matrix(w, dim).astype(np.float64)  # float16's squares overflow (sigma above ~256: NaN)
     for name, vec, n in (("u", u, wm.shape[0]), ("v", v, wm.shape[1])):
         if np.shape(vec) != (n,):
