@@ -540,3 +540,16 @@ def test_one_d_spectral_norm_refuses_an_out_of_range_dim_as_torch(dim):
         torch.nn.utils.parametrizations.spectral_norm(lin, dim=dim)
     for ok in (0, -1):
         R.spectral_norm_forward(randn(3, 0), None, None, dim=ok)
+
+
+def test_rms_norm_eps_zero_message_names_the_group_of_zeros():
+    """RMS norm divides by the root mean square: with eps=0 a row of zeros is what divides 0 by 0
+    (a row of equal values such as [2, 2, 2] normalizes to ones). The message said "values are all
+    equal (variance 0)", the batch norm cause, pointing at the wrong rows."""
+    x = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match=r"eps=0 divides 0 by 0 where a normalized group's values are all 0 "
+                                         r"\(mean square 0\): 1 of 2 groups"):
+        R.rms_norm_forward(x, 3, eps=0)
+    np.testing.assert_allclose(R.rms_norm_forward(np.full((1, 3), 2.0), 3, eps=0)[0], np.ones((1, 3)))
+    with pytest.raises(ValueError, match=r"all equal \(variance 0\)"):
+        R.layer_norm_forward(np.full((1, 3), 2.0), 3, eps=0)

@@ -217,7 +217,7 @@ def normalize_forward(
             if m is not None:
                 u = np.where(m != 0, u, 0)  # not u * m: a NaN or inf where the mask is 0 must give 0
     if batch_stats:
-        check_zero_variance(var, eps)
+        check_zero_variance(var, eps, center)
     rstd = inv_std(var, eps)
     renorm = scale is not None
     if weight is None or constant_along(weight.shape, x.ndim, axes):
@@ -264,11 +264,13 @@ def inv_std(var: np.ndarray, eps) -> np.ndarray:
     return 1.0 / np.sqrt(var + np.asarray(eps, dtype=var.dtype))
 
 
-def check_zero_variance(var: np.ndarray, eps) -> None:
+def check_zero_variance(var: np.ndarray, eps, center: bool = True) -> None:
     """A clear error instead of NaN outputs: with ``eps=0`` a group whose values are all equal
-    (variance 0) divides 0 by 0."""
+    (variance 0) divides 0 by 0; without centring (RMS norm, where ``var`` is the mean square)
+    a group of zeros does."""
     if eps == 0 and np.any(var == 0):
-        raise ValueError(f"eps=0 divides 0 by 0 where a normalized group's values are all equal (variance 0): "
+        what = "values are all equal (variance 0)" if center else "values are all 0 (mean square 0)"
+        raise ValueError(f"eps=0 divides 0 by 0 where a normalized group's {what}: "
                          f"{int(np.sum(var == 0))} of {var.size} groups here; pass eps > 0")
 
 
