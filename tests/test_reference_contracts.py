@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from normlab import functional as NF
 from normlab import reference as R
 from helpers import assert_close, assert_lowp_close, big_mean_input, randn, t, torch_grads
 from helpers import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
@@ -534,6 +535,8 @@ def test_one_d_spectral_norm_refuses_an_out_of_range_dim_as_torch(dim):
     reference already did for 2-D weights)."""
     with pytest.raises(IndexError, match=rf"spectral_norm: dim must be in \[-1, 0\] for a 1-D weight, got {dim}"):
         R.spectral_norm_forward(randn(3, 0), None, None, dim=dim)
+    with pytest.raises(IndexError, match=rf"spectral_norm: dim must be in \[-1, 0\] for a 1-D weight, got {dim}"):
+        NF.spectral_norm(torch.ones(3), None, None, dim=dim)  # the functional tier had the same gap
     lin = torch.nn.Linear(3, 1)
     lin.weight = torch.nn.Parameter(torch.ones(3))
     with pytest.raises(IndexError):

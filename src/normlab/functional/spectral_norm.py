@@ -31,6 +31,7 @@ def spectral_norm(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: i
     """``weight / sigma`` with ``sigma = u^T W v`` (``u``, ``v`` held constant); a 1-D weight is
     divided by its norm."""
     if weight.dim() == 1:
+        _checks.check_dim(dim, 1, "spectral_norm")  # as torch's parametrization and the 2-D path: out of range is refused
         return F.normalize(weight, dim=0, eps=eps)
     sigma = torch.vdot(u, torch.mv(weight_as_matrix(weight, dim), v))
     return weight / sigma
