@@ -147,3 +147,15 @@ def test_padding_rule_needs_growth_with_padding():
         r["probe"]["batch_mean"] = [0.0, 0.8, 0.8, 0.8, 0.8]
     v = _decide("padding", runs)
     assert v.label == NOT_REPRODUCED and "the more padding" in v.reason
+
+
+@pytest.mark.parametrize("depths", [(4, 4), (3, 3, 3)])
+def test_transformer_refuses_probe_depths_that_are_one_depth_repeated(depths):
+    """The gradient part of the verdict divides the post/pre ratio at the largest depth by the one at the
+    smallest: with a single distinct depth that is a number over itself, growth 1.00 and "not reproduced"
+    whatever the model does, so such a config is refused up front, as a single depth is."""
+    from normlab.lab.experiments import transformer
+
+    with pytest.raises(ValueError, match="at least two different depths"):
+        transformer.validate(transformer.Config(probe_depths=depths))
+    transformer.validate(transformer.Config(probe_depths=(2, 4)))  # two different depths still pass

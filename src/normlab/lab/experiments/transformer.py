@@ -106,8 +106,9 @@ def validate(config: Config) -> None:
         raise ValueError(f"d_model={config.d_model} must be divisible by nhead={config.nhead}")
     for n in config.norms:
         models.SequenceNorm(n, 4)  # raises ValueError for a bad spec
-    if len(config.probe_depths) < 2 or min(config.probe_depths) < 1:
-        raise ValueError("probe_depths needs at least two depths >= 1")
+    if len(set(config.probe_depths)) < 2 or min(config.probe_depths) < 1:
+        # the verdict compares the smallest depth with the largest: one depth twice compares a number with itself
+        raise ValueError(f"probe_depths needs at least two different depths >= 1, got {config.probe_depths}")
     if config.evals < 2:
         raise ValueError("evals must be at least 2 ('final' is the mean of the last two)")
     if config.data != "mnist":  # (full MNIST is read from --data-dir when the runs start: 784 = 28 * 28)
