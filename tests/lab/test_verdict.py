@@ -119,6 +119,19 @@ def test_init_scale_rule():
     assert _decide("init-scale", small, robust_margin=0.02).label == REPRODUCED
 
 
+@pytest.mark.parametrize("scales,needle", [("-0.1,1", "must be positive"), ("0,1", "must be positive"),
+                                           ("0.1", "at least 2 different scales"),
+                                           ("0.1,0.1", "at least 2 different scales")])
+def test_init_scale_refuses_scales_that_fail_every_run_or_measure_nothing(scales, needle):
+    """A negative scale (a standard deviation) failed inside every run with torch's 'normal expects std >= 0.0';
+    one scale (or one repeated) gave a range over the scales of 0 for both nets, so the verdict's second part
+    was "not reproduced" whatever the nets did. Both are refused before any training."""
+    e = experiments.get("init-scale")
+    with pytest.raises(experiments.ConfigError, match=needle):
+        e.validate(e.config("smoke", {"scales": scales}))
+    e.validate(e.config("smoke", {"scales": "0.001,1"}))
+
+
 def _batch_size(bn, gn):
     norms = ("batch", "group:4", "layer", "instance", "batch_renorm")
     return [{n: {str(b): {"final_acc": (bn if n == "batch" else gn)[i] + (d if n == "batch" else 0)}

@@ -51,6 +51,13 @@ DATA_PARALLEL = True  # --nproc N: run() trains only through training.train, the
 NORMS = {"plain": "none", "bn": "batch"}
 
 
+def validate(config: Config) -> None:
+    if any(not s > 0 for s in config.scales):  # standard deviations, on a log axis (a negative one failed every run)
+        raise ValueError(f"scales are standard deviations of the weights and must be positive, got {config.scales}")
+    if len(set(config.scales)) < 2:  # one scale: the range over scales is 0 for both nets, a verdict about nothing
+        raise ValueError(f"scales needs at least 2 different scales (robustness is across scales), got {config.scales}")
+
+
 def run(config: Config, seed: int, progress) -> dict:
     ds = lab_data.load(config.data).flat().subset(n_train=config.n_train)
     tensors = training.Tensors.of(ds)
