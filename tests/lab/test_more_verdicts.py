@@ -176,3 +176,21 @@ def test_spectral_gan_rule():
     swapped = _gan({("E", "plain"): 0.3, ("E", "sn"): 0.5, ("F", "plain"): 0.4, ("F", "sn"): 0.0},
                    {("E", "plain"): 6, ("E", "sn"): 8, ("F", "plain"): 8, ("F", "sn"): 0})
     assert _decide("spectral-gan", swapped).label == NOT_REPRODUCED
+
+
+@pytest.mark.parametrize("name,setting,needle", [
+    ("activations", {"weight_std": "-1"}, "weight_std is the weights' standard deviation and must be positive"),
+    ("activations", {"weight_std": "0"}, "weight_std is the weights' standard deviation and must be positive"),
+    ("invariance", {"shift_std": "-1"}, "shift_std is the re-centering vectors' standard deviation"),
+    ("invariance", {"shift_std": "0"}, "shift_std is the re-centering vectors' standard deviation"),
+    ("invariance", {"tolerance": "0"}, "tolerance must be positive"),
+    ("spectral-gan", {"std": "0"}, "std is the modes' standard deviation and must be positive"),
+    ("spectral-gan", {"std": "-0.05"}, "std is the modes' standard deviation and must be positive")])
+def test_standard_deviations_that_fail_every_run_or_decide_the_verdict_are_refused(name, setting, needle):
+    """A negative weight_std / shift_std failed inside every run with NumPy's bare 'scale < 0'; 0 made the
+    activations' gradient ratio 0/0 and the invariance re-centerings the identity; a tolerance of 0 leaves no
+    cell Inv and a mode std <= 0 no sample good: each a "not reproduced" whatever was measured."""
+    e = experiments.get(name)
+    with pytest.raises(experiments.ConfigError, match=needle):
+        e.validate(e.config("smoke", setting))
+    e.validate(e.config("smoke"))

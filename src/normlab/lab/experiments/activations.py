@@ -76,6 +76,8 @@ def _forward_backward(x, weights, r, bn: bool) -> tuple:
 def validate(config: Config) -> None:
     if config.n < 2:
         raise ValueError(f"n is the batch whose statistics batch norm uses and must be at least 2, got {config.n}")
+    if not config.weight_std > 0:  # negative: numpy's "scale < 0" in every run; 0: no signal, a log10 of 0 / 0
+        raise ValueError(f"weight_std is the weights' standard deviation and must be positive, got {config.weight_std}")
 
 
 def run(config: Config, seed: int, progress) -> dict:

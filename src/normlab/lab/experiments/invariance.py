@@ -81,6 +81,11 @@ def validate(config: Config) -> None:
         raise ValueError(f"delta_range must be (low, high) with 0 < low <= high, got {config.delta_range}")
     if config.n < 3 or config.h < 3:
         raise ValueError("need n >= 3 cases and h >= 3 units (batch and layer statistics of 2 values are degenerate)")
+    if not config.shift_std > 0:  # negative: numpy's "scale < 0" in every run; 0: the re-centerings move nothing
+        raise ValueError(f"shift_std is the re-centering vectors' standard deviation and must be positive, "
+                         f"got {config.shift_std}")
+    if not config.tolerance > 0:  # a cell is Inv when its change is below it: at 0 no cell can be
+        raise ValueError(f"tolerance must be positive, got {config.tolerance}")
 
 
 # -- the normalized summed inputs, twice ---------------------------------------------------------

@@ -88,6 +88,8 @@ def validate(config: Config) -> None:
                          f"got {config.settings}")
     if config.n_dis < 0:
         raise ValueError(f"n_dis must be >= 0 (0: the paper's per setting), got {config.n_dis}")
+    if not config.std > 0:  # a sample is good within 3 std of a mode: at std <= 0 none can be, whatever the GAN does
+        raise ValueError(f"std is the modes' standard deviation and must be positive, got {config.std}")
 
 
 def centers(config: Config) -> torch.Tensor:
