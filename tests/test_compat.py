@@ -428,3 +428,24 @@ def test_a_channels_last_input_gives_the_layout_torch_gives(name, training):
     (dx2,) = torch.autograd.grad(y2, x2, dy.contiguous())
     torch.testing.assert_close(y, y2)
     torch.testing.assert_close(dx, dx2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("call", ["layer", "functional"])
+def test_an_empty_batch_leaves_instance_norms_running_statistics_alone(call, dtype):
+    """InstanceNorm with track_running_stats=True on an empty batch (N = 0) in training: torch's
+    update averages the per-instance statistics over 0 samples and writes NaN into both running
+    buffers, so every later evaluation output is NaN. Batch norm leaves them on an empty batch;
+    so does normlab's instance norm now."""
+    x = torch.randn(0, 3, 5, dtype=dtype)
+    if call == "layer":
+        m = NN.InstanceNorm1d(3, track_running_stats=True)
+        y = m(x)
+        rm, rv = m.running_mean, m.running_var
+        assert torch.isfinite(m.eval()(torch.randn(2, 3, 5, dtype=dtype))).all()
+    else:
+        rm, rv = torch.zeros(3), torch.ones(3)
+        y = NF.instance_norm(x, rm, rv, use_input_stats=True)
+    assert y.shape == x.shape and y.dtype == dtype
+    torch.testing.assert_close(rm, torch.zeros(3))
+    torch.testing.assert_close(rv, torch.ones(3))

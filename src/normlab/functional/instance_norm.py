@@ -30,6 +30,11 @@ def instance_norm(
         # an input with no positions at all passes (an empty output, as torch gives)
         _checks.check_enough_values(input.shape, tuple(range(2, input.dim())), op, "per instance (spatial positions)",
                                     allow_empty=True, running_stats=running_mean is not None)
+        if input.shape[0] == 0:
+            # no instances: torch's update averages the instance statistics over 0 samples, which
+            # writes NaN into the running buffers (every later evaluation output NaN); leave them
+            # as they are, as batch norm does for an empty batch
+            running_mean = running_var = None
         if running_mean is None and running_var is None:
             if use_kernel("instance_norm", input, weight, bias):
                 return kernels().unchecked.instance_norm(input, weight, bias, eps)
