@@ -364,3 +364,11 @@ def test_eps_of_any_real_scalar_type_is_accepted():
     assert NN.MaskedBatchNorm1d(3, eps=0).eps == 0
     with pytest.raises(ValueError, match=r"eps must be a number >= 0.*eps='small'"):
         NN.BatchNorm1d(3, eps="small")
+
+
+def test_a_mask_on_another_device_than_the_input_says_so():
+    """The mask must live where the input does: a mask on another device failed with a bare
+    'Cannot copy out of meta tensor; no data!' (meta) or a device mismatch inside bmm (CUDA)."""
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"mask on the input's device \(cpu\), got a mask on meta"):
+        NN.MaskedBatchNorm1d(3)(x, torch.ones(2, 4, dtype=BOOL, device="meta"))

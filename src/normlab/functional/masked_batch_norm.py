@@ -161,7 +161,7 @@ def masked_batch_norm(
     """Batch normalization of an (N, C, L) input over the positions where ``mask`` (N, L) is True.
 
     ``mask=None`` is plain :func:`normlab.functional.batch_norm`. Raises if the mask has the
-    wrong shape or dtype, if a sequence (or the whole batch) is all padding, or if training
+    wrong shape, dtype or device, if a sequence (or the whole batch) is all padding, or if training
     sees a single valid position.
     """
     op = "masked_batch_norm"
@@ -173,6 +173,8 @@ def masked_batch_norm(
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{op} expects the mask as a torch.Tensor (bool, shape (N, L)), got {type(mask).__name__}")
     _checks.check_mask(input.shape, mask, op)
+    if mask.device != input.device:  # else a bare "no data" (meta) or a device mismatch deep in bmm
+        raise ValueError(f"{op} expects the mask on the input's device ({input.device}), got a mask on {mask.device}")
     if input.shape[0] == 0:  # no sequences (none all padding): batch norm on an empty batch
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     valid_per_row = mask.sum(dim=1).tolist()

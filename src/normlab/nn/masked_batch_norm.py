@@ -20,7 +20,7 @@ class MaskedBatchNorm1d(_NormBase):
     positions of the output are 0** and receive no gradient. ``mask=None`` or an all-True
     mask is exactly ``BatchNorm1d``.
 
-    Errors: a mask of the wrong shape or dtype, a sequence or a whole batch that is all
+    Errors: a mask of the wrong shape, dtype or device, a sequence or a whole batch that is all
     padding, a single valid position in training.
 
     Args:
