@@ -153,3 +153,12 @@ def test_functional_inplace_flags_write_into_the_input_as_torchs():
     torch.manual_seed(3)
     F.alpha_dropout(x2, 0.4, True, True)
     assert y1.data_ptr() == x1.data_ptr() and torch.equal(x1, x2)
+
+
+@pytest.mark.parametrize("shape", [(5, 0), (0, 5), (4, 0, 3, 3)])
+def test_lecun_normal_of_a_zero_element_weight_is_a_no_op_as_torchs_init(shape):
+    """torch.nn.init's initializers leave a zero-element tensor alone with a warning; lecun_normal_
+    raised ZeroDivisionError where fan_in is 0 (``nn.Linear(0, 5).weight``)."""
+    w = torch.empty(shape)
+    with pytest.warns(UserWarning, match="zero-element"):
+        assert NN.lecun_normal_(w) is w

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -61,7 +62,12 @@ class AlphaDropout(nn.Module):
 
 
 def lecun_normal_(tensor: torch.Tensor) -> torch.Tensor:
-    """Fill ``tensor`` in place from ``N(0, 1 / fan_in)`` (the initialization SELU networks need)."""
+    """Fill ``tensor`` in place from ``N(0, 1 / fan_in)`` (the initialization SELU networks need).
+    A tensor with no elements (e.g. ``nn.Linear(0, 8).weight``, fan_in 0) is left as it is, with
+    torch's warning, as ``torch.nn.init``'s initializers do."""
     fan_in, _ = nn.init._calculate_fan_in_and_fan_out(tensor)
+    if tensor.numel() == 0:  # fan_in may be 0: 1 / sqrt(0) raised ZeroDivisionError
+        warnings.warn("Initializing zero-element tensors is a no-op")
+        return tensor
     with torch.no_grad():
         return tensor.normal_(0.0, 1.0 / math.sqrt(fan_in))
