@@ -81,6 +81,20 @@ def test_kwargs_spec_case_and_whitespace():
         NN.make_norm("rms", C, momentum=0.1)  # a keyword the layer does not take is not swallowed
 
 
+@pytest.mark.parametrize("dim", [0, 1, 2])
+@pytest.mark.parametrize("name", ["affine", "elementwise_affine"])
+def test_layer_takes_either_name_of_its_affine_switch_at_every_dim(name, dim):
+    """"layer" is LayerNorm at dim 0 (``elementwise_affine``) and GroupNorm(1, C) above
+    (``affine``): the same keyword arguments build it at every dim, instead of a TypeError from the
+    class the dim picked; both names at once are refused."""
+    m = NN.make_norm("layer", C, dim=dim, **{name: False})
+    assert m.weight is None and m.bias is None
+    assert type(m).__name__ == ("LayerNorm" if dim == 0 else "GroupNorm")
+    with pytest.raises(ValueError, match=r"both elementwise_affine and affine"):
+        NN.make_norm("layer", C, dim=dim, affine=False, elementwise_affine=False)
+    assert NN.make_norm("layer", C, dim=dim, **{name: True}).weight is not None
+
+
 def test_register_norm_adds_a_spec():
     def build(c, dim, arg, kw):
         return nn.Dropout(float(arg or 0.5))

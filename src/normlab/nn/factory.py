@@ -13,6 +13,7 @@ spec                      layer
 ``batch``                 BatchNorm1d/2d/3d
 ``layer``                 LayerNorm(C) for dim=0; GroupNorm(1, C) for dim>=1, i.e. layer
                           norm over (C, *spatial) with per-channel affine, as in Wu & He
+                          (``affine`` and ``elementwise_affine`` both name its affine switch)
 ``instance``              InstanceNorm1d/2d/3d (affine=True unless told otherwise)
 ``group:G``               GroupNorm(G, C); ``group`` alone means G=32 (the paper's default)
 ``rms``                   RMSNorm(C), dim=0 only
@@ -90,7 +91,19 @@ def _no_arg(name, builder):
 
 register_norm("batch", _no_arg("batch", lambda c, dim, kw: _by_dim("batch", dim, {0: BatchNorm1d, 1: BatchNorm1d,
                                                                                      2: BatchNorm2d, 3: BatchNorm3d})(c, **kw)))
-register_norm("layer", _no_arg("layer", lambda c, dim, kw: LayerNorm(c, **kw) if dim == 0 else GroupNorm(1, c, **kw)))
+def _layer(c: int, dim: int, kw: dict) -> nn.Module:
+    """LayerNorm names its affine switch ``elementwise_affine``, GroupNorm ``affine``: either name
+    works for either class, so one set of keyword arguments builds "layer" at every ``dim``."""
+    names = ("elementwise_affine", "affine") if dim == 0 else ("affine", "elementwise_affine")
+    if names[1] in kw:
+        if names[0] in kw:
+            raise ValueError(f"norm spec 'layer' got both elementwise_affine and affine; pass one "
+                             f"(they are the same switch), got {kw[names[0]]!r} and {kw[names[1]]!r}")
+        kw = {names[0] if k == names[1] else k: v for k, v in kw.items()}
+    return LayerNorm(c, **kw) if dim == 0 else GroupNorm(1, c, **kw)
+
+
+register_norm("layer", _no_arg("layer", _layer))
 register_norm("instance", _no_arg("instance", lambda c, dim, kw: _by_dim(
     "instance", dim, {1: InstanceNorm1d, 2: InstanceNorm2d, 3: InstanceNorm3d})(c, **{"affine": True, **kw})))
 register_norm("group", lambda c, dim, arg, kw: GroupNorm(_int_arg("group", arg, 32, "the number of groups"), c, **kw))
