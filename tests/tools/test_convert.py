@@ -135,6 +135,26 @@ def test_layers_with_no_equivalent_say_why_and_leave_the_model_whole():
         convert(nn.Sequential(nn.BatchNorm2d(4)), "rms")
 
 
+@pytest.mark.parametrize("source", [lambda: nn.GroupNorm(2, 4), lambda: nn.SyncBatchNorm(4), lambda: nlnn.GroupNorm(2, 4)],
+                         ids=["torch-group", "torch-sync", "normlab-group"])
+@pytest.mark.parametrize("spec, needs", [("rms", 0), ("masked_batch", 1), ("lrn:3", 1)])
+def test_a_target_that_exists_for_some_spatial_dims_only_is_not_guessed_for_a_layer_whose_dims_are_unknown(
+        source, spec, needs):
+    """A GroupNorm stores no number of spatial dims: 'rms' (dim 0 only) on an image model built
+    RMSNorm(C), which normalizes the last dim W of (N, C, H, W), silently when W == C."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), source())
+    with pytest.raises(ValueError, match=rf"spatial dims of its input is unknown and '{spec}' exists only for dim"):
+        convert(model, spec)
+    assert type(model[1]) is type(source())  # left as it was
+    out, _ = convert(model, spec, dim=needs)  # said, it is built
+    assert norm_kind(out[1]) == spec.partition(":")[0]
+    if spec != "lrn:3":  # seen on images, it is refused as before
+        with pytest.raises(ValueError, match="not available for dim=2"):
+            convert(nn.Sequential(nn.Conv2d(3, 4, 1), source()), spec, example_input=torch.randn(2, 3, 5, 4))
+    # a local response norm stays one without an example input (it takes any input of 3 or more dims)
+    assert type(convert(nn.Sequential(nn.LocalResponseNorm(3)), "lrn:5")[0][0]) is nlnn.LocalResponseNorm
+
+
 def test_nothing_is_half_converted_when_a_later_layer_fails():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6))
     before = list(model)
