@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -152,6 +153,19 @@ def test_large_outputs_are_sampled_and_plot_draws_a_figure(tmp_path):
     assert out.endswith("m.png") and (tmp_path / "c.png").exists()
     with pytest.raises(ValueError, match=r"no records for layer\(s\) \['9'\]"):
         plot_records(mon.records, str(tmp_path / "x.png"), layers=["9"])
+
+
+def test_plot_of_records_without_the_15_50_85th_percentiles_draws_without_a_warning(tmp_path):
+    """With other percentiles there are no percentile lines: no legend is asked for (matplotlib
+    warned "No artists with labels found to put in legend" on every plot)."""
+    m = mlp()
+    with monitor(m, every=1, percentiles=(5, 95)) as mon:
+        for _ in range(2):
+            m(torch.randn(8, 5)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mon.plot(str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
 
 
 def test_bad_arguments_are_clear_errors():

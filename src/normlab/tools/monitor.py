@@ -783,7 +783,7 @@ def plot_records(records: Union[str, List[dict]], out_png: str, layers: Optional
                  title: Optional[str] = None, max_layers: int = 24, dpi: int = 110) -> str:
     """One panel per layer: the histogram of its outputs at every recorded step (a column per
     step, darker = more values, square-root scale) with the 15th/50th/85th percentiles drawn over it as in
-    Ioffe & Szegedy (2015), Fig. 1; the panel title gives the last saturated or dead
+    Ioffe & Szegedy (2015), Fig. 1 (those of them the records hold); the panel title gives the last saturated or dead
     fraction. A last panel shows each layer's output-gradient norm over time.
 
     Args:
@@ -853,7 +853,8 @@ def plot_records(records: Union[str, List[dict]], out_png: str, layers: Optional
         ax.set_title(f"{name} ({last['type']}){extra}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes.flat[0].legend(fontsize=7, loc="upper left")
+    if axes.flat[0].get_legend_handles_labels()[0]:  # records without the 15/50/85th percentiles draw no lines
+        axes.flat[0].legend(fontsize=7, loc="upper left")
     gax = axes.flat[len(names)]
     for name in names:
         recs = sorted(by_layer[name], key=lambda r: r["step"])
