@@ -1,6 +1,7 @@
 """convert: kinds, what carries over (checked by computing with torch's own layers), and the errors."""
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 
@@ -303,6 +304,27 @@ def test_layer_norm_without_an_example_input_is_assumed_to_normalize_channels_an
     assert convert(nn.Sequential(nn.RMSNorm(8)), "layer")[1][0].notes == ()
     assert convert(nn.Sequential(nn.LayerNorm(8)), "none")[1][0].notes == ()
     assert convert(nn.Sequential(nn.BatchNorm2d(8)), "group:2")[1][0].notes == ()
+
+
+def test_a_batch_norm_1d_converted_to_a_kind_without_an_n_c_form_notes_the_assumed_sequence_layout():
+    """BatchNorm1d takes (N, C) and (N, C, L); instance, masked batch and local response norm take only
+    the second. Without example_input= convert assumes it (the class says 1d), and says so as it does
+    for LayerNorm: on (N, C) features the new layer refuses them or, with N == C, normalizes each sample."""
+    for spec in ("instance", "masked_batch", "lrn:3"):
+        _, changes = convert(nn.Sequential(nn.BatchNorm1d(4)), spec)
+        (note,) = [n for n in changes[0].notes if n.startswith("layout:")]
+        assert "assumed its input is (N, 4, L)" in note and "example_input=" in note, note
+    mlp_ = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))
+    instance, _ = convert(copy.deepcopy(mlp_), "instance")
+    assert instance(torch.randn(4, 5)).shape == (4, 4)  # a batch of N == C passes: what the note warns of
+    with pytest.raises(ValueError, match="'instance' is not available for dim=0"):  # seen, it is refused
+        convert(copy.deepcopy(mlp_), "instance", example_input=torch.randn(4, 5))
+    # nothing assumed where it matters not: targets with an (N, C) form, a dim given, an input seen
+    for spec in ("batch", "layer", "group:2", "switchable", "batch_renorm", "sync_batch", "none"):
+        assert not any(n.startswith("layout:") for n in convert(nn.Sequential(nn.BatchNorm1d(4)), spec)[1][0].notes)
+    assert convert(nn.Sequential(nn.BatchNorm1d(4)), "instance", dim=1)[1][0].notes == ()
+    assert convert(nn.Sequential(nn.BatchNorm1d(4)), "instance", example_input=torch.randn(2, 4, 3))[1][0].notes == ()
+    assert convert(nn.Sequential(nn.BatchNorm2d(4)), "instance")[1][0].notes == ()
 
 
 def test_a_registered_target_without_a_bias_argument_gets_its_bias_zeroed_frozen_and_said():

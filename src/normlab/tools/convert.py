@@ -164,7 +164,10 @@ def _seen(module: nn.Module, kind: str, shape: Optional[torch.Size], dim: Option
     channels = getattr(module, "num_features", None) or getattr(module, "num_channels", None)
     if shape is not None:
         return _Seen(kind, int(shape[1]), len(shape) - 2 if dim is None else dim, True)
-    return _Seen(kind, channels, _class_dim(module) if dim is None else dim, True)
+    class_dim = _class_dim(module) if dim is None else dim
+    # a batch-statistics "1d" layer (BatchNorm1d ...) takes (N, C) as well as (N, C, L): 1 spatial dim is assumed
+    return _Seen(kind, channels, class_dim, True, assumed=dim is None and class_dim == 1 and kind in BATCH_STATS
+                 and kind != "masked_batch")
 
 
 def _layouts_problem(module: nn.Module, kind: str, target: nn.Module, inputs: list) -> str:
@@ -393,10 +396,20 @@ def _fastpath_note(places, target: nn.Module) -> Tuple[str, ...]:
             "makes it fail); turn it off with torch.backends.mha.set_fastpath_enabled(False)",)
 
 
-def _layout_note(source: nn.Module, seen: _Seen, target: nn.Module) -> Tuple[str, ...]:
-    """The assumption convert made about a layer/RMS norm's input, when the target depends on it."""
+def _layout_note(source: nn.Module, seen: _Seen, target: nn.Module, to: str) -> Tuple[str, ...]:
+    """The assumption convert made about a layer/RMS norm's input, or a BatchNorm1d's, when the target depends on it."""
     if not seen.assumed or isinstance(target, nn.Identity):
         return ()
+    if seen.kind not in TRAILING:  # (N, C, L) assumed for a layer that takes (N, C) too
+        try:
+            make_norm(to, seen.channels, 0)
+            return ()  # the target has an (N, C) form as well (the one built takes both, as the source did)
+        except ValueError:
+            pass
+        return (f"layout: assumed its input is (N, {seen.channels}, L), as {type(source).__name__}'s class says; not "
+                f"checked without example_input= or dim= ({type(source).__name__} also takes (N, {seen.channels}) "
+                f"features, which the {type(target).__name__} does not: it refuses them, or takes a batch of "
+                f"{seen.channels} as one unbatched (C, L) input; example_input= would refuse it)",)
     ns = _normalized_shape(source)
     if norm_kind(target) in TRAILING and _normalized_shape(target) == ns:
         return ()  # the same trailing normalized_shape: right whatever the layout
@@ -485,6 +498,9 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
             Without it a ``LayerNorm(C)``/``RMSNorm(C)`` is taken to normalize the channels of
             an (N, C) input (so ``convert(LayerNorm(8), "batch")`` builds ``BatchNorm1d(8)``
             even if the layer really sees (N, L, 8) tokens); the Change notes that assumption.
+            A ``BatchNorm1d`` (or batch renorm, switchable, sync batch norm made from one) takes
+            (N, C) and (N, C, L): it is taken as (N, C, L), noted where the target has no (N, C)
+            form (``"instance"``, ``"masked_batch"``, ``"lrn"``).
         **kwargs: passed to the new layers (``process_group=``, ``momentum=``, ``rmax=`` ...);
             they win over what is carried over.
 
@@ -551,7 +567,7 @@ def convert(model: nn.Module, to: str, *, only: Only = None, dim: Optional[int] 
         target.to(**_tensors_like(module, model))
         copied, dropped, notes = _copy(module, kind, seen, target)
         target.train(module.training)
-        notes += _layout_note(module, seen, target) + _fastpath_note(places[key], target) + _hooks_note(module)
+        notes += _layout_note(module, seen, target, to) + _fastpath_note(places[key], target) + _hooks_note(module)
         planned[key] = (target, Change(name, _describe(module, target), _describe(target, module), copied, dropped,
                                        notes))
     # every replacement exists: now put them in place
