@@ -13,6 +13,14 @@ import time
 from pathlib import Path
 
 
+def help_if_asked(doc: str, argv: list) -> None:
+    """For the scripts without argparse: ``-h``/``--help`` prints the module docstring and exits,
+    instead of being taken as a path (or running the script)."""
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        print(doc.strip())
+        raise SystemExit(0)
+
+
 def positive_int(text: str) -> int:
     """argparse type: a count of at least 1 (0 rounds would end in a median of nothing)."""
     import argparse

@@ -15,6 +15,10 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":  # import that checkout's normlab before bench_gpu puts ours first
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _timing import help_if_asked
+
+    help_if_asked(__doc__, sys.argv)
     sys.path.insert(0, str(Path(sys.argv[1]).resolve()))
     import normlab  # noqa: F401
 

@@ -11,6 +11,10 @@ existed). Not a test; takes a few minutes.
     PYTHONPATH=src python benchmarks/compile_check_sm90.py
 """
 import os, sys, warnings, inspect
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import help_if_asked
+help_if_asked(__doc__, sys.argv)
 os.environ["TRITON_INTERPRET"] = "1"
 warnings.filterwarnings("ignore")
 import torch, triton.language as tl

@@ -1,6 +1,9 @@
 """Step 2 of the offline compile check (see compile_check_record.py): compile every recorded
 launch for sm_90, report failures and register spills (STACK > 0)."""
-import json, importlib, os, re, subprocess, tempfile, warnings
+import json, importlib, os, re, subprocess, sys, tempfile, warnings
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import help_if_asked
+help_if_asked(__doc__, sys.argv)
 warnings.filterwarnings("ignore")
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget

@@ -50,4 +50,8 @@ def main(path=None):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _timing import help_if_asked
+
+    help_if_asked(__doc__, sys.argv)
     main(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -8,6 +8,7 @@ mutating a script end with the wrong version they fail on.
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -995,3 +996,15 @@ def test_host_overhead_smoke_stubs_the_kernels_and_measures_every_case(tmp_path)
     assert [r["case"].split()[0] for r in rows] == ["layer_norm", "rms_norm", "group_norm", "batch_norm", "group_norm",
                                                     "batch_norm", "instance_norm", "masked_batch_norm"]
     assert all(r[f"{m}_launches"] >= 1 for r in rows for m in ("fwd", "bwd", "fwd+bwd"))
+
+
+@pytest.mark.parametrize("script", ["ab_gpu.py", "results_markdown.py", "compile_check_record.py",
+                                    "compile_check_sm90.py"])
+def test_scripts_without_argparse_print_their_docstring_for_help(script):
+    """``--help`` was taken as a source folder (ab_gpu), a JSON path (results_markdown), or ran
+    ~30 s of kernel tests and wrote /tmp/launches.json (compile_check_record): it prints the
+    script's docstring, the usage, and exits 0 without running anything."""
+    out = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=BENCH.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == ast.get_docstring(ast.parse((BENCH / script).read_text()), clean=False).strip()
