@@ -384,3 +384,43 @@ def test_autocast_float32_leaves_cpu_tensors_alone():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = autocast_float32(x, w, None)
     assert got[0] is x and got[1] is w and got[2] is None
+
+
+@cpu
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch: the legacy vmap of is_grads_batched is a prototype
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "masked_batch_norm"])
+def test_a_vmapped_backward_of_a_kernel_forward_matches_torchs(op):
+    """Wrong version (_core.twice_differentiable without the vmapped-gradient route): the forward
+    runs outside any transform, so it takes the kernel; ``is_grads_batched=True`` (and
+    ``jacobian(vectorize=True)``, a torch.func.vmap over a vjp) then calls its backward with a
+    batched gradient, which the closed form launched on: "Cannot access data pointer of Tensor
+    that doesn't have storage". Now the backward differentiates the recomputed forward, as torch."""
+    import normlab.functional as NF
+
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 4, 5, dtype=torch.float64)
+    w0 = torch.randn(4 if op not in ("layer_norm", "rms_norm") else 5, dtype=torch.float64)
+    mask = torch.arange(5)[None, :] < torch.tensor([[5], [3], [2]])
+    f = {
+        "layer_norm": lambda x, w: NF.layer_norm(x, (5,), w),
+        "rms_norm": lambda x, w: NF.rms_norm(x, (5,), w),
+        "group_norm": lambda x, w: NF.group_norm(x, 2, w),
+        "instance_norm": lambda x, w: NF.instance_norm(x, weight=w),
+        "batch_norm": lambda x, w: NF.batch_norm(x, None, None, w, None, True),
+        "masked_batch_norm": lambda x, w: NF.masked_batch_norm(x, mask, None, None, w, None, True),
+    }[op]
+    v = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    out = {}
+    for backend in ("torch", "triton"):
+        with normlab.backend(backend):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            y = f(x, w)
+            assert normlab.last_choice()[:2] == (op, backend)
+            looped = [torch.autograd.grad(y, (x, w), vi, retain_graph=True) for vi in v]
+            if backend == "triton" or op != "masked_batch_norm":  # (its torch path has no batching rule)
+                batched = torch.autograd.grad(y, (x, w), v, is_grads_batched=True)
+                for b, loop in zip(batched, zip(*looped)):
+                    torch.testing.assert_close(b, torch.stack(loop))
+            out[backend] = looped
+    for a, b in zip(out["torch"], out["triton"]):
+        torch.testing.assert_close(a, b)

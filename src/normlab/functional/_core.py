@@ -119,6 +119,16 @@ def untraced():
         torch._C._set_tracing_state(state)
 
 
+def _vmapped(t) -> bool:
+    """``t`` is batched by a vmap (torch.func's, or the legacy one behind ``is_grads_batched``):
+    a tensor without storage of its own, which a kernel launch cannot take."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if t is None or functorch is None:
+        return False
+    legacy = getattr(functorch, "is_legacy_batchedtensor", None)
+    return bool(functorch.is_functorch_wrapped_tensor(t) or (legacy is not None and legacy(t)))
+
+
 def twice_differentiable(recompute):
     """Decorator for the backward of an ``autograd.Function`` with a closed-form backward.
 
@@ -129,19 +139,27 @@ def twice_differentiable(recompute):
     ``recompute(ctx) -> (y, inputs)``: the same forward in differentiable torch ops on the
     saved inputs, ``inputs`` aligned with the forward's arguments (``None`` where not
     differentiable). Second derivatives are then exact, as with torch's own layers.
+
+    The same route serves a backward whose incoming gradient is batched by vmap
+    (``torch.autograd.grad(..., is_grads_batched=True)``, ``jacobian(..., vectorize=True)``, a
+    ``torch.func.vmap`` over a vector-Jacobian product): the forward ran outside any transform,
+    so it took the kernel, but a closed form on raw pointers cannot read a batched tensor.
     """
     def wrap(fn):
         fast = torch.autograd.function.once_differentiable(fn)
 
         @functools.wraps(fn)
         def backward(ctx, *grads):
-            if not torch.is_grad_enabled():
+            create_graph = torch.is_grad_enabled()
+            if not create_graph and not any(_vmapped(g) for g in grads):
                 return fn(ctx, *grads)  # the usual backward: grad mode is already off
-            y, inputs = recompute(ctx)
+            with torch.enable_grad():
+                y, inputs = recompute(ctx)
             need = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
             if not need or not y.requires_grad:
                 return fast(ctx, *grads)
-            got = torch.autograd.grad(y, [inputs[i] for i in need], grads[0], create_graph=True, allow_unused=True)
+            got = torch.autograd.grad(y, [inputs[i] for i in need], grads[0], create_graph=create_graph,
+                                      allow_unused=True)
             out = [None] * len(ctx.needs_input_grad)
             for i, g in zip(need, got):
                 out[i] = torch.zeros_like(inputs[i]) if g is None else g
