@@ -76,3 +76,38 @@ def test_functional_bias_without_weight_backward():
     assert_close(y.detach(), ry, what="y")
     assert_close(xs.grad, rdx, what="dx")
     assert_close(bs.grad, rdb, what="dbias")
+
+
+def test_channels_last_input_without_grad_and_a_trainable_weight_does_not_crash():
+    """Wrong version (group_norm's torch path called torch's CPU op on the channels-last input as
+    it is): a GroupNorm fed a channels-last batch that needs no gradient, with a weight or bias
+    that does, killed the process in backward (torch 2.13's CPU kernel segfaults). Run in a
+    subprocess, so that the crash fails this test instead of the whole run. The output keeps the
+    channels-last layout and matches torch's on a contiguous copy."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import torch, normlab.nn as NN
+for shape, fmt in (((3, 4, 2, 2), torch.channels_last), ((3, 4, 2, 2, 2), torch.channels_last_3d)):
+    for wg, bg in ((True, True), (True, False), (False, True)):
+        x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
+        m, r = NN.GroupNorm(2, 4).double(), torch.nn.GroupNorm(2, 4).double()
+        m.weight.requires_grad_(wg); m.bias.requires_grad_(bg)
+        r.weight.requires_grad_(wg); r.bias.requires_grad_(bg)
+        y, yr = m(x), r(x.contiguous())
+        assert y.is_contiguous(memory_format=fmt)
+        y.square().sum().backward(); yr.square().sum().backward()
+        torch.testing.assert_close(y, yr)
+        for p, q in zip(m.parameters(), r.parameters()):
+            assert (p.grad is None) == (q.grad is None)
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad)
+print("ok")
+"""
+    src = str(Path(NN.__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from normlab import _checks
-from normlab.functional._core import (as_float32, autocast_float32, check_channel_input, cpu_half, kernels, pivot_of,
-                                     pivoted, use_kernel)
+from normlab.functional._core import (as_float32, autocast_float32, check_channel_input, cpu_half, kernels,
+                                     memory_format_of, pivot_of, pivoted, use_kernel)
 
 
 def group_norm(
@@ -28,6 +28,20 @@ def group_norm(
     xk, wk, bk = autocast_float32(input, weight, bias)  # (the kernel's inputs: torch's autocast never sees them)
     if use_kernel("group_norm", xk, num_groups, wk, bk):
         return kernels().unchecked.group_norm(xk, num_groups, wk, bk, eps)
+    if (not input.is_cuda and not input.requires_grad and not input.is_contiguous() and torch.is_grad_enabled()
+            and any(p is not None and p.requires_grad for p in (weight, bias))):
+        # torch's CPU group_norm backward crashes the process (a segfault, torch 2.13) on a
+        # channels-last input that needs no gradient when the weight or bias needs one (a
+        # GroupNorm first in a model fed a channels-last batch): it runs on a contiguous copy,
+        # and the output keeps the input's layout, as torch's does
+        fmt = memory_format_of(input)
+        return _on_torch(input.contiguous(), num_groups, weight, bias, eps).contiguous(memory_format=fmt)
+    return _on_torch(input, num_groups, weight, bias, eps)
+
+
+def _on_torch(input, num_groups, weight, bias, eps):
+    """The torch path of :func:`group_norm`, for a checked call."""
+    c = input.shape[1]
     if weight is None and bias is not None and torch.is_grad_enabled() and (input.requires_grad or bias.requires_grad):
         # torch's group_norm backward fails on a bias without a weight ("tensor does not have a
         # device"): a weight of ones gives the same output and the gradients it should
