@@ -424,3 +424,32 @@ def test_a_vmapped_backward_of_a_kernel_forward_matches_torchs(op):
             out[backend] = looped
     for a, b in zip(out["torch"], out["triton"]):
         torch.testing.assert_close(a, b)
+
+
+@cpu
+def test_numpy_scalars_take_the_kernel_and_refusals_say_the_true_reason():
+    """Wrong version (_supports.py: ``isinstance(G, int)``, ``isinstance(eps | momentum, (int, float))``):
+    a NumPy integer num_groups, which the functional tier accepts, was refused with a false reason
+    ("num_groups np.int64(2) does not divide C=4") and ran on torch; a NumPy float32 momentum too
+    ("momentum is not a number"), and a kernel called directly refused a NumPy float32 eps, which
+    the functional tier's kernel path takes. The kernels convert all three with int() or float()."""
+    import numpy as np
+
+    import normlab.functional as NF
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    with normlab.backend("triton"):
+        got = NF.group_norm(x, np.int64(2))
+        assert normlab.last_choice()[:2] == ("group_norm", "triton"), normlab.last_choice()
+        rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+        NF.batch_norm(x, rm, rv, training=True, momentum=np.float32(0.5))
+        assert normlab.last_choice()[:2] == ("batch_norm", "triton"), normlab.last_choice()
+    torch.testing.assert_close(got, F.group_norm(x, 2))
+    rm2, rv2 = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    F.batch_norm(x, rm2, rv2, training=True, momentum=0.5)
+    torch.testing.assert_close((rm, rv), (rm2, rv2))
+    torch.testing.assert_close(kernels.layer_norm(x, (3,), eps=np.float32(1e-3)), F.layer_norm(x, (3,), eps=1e-3))
+    for G in (2.0, True):
+        ok, why = kernels.supports("group_norm", x, G)
+        assert not ok and why == f"num_groups {G!r} is not an integer"

@@ -12,6 +12,7 @@ import functools
 import importlib
 import inspect
 import math
+import numbers
 import os
 
 import torch
@@ -154,7 +155,7 @@ def _rows_op(a, op):
     if ln.row_stride(xs, x.stride(), N) is None:
         return "the trailing dims cannot be viewed as rows with unit stride (non-contiguous input)"
     eps = a["eps"]
-    if eps is not None and not isinstance(eps, (int, float)):
+    if eps is not None and not isinstance(eps, numbers.Real):  # (NumPy scalars too: the kernels take float(eps))
         return "eps is not a number"
     for name in ("weight", "bias"):
         if name in a and (why := _param(a[name], name, x, N)):
@@ -173,7 +174,9 @@ def _channel_op(a, op):
     C = x.shape[1]
     if op == "group_norm":
         G = a["num_groups"]
-        if not isinstance(G, int) or G < 1 or C % G:
+        if not isinstance(G, numbers.Integral) or isinstance(G, bool):  # (NumPy integers too: the kernel takes int(G))
+            return f"num_groups {G!r} is not an integer"
+        if G < 1 or C % G:
             return f"num_groups {G!r} does not divide C={C}"
     if op == "instance_norm":
         if a.get("running_mean") is not None or a.get("running_var") is not None:
@@ -197,7 +200,7 @@ def _channel_op(a, op):
         momentum = a.get("momentum", 0.1)
         if momentum is None and a.get("training", False) and a.get("running_mean") is not None:
             return "momentum=None with running statistics to update: pass the cumulative factor"
-        if momentum is not None and not isinstance(momentum, (int, float)):
+        if momentum is not None and not isinstance(momentum, numbers.Real):
             return "momentum is not a number"
     for name in ("weight", "bias", "running_mean", "running_var"):
         if name in a and (why := _param(a[name], name, x, C, vector=True)):
