@@ -313,3 +313,23 @@ def test_supports_refuses_an_eps_that_is_not_a_number():
     """Wrong version (_supports.py: the eps check removed)."""
     ok, why = kernels.supports("layer_norm", torch.randn(4, 8), (8,), None, None, "1e-5")
     assert not ok and "eps" in why
+
+
+@cpu
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_a_weight_of_another_shape_than_normalized_shape_is_refused(op):
+    """Wrong version (_supports.py: the weight's element count checked, not its shape): a kernel
+    called directly with a (4, 3) weight for normalized_shape (3, 4) read it flat and returned
+    numbers with the weights on the wrong features, where torch raises. Now supports refuses it,
+    so the call is a ValueError naming the shape (the functional tier refuses it before)."""
+    x, w = torch.randn(2, 3, 4), torch.randn(3, 4)
+    fn = getattr(kernels, op)
+    for bad in (w.t().contiguous(), w.reshape(12), w.reshape(1, 3, 4)):
+        with pytest.raises(ValueError, match=r"weight has shape .*expected normalized_shape \(3, 4\)"):
+            fn(x, (3, 4), bad)
+        with pytest.raises(RuntimeError):
+            getattr(F, op)(x, (3, 4), bad)
+    assert_close(fn(x, (3, 4), w), getattr(F, op)(x.double(), (3, 4), w.double()), torch.float32, "y")
+    assert kernels.supports("layer_norm", torch.randn(2, 5), 5, torch.ones(5), torch.ones(5))[0]
+    ok, why = kernels.supports("layer_norm", torch.randn(2, 5), 5, None, torch.ones(1, 5))
+    assert not ok and why.startswith("bias has shape (1, 5)")

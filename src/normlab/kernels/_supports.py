@@ -61,10 +61,12 @@ def _bind(op, x, args, kwargs):
     return dict(b.arguments)
 
 
-def _param(t, name, x, numel, vector=False):
+def _param(t, name, x, numel, vector=False, shape=None):
     """Refusal reason for a per-feature tensor argument (weight, bias, running stats), or '';
     ``vector``: a per-channel one, a vector of ``numel`` (not 0-D even when ``numel`` is 1: torch's
-    kernels fail on that, in evaluation or backward, and so its path decides)."""
+    kernels fail on that, in evaluation or backward, and so its path decides); ``shape``: the
+    shape it must have (layer and RMS norm: ``normalized_shape``, as torch requires; the kernel
+    reads it flat, so a transposed weight of the same size would scale the wrong features)."""
     if t is None:
         return ""
     if not isinstance(t, torch.Tensor):
@@ -80,6 +82,8 @@ def _param(t, name, x, numel, vector=False):
         return f"{name} has {t.numel()} elements, expected {numel}"
     if vector and t.dim() != 1:
         return f"{name} has shape {tuple(t.shape)}, expected ({numel},)"
+    if shape is not None and tuple(t.shape) != shape:
+        return f"{name} has shape {tuple(t.shape)}, expected normalized_shape {shape}"
     if not t.is_contiguous():
         return f"{name} is not contiguous"
     return ""
@@ -158,7 +162,7 @@ def _rows_op(a, op):
     if eps is not None and not isinstance(eps, numbers.Real):  # (NumPy scalars too: the kernels take float(eps))
         return "eps is not a number"
     for name in ("weight", "bias"):
-        if name in a and (why := _param(a[name], name, x, N)):
+        if name in a and (why := _param(a[name], name, x, N, shape=shape)):
             return why
     return ""
 
