@@ -453,3 +453,25 @@ def test_numpy_scalars_take_the_kernel_and_refusals_say_the_true_reason():
     for G in (2.0, True):
         ok, why = kernels.supports("group_norm", x, G)
         assert not ok and why == f"num_groups {G!r} is not an integer"
+
+
+@cpu
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("op", ["group_norm", "instance_norm"])
+def test_a_vmapped_backward_of_a_channels_last_kernel_forward(op):
+    """The recompute behind a vmapped backward runs torch's group_norm, whose backward asks a
+    channels-last input for its layout, which vmap does not answer ("NYI: querying is_contiguous
+    inside of vmap"); torch's own instance_norm path works there, so the kernel path must too."""
+    import normlab.functional as NF
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    with normlab.backend("triton"):
+        y = NF.group_norm(x, 2, w) if op == "group_norm" else NF.instance_norm(x, weight=w)
+        assert normlab.last_choice()[:2] == (op, "triton")
+    v = torch.randn(2, *y.shape, dtype=torch.float64)
+    batched = torch.autograd.grad(y, (x, w), v, is_grads_batched=True, retain_graph=True)
+    looped = [torch.autograd.grad(y, (x, w), vi, retain_graph=True) for vi in v]
+    for b, loop in zip(batched, zip(*looped)):
+        torch.testing.assert_close(b, torch.stack(loop))

@@ -774,7 +774,10 @@ def _recompute(ctx):
     if not ctx.batch:
         if w is None and b is not None:  # torch's group_norm backward fails on a bias without a weight
             w = torch.ones_like(b)
-        y = F.group_norm(xa, ctx.num_groups, w, b, ctx.eps)
+        # contiguous: torch's group_norm backward asks a channels-last input for its layout, which
+        # vmap does not answer (a vmapped backward comes here), and on the CPU crashes on such an
+        # input when only the weight or bias needs a gradient (see functional.group_norm)
+        y = F.group_norm(xa.contiguous(), ctx.num_groups, w, b, ctx.eps)
     elif m is not None:
         from normlab.functional.masked_batch_norm import masked_batch_norm_composite
 
