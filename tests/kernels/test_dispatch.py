@@ -388,7 +388,8 @@ def test_autocast_float32_leaves_cpu_tensors_alone():
 
 @cpu
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch: the legacy vmap of is_grads_batched is a prototype
-@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "masked_batch_norm"])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm",
+                                "masked_batch_norm"])
 def test_a_vmapped_backward_of_a_kernel_forward_matches_torchs(op):
     """Wrong version (_core.twice_differentiable without the vmapped-gradient route): the forward
     runs outside any transform, so it takes the kernel; ``is_grads_batched=True`` (and
