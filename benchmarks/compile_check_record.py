@@ -41,8 +41,8 @@ def rec(self, *args, **kwargs):
             if v == 1: consts[p.name] = 1; sig[p.name] = "constexpr"; continue
             sig[p.name] = "i32" if abs(v) < 2**31 else "i64"
             if v % 16 == 0: attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            sig[p.name] = "fp32"
+        elif isinstance(v, float):  # Triton passes a float as fp32 unless the parameter is annotated (eps: tl.float64)
+            sig[p.name] = "fp64" if str(p.annotation).replace("tl.", "") in ("float64", "fp64") else "fp32"
         else:
             raise TypeError((p.name, type(v)))
     nw = kwargs.get("num_warps", 4)

@@ -155,7 +155,54 @@ def test_every_kernel_takes_its_constexprs_last():
     assert all(ok(launch) for launch in launches)
 
 
+@pytest.mark.parametrize("module", ["layer_norm", "_channel_norm"])
+def test_float_scalars_reach_the_kernels_as_float64(module):
+    """Triton passes a Python float to an unannotated parameter as fp32: float64 input would then
+    get eps and momentum rounded to float32 (momentum 0.1 -> 0.10000000149: the running
+    statistics ~1e-8 off torch's after one step). Those parameters are annotated ``tl.float64``,
+    and this reads them as Triton does (a string annotation, under ``from __future__ import
+    annotations``, must still be one Triton understands). The interpreter keeps Python floats as
+    they are, so only this, the offline sm_90 compile check and the GPU float64 test can see it."""
+    import inspect
+
+    from triton.runtime.jit import KernelParam
+
+    mod = importlib.import_module(f"normlab.kernels.{module}")
+    found = 0
+    for obj in vars(mod).values():
+        fn = getattr(obj, "fn", None)
+        if fn is None or not callable(fn):
+            continue
+        for i, p in enumerate(inspect.signature(fn).parameters.values()):
+            if p.name in ("eps", "momentum"):
+                found += 1
+                assert KernelParam(i, p, False, False).annotation_type == "fp64", (fn.__name__, p.name, p.annotation)
+    assert found >= (1 if module == "layer_norm" else 2)
+
+
 # ------------------------------------------------------------------------------------ GPU
+@gpu
+@pytest.mark.parametrize("op", ["layer_norm", "batch_norm"])
+def test_gpu_float64_eps_and_momentum_are_not_rounded_to_float32(op):
+    """eps = momentum = 0.1 (not exact in float32) on float64 input: torch's float64 result to
+    1e-12, running statistics included, over three steps (fp32 scalars were ~1e-8 off)."""
+    torch.manual_seed(0)
+    if op == "layer_norm":
+        x = torch.randn(64, 333, device="cuda", dtype=torch.float64) * 0.3
+        assert_close(kernels.layer_norm(x, (333,), None, None, 0.1), F.layer_norm(x, (333,), None, None, 0.1),
+                     torch.float64, "y")
+        return
+    rm, rv = torch.zeros(16, device="cuda", dtype=torch.float64), torch.ones(16, device="cuda", dtype=torch.float64)
+    rm_r, rv_r = rm.cpu(), rv.cpu()
+    for _ in range(3):
+        x = torch.randn(8, 16, 5, 7, device="cuda", dtype=torch.float64) * 0.3 + 2
+        y = kernels.batch_norm(x, rm, rv, None, None, True, 0.1, 0.1)
+        yr = F.batch_norm(x.cpu(), rm_r, rv_r, None, None, True, 0.1, 0.1)
+        assert_close(y, yr, torch.float64, "y")
+    torch.testing.assert_close(rm.cpu(), rm_r, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(rv.cpu(), rv_r, rtol=1e-13, atol=1e-15)
+
+
 @gpu
 def test_gpu_direct_path_taken_and_exact():
     """Three fwd+bwd of each op on one shape: the first through Triton's JIT, the others direct;

@@ -163,8 +163,8 @@ def _finalize_kernel(
     CHUNK,
     G,
     CG,
-    eps,
-    momentum,
+    eps: tl.float64,  # Python floats are passed as fp32 unless annotated: float64 input would lose them
+    momentum: tl.float64,
     REDUCE_N: tl.constexpr,
     HAS_MASK: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr,
@@ -224,7 +224,7 @@ def _finalize_kernel(
             acc_m2 += m2 + cnt * d * d
     var = tl.reduce(acc_m2, None, _ADD) / tl.maximum(count, 1.0)
     tl.store(stats_ptr + o, mean)
-    tl.store(stats_ptr + NSTAT + o, 1.0 / tl.sqrt(var + eps))
+    tl.store(stats_ptr + NSTAT + o, (1.0 / tl.sqrt(var + eps)).to(ACC))  # (eps and momentum are fp64: ACC after)
     tl.store(stats_ptr + 2 * NSTAT + o, count)
     if UPDATE_RUNNING:
         rm = tl.load(rmean_ptr + o).to(ACC)

@@ -84,7 +84,7 @@ def _fwd_kernel(
     M,
     N,
     stride_x,
-    eps,
+    eps: tl.float64,  # a Python float is passed as fp32 unless annotated: float64 input would lose it
     RMS: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
@@ -107,7 +107,7 @@ def _fwd_kernel(
         tl.store(stats_ptr + rows, mean, mask=row_ok)
         rstd_ptr = stats_ptr + M
     var = tl.reduce(xc * xc, 1, _ADD) / N
-    rstd = 1.0 / tl.sqrt(var + eps)
+    rstd = (1.0 / tl.sqrt(var + eps)).to(ACC)  # eps is fp64: one row's sqrt in fp64, the row's math in ACC
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
     y = xc * rstd[:, None]
     if HAS_W:
