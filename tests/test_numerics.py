@@ -378,3 +378,28 @@ def test_own_backward_at_extreme_scales_stays_finite_and_right(make):
     for got, want in zip(*grads):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_numpy_tier_batch_mean_at_a_large_mean_keeps_its_digits():
+    """The corrected two-pass mean is also the mean the running statistics take: 65536 float32
+    values per channel near 1000 summed to a mean ~6e-4 off (10 ulps), and with momentum 1 the
+    running mean carried it; the corrected mean is within an ulp of float64's (3e-5 measured).
+    Wrong version: reference/_core.py centered_moments without ``mean = mean + r``."""
+    x = (1000 + np.random.default_rng(0).standard_normal((4096, 3, 16))).astype(np.float32)
+    want = x.astype(np.float64).mean(axis=(0, 2))
+    running = R.RunningStats(np.zeros(3, np.float32), np.ones(3, np.float32))
+    _, _, running = R.batch_norm_forward(x, running=running, momentum=1.0)
+    assert np.abs(running.mean - want).max() < 1.2e-4  # two float32 ulps at 1000
+    assert np.abs(R.moments(x, (0, 2))[0].ravel() - want).max() < 1.2e-4
+
+
+def test_numpy_tier_masked_padding_stays_0_at_a_large_mean_without_beta():
+    """Groups of 24576 valid float32 values near 1000 make the corrected two-pass mean centre a
+    second time; that pass must leave padded positions at 0. Without beta nothing multiplies the
+    output by the mask afterwards, so padding held -r * rstd (4.6e-4) instead of 0.
+    Wrong version: reference/_core.py ``d -= r if m is None else r * m`` -> ``d -= r``."""
+    x = (1000 + np.random.default_rng(0).standard_normal((2, 2, 16384))).astype(np.float32)
+    mask = np.ones((2, 16384), bool)
+    mask[0, 8192:] = False
+    y = R.masked_batch_norm_forward(x, mask)[0]
+    assert not np.any(y.transpose(0, 2, 1)[~mask])

@@ -381,6 +381,8 @@ def test_alpha_dropout_gradient_is_fresh_in_xs_dtype_and_checks_dy(training):
     dy = np.ones((3, 4))
     dx = R.alpha_dropout_backward(dy, cache)
     assert dx.dtype == np.float32 and not np.shares_memory(dx, dy)
+    dy32 = np.ones((3, 4), np.float32)  # already x's dtype: a cast that copies only when needed would alias it
+    assert not np.shares_memory(R.alpha_dropout_backward(dy32, cache), dy32)
     with pytest.raises(ValueError, match=r"shape \(3, 4\)"):
         R.alpha_dropout_backward(np.ones(7), cache)
 

@@ -282,3 +282,18 @@ def test_mixture_names_each_branch_its_own_weight():
         want = torch.softmax(torch.tensor(logits), 0).tolist()
         assert list(mix[key]) == ["IN", "LN", "BN"]
         assert list(mix[key].values()) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 32), (64, 4)], ids=["NCL", "NC"])
+def test_reference_mean_logit_gradient_sums_to_0_at_a_large_mean(shape):
+    """The mix is invariant to adding a constant to all three logits, so their gradient sums to
+    0. The mean logits' ``g_k`` are sums of dL/dmu times means near 1000; in float32 what rounding
+    leaves of ``sum(w * g)`` must be taken out, or the gradient summed to -1.8e-3 (0.3% of its
+    largest entry; 0 with it). Wrong version: reference/switchable_norm.py
+    ``wm * (gm - (wm * gm).sum())`` -> ``wm * gm``."""
+    rng = np.random.default_rng(0)
+    x = (1000 + rng.standard_normal(shape)).astype(np.float32)
+    logits = np.array([0.3, -0.2, 0.5], np.float32), np.array([-0.1, 0.4, 0.2], np.float32)
+    _, cache, _ = R.switchable_norm_forward(x, None, None, *logits)
+    dmw = R.switchable_norm_backward(rng.standard_normal(shape).astype(np.float32), cache)[3]
+    assert abs(float(dmw.sum())) < 1e-5 * np.abs(dmw).max()
