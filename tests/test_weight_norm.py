@@ -137,3 +137,15 @@ def test_reference_refuses_a_g_of_the_wrong_shape_and_integer_input():
     with pytest.raises(TypeError, match="floating"):
         R.weight_norm_forward(np.ones((3, 3), np.int64), np.ones((3, 1)))
     R.weight_norm_forward(v, np.float64(2.0), dim=None)  # the whole-tensor norm takes one number
+
+
+@pytest.mark.parametrize("call", [
+    lambda: NF.weight_norm(torch.randn(3, 4), torch.ones(1, 4), dim=1.5),
+    lambda: NF.spectral_norm(torch.randn(3, 4), torch.randn(3), torch.randn(4), dim=0.5),
+    lambda: R.weight_norm_forward(np.ones((3, 4)), np.ones((1, 4)), dim=1.5),
+    lambda: NN.weight_norm(torch.nn.Linear(4, 3), dim=1.5),
+], ids=["F-weight_norm", "F-spectral_norm", "ref-weight_norm", "nn-weight_norm"])
+def test_a_float_dim_is_refused_not_truncated(call):
+    """dim=1.5 was truncated to axis 1 (and 0.5 to 0) where torch raises TypeError."""
+    with pytest.raises(TypeError, match=r"dim must be an int, got (1\.5|0\.5)"):
+        call()

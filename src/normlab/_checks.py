@@ -213,8 +213,15 @@ def check_renorm_limits(rmax, dmax, op: str, warmup_steps=None) -> None:
 
 def check_dim(dim: int, ndim: int, op: str) -> int:
     """``dim`` as a non-negative axis of an ``ndim``-D weight (negative counts from the end);
-    IndexError when it is out of range, as torch raises."""
+    IndexError when it is out of range, TypeError when it is not an integer, as torch raises."""
+    import operator
+
     ndim = int(ndim)
+    if not isinstance(dim, bool):  # (a bool is refused below, as out of range)
+        try:
+            dim = operator.index(dim)  # an int, a NumPy integer, a 0-d integer tensor
+        except TypeError:  # a float would be truncated to another axis: torch refuses it too
+            raise TypeError(f"{op}: dim must be an int, got {dim!r}") from None
     if ndim == 0:  # torch: "Dimension specified as 0 but tensor has no dimensions"
         raise IndexError(f"{op}: dim={dim!r} needs a weight with at least 1 dimension, got a 0-D weight")
     if isinstance(dim, bool) or not -ndim <= dim < ndim:
