@@ -36,9 +36,10 @@ def batch_renorm(
         raise ValueError(f"{op} needs running_mean and running_var (r and d compare the batch with them), got None")
     if not isinstance(rmax, torch.Tensor):  # 0-D tensors: nn.BatchRenorm's traced warm-up (checked there)
         _checks.check_renorm_limits(rmax, dmax, op)
+    # checked here in evaluation too, so that a wrong input is refused under batch_renorm's name
+    c = check_channel_input(input, op, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-    c = check_channel_input(input, op, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     dims = (0,) + tuple(range(2, input.dim()))
     _checks.check_enough_values(input.shape, dims, op, allow_empty=True)
     if input.numel() == 0:  # no statistics, so no r and d: batch norm on an empty batch
