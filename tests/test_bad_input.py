@@ -102,9 +102,12 @@ CASES = [
     # normalized_shape not matching the trailing dims
     ("ln-shape", lambda: NN.LayerNorm(5)(x3), ValueError, r"normalized_shape=\(5\).*shape \(2, 3, 4\) does not end"),
     ("ln-shape-2d", lambda: NN.LayerNorm((3, 5))(x3), ValueError, r"normalized_shape=\(3, 5\).*\(2, 3, 4\)"),
+    ("ln-shape-2d-leading", lambda: NN.LayerNorm((5, 4))(x3), ValueError, r"normalized_shape=\(5, 4\).*\(2, 3, 4\)"),
     ("rms-shape", lambda: NN.RMSNorm(5)(x3), ValueError, r"normalized_shape=\(5\).*\(2, 3, 4\)"),
     ("F-ln-weight", lambda: NF.layer_norm(x3, (4,), torch.ones(3)),
      ValueError, r"weight must have shape.*\(4\), got \(3\)"),
+    ("F-ln-bias", lambda: NF.layer_norm(x3, (4,), torch.ones(4), torch.ones(3)),
+     ValueError, r"layer_norm: bias must have shape.*\(4\), got \(3\)"),
     ("ref-ln-shape", lambda: R.layer_norm_forward(np.ones((2, 3)), 4), ValueError, r"normalized_shape=\(4\).*\(2, 3\)"),
     # groups
     ("gn-groups", lambda: NN.GroupNorm(2, 3), ValueError, r"num_groups=2 must .*divide the number of channels 3"),
@@ -184,6 +187,8 @@ CASES = [
     # normalized_shape
     ("ln-empty-shape", lambda: NN.LayerNorm(()), ValueError, r"normalized_shape must be a size or a non-empty"),
     ("ln-negative-shape", lambda: NN.LayerNorm(-1), ValueError, r"sizes \(ints >= 0\).*got -1"),
+    ("ln-bool-shape", lambda: NF.layer_norm(torch.randn(2, 1), True), ValueError,
+     r"normalized_shape must be a size.*got True"),
     ("rms-float-shape", lambda: NN.RMSNorm((2.5,)), ValueError, r"normalized_shape must.*got \(2.5,\)"),
     ("ref-ln-np-int", lambda: R.layer_norm_forward(np.random.randn(4, 3), np.int64(4)), ValueError,
      r"trailing dims normalized_shape=\(4\)"),

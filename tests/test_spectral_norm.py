@@ -139,6 +139,13 @@ def test_out_of_range_dim_is_refused_by_functional_and_reference(dim):
         R.spectral_norm_forward(randn((4, 3), 0), randn(4, 1), randn(3, 2), dim=dim)
 
 
+@pytest.mark.parametrize("dim", [1, -2])
+def test_out_of_range_dim_of_a_one_d_weight_is_refused_by_the_functional(dim):
+    """The 1-D path (divide by the norm) ignores dim, so it checks it itself: unguarded before."""
+    with pytest.raises(IndexError, match=rf"spectral_norm: dim must be in \[-1, 0\] for a 1-D weight, got {dim}"):
+        NF.spectral_norm(torch.randn(4), None, None, dim=dim)
+
+
 def test_reference_float16_weight_is_normed_without_overflow():
     """float16 squares overflow from |w| = 256: [300, 400] came out [0, 0], and a matrix whose
     largest singular value is above ~256 came out NaN (its power iteration ran in float16)."""
