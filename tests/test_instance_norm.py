@@ -112,3 +112,17 @@ def test_running_statistics_record_why_torch_runs_it():
 
     NN.InstanceNorm2d(3, track_running_stats=True)(torch.randn(2, 3, 4, 4))
     assert normlab.last_choice()[0] == "instance_norm" and normlab.last_choice()[1] == "torch"
+
+
+def test_half_running_mean_on_the_cpu_averages_every_instance():
+    """float16 on the CPU runs in float32 on x less a per-instance pivot, and the running mean gets
+    the pivots' mean over the batch back: instances at different means (0, 100, -50) must all count
+    (only the first instance's pivot gave a running mean of -0.06 here, not 8.3)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 2, 16, generator=g) + torch.tensor([0.0, 100.0, -50.0]).view(3, 1, 1)).half()
+    rm, rv = torch.zeros(2, dtype=torch.float16), torch.ones(2, dtype=torch.float16)
+    rm64, rv64 = rm.double(), rv.double()
+    NF.instance_norm(x, rm, rv, use_input_stats=True, momentum=0.5)
+    F.instance_norm(x.double(), rm64, rv64, use_input_stats=True, momentum=0.5)
+    torch.testing.assert_close(rm.double(), rm64, rtol=2e-3, atol=1e-3)
+    torch.testing.assert_close(rv.double(), rv64, rtol=2e-3, atol=1e-3)

@@ -245,6 +245,22 @@ def test_a_nan_in_one_channel_leaves_the_others_running_statistics():
     torch.testing.assert_close(m.running_var[1:], bn.running_var[1:])
 
 
+
+def test_a_nan_in_one_channel_does_not_spread_to_other_samples_and_channels():
+    """A NaN in sample 2, channel 0 reaches that sample (its layer branch mixes all its channels)
+    and channel 0 (its batch branch), nothing else; nor, in evaluation, does the NaN running mean
+    of channel 0. A non-finite per-channel pivot is taken as 0: kept, it went into every channel's
+    layer-branch shift and made every output NaN."""
+    x = torch.randn(6, 3, 5, generator=torch.Generator().manual_seed(1))
+    x[2, 0, 1] = float("nan")
+    m = NN.SwitchableNorm1d(3)
+    y = m(x)
+    assert torch.isfinite(y[[0, 1, 3, 4, 5]][:, 1:]).all()
+    m.eval()
+    y = m(torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(2)))
+    assert torch.isnan(y[:, 0]).all() and torch.isfinite(y[:, 1:]).all()
+
+
 @pytest.mark.parametrize("branch", [0, 2, None], ids=["in", "bn", "mix"])
 def test_float32_backward_with_a_large_mean_dy_keeps_its_digits(branch):
     """x and dy both near 1000 in float32: the rows' float32 mean is off by ~1e-4, so the centred
@@ -297,3 +313,47 @@ def test_reference_mean_logit_gradient_sums_to_0_at_a_large_mean(shape):
     _, cache, _ = R.switchable_norm_forward(x, None, None, *logits)
     dmw = R.switchable_norm_backward(rng.standard_normal(shape).astype(np.float32), cache)[3]
     assert abs(float(dmw.sum())) < 1e-5 * np.abs(dmw).max()
+
+
+def test_functional_bias_without_weight_gets_its_gradient():
+    """The functional form takes a bias without a weight, and that bias learns: its gradient is dy
+    summed over every axis but the channel (no test reached this branch of the backward)."""
+    g = torch.Generator().manual_seed(6)
+    x, dy = torch.randn(4, 3, 5, generator=g, dtype=torch.float64), torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    b = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64, requires_grad=True)
+    mw, vw = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    y = NF.switchable_norm(x, None, None, None, b, mw, vw, training=True)
+    y.backward(dy)
+    torch.testing.assert_close(b.grad, dy.sum(dim=(0, 2)))
+
+
+def test_float32_dx_at_a_large_mean_keeps_the_rows_mean_correction():
+    """x near 1000 in float32, dy of mean 0, the IN branch alone: dx's variance term takes
+    x - mu_in as d - r (r the centred rows' own mean); without r it was 1.4e-5 of max |dx| off,
+    with it ~1e-7."""
+    torch.manual_seed(0)
+    m = NN.SwitchableNorm2d(8)
+    with torch.no_grad():
+        for logits in (m.mean_weight, m.var_weight):
+            logits.fill_(-100.0)
+            logits[0] = 100.0
+    m64 = copy.deepcopy(m).double()
+    x = (1000 + torch.randn(16, 8, 5, 5, dtype=torch.float64)).float().requires_grad_()
+    dy = torch.randn(16, 8, 5, 5, dtype=torch.float64).float()
+    x64 = x.detach().double().requires_grad_()
+    m(x).backward(dy)
+    m64(x64).backward(dy.double())
+    err = (x.grad.double() - x64.grad).abs().max().item() / x64.grad.abs().max().item()
+    assert err < 1e-6, err
+
+
+def test_functional_eval_without_running_statistics_uses_the_batch_statistics():
+    """training=False with no running statistics mixes the batch's statistics into the BN branch
+    (as batch norm): unguarded, it read the missing running statistics."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    mw = torch.tensor([0.2, -0.3, 0.5], dtype=torch.float64)
+    vw = torch.tensor([-0.1, 0.4, 0.2], dtype=torch.float64)
+    want = NF.switchable_norm(x, None, None, None, None, mw, vw, training=True)
+    torch.testing.assert_close(NF.switchable_norm(x, None, None, None, None, mw, vw, training=False), want,
+                               rtol=0, atol=0)
