@@ -111,3 +111,18 @@ print("ok")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_an_empty_half_input_on_the_cpu_gives_an_empty_output(dtype):
+    """The CPU half path subtracts a per-group pivot, of which an empty input has none."""
+    for shape in ((0, 4, 3), (2, 4, 0)):
+        y = NF.group_norm(torch.empty(shape, dtype=dtype), 2, torch.ones(4), torch.zeros(4))
+        assert y.shape == shape and y.dtype == dtype
+
+
+def test_an_empty_batch_with_one_value_per_group_passes_as_in_torch():
+    """One value per group is refused for a non-empty input only: an empty batch has nothing to
+    normalize and gives an empty output, as torch's group_norm does."""
+    for shape in ((0, 4), (0, 4, 1)):
+        assert NF.group_norm(torch.empty(shape), 4).shape == F.group_norm(torch.empty(shape), 4).shape == shape

@@ -357,3 +357,21 @@ def test_functional_eval_without_running_statistics_uses_the_batch_statistics():
     want = NF.switchable_norm(x, None, None, None, None, mw, vw, training=True)
     torch.testing.assert_close(NF.switchable_norm(x, None, None, None, None, mw, vw, training=False), want,
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_functional_channels_last_3d_input_keeps_its_layout(training):
+    """The functional form takes 5-D input (there is no SwitchableNorm3d): a channels_last_3d
+    input gives a channels_last_3d output and gradient, as torch's batch norm does, with the
+    values of a contiguous input."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 4, 2, 3, 3, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last_3d)
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    mw, vw = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    x.requires_grad_()
+    y = NF.switchable_norm(x, rm.clone(), rv.clone(), None, None, mw, vw, training=training)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y) + y.detach())
+    assert dx.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(y, NF.switchable_norm(x.detach().contiguous(), rm.clone(), rv.clone(), None, None, mw,
+                                                     vw, training=training))
