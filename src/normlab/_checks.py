@@ -7,6 +7,7 @@ number.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 
@@ -214,8 +215,6 @@ def check_renorm_limits(rmax, dmax, op: str, warmup_steps=None) -> None:
 def check_dim(dim: int, ndim: int, op: str) -> int:
     """``dim`` as a non-negative axis of an ``ndim``-D weight (negative counts from the end);
     IndexError when it is out of range, TypeError when it is not an integer, as torch raises."""
-    import operator
-
     ndim = int(ndim)
     if not isinstance(dim, bool):  # (a bool is refused below, as out of range)
         try:
