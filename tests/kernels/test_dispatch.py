@@ -476,3 +476,23 @@ def test_a_vmapped_backward_of_a_channels_last_kernel_forward(op):
     looped = [torch.autograd.grad(y, (x, w), vi, retain_graph=True) for vi in v]
     for b, loop in zip(batched, zip(*looped)):
         torch.testing.assert_close(b, torch.stack(loop))
+
+
+@cpu
+def test_supports_refuses_malformed_calls_with_the_true_reason():
+    """Wrong versions (_supports.py): without ``isinstance(momentum, numbers.Real)`` a string
+    momentum was taken (the kernel ran ``float("0.1")`` where torch raises TypeError); without
+    the hand binder's two checks, a call missing normalized_shape raised KeyError from
+    ``supports`` itself and an argument given both positionally and by keyword was bound
+    silently; without the rank check a 1-D input was refused for its "layout"."""
+    x = torch.randn(4, 3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    ok, why = kernels.supports("batch_norm", x, rm, rv, None, None, True, "0.1")
+    assert not ok and why == "momentum is not a number"
+    with pytest.raises(ValueError, match="momentum is not a number"):
+        kernels.batch_norm(x, rm, rv, None, None, True, "0.1")
+    for args, kwargs in (((), {}), (((3,),), {"normalized_shape": (3,)})):
+        ok, why = kernels.supports("layer_norm", x, *args, **kwargs)
+        assert not ok and why.startswith("arguments do not fit layer_norm"), why
+    ok, why = kernels.supports("group_norm", torch.randn(6), 2)
+    assert not ok and why == "input of rank 1, need (N, C, *)"

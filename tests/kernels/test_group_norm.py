@@ -190,3 +190,15 @@ def test_gpu_bitwise_deterministic(channels_last):
     x, w, b, dy = _case((32, 256, 28, 28), torch.bfloat16, "cuda", channels_last)
     (y1, g1), (y2, g2) = [grads(lambda x, w, b: kernels.group_norm(x, 32, w, b), (x, w, b), dy) for _ in range(2)]
     assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+@cpu
+def test_size_one_dims_with_any_stride_take_the_kernel():
+    """Wrong version (_channel_norm.py ``_dense``: a size-1 dim must have its packed stride):
+    an (N, L, C) tensor transposed to (N, C, L) and unsqueezed to (N, C, L, 1) is channels-last
+    dense (torch gives the new dim stride 1, not C), so it takes the kernel in place."""
+    x = torch.randn(2, 5, 6, dtype=torch.float64).transpose(1, 2).unsqueeze(-1)
+    assert x.stride() == (30, 1, 6, 1)
+    ok, why = kernels.supports("group_norm", x, 3)
+    assert ok, why
+    assert_close(kernels.group_norm(x, 3), F.group_norm(x, 3), torch.float64, "y")

@@ -333,3 +333,26 @@ def test_a_weight_of_another_shape_than_normalized_shape_is_refused(op):
     assert kernels.supports("layer_norm", torch.randn(2, 5), 5, torch.ones(5), torch.ones(5))[0]
     ok, why = kernels.supports("layer_norm", torch.randn(2, 5), 5, None, torch.ones(1, 5))
     assert not ok and why.startswith("bias has shape (1, 5)")
+
+
+@cpu
+@pytest.mark.parametrize("rms", [False, True])
+def test_module_level_backward_matches_native_layer_norm_backward(rms):
+    """Wrong version (layer_norm.py ``backward``: ``torch.cat([mean, rstd])`` -> ``[rstd, mean]``):
+    the module-level ``forward``/``backward`` pair (the ``torch.native_layer_norm`` contract, for
+    callers outside autograd) had its backward untested."""
+    x = torch.randn(6, 37, dtype=torch.float64)
+    w, b = torch.randn(37, dtype=torch.float64), torch.randn(37, dtype=torch.float64)
+    dy = torch.randn(6, 37, dtype=torch.float64)
+    if rms:
+        _, mean, rstd = ln_mod.forward(x, w, None, 1e-5, rms=True)
+        dx, dw, db = ln_mod.backward(dy, x, w, None, mean, rstd, True, True, False)
+        _, gr = grads(lambda x, w: F.rms_norm(x, (37,), w, 1e-5), (leaf(x), leaf(w)), dy)
+        assert db is None
+        assert_grads_close((dx, dw), gr, torch.float64, names=("dx", "dw"))
+        return
+    _, mean, rstd = ln_mod.forward(x, w, b, 1e-5, rms=False)
+    got = ln_mod.backward(dy, x, w, b, mean, rstd, False, True, True)
+    _, m_r, r_r = torch.native_layer_norm(x, (37,), w, b, 1e-5)
+    want = torch.ops.aten.native_layer_norm_backward(dy, x, (37,), m_r, r_r, w, b, (True, True, True))
+    assert_grads_close(got, want, torch.float64)
