@@ -356,3 +356,41 @@ def test_module_level_backward_matches_native_layer_norm_backward(rms):
     _, m_r, r_r = torch.native_layer_norm(x, (37,), w, b, 1e-5)
     want = torch.ops.aten.native_layer_norm_backward(dy, x, (37,), m_r, r_r, w, b, (True, True, True))
     assert_grads_close(got, want, torch.float64)
+
+
+@cpu
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "group_norm", "batch_norm train", "batch_norm eval",
+                                "masked train", "masked eval"])
+def test_create_graph_gradients_equal_the_closed_form_ones(op):
+    """Wrong versions (layer_norm.py / _channel_norm.py ``_recompute``: ``ctx.eps`` -> ``1e-5``;
+    ``ctx.fixed`` set to None or ignored, so evaluation recomputes with the batch's statistics;
+    the evaluation statistics not copied, so a running buffer moved in place between forward and
+    backward is what the recompute reads). ``gradgradcheck`` cannot see these: it checks the
+    recompute against itself. With ``create_graph=True`` the first-order gradients must be those
+    of the closed-form backward, which are torch's."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    rows = op in ("layer_norm", "rms_norm")
+    x, w, b = leaf(r(2, 3, 4) if rows else r(2, 4, 3)), leaf(r(4)), leaf(r(4))
+    rm, rv = r(4), r(4).abs() + 0.5
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    eps = 0.5  # far from every default
+    f = {
+        "layer_norm": lambda: kernels.layer_norm(x, (4,), w, b, eps),
+        "rms_norm": lambda: kernels.rms_norm(x, (4,), w, eps),
+        "group_norm": lambda: kernels.group_norm(x, 2, w, b, eps),
+        "batch_norm train": lambda: kernels.batch_norm(x, rm.clone(), rv.clone(), w, b, True, 0.1, eps),
+        "batch_norm eval": lambda: kernels.batch_norm(x, rm, rv, w, b, False, 0.1, eps),
+        "masked train": lambda: kernels.masked_batch_norm(x, mask, rm.clone(), rv.clone(), w, b, True, 0.1, eps),
+        "masked eval": lambda: kernels.masked_batch_norm(x, mask, rm, rv, w, b, False, 0.1, eps),
+    }[op]
+    ins = (x, w) if op == "rms_norm" else (x, w, b)
+    dy = r(*x.shape)
+    fast = torch.autograd.grad(f(), ins, dy)
+    y = f()
+    with torch.no_grad():  # the buffers move after the forward (another module's update, a reset)
+        rm.add_(3.0)
+        rv.mul_(4.0)
+    graph = torch.autograd.grad(y, ins, dy, create_graph=True)
+    for name, a, ref in zip(("dx", "dw", "db"), graph, fast):
+        torch.testing.assert_close(a, ref, msg=lambda m, name=name: f"{op} {name}: {m}")
