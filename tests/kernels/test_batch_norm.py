@@ -215,3 +215,25 @@ def test_gpu_mixed_precision_parameters():
         assert_close(a, r, torch.bfloat16, name)
     assert_close(rm, rm_r, torch.float32, "running_mean")
     assert_close(rv, rv_r, torch.float32, "running_var")
+
+
+@cpu
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_one_value_per_channel_leaves_the_running_variance_finite():
+    """A kernel called directly in training on one value per channel (torch raises there; the
+    functional tier checks it before dispatch) took the unbiased variance as 0 * 1 / 0 and wrote
+    NaN into running_var. The factor is ``n / max(n - 1, 1)``, as in normlab's own
+    ``update_running_``: the batch variance 0 enters as 0. Masked batch norm with one valid
+    position took the same path."""
+    x = torch.randn(1, 3, dtype=torch.float64)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    kernels.batch_norm(x, rm, rv, training=True, momentum=0.1)
+    torch.testing.assert_close(rm, 0.1 * x[0])
+    torch.testing.assert_close(rv, torch.full((3,), 0.9, dtype=torch.float64))
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[1, 2] = True
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    kernels.masked_batch_norm(x, mask, rm, rv, training=True, momentum=0.1)
+    torch.testing.assert_close(rm, 0.1 * x[1, :, 2])
+    torch.testing.assert_close(rv, torch.full((3,), 0.9, dtype=torch.float64))

@@ -28,7 +28,7 @@ Forward, three launches:
 2. ``_finalize_kernel``: one program per statistic group merges its partials in a fixed
    order (two passes: the mean, then ``sum(M2_i + n_i (mean_i - mean)^2)``), writes
    ``mean``, ``rstd``, ``count`` and, for batch norm in training, updates the running
-   statistics in place (unbiased variance, ``count / (count - 1)``).
+   statistics in place (unbiased variance, ``count / max(count - 1, 1)``).
 3. ``_apply_kernel``: ``y = (x - mean) * rstd * w + b`` per element (0 at masked positions).
    It walks the tensor in the reverse order of step 1, so the part of ``x`` that step 1
    read last is still in L2 when step 3 starts.
@@ -229,7 +229,7 @@ def _finalize_kernel(
     if UPDATE_RUNNING:
         rm = tl.load(rmean_ptr + o).to(ACC)
         rv = tl.load(rvar_ptr + o).to(ACC)
-        unbiased = var * count / (count - 1.0)
+        unbiased = var * count / tl.maximum(count - 1.0, 1.0)  # one value (direct calls only): var 0, not 0/0
         tl.store(rmean_ptr + o, ((1.0 - momentum) * rm + momentum * mean).to(rmean_ptr.dtype.element_ty))
         tl.store(rvar_ptr + o, ((1.0 - momentum) * rv + momentum * unbiased).to(rvar_ptr.dtype.element_ty))
 
