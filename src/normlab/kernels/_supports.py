@@ -206,6 +206,8 @@ def _channel_op(a, op):
             return "momentum=None with running statistics to update: pass the cumulative factor"
         if momentum is not None and not isinstance(momentum, numbers.Real):
             return "momentum is not a number"
+        if a.get("training", False) and x.numel() == C:  # as torch refuses it (and the functional tier)
+            return f"one value per channel in training (input of shape {tuple(x.shape)}): no variance to use"
     for name in ("weight", "bias", "running_mean", "running_var"):
         if name in a and (why := _param(a[name], name, x, C, vector=True)):
             return why
