@@ -140,3 +140,30 @@ def test_functional_matches_torch_functional_with_bias_only():
     assert_close(y, ty)
     assert_close(rm, rm2)
     assert_close(rv, rv2)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_num_batches_tracked_set_to_none_updates_as_torch(momentum):
+    """With the counter removed (torch allows it) the step is not counted; torch then weighs a
+    cumulative average (momentum=None) by 0, leaving the running statistics as they were, and a
+    fixed momentum by itself."""
+    ours, theirs = _bn_pair("BatchNorm1d", c=3, momentum=momentum)
+    for m in (ours, theirs):
+        m.num_batches_tracked = None
+        for s in range(2):
+            m(t(randn((6, 3), s, 2.0, 1.0)))
+    assert ours.num_batches_tracked is None
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+def test_eval_with_only_one_running_buffer_refuses_as_torch(missing):
+    """Batch statistics stand in for the running ones in evaluation only when *both* are None
+    (torch's rule); one of them alone is an error, not a silent switch to batch statistics."""
+    x = t(randn((6, 3), 0))
+    for m in _bn_pair("BatchNorm1d", c=3):
+        m.eval()
+        setattr(m, missing, None)
+        with pytest.raises(RuntimeError, match="must be defined in evaluation mode"):
+            m(x)

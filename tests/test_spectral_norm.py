@@ -226,3 +226,26 @@ def test_functional_one_d_spectral_norm_takes_eps():
     w = torch.full((3,), 1e-4, dtype=torch.float64)
     torch.testing.assert_close(NF.spectral_norm(w, None, None, eps=1e-2), F.normalize(w, dim=0, eps=1e-2))
     assert float(NF.spectral_norm(w, None, None, eps=1e-2)[0]) == pytest.approx(0.01)
+
+
+def test_a_negative_dim_is_stored_as_torchs_nonnegative_dim():
+    """``dim=-1`` is kept as ``ndim - 1``, as torch's parametrization keeps it (its ``dim``
+    attribute and this one's repr)."""
+    torch.manual_seed(0)
+    theirs = P.spectral_norm(torch.nn.Conv1d(3, 4, 2).double(), dim=-1)
+    ours = NN.spectral_norm(torch.nn.Conv1d(3, 4, 2).double(), dim=-1)
+    assert ours.parametrizations.weight[0].dim == theirs.parametrizations.weight[0].dim == 2
+    assert "dim=2" in repr(ours.parametrizations.weight[0])
+
+
+def test_module_one_d_weight_is_divided_by_max_norm_eps_as_torchs():
+    """A 1-D weight (a batch norm's) goes through F.normalize with the layer's eps, as torch's
+    parametrization: a tiny weight stays tiny (not scaled up to norm 1)."""
+    twins = []
+    for make in (P.spectral_norm, NN.spectral_norm):
+        m = make(torch.nn.BatchNorm1d(3).double(), eps=1e-2)
+        with torch.no_grad():
+            m.parametrizations.weight.original.fill_(1e-4)
+        twins.append(m.weight.detach())
+    torch.testing.assert_close(twins[1], twins[0], rtol=1e-12, atol=0)
+    assert float(twins[1][0]) == pytest.approx(0.01)

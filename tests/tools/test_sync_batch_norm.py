@@ -287,6 +287,8 @@ def test_input_errors_name_what_was_expected():
         sbn(torch.randn(4))
     with pytest.raises(ValueError, match="built for 4 channels"):
         sbn(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="at least one channel"):  # torch's refuses it too, not an IndexError
+        nlnn.SyncBatchNorm(0)(torch.randn(2, 0, 5))
 
 
 def test_merge_moments_is_the_statistics_of_the_concatenation():
