@@ -162,3 +162,12 @@ def test_lecun_normal_of_a_zero_element_weight_is_a_no_op_as_torchs_init(shape):
     w = torch.empty(shape)
     with pytest.warns(UserWarning, match="zero-element"):
         assert NN.lecun_normal_(w) is w
+
+
+def test_selu_module_inplace_writes_into_its_input_as_torchs():
+    for make in (torch.nn.SELU, NN.SELU):
+        x = t(randn((3, 4), 0, 2.0))
+        want = torch.nn.functional.selu(x)
+        y = make(inplace=True)(x)
+        assert y is x or y.data_ptr() == x.data_ptr(), make
+        torch.testing.assert_close(x, want, rtol=0, atol=0)

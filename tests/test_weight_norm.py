@@ -149,3 +149,17 @@ def test_a_float_dim_is_refused_not_truncated(call):
     """dim=1.5 was truncated to axis 1 (and 0.5 to 0) where torch raises TypeError."""
     with pytest.raises(TypeError, match=r"dim must be an int, got (1\.5|0\.5)"):
         call()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_an_older_checkpoint_with_weight_g_alone_is_reported_as_torchs_not_a_key_error():
+    """Only a complete (weight_g, weight_v) pair is renamed; weight_g alone is an unexpected key
+    and the parametrization's keys are missing, as torch's reports them."""
+    old = torch.nn.utils.weight_norm(torch.nn.Linear(5, 3)).state_dict()
+    del old["weight_v"]
+    messages = []
+    for make in (P.weight_norm, NN.weight_norm):
+        with pytest.raises(RuntimeError, match="Unexpected key.*weight_g") as err:
+            make(torch.nn.Linear(5, 3)).load_state_dict(dict(old))
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
