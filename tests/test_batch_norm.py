@@ -85,6 +85,10 @@ def test_repr_and_state_dict_match_torch(cls_name, kw):
     ours, theirs = _bn_pair(cls_name, c=4, **kw)
     assert repr(ours) == repr(theirs)
     assert list(ours.state_dict()) == list(theirs.state_dict())
+    # the same dtypes (num_batches_tracked a long) and the same version in the metadata, which
+    # decides how an older checkpoint without num_batches_tracked loads
+    assert [v.dtype for v in ours.state_dict().values()] == [v.dtype for v in theirs.state_dict().values()]
+    assert ours.state_dict()._metadata[""]["version"] == theirs.state_dict()._metadata[""]["version"]
     assert_state_dict_roundtrip(ours, theirs)
 
 
