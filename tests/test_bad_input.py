@@ -41,7 +41,7 @@ CASES = [
     ("in-channels", lambda: NN.InstanceNorm1d(4)(x3), ValueError, r"built for 4 channels.*has 3 along dim 1"),
     ("in-unbatched-channels", lambda: NN.InstanceNorm2d(3)(x3), ValueError,
      r"built for 3 channels.*has 2 along dim 0: input shape \(2, 3, 4\)"),
-    ("gn-channels", lambda: NN.GroupNorm(2, 4)(x3), ValueError, r"built for 4 channels.*has 3"),
+    ("gn-channels", lambda: NN.GroupNorm(2, 4)(x3), ValueError, r"built for 4 channels \(num_channels=4\).*has 3"),
     ("sn-channels", lambda: NN.SwitchableNorm1d(5)(x3), ValueError, r"built for 5 channels.*has 3"),
     ("brn-channels", lambda: NN.BatchRenorm1d(4)(x3), ValueError, r"built for 4 channels.*has 3"),
     ("mbn-channels", lambda: NN.MaskedBatchNorm1d(2)(x3, None), ValueError, r"built for 2 channels.*has 3"),
