@@ -186,13 +186,10 @@ def test_gpu_bitwise_deterministic(dtype):
     assert torch.equal(y1, y2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
-@cpu
-@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm train",
-                                "batch_norm eval", "masked train", "masked eval"])
-def test_double_backward_is_exact(op):
-    """With create_graph=True the gradients come from torch's differentiable ops on the saved
-    inputs: second derivatives match (gradgradcheck), also for a constant incoming gradient
-    (where a once-differentiable backward returned gradients without a graph: silent zeros)."""
+def _second_order_case(op: str, eps: float):
+    """``(f(x, w, b), r, (x, w, b), (running_mean, running_var))`` for the second-order tests: a
+    tiny float64 case of ``op`` (training ops update clones of the running buffers, evaluation
+    ops read the buffers themselves) and ``r(*shape)``, more numbers from the same generator."""
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     rows = op in ("layer_norm", "rms_norm")
@@ -200,15 +197,27 @@ def test_double_backward_is_exact(op):
     rm, rv = r(4), r(4).abs() + 0.5
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     f = {
-        "layer_norm": lambda x, w, b: kernels.layer_norm(x, (4,), w, b),
-        "rms_norm": lambda x, w, b: kernels.rms_norm(x, (4,), w, 1e-5),
-        "group_norm": lambda x, w, b: kernels.group_norm(x, 2, w, b),
-        "instance_norm": lambda x, w, b: kernels.instance_norm(x, w, b),
-        "batch_norm train": lambda x, w, b: kernels.batch_norm(x, rm.clone(), rv.clone(), w, b, True),
-        "batch_norm eval": lambda x, w, b: kernels.batch_norm(x, rm, rv, w, b, False),
-        "masked train": lambda x, w, b: kernels.masked_batch_norm(x, mask, rm.clone(), rv.clone(), w, b, True),
-        "masked eval": lambda x, w, b: kernels.masked_batch_norm(x, mask, rm, rv, w, b, False),
+        "layer_norm": lambda x, w, b: kernels.layer_norm(x, (4,), w, b, eps),
+        "rms_norm": lambda x, w, b: kernels.rms_norm(x, (4,), w, eps),
+        "group_norm": lambda x, w, b: kernels.group_norm(x, 2, w, b, eps),
+        "instance_norm": lambda x, w, b: kernels.instance_norm(x, w, b, eps),
+        "batch_norm train": lambda x, w, b: kernels.batch_norm(x, rm.clone(), rv.clone(), w, b, True, 0.1, eps),
+        "batch_norm eval": lambda x, w, b: kernels.batch_norm(x, rm, rv, w, b, False, 0.1, eps),
+        "masked train": lambda x, w, b: kernels.masked_batch_norm(x, mask, rm.clone(), rv.clone(), w, b, True, 0.1,
+                                                                 eps),
+        "masked eval": lambda x, w, b: kernels.masked_batch_norm(x, mask, rm, rv, w, b, False, 0.1, eps),
     }[op]
+    return f, r, (x, w, b), (rm, rv)
+
+
+@cpu
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm train",
+                                "batch_norm eval", "masked train", "masked eval"])
+def test_double_backward_is_exact(op):
+    """With create_graph=True the gradients come from torch's differentiable ops on the saved
+    inputs: second derivatives match (gradgradcheck), also for a constant incoming gradient
+    (where a once-differentiable backward returned gradients without a graph: silent zeros)."""
+    f, r, (x, w, b), _ = _second_order_case(op, 1e-5)
     assert torch.autograd.gradgradcheck(f, (x, w, b), fast_mode=True)
     weight = r(*x.shape)
     (gx,) = torch.autograd.grad((f(x, w, b) * weight).sum(), (x,), create_graph=True)
@@ -368,22 +377,8 @@ def test_create_graph_gradients_equal_the_closed_form_ones(op):
     backward is what the recompute reads). ``gradgradcheck`` cannot see these: it checks the
     recompute against itself. With ``create_graph=True`` the first-order gradients must be those
     of the closed-form backward, which are torch's."""
-    g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    rows = op in ("layer_norm", "rms_norm")
-    x, w, b = leaf(r(2, 3, 4) if rows else r(2, 4, 3)), leaf(r(4)), leaf(r(4))
-    rm, rv = r(4), r(4).abs() + 0.5
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
-    eps = 0.5  # far from every default
-    f = {
-        "layer_norm": lambda: kernels.layer_norm(x, (4,), w, b, eps),
-        "rms_norm": lambda: kernels.rms_norm(x, (4,), w, eps),
-        "group_norm": lambda: kernels.group_norm(x, 2, w, b, eps),
-        "batch_norm train": lambda: kernels.batch_norm(x, rm.clone(), rv.clone(), w, b, True, 0.1, eps),
-        "batch_norm eval": lambda: kernels.batch_norm(x, rm, rv, w, b, False, 0.1, eps),
-        "masked train": lambda: kernels.masked_batch_norm(x, mask, rm.clone(), rv.clone(), w, b, True, 0.1, eps),
-        "masked eval": lambda: kernels.masked_batch_norm(x, mask, rm, rv, w, b, False, 0.1, eps),
-    }[op]
+    f3, r, (x, w, b), (rm, rv) = _second_order_case(op, 0.5)  # eps far from every default
+    f = lambda: f3(x, w, b)  # noqa: E731
     ins = (x, w) if op == "rms_norm" else (x, w, b)
     dy = r(*x.shape)
     fast = torch.autograd.grad(f(), ins, dy)
