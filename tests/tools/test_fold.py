@@ -794,3 +794,211 @@ def test_an_example_input_shows_a_linear_whose_batch_norm_gets_3d_inputs(method)
     folded, report = fold(flat, method=method, example_input=(x[:, 0],))
     assert report.folded == [("1", "0")]
     torch.testing.assert_close(folded(x[:, 0]), flat(x[:, 0]))
+
+
+# -- behaviours a mutation audit found unpinned -------------------------------------------------------
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_the_batch_norms_own_eps_and_affine_false_fold_exactly(affine):
+    """s = gamma / sqrt(var + eps) with the layer's eps (not the default 1e-5), and s = 1 / sqrt(var + eps),
+    beta = 0 for affine=False (no weight or bias to read)."""
+    torch.manual_seed(0)
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=0.5, affine=affine))).double()
+    model.eval()
+    folded, report = fold(model, method="modules", strict=True)
+    assert report.folded == [("1", "0")]
+    assert_same_outputs(model, folded, torch.randn(2, 3, 6, 6, dtype=torch.float64), rel=1e-12)
+
+
+@pytest.mark.parametrize("where", ["bn weight", "layer bias", "bn bias", "running mean"])
+def test_a_value_already_not_finite_anywhere_in_the_pair_does_not_block_the_fold(where):
+    """The overflow check counts only non-finite results whose inputs were finite: an inf in the batch
+    norm's scale, the layer's bias or the shift makes the pair itself non-finite there already."""
+    model = randomize_bn_(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))).eval()
+    with torch.no_grad():
+        {"bn weight": model[1].weight, "layer bias": model[0].bias, "bn bias": model[1].bias,
+         "running mean": model[1].running_mean}[where][0] = float("inf")
+    folded, report = fold(model, method="modules")
+    assert report.folded == [("1", "0")] and not report.left, report
+    assert torch.isfinite(folded[0].bias[1]) and torch.isfinite(folded[0].weight[1]).all()
+
+
+def test_a_layer_whose_bias_is_a_buffer_folds_into_it():
+    """A bias held as a buffer (not computed) is written like a Parameter's."""
+    torch.manual_seed(0)
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).double().eval()
+    bias = model[0].bias.detach().clone()
+    del model[0].bias
+    model[0].register_buffer("bias", bias)
+    folded, report = fold(model, method="modules")
+    assert report.folded == [("1", "0")] and "bias" in dict(folded[0].named_buffers())
+    assert_same_outputs(model, folded, torch.randn(2, 3, 4, 4, dtype=torch.float64), rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["auto", "modules", "fx"])
+def test_a_tied_bias_is_left(method):
+    model = _Tied()
+    model.b.weight = nn.Parameter(torch.randn(3, 3, 1, 1))  # untie the weight, tie the bias
+    model.b.bias = model.a[0].bias
+    randomize_bn_(model)
+    model.double().eval()
+    folded, report = fold(model, method=method)
+    assert not report.folded and "bias is shared with another module" in report.left[0][1], report
+    assert_same_outputs(model, folded, torch.randn(2, 3, 4, 4, dtype=torch.float64), rel=1e-12)
+
+
+@pytest.mark.parametrize("register", ["register_module_full_backward_hook", "register_module_full_backward_pre_hook"])
+def test_every_kind_of_global_backward_hook_blocks_every_fold(register):
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))).eval()
+    handle = getattr(nn.modules.module, register)(lambda m, *grads: None)
+    try:
+        _, report = fold(model)
+    finally:
+        handle.remove()
+    assert not report.folded and "global module" in report.left[0][1], report
+
+
+def test_a_hook_on_a_child_of_a_leaf_layer_does_not_stop_a_traced_fold():
+    """The graph calls a leaf layer (torch's MultiheadAttention) as a whole, so hooks on its children
+    stay: they do not block the fold the way hooks on a traced-through block do."""
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4)
+            self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x)).transpose(1, 2)
+            return self.attn(y, y, y)[0]
+
+    torch.manual_seed(0)
+    model = randomize_bn_(Attn()).double().eval()
+    model.attn.out_proj.register_forward_hook(lambda m, args, out: None)
+    folded, report = fold(model, method="fx")
+    assert report.folded == [("bn", "conv")] and not report.left, report
+    assert_same_outputs(model, folded, torch.randn(2, 4, 5, dtype=torch.float64), rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:For backward hooks to be called")
+def test_a_backward_hook_on_a_block_fx_traces_through_keeps_the_model_unfolded():
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 3, 1), _Block())).eval()
+    model[1].register_full_backward_hook(lambda m, gi, go: None)
+    folded, report = fold(model, method="fx")
+    assert not report.folded and "hooks on 1" in report.left[0][1], report
+    assert not isinstance(folded, fx.GraphModule)
+
+
+@pytest.mark.parametrize("method", ["auto", "modules", "fx"])
+def test_an_example_input_does_not_stop_a_conv_whose_batch_norm_gets_3d_inputs(method):
+    """Only a Linear's features are its output's last dim: a Conv1d -> BatchNorm1d pair on (N, C, L) folds."""
+    torch.manual_seed(0)
+    model = randomize_bn_(nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4))).double().eval()
+    x = torch.randn(2, 3, 7, dtype=torch.float64)
+    folded, report = fold(model, method=method, example_input=x)
+    assert report.folded == [("1", "0")] and not report.left, report
+    assert_same_outputs(model, folded, x, rel=1e-12)
+
+
+def test_the_module_walk_leaves_a_sequential_subclass_with_its_own_forward():
+    model = randomize_bn_(nn.Sequential(_SkipSequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)))).double().eval()
+    folded, report = fold(model, method="modules")
+    assert not report.folded and [b for b, _ in report.left] == ["0.1"], report
+    assert_same_outputs(model, folded, torch.randn(2, 3, 4, 4, dtype=torch.float64), rel=1e-12)
+
+
+def test_the_module_walk_does_not_fold_past_a_batch_norm_it_left():
+    """conv -> hooked bn (left) -> bn: the second batch norm's input is the first one's output."""
+    torch.manual_seed(0)
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.BatchNorm2d(3))).double().eval()
+    model[1].register_forward_hook(lambda m, args, out: None)
+    folded, report = fold(model, method="modules")
+    assert not report.folded and [b for b, _ in report.left] == ["1", "2"], report
+    assert_same_outputs(model, folded, torch.randn(2, 3, 4, 4, dtype=torch.float64), rel=1e-12)
+
+
+def test_the_module_walk_leaves_a_batch_norm_shared_by_two_sequentials():
+    """Documented: a batch norm used after several layers is left by "modules"."""
+    bn = nn.BatchNorm2d(3)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 3, 1), bn), nn.Sequential(nn.Conv2d(3, 3, 1), bn))
+    randomize_bn_(model)
+    model.double().eval()
+    folded, report = fold(model, method="modules")
+    assert not report.folded and "shared with another place" in report.left[0][1], report
+    assert_same_outputs(model, folded, torch.randn(2, 3, 4, 4, dtype=torch.float64), rel=1e-12)
+
+
+class _ConvTwiceTwoNorms(nn.Module):
+    def __init__(self, keyword=False):
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+        self.keyword = keyword
+
+    def forward(self, x):
+        if self.keyword:
+            return self.bn1(self.conv(x)) + self.bn1(input=self.conv(-x))
+        return self.bn1(self.conv(x)) + self.bn2(self.conv(-x))
+
+
+@pytest.mark.parametrize("keyword", [False, True], ids=["other-bn", "keyword-call"])
+def test_a_layer_called_twice_folds_only_if_each_call_feeds_the_same_batch_norm_alone(keyword):
+    torch.manual_seed(0)
+    model = randomize_bn_(_ConvTwiceTwoNorms(keyword)).double().eval()
+    folded, report = fold(model, method="fx")
+    assert not report.folded, report
+    assert any("applied at more than one place" in why for _, why in report.left), report
+    assert_same_outputs(model, folded, torch.randn(2, 3, 4, 4, dtype=torch.float64), rel=1e-12)
+
+
+def test_reading_a_weights_size_does_not_stop_the_fold():
+    class ReadsSize(_Block):
+        def forward(self, x):
+            return self.bn(self.conv(x)) * self.conv.weight.size(0) + self.conv.weight.dim()
+
+    torch.manual_seed(0)
+    model = randomize_bn_(ReadsSize()).double().eval()
+    folded, report = fold(model, method="fx", strict=True)
+    assert report.folded == [("bn", "conv")]
+    assert_same_outputs(model, folded, torch.randn(2, 3, 6, 6, dtype=torch.float64), rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["modules", "fx"])
+def test_the_folded_model_is_returned_in_evaluation_mode(method):
+    """Documented: the model comes back in evaluation mode (a Dropout left in training included)."""
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Dropout(0.5))
+    model[1].eval()
+    folded, _ = fold(model, method=method)
+    assert not any(m.training for m in folded.modules())
+
+
+def test_the_module_walk_gives_a_reason_for_a_batch_norm_outside_a_sequential():
+    model = randomize_bn_(_Block()).eval()
+    _, report = fold(model, method="modules")
+    assert report.left == [("bn", "not in a Sequential right after a Conv/ConvTranspose/Linear (method='modules')")]
+
+
+def test_the_reports_text_lists_each_fold_and_each_reason():
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU(), nn.BatchNorm2d(3))).eval()
+    _, report = fold(model)
+    assert str(report).splitlines() == [
+        "folded 1 batch norm layer(s) (modules), left 1", "  1 -> 0",
+        "  left 3: its input comes from 2 (ReLU), not from a Conv, ConvTranspose or Linear"]
+
+
+def test_the_training_mode_error_names_at_most_five_layers():
+    with pytest.raises(ValueError, match=r"but 0 is in training mode"):
+        fold(nn.Sequential(nn.BatchNorm1d(2)))
+    with pytest.raises(ValueError, match=r"but 0, 1, 2, 3, 4 and 2 more are in training mode"):
+        fold(nn.Sequential(*[nn.BatchNorm1d(2) for _ in range(7)]))
+
+
+@pytest.mark.parametrize("method", ["auto", "modules", "fx"])
+def test_a_model_that_is_one_batch_norm_says_nothing_feeds_it(method):
+    _, report = fold(nn.BatchNorm1d(3).eval(), method=method)
+    assert report.left == [("<root>", "the model is a single batch norm layer; nothing feeds it")]
+
+
+def test_a_batch_norm_with_only_one_running_buffer_is_left():
+    model = randomize_bn_(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))).eval()
+    model[1].running_mean = None
+    _, report = fold(model, method="modules")
+    assert not report.folded and "no running statistics" in report.left[0][1], report
