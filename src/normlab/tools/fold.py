@@ -118,7 +118,8 @@ def fold_pair_(layer: nn.Module, bn: nn.Module) -> None:
     Raises:
         ValueError: the folded layer would not compute ``bn(layer(x))`` (a batch norm in training
             mode or without running statistics, channel counts that differ, a weight or bias
-            computed by a parametrization or pruning, a subclass with its own forward), or the
+            computed by a parametrization or pruning, a subclass with its own forward, a Linear
+            before a 2d/3d batch norm), or the
             folded weight or bias overflows the layer's dtype (float16 past 65504) where the
             originals are finite; nothing is changed then.
     """
@@ -174,6 +175,15 @@ def _passes_through(m: nn.Module) -> bool:
             and not _has_backward_hooks(m))
 
 
+def _bn_ranks(bn: nn.Module) -> Tuple[int, ...]:
+    """The input ranks a batch norm accepts (empty: any, or unknown)."""
+    if isinstance(bn, nn.BatchNorm2d):
+        return (4,)
+    if isinstance(bn, nn.BatchNorm3d):
+        return (5,)
+    return tuple(getattr(bn, "_ranks", ()))
+
+
 def _fold_problem(layer: nn.Module, bn: nn.Module) -> Optional[str]:
     """Why the folded layer would not compute ``bn(layer(x))`` whatever the model around the two
     (None: it would), overflow aside (:func:`_folded`)."""
@@ -193,6 +203,13 @@ def _fold_problem(layer: nn.Module, bn: nn.Module) -> Optional[str]:
     if _out_channels(layer) != bn.num_features:
         return (f"{type(layer).__name__} has {_out_channels(layer)} output channels but the batch norm has "
                 f"{bn.num_features}")
+    if isinstance(layer, nn.Linear):
+        ranks = _bn_ranks(bn)
+        if ranks and 2 not in ranks:
+            # a Linear's features are its output's last dim; a 2d/3d batch norm normalizes dim 1 of a 4-D/5-D
+            # tensor, never that dim: whatever the shapes, the pair is no per-output-feature map
+            return (f"a {type(bn).__name__} normalizes dim 1 of a {'/'.join(f'{r}-D' for r in sorted(ranks))} "
+                    f"input, which is never the Linear's output features (its last dim)")
     # a weight or bias the layer does not hold (a Parameter; a bias may also be a buffer, or None) is computed
     # before each forward (a parametrization; torch.nn.utils.prune and the old weight_norm set a plain tensor
     # from a pre-hook): the folded values written into it would be overwritten at the next call
@@ -531,7 +548,9 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
     activations' shapes unless given ``example_input``: a model that applies the pair to
     (N, L, features) tensors (the norm over L, not per output feature) is left when L differs
     from the Linear's output features, but where they happen to be equal only
-    ``example_input`` shows it (the batch norm's input is then 3-D, and the pair is left).
+    ``example_input`` shows it (the batch norm's input is then 3-D, and the pair is left). A Linear
+    before a 2d/3d batch norm (``BatchNorm2d``, ``BatchRenorm3d`` ...) is always left: the norm
+    normalizes dim 1 of a 4-D/5-D tensor, never the Linear's features (its last dim).
 
     Args:
         model: a model in evaluation mode (``model.eval()``).
