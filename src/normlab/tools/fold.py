@@ -560,7 +560,8 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
             ``GraphModule`` alone, so ``model`` stays correct either way.
         method: ``"auto"``, ``"modules"`` or ``"fx"``.
         strict: raise if any batch norm is left unfolded. Default False (left in place and
-            reported).
+            reported). With ``inplace=True`` the pairs that could be folded already are when it
+            raises (the model computes what it did; pass a copy to keep it untouched).
         example_input: a tensor (or tuple of forward arguments) run once through the model
             (without gradients), as :func:`~normlab.tools.convert`'s: a Linear -> BatchNorm1d
             pair whose norm gets more than 2-D inputs there is left (see the note). Default
