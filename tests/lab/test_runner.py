@@ -103,6 +103,10 @@ def test_jsonable_turns_non_finite_into_null():
 
     assert runner.jsonable({"a": [np.float32(1.5), float("nan"), np.inf], "b": np.arange(2), "c": np.bool_(True)}) == \
         {"a": [1.5, None, None], "b": [0, 1], "c": True}
+    # numpy scalars become Python ones (np.bool_ == True holds, so check the types: json.dump refuses numpy's)
+    plain = runner.jsonable({"c": np.bool_(True), "i": np.int64(3)})
+    assert type(plain["c"]) is bool and type(plain["i"]) is int
+    assert json.dumps(plain) == '{"c": true, "i": 3}'
 
 
 def test_ctrl_c_with_worker_processes_ends_them(out_dir, monkeypatch):
@@ -248,3 +252,111 @@ def test_an_unfinished_section_shows_the_scale_note_without_a_list_of_difference
     listed as differing ("bins None (quick: 25); ...")."""
     page = report._section_html(report._unfinished_section("activations", "abc", 1))
     assert "<b>What this scale can show.</b>" in page and "differ from the quick scale" not in page
+
+
+# -- mutation audit survivors: planning, output folder, --force swap, stale temps, jobs, threads --
+
+def test_plan_refuses_zero_seeds_and_plans_a_repeated_name_once(fake_experiment):
+    """Wrong versions: runner.py ``seeds < 1`` -> ``seeds < 0`` (0 seeds planned nothing and ran on
+    to "every run failed"); ``list(dict.fromkeys(names))`` -> ``list(names)`` (``run fake fake``
+    planned every run twice, two workers then writing the same run folder)."""
+    with pytest.raises(runner.ConfigError, match="--seeds must be at least 1, got 0"):
+        runner.plan([fake_experiment], "quick", 0)
+    tasks = runner.plan([fake_experiment, fake_experiment], "quick", 2)
+    assert [t.name for t in tasks] == [t.name for t in runner.plan([fake_experiment], "quick", 2)]
+
+
+def test_set_for_an_experiment_not_being_run_and_an_empty_key_say_so():
+    """Wrong versions: runner.py without the ``exp_name not in names`` check (the line read "no field
+    'steps' in ", naming nothing); parse_sets without ``not key.strip()`` ("=5" read as field '')."""
+    with pytest.raises(runner.ConfigError, match=r"--set bn-mnist\.steps: 'bn-mnist' is not among the experiments "
+                                                 r"to run \(invariance\)"):
+        runner.plan(["invariance"], "smoke", 1, ["bn-mnist.steps=5"])
+    for item in ("=5", " =5"):
+        with pytest.raises(runner.ConfigError, match="expected KEY=VALUE"):
+            runner.parse_sets([item])
+
+
+def test_an_output_folder_that_cannot_be_written_is_removed_if_this_call_created_it(tmp_path, monkeypatch):
+    """Wrong version: prepare_output without its rmtree (bad input left an empty folder behind; the
+    CLI test of it is skipped as root, who can write anywhere)."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(runner.tempfile, "mkstemp", refuse)
+    new = tmp_path / "a" / "report"
+    with pytest.raises(runner.ConfigError, match="cannot write to output folder .*: Permission denied"):
+        runner.prepare_output(new)
+    assert not new.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(runner.ConfigError):
+        runner.prepare_output(existing)
+    assert existing.is_dir(), "a folder that was there before is the user's: never removed"
+
+
+def test_force_whose_swap_fails_puts_the_old_run_back(tmp_path, monkeypatch):
+    """--force moves the finished run aside, then renames the new one in; when that rename fails the
+    old run must come back, not vanish. Wrong version: runner.py write_run without ``os.rename(old, final)``."""
+    final = tmp_path / "runs" / "exp" / "abc-seed0"
+    runner.write_run(final, {"metrics.json": {"value": 1}})
+    rename = runner.os.rename
+
+    def fail_new_into_place(src, dst):
+        if str(dst) == str(final) and ".tmp-" in str(src):
+            raise OSError(28, "No space left on device")
+        return rename(src, dst)
+    monkeypatch.setattr(runner.os, "rename", fail_new_into_place)
+    with pytest.raises(OSError):
+        runner.write_run(final, {"metrics.json": {"value": 2}})
+    assert json.loads((final / "metrics.json").read_text()) == {"value": 1}
+    assert [p.name for p in final.parent.iterdir()] == ["abc-seed0"]  # no temporary or set-aside folder left
+
+
+def test_temp_folders_of_a_live_process_stay_and_execute_cleans_dead_ones(fake_experiment, out_dir, monkeypatch):
+    """A process of another user (os.kill says PermissionError) is alive: its folder is in use.
+    execute itself removes dead processes' folders. Wrong versions: _alive returning False on
+    PermissionError; execute without remove_stale_temps."""
+    tasks, _ = _run(out_dir, fake_experiment, seeds=1)
+    folder = out_dir / "runs" / fake_experiment / f".{tasks[0].name}.tmp-4242-x"
+    folder.mkdir()
+
+    def not_yours(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+    with monkeypatch.context() as m:
+        m.setattr(runner.os, "kill", not_yours)
+        runner.remove_stale_temps(out_dir)
+    assert folder.is_dir()
+    monkeypatch.setattr(runner, "_alive", lambda pid: False)
+    _run(out_dir, fake_experiment, seeds=1)
+    assert not folder.exists()
+
+
+def test_jobs_default_to_cores_per_process_of_a_run_and_never_exceed_the_runs(out_dir, monkeypatch):
+    """Wrong versions: execute's ``cores // width`` -> ``cores`` (two 2-process runs on 4 cores ran
+    at once on 8 processes); without ``min(..., len(todo))`` (more workers than runs)."""
+    seen = []
+    monkeypatch.setattr(runner, "_execute_pool", lambda todo, out, data_dir, jobs, threads, display, outcome:
+                        seen.append(("pool", jobs, threads)))
+    monkeypatch.setattr(runner, "_execute_here", lambda todo, out, data_dir, threads, display, outcome:
+                        seen.append(("here", 1, threads)))
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 8)
+    tasks = [runner.Task("x", {}, "h", s, 2) for s in range(6)]
+    runner.execute(tasks, out_dir, show_progress=False)
+    runner.execute(tasks[:2], out_dir, jobs=6, show_progress=False)
+    runner.execute([runner.Task("x", {}, "h", s) for s in range(3)], out_dir, show_progress=False)
+    assert seen == [("pool", 4, 2), ("pool", 2, 4), ("pool", 3, 2)]
+
+
+def test_running_in_this_process_gives_back_the_callers_torch_threads(fake_experiment, out_dir, monkeypatch):
+    """jobs=1 runs here with one thread per core, then restores the caller's count.
+    Wrong version: _execute_here without ``torch.set_num_threads(before)``."""
+    import torch
+
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run(out_dir, fake_experiment, seeds=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
