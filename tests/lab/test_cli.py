@@ -356,3 +356,12 @@ def test_demo_states_the_sigmoid_gradient_at_the_saturation_bound_correctly():
     result = runner.invoke(root, ["demo", "--layers", "1", "--width", "4"], env={"COLUMNS": "200"})
     text = " ".join(result.stdout.split())
     assert "below 0.0475, about a fifth of its 0.25 peak" in text and "< 0.05 of its peak" not in text
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_jobs_below_one_is_refused_before_anything_runs(out_dir, value):
+    """Wrong version: lab/cli.py ``--jobs`` without ``min=1`` (0 silently meant one per core, -1 one)."""
+    result = runner.invoke(app, ["run", "activations", "--scale", "smoke", "--seeds", "1", "--no-report",
+                                 "--jobs", value, "--out", str(out_dir)])
+    assert result.exit_code == 2 and "Invalid value for '--jobs'" in result.stderr, result.stderr
+    assert not out_dir.exists()

@@ -108,13 +108,20 @@ def _add_a_seed(out, tasks):
     _run(out, tasks[0].experiment, seeds=3)
 
 
+def _renumber_a_seed(out, tasks):
+    """Same metrics under another seed number: a caption naming seeds would be stale (report.py's
+    plot_key without ``seeds`` reused the plots)."""
+    d = tasks[1].path(out)
+    d.rename(d.with_name(d.name.replace("-seed1", "-seed7")))
+
+
 @pytest.mark.parametrize("change", [
     _change_a_metric, _change_a_metric_the_summary_ignores, _delete_the_plot, _overwrite_the_plot,
-    _delete_the_key_file, _list_a_missing_file, _add_a_seed,
+    _delete_the_key_file, _list_a_missing_file, _add_a_seed, _renumber_a_seed,
     _key_file("not json {"), _key_file(""), _key_file("[]"), _key_file('{"key": 1, "plots": 2}'),
     _key_file('{"key": "x", "plots": [["values.png"]]}'),
 ], ids=["metric", "metric-not-summarized", "deleted-plot", "changed-plot", "no-key-file", "missing-listed-file",
-        "new-seed", "corrupt-key", "empty-key", "key-list", "key-types", "key-entry"])
+        "new-seed", "renumbered-seed", "corrupt-key", "empty-key", "key-list", "key-types", "key-entry"])
 def test_anything_the_plots_depend_on_changing_redraws_them(fake_experiment, out_dir, saves, change):
     tasks = _run(out_dir, fake_experiment)
     report.build(out_dir)

@@ -360,3 +360,13 @@ def test_running_in_this_process_gives_back_the_callers_torch_threads(fake_exper
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_hand_edited_last_run_file_with_a_non_string_hash_is_ignored(fake_experiment, out_dir):
+    """Wrong version: report.py _remembered without its ``isinstance(v, str)`` filter (a number in
+    last-run.json became the config asked for: "no finished run of the config ... (hash 5)")."""
+    tasks, _ = _run(out_dir, fake_experiment, seeds=2)
+    (out_dir / "last-run.json").write_text(json.dumps({fake_experiment: 5}))
+    report.build(out_dir)
+    shown = json.loads((out_dir / "results.json").read_text())["experiments"][fake_experiment]
+    assert shown["config_hash"] == tasks[0].config_hash and shown["seeds"] == [0, 1]

@@ -296,3 +296,44 @@ def test_one_seed_names_the_first_of_the_seeds_given():
     from normlab.lab.verdict import one_seed
     assert one_seed([3, 5, 7]) == "seed 3"
     assert one_seed() == one_seed([]) == "the first seed"
+
+
+def test_small_means_keep_significant_digits_and_only_infinities_read_as_never_reached():
+    """Wrong versions: report.py _mean_sd's ``1e-3 <= size`` -> ``1e-4`` (1.3e-4 read 0.0001 ± 0.0000);
+    _over_seeds' ``all(math.isinf ...)`` -> ``any`` (a diverged NaN seed counted as never reached)."""
+    from normlab.lab.report import _over_seeds
+
+    assert _over_seeds([1.234e-4, 1.3e-4]) == "0.0001267 ± 4.7e-06"
+    assert _over_seeds([1.0, float("inf"), float("nan")]) == "1.0000 over the other 1; 2 of 3 seeds not finite"
+
+
+def test_a_config_list_that_reads_the_same_both_ways_is_not_per_seed():
+    """A swept list of the config as long as the seeds and a palindrome ([0.5, 0.5]) comes back
+    the same from the reversed runs too; it is the config's, not one number per seed.
+    Wrong versions: report.py _per_seed_keys without the ``same(v, v[::-1])`` test or without the
+    config-list test (both counted it per seed: a "mean ± sd" row for the swept values)."""
+    import types
+    from dataclasses import dataclass
+
+    from normlab.lab.report import _per_seed_keys
+
+    @dataclass(frozen=True)
+    class Config:
+        rates: tuple = (0.5, 0.5)
+
+    def summarize(config, runs):
+        return {"rates": list(config.rates), "acc": [r["acc"] for r in runs]}
+
+    exp = types.SimpleNamespace(module=types.SimpleNamespace(summarize=summarize))
+    runs = [{"acc": 0.9}, {"acc": 0.7}]
+    assert _per_seed_keys(exp, Config(), runs, summarize(Config(), runs)) == {"acc"}
+
+
+def test_pooled_seeds_that_agree_on_an_environment_value_show_it_once():
+    """Wrong version: report.py _per_run without its ``len(seen) == 1`` case ("2.1 (seeds 0, 1)")."""
+    import types
+
+    from normlab.lab.report import _per_run
+
+    runs = [types.SimpleNamespace(env={"torch": "2.1"}, seed=s) for s in (0, 1)]
+    assert _per_run(runs, lambda env: env["torch"]) == "2.1"
