@@ -370,3 +370,29 @@ def test_a_hand_edited_last_run_file_with_a_non_string_hash_is_ignored(fake_expe
     report.build(out_dir)
     shown = json.loads((out_dir / "results.json").read_text())["experiments"][fake_experiment]
     assert shown["config_hash"] == tasks[0].config_hash and shown["seeds"] == [0, 1]
+
+
+def test_an_experiment_whose_analysis_fails_or_that_is_not_registered_does_not_take_the_report_down(
+        fake_experiment, out_dir, monkeypatch):
+    """One broken experiment: its section is inconclusive and says why (the rule's verdict, already
+    decided before its plots failed, must not stand); runs of an experiment no longer registered are
+    listed, not analysed. Wrong version: report.py _section's except without its INCONCLUSIVE verdict."""
+    import shutil
+
+    from normlab.lab.verdict import Verdict
+
+    tasks, _ = _run(out_dir, fake_experiment, seeds=2)
+    shutil.copytree(out_dir / "runs" / fake_experiment, out_dir / "runs" / "ghost")
+    module = experiments.get(fake_experiment).module
+    monkeypatch.setattr(module, "verdict", lambda s: Verdict("reproduced", "fine"))
+
+    def no_ink(*args, **kwargs):
+        raise RuntimeError("no ink")
+    monkeypatch.setattr(module, "plots", no_ink)
+    report.build(out_dir)
+    doc = json.loads((out_dir / "results.json").read_text())["experiments"]
+    assert doc[fake_experiment]["verdict"] == "inconclusive"
+    assert doc[fake_experiment]["reason"] == "could not analyse the runs: RuntimeError: no ink"
+    assert doc[fake_experiment]["errors"][0] == "RuntimeError: no ink"
+    assert doc["ghost"]["verdict"] == "inconclusive" and doc["ghost"]["seeds"] == [0, 1]
+    assert doc["ghost"]["errors"] == ["ghost is not a registered experiment; its runs are listed but not analysed"]

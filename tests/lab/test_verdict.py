@@ -337,3 +337,26 @@ def test_pooled_seeds_that_agree_on_an_environment_value_show_it_once():
 
     runs = [types.SimpleNamespace(env={"torch": "2.1"}, seed=s) for s in (0, 1)]
     assert _per_run(runs, lambda env: env["torch"]) == "2.1"
+
+
+def test_per_seed_lists_are_found_even_when_summarize_refuses_the_reversed_runs():
+    """The reversed-order probe is only for the table layout: a summarize that raises on it (here
+    one that wants seeds in order) must not fail the section. Wrong version: report.py
+    _per_seed_keys catching only some exceptions."""
+    import types
+    from dataclasses import dataclass
+
+    from normlab.lab.report import _per_seed_keys
+
+    @dataclass(frozen=True)
+    class Config:
+        n: int = 1
+
+    def summarize(config, runs):
+        if [r["seed"] for r in runs] != sorted(r["seed"] for r in runs):
+            raise KeyError("seeds out of order")
+        return {"acc": [r["acc"] for r in runs]}
+
+    exp = types.SimpleNamespace(module=types.SimpleNamespace(summarize=summarize))
+    runs = [{"seed": 0, "acc": 0.9}, {"seed": 1, "acc": 0.7}]
+    assert _per_seed_keys(exp, Config(), runs, summarize(Config(), runs)) == {"acc"}
