@@ -396,3 +396,17 @@ def test_an_experiment_whose_analysis_fails_or_that_is_not_registered_does_not_t
     assert doc[fake_experiment]["errors"][0] == "RuntimeError: no ink"
     assert doc["ghost"]["verdict"] == "inconclusive" and doc["ghost"]["seeds"] == [0, 1]
     assert doc["ghost"]["errors"] == ["ghost is not a registered experiment; its runs are listed but not analysed"]
+
+
+def test_the_page_colours_each_verdict_by_its_own_rule_and_lists_the_failed_runs(fake_experiment, out_dir, monkeypatch):
+    """"not reproduced" has a space: its badge class must be the CSS rule's ``not-reproduced``, not
+    the two classes ``not`` and ``reproduced`` (which painted it green, as reproduced). Failed
+    runs passed to build are listed on the page, not only in results.json. Wrong versions:
+    report.py _badge without ``.replace(" ", "-")``; _html without its "Failed or skipped" paragraph."""
+    from normlab.lab.verdict import Verdict
+
+    _run(out_dir, fake_experiment, seeds=2)
+    monkeypatch.setattr(experiments.get(fake_experiment).module, "verdict", lambda s: Verdict("not reproduced", "no"))
+    page = report.build(out_dir, failed=("fake seed 2 failed: RuntimeError: boom (errors.log)",)).read_text()
+    assert '<span class="v not-reproduced">not reproduced</span>' in page and ".not-reproduced{" in page
+    assert "Failed or skipped: fake seed 2 failed: RuntimeError: boom (errors.log)" in page
