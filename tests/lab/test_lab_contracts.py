@@ -468,3 +468,136 @@ def test_bn_mnist_nets_share_their_initialization(monkeypatch):
     monkeypatch.setattr(training, "train", train)
     m.run(m.Config(data="digits", hidden=(8,), steps=2, evals=1, probe=10), 0, lambda f: None)
     assert len(firsts) == 2 and torch.equal(firsts[0], firsts[1])
+
+
+# -- experiments: metrics and verdict inputs left unguarded (found by a mutation audit of experiments/) --
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_activations_gradient_norms_are_autograds_through_sigmoid_and_batch_norm(bn):
+    """activations' hand-written backward pass against torch autograd of the documented loss
+    ``mean(h_L @ r)`` through ``sigmoid(BN(h @ W))`` layers (reference BN: eps 1e-5, biased variance).
+    Wrong versions (activations._forward_backward): the sigmoid's slope ``h (1 - h)`` -> ``h``; the
+    batch-norm backward step skipped; a layer's weight gradient taken with its own output as input
+    (``hs[i]`` for ``hs[i - 1]``). Each changed the gradient ratio the verdict decides on."""
+    from normlab.lab.experiments import activations as m
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 1.0, size=(30, 6))
+    weights = [rng.normal(size=(6, 8)), rng.normal(size=(8, 8)), rng.normal(size=(8, 8))]
+    r = rng.standard_normal(8)
+    hs, grads = m._forward_backward(x, weights, r, bn)
+    ws = [torch.tensor(w, requires_grad=True) for w in weights]
+    h, outs = torch.from_numpy(x), []
+    for w in ws:
+        z = h @ w
+        h = torch.sigmoid(F.batch_norm(z, None, None, training=True, eps=1e-5) if bn else z)
+        outs.append(h)
+    (h @ torch.from_numpy(r)).mean().backward()
+    assert grads == pytest.approx([w.grad.norm().item() for w in ws], rel=1e-9)
+    for got, want in zip(hs, outs):
+        np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-12)
+
+
+def _recording_train(models_seen, diverged=False):
+    """A stand-in for training.train that calls on_eval at every eval point, as train does."""
+    def train(model, data, **kw):
+        models_seen.append(model)
+        hist = {"step": list(kw["eval_at"]), "test_acc": [0.5] * len(kw["eval_at"])}
+        for s in kw["eval_at"]:
+            for k, v in (kw["on_eval"](s, model) or {}).items():
+                hist.setdefault(k, []).append(v)
+        hist.update(diverged=diverged, diverged_step=2 if diverged else None)
+        return hist
+    return train
+
+
+def test_bn_mnist_percentiles_are_of_the_last_hidden_sigmoids_input_in_eval_mode(monkeypatch):
+    """bn_mnist records, at each point, the 15th/50th/85th percentiles of every last-hidden-layer
+    sigmoid's input on the probe, the net in eval mode (BN on its running statistics), and the
+    weights start N(0, gain^2 / fan_in). Wrong versions (bn_mnist.run): the hook on the first
+    block's norm; percentiles 10/50/90; the probe run in train mode (batch statistics);
+    ``fan_in=True`` -> ``False`` (N(0, gain^2), a saturated sigmoid net)."""
+    from normlab.lab.experiments import bn_mnist as m
+
+    seen = []
+    monkeypatch.setattr(training, "train", _recording_train(seen))
+    cfg = m.Config(data="digits", hidden=(8, 6), steps=4, evals=2, probe=40, init_gain=1.0)
+    out = m.run(cfg, 0, lambda f: None)
+    probe = torch.from_numpy(data.load("digits").flat().x_test[:40])
+    for key, model in zip(m.NORMS, seen):
+        w = model.blocks[0][0].weight
+        assert w.std().item() == pytest.approx(1 / math.sqrt(64), rel=0.1)
+        model.eval()
+        with torch.no_grad():
+            h = probe
+            for block in model.blocks[:-1]:
+                h = block(h)
+            z = model.blocks[-1][1](model.blocks[-1][0](h))
+        want = np.percentile(z.numpy(), [15, 50, 85], axis=0)[:, 0]
+        for got in out[key]["pct_unit0"]:
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bn_mnist_drift_of_a_diverged_net_is_nan_and_the_summary_takes_the_median_over_units(monkeypatch):
+    """A diverged net's frozen percentiles repeat (drift 0): the run must store NaN, which the
+    verdict counts against the claim, not 0 (perfect stability); and the summary's drift is the
+    median over units, as the verdict's text says. Wrong versions (bn_mnist): the NaN for a
+    diverged run dropped; ``np.median`` -> ``np.mean``."""
+    from normlab.lab.experiments import bn_mnist as m
+
+    monkeypatch.setattr(training, "train", _recording_train([], diverged=True))
+    out = m.run(m.Config(data="digits", hidden=(8,), steps=4, evals=2, probe=20), 0, lambda f: None)
+    assert all(np.isnan(out[k]["drift"]).all() for k in m.NORMS)
+    runs = [{k: {"step": [0, 2, 4], "test_acc": [0.1, 0.5, 0.6], "drift": [0.0, 0.1, 0.2, 0.3, 5.0]}
+             for k in m.NORMS}]
+    s = m.summarize(m.Config(steps=4), runs)
+    assert s["drift_plain"] == [pytest.approx(0.2)]
+
+
+def test_learning_rate_half_gain_bar_is_inclusive_and_chance_is_one_over_the_classes(monkeypatch):
+    """A multiplier 'trains' when it keeps *at least* half of the best gain over chance, where chance
+    is 1 / classes (digits: 0.1); the best accuracy per net is over every point of every rate.
+    Wrong versions (learning_rate): ``>=`` -> ``>`` in largest_trainable; ``chance`` stored as 0;
+    best accuracy from the final points only."""
+    from normlab.lab.experiments import learning_rate as m
+
+    runs = [{"multiplier": 1.0, "best_acc": 0.75, "final_acc": 0.75, "diverged": False},
+            {"multiplier": 3.0, "best_acc": 0.5, "final_acc": 0.5, "diverged": False}]  # exactly half the gain
+    assert m.largest_trainable(runs, 0.25) == 3.0
+    calls = []
+    monkeypatch.setattr(training, "train", _stub_train(calls))
+    assert m.run(m.SCALES["smoke"], 0, lambda f: None)["chance"] == pytest.approx(0.1)
+    net = [{"multiplier": 1.0, "best_acc": 0.9, "final_acc": 0.6, "diverged": False}]
+    s = m.summarize(m.Config(multipliers=(1.0,)), [{"plain": net, "bn": net, "chance": 0.1}])
+    assert s["best_acc_plain"] == [0.9]
+
+
+def test_init_scale_worst_accuracy_is_the_minimum_over_every_scale():
+    """Wrong version (init_scale.summarize: ``min(a)`` -> ``a[0]``, the smallest scale): the rule's
+    test data had each net's worst accuracy at the first scale, so it could not tell."""
+    from normlab.lab.experiments import init_scale as m
+
+    runs = [{"plain": [{"final_acc": a} for a in (0.9, 0.2, 0.8)], "bn": [{"final_acc": a} for a in (0.7, 0.9, 0.6)]}]
+    s = m.summarize(m.Config(scales=(0.01, 0.1, 1.0)), runs)
+    assert s["worst_acc_plain"] == [0.2] and s["worst_acc_bn"] == [0.6]
+    assert s["range_plain"] == [pytest.approx(0.7)] and s["range_bn"] == [pytest.approx(0.3)]
+
+
+def test_batch_size_group_norms_own_loss_enters_the_rule_and_every_stage_is_checked():
+    """BN's loss from the largest batch to the smallest must exceed GN's own (not zero), and a
+    'group:G' that does not divide a later stage's channels is refused before any run.
+    Wrong versions (batch_size): ``drop_gn`` taken as 0; validate building only the first stage."""
+    from normlab.lab.experiments import batch_size as m
+
+    runs = [{n: {"2": {"final_acc": lo + d}, "32": {"final_acc": 0.8}} for n, lo in (("batch", 0.6), ("group:4", 0.7))}
+            for d in (0.0, 0.01, -0.01)]
+    cfg = m.Config(norms=("batch", "group:4"), batch_sizes=(2, 32))
+    s = m.summarize(cfg, runs)
+    assert s["drop_gn"] == pytest.approx([0.1, 0.09, 0.11])
+    v = m.verdict(s)  # GN beats BN at batch 2 by 0.1, but loses 0.1 itself: BN's extra loss is 0.1 > 0.05
+    assert v.label == "reproduced"
+    runs_gn_drops = [{n: {"2": {"final_acc": lo + d}, "32": {"final_acc": 0.9 if n != "batch" else 0.8}}
+                      for n, lo in (("batch", 0.6), ("group:4", 0.7))} for d in (0.0, 0.01, -0.01)]
+    assert m.verdict(m.summarize(cfg, runs_gn_drops)).label == "not reproduced"  # GN lost 0.2, BN 0.2
+    with pytest.raises(ValueError, match="group"):
+        m.validate(m.Config(channels=(16, 6)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,3 +160,107 @@ def test_transformer_refuses_probe_depths_that_are_one_depth_repeated(depths):
     with pytest.raises(ValueError, match="at least two different depths"):
         transformer.validate(transformer.Config(probe_depths=depths))
     transformer.validate(transformer.Config(probe_depths=(2, 4)))  # two different depths still pass
+
+
+# -- metrics and verdict inputs left unguarded (found by a mutation audit of experiments/) ---------
+
+def test_rnn_target_is_the_plain_cells_final_accuracy_and_a_never_seed_is_censored_not_infinite():
+    """The target is the plain cell's *final* test accuracy (not its best), and a seed whose LN net
+    never reaches it counts one evaluation interval past the end, so one such seed among early
+    ones makes the speed-up inconclusive, not "not reproduced" by an infinite mean.
+    Wrong versions (rnn): target ``[-1]`` -> ``max(...)``; the verdict comparing uncensored steps."""
+    runs = _rnn(ln_rise_at=60, bn_gap=0.1)
+    for r in runs:
+        for cell in ("gru", "lstm"):
+            r[cell]["none"]["test_acc"] = r[cell]["none"]["test_acc"][:-1] + [0.55]  # final below the peak 0.57
+    s = rnn.summarize(rnn.SCALES["quick"], runs)
+    assert s["target_gru"] == [0.55] * 3
+    runs = _rnn(ln_rise_at=60, bn_gap=0.1)
+    for cell in ("gru", "lstm"):
+        runs[1][cell]["layer"]["test_acc"] = [0.3] * 11  # this seed's LN net never gets there
+    assert _decide("rnn", runs).label == INCONCLUSIVE
+
+
+def test_rnn_batch_statistics_skip_a_last_batch_of_one_and_validate_needs_batch_norm(monkeypatch):
+    """A last test batch of one example has no batch statistics (BN in train mode refuses it): it is
+    left out, not a crash at the end of every run. The verdict reads BN's gap, so 'batch' is required,
+    and steps-to-target can be 0: the evaluation grid starts at step 0.
+    Wrong versions (rnn): the ``len(xb) < 2`` guard removed; validate requiring only none and layer;
+    ``eval_at = [0] + ...`` -> without 0."""
+    from normlab.lab import models, training
+
+    torch.manual_seed(0)
+    model = models.RNNClassifier(3, 8, 4, cell="gru", norm="batch").eval()
+    x, y = torch.randn(17, 5, 3), torch.randint(0, 4, (17,))
+    got = rnn.batch_stats_accuracy(model, x, y, batch_size=8)
+    assert got == rnn.batch_stats_accuracy(model, x[:16], y[:16], batch_size=8)
+    with pytest.raises(ValueError, match="batch"):
+        rnn.validate(rnn.Config(norms=("none", "layer")))
+    calls = []
+
+    def train(model, data, **kw):
+        calls.append(kw["eval_at"])
+        return {"step": list(kw["eval_at"]), "test_acc": [0.5] * len(kw["eval_at"]), "diverged": False}
+    monkeypatch.setattr(training, "train", train)
+    rnn.run(rnn.Config(cells=("gru",), length=4, n_train=64, n_test=16, hidden_size=4, steps=4, evals=2), 0,
+            lambda f: None)
+    assert all(list(e) == [0, 2, 4] for e in calls)
+
+
+def test_stat_errors_are_in_units_of_the_valid_tokens_sd():
+    """The mean error is |mean_layer - mean_valid| / sd_valid per channel, and the variance error
+    |var_layer / var_valid - 1| (unbiased variances), checked on channels whose sd is far from 1.
+    Wrong version (padding.stat_errors: the division by ``sd_v`` dropped): the existing test uses sd 1."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 10) * torch.tensor([0.2, 5.0, 30.0])[None, :, None] + 2.0
+    mask = torch.arange(10)[None, :] < torch.tensor([10, 3, 7, 5, 10, 2, 8, 4])[:, None]
+    x = x * mask[:, None, :]
+    valid = x.transpose(1, 2)[mask]
+    mean_v, var_v = valid.mean(0), valid.var(0)
+    flat = x.transpose(1, 2).reshape(-1, 3)
+    e = padding.stat_errors(x, mask)
+    assert e["batch"]["mean"] == pytest.approx(((flat.mean(0) - mean_v).abs() / var_v.sqrt()).mean().item(), rel=1e-5)
+    assert e["batch"]["var"] == pytest.approx((flat.var(0) / var_v - 1).abs().mean().item(), rel=1e-5)
+
+
+def test_padding_probe_measures_the_first_norms_input_on_zero_padded_batches():
+    """_probe: for each padding fraction, probe sequences cut to a common valid length with zeros
+    after it, the statistic errors of the first norm's input (token embedding plus position) per
+    batch, and the sampling error of a batch's valid mean against the pooled one, in valid sd.
+    Wrong versions (padding._probe): the padding left as data (``x = probe_x``); the hook on
+    ``norm2``; the sampling error not divided by the batch's valid sd."""
+    from normlab.lab import models
+
+    torch.manual_seed(0)
+    cfg = padding.Config(max_len=12, min_len=4, d_model=16, num_layers=1, batch_size=4, pad_fractions=(0.0, 0.5),
+                         probe_batches=2)
+    model = models.TransformerClassifier(3, 4, d_model=16, nhead=4, num_layers=1, dim_feedforward=32, norm="batch",
+                                         norm_first=True, max_len=12)
+    probe_x = torch.randn(8, 12, 3) + 1.0
+    out = padding._probe(cfg, model, probe_x)
+    assert model.training  # left as it was found
+    for k, p in enumerate(cfg.pad_fractions):
+        n_valid = padding.valid_len(p, 12)
+        mask = (torch.arange(12)[None, :] < n_valid).expand(8, 12)
+        with torch.no_grad():
+            h = (model.embed(probe_x * mask[..., None]) + model.pos[:12]).transpose(1, 2)
+        errs = [padding.stat_errors(h[i: i + 4], mask[i: i + 4]) for i in (0, 4)]
+        pooled = h.transpose(1, 2)[mask].mean(0)
+        assert out["fraction"][k] == pytest.approx(1 - n_valid / 12)
+        assert out["batch_mean"][k] == pytest.approx(np.mean([e["batch"]["mean"] for e in errs]), rel=1e-5)
+        assert out["batch_var"][k] == pytest.approx(np.mean([e["batch"]["var"] for e in errs]), rel=1e-5)
+        want = np.mean([((e["valid_mean"] - pooled).abs() / e["valid_sd"]).mean().item() for e in errs])
+        assert out["sampling"][k] == pytest.approx(want, rel=1e-5)
+
+
+def test_padding_masked_variance_error_counts_and_probe_batches_need_two_sequences():
+    """Masked BN's largest error covers its variance as well as its mean, and batch_size 1 (no batch
+    statistics) is refused. Wrong versions (padding): ``masked_error_max`` over the mean errors only;
+    validate's ``batch_size < 2`` -> ``< 1``."""
+    runs = _padding(bn_error=1.0)
+    for r in runs:
+        r["probe"]["masked_var"] = [0.3] * 5  # the mask fixes the mean but not the variance
+    v = _decide("padding", runs)
+    assert v.label == NOT_REPRODUCED and "masked BN" in v.reason
+    with pytest.raises(ValueError, match="batch_size must be at least 2"):
+        padding.validate(padding.Config(batch_size=1))
