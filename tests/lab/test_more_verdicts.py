@@ -194,3 +194,21 @@ def test_standard_deviations_that_fail_every_run_or_decide_the_verdict_are_refus
     with pytest.raises(experiments.ConfigError, match=needle):
         e.validate(e.config("smoke", setting))
     e.validate(e.config("smoke"))
+
+
+def test_regularization_compares_bn_with_its_smallest_ghost_batch_and_refuses_ghosts_that_do_not_divide():
+    """The 'noisier statistics' part compares BN's gap with the *smallest* ghost batch's, and a ghost
+    size that does not divide batch_size is refused (the view into ghost batches would fail in every
+    step). Wrong versions (regularization): ``min(config.ghost_sizes)`` -> ``max(...)`` in summarize;
+    validate without ``batch_size % g``."""
+    from normlab.lab.experiments import regularization as m
+
+    keys = ("plain", "plain_dropout", "bn", "ghost32", "ghost8", "bn_dropout")
+    runs = _regularization(dict(zip(keys, (0.50, 0.30, 0.45, 0.40, 0.48, 0.30))),  # ghost 32 narrows it, 8 not
+                           dict(zip(keys, (0.50, 0.56, 0.55, 0.57, 0.58, 0.56))))
+    s = m.summarize(m.SCALES["quick"], runs)
+    assert s["smallest_ghost"] == 8 and s["ghost_narrows_gap"] == pytest.approx([-0.03] * 3)
+    v = m.verdict(s)
+    assert v.label == NOT_REPRODUCED and "ghost 8" in v.reason
+    with pytest.raises(ValueError, match="divide"):
+        m.validate(m.Config(batch_size=128, ghost_sizes=(48,)))

@@ -264,3 +264,50 @@ def test_padding_masked_variance_error_counts_and_probe_batches_need_two_sequenc
     assert v.label == NOT_REPRODUCED and "masked BN" in v.reason
     with pytest.raises(ValueError, match="batch_size must be at least 2"):
         padding.validate(padding.Config(batch_size=1))
+
+
+def test_transformer_gradient_probe_reads_each_blocks_second_ffn_weight_of_ln_models_in_place():
+    """gradient_norms is |dL/dW2| of each block's second feed-forward weight; the probe builds LN
+    models of each placement (pre: norm_first) at each depth, the training variants put each norm
+    where their name says (post-LN also for every norm in post_norms), and the summary compares the
+    *last* block's gradients. Wrong versions (transformer): ``ff[2]`` -> ``ff[0]``; the probe built
+    with ``config.norms[0]`` ("none": pre and post the same model); ``norm_first`` always False;
+    post-LN trained for 'layer' only; the ratio read at the first block; validate accepting evals=1."""
+    from normlab.lab import training
+    from normlab.lab.experiments import transformer as m
+
+    torch.manual_seed(0)
+    model = m._model(m.SCALES["smoke"], _TokDS(), "layer", "post", 2)
+    x, y = torch.randn(6, 4, 8), torch.randint(0, 10, (6,))
+    got = m.gradient_norms(model, x, y)
+    ws = [layer.ff[2].weight for layer in model.layers]
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), ws)
+    assert got == pytest.approx([g.norm().item() for g in grads], rel=1e-6)
+
+    built, trained = [], []
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(m, "gradient_norms", lambda model, x, y: built.append(model) or [1.0] * len(model.layers))
+        mp.setattr(training, "train", lambda model, data, **kw: trained.append(model) or
+                   {"step": [0], "test_acc": [0.5], "diverged": False})
+        cfg = m.Config(data="digits", patch=8, norms=("none", "layer", "rms"), post_norms=("layer", "rms"),
+                       d_model=8, nhead=2, num_layers=1, steps=2, evals=2, probe_depths=(1, 2), probe_batch=8)
+        out = m.run(cfg, 0, lambda f: None)
+    finally:
+        mp.undo()
+    assert [(mod.layers[0].norm_first, len(mod.layers)) for mod in built] == [(True, 1), (True, 2), (False, 1), (False, 2)]
+    assert all(type(mod.layers[0].norm1.norm).__name__ == "LayerNorm" for mod in built)
+    assert list(out["train"]) == ["none-pre", "layer-pre", "layer-post", "rms-pre", "rms-post"]
+    assert [mod.layers[0].norm_first for mod in trained] == [True, True, False, True, False]
+    runs = [{"train": {k: {"test_acc": [0.5, 0.5], "diverged": False} for k in out["train"]},
+             "probe": {"pre-1": [2.0], "post-1": [2.0], "pre-2": [9.0, 1.0], "post-2": [1.0, 3.0]}}]
+    s = m.summarize(cfg, runs)
+    assert s["post_over_pre_hi"] == [3.0] and s["ratio_growth"] == [3.0]
+    with pytest.raises(ValueError, match="evals must be at least 2"):
+        m.validate(m.Config(evals=1))
+
+
+class _TokDS:
+    """The two fields of a token data set that transformer._model reads: 4 tokens of 8 features, 10 classes."""
+    input_shape = (4, 8)
+    num_classes = 10
