@@ -212,3 +212,22 @@ def test_regularization_compares_bn_with_its_smallest_ghost_batch_and_refuses_gh
     assert v.label == NOT_REPRODUCED and "ghost 8" in v.reason
     with pytest.raises(ValueError, match="divide"):
         m.validate(m.Config(batch_size=128, ghost_sizes=(48,)))
+
+
+@pytest.mark.parametrize("name,setting,needle", [
+    ("activations", {"saturation": "0.5"}, "saturation is a distance from 0 and 1"),
+    ("activations", {"saturation": "0"}, "saturation is a distance from 0 and 1"),
+    ("spectral-gan", {"min_mode_share": "0"}, "min_mode_share is a share of the samples"),
+    ("spectral-gan", {"min_mode_share": "1.5"}, "min_mode_share is a share of the samples"),
+    ("invariance", {"delta_range": "1,1"}, "makes every re-scaling the identity"),
+    ("selu", {"mean_bound": "0"}, "mean_bound must be positive")])
+def test_thresholds_that_decide_the_verdict_whatever_is_measured_are_refused(name, setting, needle):
+    """Each of these was accepted and gave "not reproduced" whatever the nets did: a saturation bound
+    of 0.5 counts every sigmoid output as saturated in both nets (0: none), a min_mode_share of 0
+    covers all 8 modes without a sample near them (above 1: none), delta_range (1, 1) makes the
+    re-scalings the identity (4 cells of Table 1 then read Inv where the paper says No), and a
+    mean_bound of 0 leaves no mean near the fixed point."""
+    e = experiments.get(name)
+    with pytest.raises(experiments.ConfigError, match=needle):
+        e.validate(e.config("smoke", setting))
+    e.validate(e.config("smoke"))

@@ -78,6 +78,8 @@ def validate(config: Config) -> None:
         raise ValueError(f"n is the batch whose statistics batch norm uses and must be at least 2, got {config.n}")
     if not config.weight_std > 0:  # negative: numpy's "scale < 0" in every run; 0: no signal, a log10 of 0 / 0
         raise ValueError(f"weight_std is the weights' standard deviation and must be positive, got {config.weight_std}")
+    if not 0.0 < config.saturation < 0.5:  # 0: nothing counts as saturated; 0.5: everything does, in both nets
+        raise ValueError(f"saturation is a distance from 0 and 1 and must be in (0, 0.5), got {config.saturation}")
 
 
 def run(config: Config, seed: int, progress) -> dict:

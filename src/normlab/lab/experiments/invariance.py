@@ -79,6 +79,8 @@ SCALES = {"smoke": Config(n=8, d=6, h=5), "quick": Config(), "full": Config(n=25
 def validate(config: Config) -> None:
     if len(config.delta_range) != 2 or not 0 < config.delta_range[0] <= config.delta_range[1]:
         raise ValueError(f"delta_range must be (low, high) with 0 < low <= high, got {config.delta_range}")
+    if tuple(config.delta_range) == (1.0, 1.0):  # every delta 1: the re-scalings move nothing
+        raise ValueError("delta_range (1, 1) makes every re-scaling the identity; give factors other than 1")
     if config.n < 3 or config.h < 3:
         raise ValueError("need n >= 3 cases and h >= 3 units (batch and layer statistics of 2 values are degenerate)")
     if not config.shift_std > 0:  # negative: numpy's "scale < 0" in every run; 0: the re-centerings move nothing

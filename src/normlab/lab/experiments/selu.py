@@ -93,6 +93,8 @@ def validate(config: Config) -> None:
         raise ValueError(f"input_scales must be positive and include 1.0, got {config.input_scales}")
     if len(config.var_range) != 2 or not 0 < config.var_range[0] < 1 < config.var_range[1]:
         raise ValueError(f"var_range must be (low, high) around 1, got {config.var_range}")
+    if not config.mean_bound > 0:  # |mean| <= 0 holds for no measured mean: the fixed point could never be found
+        raise ValueError(f"mean_bound must be positive, got {config.mean_bound}")
     if not 0.0 < config.alpha_dropout < 1.0:
         raise ValueError(f"alpha_dropout must be in (0, 1), got {config.alpha_dropout}")
 

@@ -90,6 +90,8 @@ def validate(config: Config) -> None:
         raise ValueError(f"n_dis must be >= 0 (0: the paper's per setting), got {config.n_dis}")
     if not config.std > 0:  # a sample is good within 3 std of a mode: at std <= 0 none can be, whatever the GAN does
         raise ValueError(f"std is the modes' standard deviation and must be positive, got {config.std}")
+    if not 0.0 < config.min_mode_share <= 1.0:  # <= 0: every mode counts as covered, even with no sample near it
+        raise ValueError(f"min_mode_share is a share of the samples and must be in (0, 1], got {config.min_mode_share}")
 
 
 def centers(config: Config) -> torch.Tensor:
