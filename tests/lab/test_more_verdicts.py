@@ -2,6 +2,8 @@
 metrics, including cases that must come out "not reproduced", and the invariance table as exact math."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -231,3 +233,35 @@ def test_thresholds_that_decide_the_verdict_whatever_is_measured_are_refused(nam
     with pytest.raises(experiments.ConfigError, match=needle):
         e.validate(e.config("smoke", setting))
     e.validate(e.config("smoke"))
+
+
+def test_selu_fixed_point_test_worst_scale_initializations_and_inputs():
+    """Pins selu's pieces the rule test could not see: |mean| (a mean of -0.5 is not near 0); the
+    attraction part takes the *worst* input scale; BN nets are probed with batch statistics; SELU
+    weights (head included) are LeCun-normal, ReLU's He-normal; inputs standardized with training
+    statistics; 1.0 must be an input scale. Wrong versions (selu): ``abs(mean)`` -> ``mean``;
+    ``min(pull(...))`` -> ``max``; relu_bn probed in eval mode; the head's or ReLU's init skipped;
+    no division by the features' sd; validate without ``1.0 not in input_scales``."""
+    from normlab.lab import data
+    from normlab.lab.experiments import selu as m
+
+    cfg = m.SCALES["quick"]
+    assert not m._inside(cfg, -0.5, 1.0) and m._inside(cfg, -0.05, 1.0)
+    acc = {"selu": 0.50, "relu": 0.42, "relu_bn": 0.45}
+    v = _decide("selu", _selu(0.01, 1.0, acc, first_var_off=(0.1, 9.0), last_var_off=(0.8, 12.0)))
+    assert v.label == NOT_REPRODUCED and "attraction" in v.reason  # x0.3 comes back, x3 does not
+    assert m._probe_mode("relu_bn") and m._probe_mode("selu_dropout") and not m._probe_mode("relu")
+    import torch
+
+    torch.manual_seed(0)
+    small = m.Config(depth=2, width=400)
+    for kind, gain in (("selu", 1.0), ("relu", 2.0)):
+        net = m.build(small, kind, 400, 400)
+        for lin in [b[0] for b in net.blocks] + ([net.head] if kind == "selu" else []):
+            assert lin.weight.std().item() == pytest.approx(math.sqrt(gain / 400), rel=0.05), kind
+    ds = m.standardized(data.load("digits").flat())
+    varying = ds.x_train.std(0) > 0.1
+    np.testing.assert_allclose(ds.x_train.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(ds.x_train.std(0)[varying], 1, rtol=1e-3)
+    with pytest.raises(ValueError, match="include 1.0"):
+        m.validate(m.Config(input_scales=(0.3, 3.0)))
