@@ -265,3 +265,55 @@ def test_selu_fixed_point_test_worst_scale_initializations_and_inputs():
     np.testing.assert_allclose(ds.x_train.std(0)[varying], 1, rtol=1e-3)
     with pytest.raises(ValueError, match="include 1.0"):
         m.validate(m.Config(input_scales=(0.3, 3.0)))
+
+
+def test_spectral_gan_quality_counts_shares_of_all_samples_and_training_follows_algorithm_1(monkeypatch):
+    """quality: a mode is covered when its good samples are at least ``min_mode_share`` of *all*
+    samples, and a non-finite generator covers nothing; train_gan: ``n_dis=0`` takes the setting's
+    own n_dis, and the power iteration runs in the discriminator's updates only (the generator's step
+    sees the spectral-norm layers in eval mode). Wrong versions (spectral_gan): shares over the good
+    samples; a diverged generator reported as covering every mode; ``n_dis or 1``; the spectral-norm
+    layers left in training mode for the generator's step (two power iterations per update)."""
+    import torch
+
+    from normlab.lab.experiments import spectral_gan as m
+    from normlab.nn import SpectralNorm
+
+    cfg = m.SCALES["quick"]
+    mu = m.centers(cfg)
+    pts = torch.cat([mu[0].expand(50, 2), mu[1].expand(1, 2), torch.zeros(149, 2)])
+    q = m.quality(cfg, lambda z: pts, mu, torch.zeros(200, 2))
+    assert q["good"] == pytest.approx(51 / 200) and q["modes"] == 1  # mode 1: 1 of 200 samples < 1%
+    nan = m.quality(cfg, lambda z: torch.full((200, 2), float("nan")), mu, torch.zeros(200, 2))
+    assert nan["good"] == 0.0 and nan["modes"] == 0
+    flags, make = [], m.discriminator
+
+    def discriminator(config, sn):
+        d = make(config, sn)
+        for mod in d.modules():
+            if isinstance(mod, SpectralNorm):
+                mod.register_forward_pre_hook(lambda mod, args: flags.append(mod.training))
+        return d
+    monkeypatch.setattr(m, "discriminator", discriminator)
+    small = m.Config(n_dis=0, steps=1, width=8, samples=20, evals=1, batch_size=8)
+    h = m.train_gan(small, "A", True, 0, lambda f: None)
+    assert h["n_dis"] == 5
+    # 5 discriminator updates, then the generator's step, 3 spectral-norm layers each
+    assert flags == [True] * 15 + [False] * 3
+
+
+def test_invariance_change_is_relative_and_a_cell_counts_against_the_paper_in_either_backend():
+    """relative_change divides by the largest magnitude before the transformation; a cell differs
+    from Table 1 when *either* backend (NumPy reference or torch) disagrees with the paper; a layer of
+    2 units or cases is refused. Wrong versions (invariance): the absolute change; mismatches counted
+    on the reference backend alone; validate's ``n < 3 or h < 3`` -> ``< 2``."""
+    from normlab.lab.experiments import invariance as m
+
+    assert m.relative_change(np.array([2.0, -4.0]), np.array([2.0, -5.0])) == pytest.approx(0.25)
+    paper = {k: [0.0 if c == "Inv" else 0.5 for c in m.PAPER[k]] for k in m.METHODS}
+    broken = {k: list(v) for k, v in paper.items()}
+    broken["layer"][1] = 0.5  # the torch layer norm is not invariant to re-centering the weights
+    s = m.summarize(m.SCALES["quick"], [{"reference": paper, "torch": broken}] * 2)
+    assert s["mismatches"] == [1, 1] and m.verdict(s).label == NOT_REPRODUCED
+    with pytest.raises(ValueError, match="n >= 3"):
+        m.validate(m.Config(n=2))
