@@ -272,7 +272,8 @@ def test_spectral_gan_quality_counts_shares_of_all_samples_and_training_follows_
     samples, and a non-finite generator covers nothing; train_gan: ``n_dis=0`` takes the setting's
     own n_dis, and the power iteration runs in the discriminator's updates only (the generator's step
     sees the spectral-norm layers in eval mode). Wrong versions (spectral_gan): shares over the good
-    samples; a diverged generator reported as covering every mode; ``n_dis or 1``; the spectral-norm
+    samples; a diverged generator reported as covering every mode; ``n_dis or 1``; the worst setting
+    taken as the best (``min`` -> ``max``) for the modes covered; the spectral-norm
     layers left in training mode for the generator's step (two power iterations per update)."""
     import torch
 
@@ -300,6 +301,10 @@ def test_spectral_gan_quality_counts_shares_of_all_samples_and_training_follows_
     assert h["n_dis"] == 5
     # 5 discriminator updates, then the generator's step, 3 spectral-norm layers each
     assert flags == [True] * 15 + [False] * 3
+    robust = _gan({("E", "plain"): 0.3, ("E", "sn"): 0.5, ("F", "plain"): 0.01, ("F", "sn"): 0.4},
+                  {("E", "plain"): 6, ("E", "sn"): 8, ("F", "plain"): 0, ("F", "sn"): 7})
+    s = m.summarize(m.SCALES["quick"], robust)  # robustness is the worst setting's, per seed
+    assert s["worst_modes_plain"] == [0] * 3 and s["worst_modes_sn"] == [7] * 3
 
 
 def test_invariance_change_is_relative_and_a_cell_counts_against_the_paper_in_either_backend():
