@@ -157,6 +157,17 @@ def test_ln_gru_cell_follows_its_equations_with_each_norm_in_its_place():
     torch.testing.assert_close(cell(x, h)[0], (1 - z) * n + z * h)
 
 
+def test_each_norm_of_the_normalized_cells_has_its_own_gain_and_bias():
+    """Ba et al.'s N_1, N_2 (and the LSTM's N_3) are separate norms, each with its own gain and bias.
+    The equation tests randomize every norm module's parameters, so one module shared by two places
+    passed them. Wrong version: models.py NormGRUCell ``self.norm_ih, self.norm_hh = (make_norm(...)
+    for _ in range(2))`` -> ``self.norm_ih = self.norm_hh = make_norm(...)``."""
+    lstm, gru = models.NormLSTMCell(3, 4, norm="layer"), models.NormGRUCell(3, 4, norm="layer")
+    for norms in ([lstm.norm_ih, lstm.norm_hh, lstm.norm_c], [gru.norm_ih, gru.norm_hh]):
+        assert len({id(n) for n in norms}) == len(norms)
+        assert len({id(p) for n in norms for p in n.parameters()}) == 2 * len(norms)
+
+
 def test_rnn_classifier_builds_the_cell_it_is_asked_for():
     """Pins ``cell="lstm"`` -> NormLSTMCell and ``cell="gru"`` -> NormGRUCell (the rnn experiment
     labels its curves by these names; both cells pass the padding test, so nothing else told them apart).
