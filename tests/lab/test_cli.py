@@ -224,6 +224,7 @@ def test_run_then_report_end_to_end(out_dir):
                                             ("transformer.patch=7", "patch=7 must divide the input length"),
                                             ("bn-mnist.init_gain=nan", "init_gain must be positive and finite"),
                                             ("init-scale.n_train=100000", "but digits has 1437 training examples"),
+                                            ("bn-mnist.probe=100000", "probe=100000, but mnist-subset has"),
                                             ("padding.pad_fractions=0.5", "at least 2 different fractions"),
                                             # accepted, then NaN stored as null broke the report's analysis
                                             ("padding.noise=nan", "noise must be finite, got nan"),

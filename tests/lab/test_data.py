@@ -111,7 +111,7 @@ def test_runs_on_mnist_from_another_folder_are_not_the_same_cache_entry(tmp_path
         d.mkdir()
         np.savez(d / "mnist.npz", x_train=np.full((3, 28, 28), i, np.uint8), y_train=np.arange(3),
                  x_test=np.zeros((2, 28, 28), np.uint8), y_test=np.arange(2))
-    sets = ["data=mnist", "batch_size=2"]  # (3 training images: the default batch would be refused)
+    sets = ["data=mnist", "batch_size=2", "probe=2"]  # (3 training, 2 test images: the defaults would be refused)
     hashes = [runner.plan(["bn-mnist"], scale="smoke", seeds=1, sets=sets, data_dir=str(d))[0].config_hash
               for d in folders]
     assert hashes[0] != hashes[1]

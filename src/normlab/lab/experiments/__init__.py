@@ -211,8 +211,10 @@ class Experiment:
 
     def _check_sizes(self, config, ds) -> None:
         """``n_train`` and ``batch_size`` against the training split of the config's data set
-        ``ds``: a larger ``n_train`` silently trained on what there is (the report still showed
-        the number asked for), and a batch larger than the split failed inside every run."""
+        ``ds``, ``probe`` against its test split: a larger ``n_train`` silently trained on what
+        there is (the report still showed the number asked for), a batch larger than the split
+        failed inside every run, and a larger probe used the whole test split while the
+        captions said ``probe`` images."""
         available = len(ds.y_train)
         n_train = getattr(config, "n_train", None)
         if n_train is not None and n_train > available:
@@ -221,6 +223,9 @@ class Experiment:
         if batch is not None and batch > min(available, n_train or available):
             raise ConfigError(f"{self.name}: batch_size={batch} is larger than the training set "
                               f"({min(available, n_train or available)} examples of {config.data})")
+        probe = getattr(config, "probe", None)  # test inputs the activation probes read (the captions say how many)
+        if probe is not None and probe > len(ds.y_test):
+            raise ConfigError(f"{self.name}: probe={probe}, but {config.data} has {len(ds.y_test)} test examples")
 
     def data_parallel(self, config) -> Optional[str]:
         """None if ``config`` can run data-parallel (``--nproc N``), else the one-line reason why not."""
