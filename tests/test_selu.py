@@ -155,13 +155,15 @@ def test_functional_inplace_flags_write_into_the_input_as_torchs():
     assert y1.data_ptr() == x1.data_ptr() and torch.equal(x1, x2)
 
 
-@pytest.mark.parametrize("shape", [(5, 0), (0, 5), (4, 0, 3, 3)])
+@pytest.mark.parametrize("shape", [(5, 0), (0, 5), (4, 0, 3, 3), (0,)])
 def test_lecun_normal_of_a_zero_element_weight_is_a_no_op_as_torchs_init(shape):
     """torch.nn.init's initializers leave a zero-element tensor alone with a warning; lecun_normal_
     raised ZeroDivisionError where fan_in is 0 (``nn.Linear(0, 5).weight``)."""
     w = torch.empty(shape)
     with pytest.warns(UserWarning, match="zero-element"):
         assert NN.lecun_normal_(w) is w
+    with pytest.warns(UserWarning, match="zero-element"):  # torch's too, even where fan_in is undefined (1-D)
+        assert torch.nn.init.kaiming_normal_(torch.empty(shape)).shape == shape
 
 
 def test_selu_module_inplace_writes_into_its_input_as_torchs():

@@ -65,9 +65,9 @@ def lecun_normal_(tensor: torch.Tensor) -> torch.Tensor:
     """Fill ``tensor`` in place from ``N(0, 1 / fan_in)`` (the initialization SELU networks need).
     A tensor with no elements (e.g. ``nn.Linear(0, 8).weight``, fan_in 0) is left as it is, with
     torch's warning, as ``torch.nn.init``'s initializers do."""
-    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(tensor)
-    if tensor.numel() == 0:  # fan_in may be 0: 1 / sqrt(0) raised ZeroDivisionError
-        warnings.warn("Initializing zero-element tensors is a no-op")
+    if tensor.numel() == 0:  # fan_in may be 0: 1 / sqrt(0) raised ZeroDivisionError; checked first, as
+        warnings.warn("Initializing zero-element tensors is a no-op")  # torch's: a (0,) tensor has no fan_in at all
         return tensor
+    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(tensor)
     with torch.no_grad():
         return tensor.normal_(0.0, 1.0 / math.sqrt(fan_in))
