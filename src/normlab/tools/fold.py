@@ -557,11 +557,13 @@ def fold(model: nn.Module, inplace: bool = False, method: str = "auto", strict: 
         inplace: change ``model`` itself instead of a deep copy. Default False. ``model`` then
             holds the folds found in its Sequential containers (their batch norms become
             ``Identity``); pairs only the fx graph finds are folded in the returned
-            ``GraphModule`` alone, so ``model`` stays correct either way.
+            ``GraphModule`` alone, so ``model`` stays correct either way. With ``method="fx"``
+            ``model`` is left as it was (the folds are all in the returned ``GraphModule``).
         method: ``"auto"``, ``"modules"`` or ``"fx"``.
         strict: raise if any batch norm is left unfolded. Default False (left in place and
-            reported). With ``inplace=True`` the pairs that could be folded already are when it
-            raises (the model computes what it did; pass a copy to keep it untouched).
+            reported). With ``inplace=True`` (and a method other than ``"fx"``) the pairs that
+            could be folded already are when it raises (the model computes what it did; pass a
+            copy to keep it untouched).
         example_input: a tensor (or tuple of forward arguments) run once through the model
             (without gradients), as :func:`~normlab.tools.convert`'s: a Linear -> BatchNorm1d
             pair whose norm gets more than 2-D inputs there is left (see the note). Default
