@@ -272,10 +272,10 @@ def _build(to: str, seen: _Seen, source: nn.Module, kind: str, kwargs: dict) -> 
         built[d] = probe
     if not built:
         raise ValueError(f"norm spec {to!r} cannot be built for {seen.channels} channels at any dim")
-    if seen.dim is None and kind != "lrn" and len(built) < len(dims):
-        # a target that exists for some numbers of spatial dims only (rms: 0, masked_batch: 1, lrn: 1 to 3)
-        # would be a guess: an RMSNorm(C) on (N, C, H, W) normalizes W, silently when W == C (a local response
-        # norm stays on a local response norm: it takes any input of 3 or more dims, as its source did)
+    if seen.dim is None and len(built) < len(dims) and any(norm_kind(m) in TRAILING for m in built.values()):
+        # a target that normalizes trailing dims and exists for some numbers of spatial dims only (rms: 0)
+        # would be a guess: an RMSNorm(C) on (N, C, H, W) normalizes W, silently when W == C. (masked_batch and
+        # lrn, built for the dims they take, refuse every input of another rank, loudly: they are built.)
         raise ValueError(f"the number of spatial dims of its input is unknown and {to!r} exists only for dim in "
                          f"{sorted(built)}; pass dim= (e.g. dim={min(built)}) or example_input= so convert can see "
                          f"the input")
