@@ -479,6 +479,21 @@ def test_a_vmapped_backward_of_a_channels_last_kernel_forward(op):
 
 
 @cpu
+@cpu
+def test_normalized_shape_may_be_a_numpy_int_and_a_float_is_a_reason_not_a_type_error():
+    """supports() and the LN/RMS kernels read normalized_shape with ``isinstance(shape, int)``: a
+    NumPy integer (as normlab.functional.layer_norm takes) raised "'numpy.int64' object is not
+    iterable" from supports itself, and a float did too instead of a refusal reason."""
+    import numpy as np
+
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for op, ref in (("layer_norm", F.layer_norm(x, (3,))), ("rms_norm", F.rms_norm(x, (3,)))):
+        assert kernels.supports(op, x, np.int64(3))[0]
+        torch.testing.assert_close(getattr(kernels, op)(x, np.int64(3)), ref)
+        ok, why = kernels.supports(op, x, 3.0)
+        assert not ok and why == "normalized_shape 3.0 is not an int or a sequence of ints"
+
+
 def test_supports_refuses_malformed_calls_with_the_true_reason():
     """Wrong versions (_supports.py): without ``isinstance(momentum, numbers.Real)`` a string
     momentum was taken (the kernel ran ``float("0.1")`` where torch raises TypeError); without

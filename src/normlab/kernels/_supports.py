@@ -13,6 +13,7 @@ import importlib
 import inspect
 import math
 import numbers
+import operator
 import os
 
 import torch
@@ -149,7 +150,11 @@ def _module(name):
 def _rows_op(a, op):
     ln = _module("layer_norm")
     x, shape = a["x"], a["normalized_shape"]
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    try:  # an int (NumPy's too) or a sequence of them; anything else is a reason, not a TypeError from here
+        shape = (operator.index(shape),) if not isinstance(shape, (tuple, list, torch.Size)) else tuple(
+            operator.index(s) for s in shape)
+    except TypeError:
+        return f"normalized_shape {shape!r} is not an int or a sequence of ints"
     N = math.prod(shape)
     xs = x.shape
     if len(shape) > len(xs) or tuple(xs[len(xs) - len(shape):]) != shape:

@@ -441,5 +441,5 @@ class LayerNormFunction(torch.autograd.Function):
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
     """``torch.nn.functional.layer_norm`` on Triton kernels (see ``supports`` for what it takes)."""
-    N = normalized_shape if isinstance(normalized_shape, int) else math.prod(normalized_shape)
+    N = math.prod(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else int(normalized_shape)
     return LayerNormFunction.apply(x, N, weight, bias, float(eps))  # a NumPy or 0-d tensor eps too

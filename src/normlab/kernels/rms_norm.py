@@ -43,7 +43,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x, normalized_shape, weight=None, eps=None):
     """``torch.nn.functional.rms_norm`` on Triton kernels (see ``supports`` for what it takes)."""
-    N = normalized_shape if isinstance(normalized_shape, int) else math.prod(normalized_shape)
+    N = math.prod(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) else int(normalized_shape)
     if eps is None:  # torch's rule: the epsilon of the type the statistics are computed in
         eps = torch.finfo(acc_torch(x.dtype)).eps
     return RMSNormFunction.apply(x, N, weight, float(eps))
