@@ -84,9 +84,9 @@ def check_enough_values(shape, reduce_axes: Sequence[int], op: str, what: str = 
         )
 
 
-def as_normalized_shape(normalized_shape, op: str) -> tuple:
+def as_normalized_shape(normalized_shape, op: str, allow_empty: bool = False) -> tuple:
     """``normalized_shape`` as a tuple of ints: an int (any integral type, e.g. np.int64) or a
-    non-empty sequence of them, none negative."""
+    non-empty sequence of them (``allow_empty``: empty too), none negative."""
     import numbers
 
     items = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else normalized_shape
@@ -94,7 +94,7 @@ def as_normalized_shape(normalized_shape, op: str) -> tuple:
         items = tuple(items)
     except TypeError:
         items = None
-    if (items is None or not items or
+    if (items is None or (not items and not allow_empty) or
             any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0 for s in items)):
         raise ValueError(f"{op}: normalized_shape must be a size or a non-empty sequence of sizes (ints >= 0) of "
                          f"the trailing dims to normalize over, got {normalized_shape!r}")

@@ -13,12 +13,11 @@ import importlib
 import inspect
 import math
 import numbers
-import operator
 import os
 
 import torch
 
-from normlab import _backend
+from normlab import _backend, _checks
 
 OPS = ("layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "masked_batch_norm")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -150,10 +149,9 @@ def _module(name):
 def _rows_op(a, op):
     ln = _module("layer_norm")
     x, shape = a["x"], a["normalized_shape"]
-    try:  # an int (NumPy's too) or a sequence of them; anything else is a reason, not a TypeError from here
-        shape = (operator.index(shape),) if not isinstance(shape, (tuple, list, torch.Size)) else tuple(
-            operator.index(s) for s in shape)
-    except TypeError:
+    try:  # an int (NumPy's too) or a sequence of them; anything else is a reason, not an error from here
+        shape = _checks.as_normalized_shape(shape, op, allow_empty=True)
+    except ValueError:
         return f"normalized_shape {shape!r} is not an int or a sequence of ints"
     N = math.prod(shape)
     xs = x.shape
